@@ -1,0 +1,298 @@
+"""eval.py: sliding-window evaluation (mIoU per student and fused) and prediction of a folder of images.
+
+Evaluation as released (METHOD.md section 5): a window of the training crop slides over the full image
+with stride 5/6 of the crop, the window logits are averaged per pixel, and one confusion matrix is
+accumulated over the WHOLE split (not per image), label 255 ignored. Fusion (E10) comes AFTER the
+sliding window: per student averaged logits -> softmax -> `fuse`, so both students are judged on the
+same full-image probabilities. We report every student and the fused model (METHOD.md section 7.2).
+
+  python eval.py runs/potsdam-1_8-...            # best.pt of a run, val split, all students + fused
+  python eval.py runs/x/last.pt --student fused  # one checkpoint file, one prediction
+  python eval.py runs/x --predict photos/ --out masks/   # palette masks + overlays for any images
+
+Deliberately left out: multi-scale and flip test-time augmentation (not in the paper).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from losses import IGNORE
+from model import fuse
+
+
+# --------------------------------------------------------------------------------------------
+# Sliding window (METHOD.md section 5) and the fused prediction (E10)
+
+
+def _window_starts(size, crop, stride):
+    """Window offsets along one axis: every `stride`, the last window flush with the border (mmseg's slide)."""
+    if size <= crop:
+        return [0]
+    n = math.ceil((size - crop) / stride) + 1
+    return [min(i * stride, size - crop) for i in range(n)]
+
+
+def _pad16(x):
+    """Pad right/bottom to a multiple of 16 (the ViT patch) with black, the padding the students saw in
+    training (data.weak_augment pads raw pixels with 0). Black is -mean/std after ImageNet normalisation."""
+    ph, pw = -x.shape[-2] % 16, -x.shape[-1] % 16
+    if ph == 0 and pw == 0:
+        return x
+    from data import IMAGENET_MEAN, IMAGENET_STD
+    black = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], device=x.device, dtype=x.dtype)
+    black = black.view(1, 3, 1, 1)
+    return F.pad(x - black, (0, pw, 0, ph)) + black
+
+
+def sliding_window(student, img, crop, stride=None, num_classes=None):
+    """Averaged logits (B, N, H, W) of one student over windows of `crop` (fp32 whatever the autocast).
+
+    An image no larger than the crop is ONE forward (padded to a multiple of 16, cropped back); a side
+    smaller than the crop gives windows of that side's length."""
+    stride = stride or crop * 5 // 6                      # METHOD.md section 5: stride 5/6 of the crop
+    if not 0 < stride <= crop:
+        raise ValueError(f"stride {stride} must be in 1..crop ({crop}), or windows would leave gaps")
+    B, _, H, W = img.shape
+    h, w = min(crop, H), min(crop, W)                     # window size
+    logits, count = None, torch.zeros(1, 1, H, W, device=img.device)
+    for y in _window_starts(H, crop, stride):
+        for x in _window_starts(W, crop, stride):
+            out = student(_pad16(img[:, :, y:y + h, x:x + w]))[:, :, :h, :w].float()   # (B, N, h, w)
+            if logits is None:
+                logits = torch.zeros(B, out.shape[1], H, W, device=img.device)
+            logits[:, :, y:y + h, x:x + w] += out
+            count[:, :, y:y + h, x:x + w] += 1
+    if num_classes is not None and logits.shape[1] != num_classes:
+        raise ValueError(f"the student predicts {logits.shape[1]} classes, the dataset has {num_classes}")
+    return logits / count                                 # every pixel is in >= 1 window
+
+
+def _context(amp):
+    """amp: a context manager (torch.autocast(...)) or a factory of one (nullcontext, train.py's lambda)."""
+    return amp if hasattr(amp, "__enter__") and not isinstance(amp, type) else amp()
+
+
+def check_names(model, names):
+    """names: which predictions to compute (student names and/or 'fused'); None = all of them."""
+    valid = [s.name for s in model.students] + ["fused"]
+    names = list(names or valid)
+    bad = [n for n in names if n not in valid]
+    if bad:
+        raise ValueError(f"unknown prediction(s) {bad}; valid for this model: {', '.join(valid)}")
+    return names
+
+
+@torch.no_grad()
+def predict(model, img, crop, stride=None, names=None):
+    """Probabilities (B, N, H, W) by name: each student's, and 'fused' (E10) of all students."""
+    names = check_names(model, names)
+    needed = [s.name for s in model.students] if "fused" in names else names
+    probs = {s.name: sliding_window(s, img, crop, stride).softmax(1) for s in model.students if s.name in needed}
+    if "fused" in names:  # E10 after the window averaging: per pixel the more confident student (or the mean)
+        probs["fused"] = fuse(list(probs.values()), model.fusion)
+    return {n: probs[n] for n in names}
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics: one confusion matrix per prediction, accumulated over the whole split
+
+
+class ConfusionMatrix:
+    """mat[label, pred] pixel counts; label 255 ignored. `mat` is a plain int64 tensor on `device`, so
+    DDP ranks can `torch.distributed.all_reduce(cm.mat)` before reading the metrics."""
+
+    def __init__(self, num_classes, device="cpu"):
+        self.n = num_classes
+        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    def update(self, pred, label):
+        """pred, label: class maps of the same shape (any batch); one bincount, no per-pixel Python."""
+        label, pred = label.reshape(-1).long(), pred.reshape(-1).long()
+        keep = label != IGNORE
+        counts = torch.bincount(label[keep] * self.n + pred[keep], minlength=self.n * self.n)
+        if counts.numel() > self.n * self.n:
+            raise ValueError(f"labels hold values >= {self.n} that are not {IGNORE} (ignore)")
+        self.mat += counts.view(self.n, self.n)
+
+    def iou(self):
+        """Per-class IoU = TP / (TP + FP + FN), as fractions; NaN for a class absent from labels AND predictions."""
+        m = self.mat.double().cpu()
+        tp = m.diag()
+        return tp / (m.sum(0) + m.sum(1) - tp)            # 0 / 0 = NaN
+
+    def miou(self):
+        return torch.nanmean(self.iou()).item()           # NaN classes excluded, like mmseg
+
+    def acc(self):
+        return (self.mat.diag().sum() / self.mat.sum()).item()   # pixel accuracy (aAcc)
+
+    def to_dict(self, class_names):
+        """Fractions 0..1 (as mmseg; tables print %): {'miou', 'acc', 'iou': {class: IoU, None if absent},
+        'pixels': labelled pixels}. None rather than NaN keeps the JSON standard."""
+        iou = [None if math.isnan(v) else v for v in self.iou().tolist()]
+        return dict(miou=self.miou(), acc=self.acc(), iou=dict(zip(class_names, iou)), pixels=int(self.mat.sum()))
+
+    def table(self, class_names):
+        return format_table({"IoU": self}, class_names)
+
+
+def format_table(cms, class_names):
+    """Per-class IoU (%) with one column per prediction, then mIoU and pixel accuracy; '-' = class absent."""
+    width = max(len(c) for c in list(class_names) + ["class"])
+    cell = lambda v: f"{'-' if math.isnan(v) else f'{100 * v:.2f}':>9}"
+    lines = [f"{'class':<{width}}" + "".join(f"{n:>9}" for n in cms)]
+    ious = {n: cm.iou().tolist() for n, cm in cms.items()}
+    lines += [f"{c:<{width}}" + "".join(cell(ious[n][k]) for n in cms) for k, c in enumerate(class_names)]
+    lines.append(f"{'mIoU':<{width}}" + "".join(cell(cm.miou()) for cm in cms.values()))
+    lines.append(f"{'aAcc':<{width}}" + "".join(cell(cm.acc()) for cm in cms.values()))
+    return "\n".join(lines)
+
+
+def evaluate(model, loader, crop, num_classes, names=None, device="cpu", amp=nullcontext, progress=True, stride=None):
+    """Confusion matrix per prediction name over the whole loader (batches of {'img', 'label'}).
+
+    amp: autocast context or factory (see _context); the window logits are averaged in fp32 anyway.
+    Restores the model's train/eval mode."""
+    names = check_names(model, names)
+    cms = {n: ConfusionMatrix(num_classes, device) for n in names}
+    ctx = _context(amp)
+    was_training = model.training
+    model.eval()
+    # no_grad rather than inference_mode: cm.mat must stay a normal tensor that train.py can all_reduce in place.
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="eval", disable=not progress, leave=False, dynamic_ncols=True):
+            img, label = batch["img"].to(device), batch["label"].to(device)          # (1, 3, H, W), (1, H, W)
+            with ctx:
+                probs = predict(model, img, crop, stride, names)
+            for n, p in probs.items():
+                cms[n].update(p.argmax(1), label)
+    model.train(was_training)
+    return cms
+
+
+# --------------------------------------------------------------------------------------------
+# Prediction of a folder of images (any size): palette masks and overlays
+
+
+def list_images(folder):
+    from data import IMAGE_EXTS
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--predict folder {folder!r} does not exist")
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
+    if not files:
+        raise ValueError(f"no images in {folder!r}; accepted extensions: {' '.join(IMAGE_EXTS)}")
+    return [os.path.join(folder, f) for f in files]
+
+
+def predict_folder(model, info, folder, out_dir, crop, device="cpu", stride=None, name="fused", amp=nullcontext):
+    """For every image of `folder`: <stem>_mask.png (palette PNG, input size) and <stem>_overlay.png
+    (the image | the image blended with the colour mask). Returns the written paths."""
+    from data import colorize, load_image, normalize
+    paths, name = list_images(folder), check_names(model, [name])[0]
+    os.makedirs(out_dir, exist_ok=True)
+    ctx = _context(amp)
+    model.eval()
+    written = []
+    for path in tqdm(paths, desc="predict", dynamic_ncols=True):
+        image = load_image(path)                                          # RGB, any size
+        with ctx:
+            probs = predict(model, normalize(image)[None].to(device), crop, stride, [name])[name]
+        mask = colorize(probs[0].argmax(0).byte().cpu().numpy(), info.palette)   # 'P', (H, W)
+        overlay = Image.new("RGB", (2 * image.width, image.height))
+        overlay.paste(image, (0, 0))
+        overlay.paste(Image.blend(image, mask.convert("RGB"), 0.5), (image.width, 0))
+        stem = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0])
+        mask.save(stem + "_mask.png")
+        overlay.save(stem + "_overlay.png")
+        written += [stem + "_mask.png", stem + "_overlay.png"]
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def resolve_checkpoint(path, ckpt=None):
+    """A run folder (its best.pt, else last.pt; or the one --ckpt names) or a .pt file -> the .pt path."""
+    if os.path.isdir(path):
+        wanted = [f"{ckpt}.pt"] if ckpt else ["best.pt", "last.pt"]
+        for f in wanted:
+            if os.path.isfile(os.path.join(path, f)):
+                return os.path.join(path, f)
+        raise ValueError(f"run folder {path!r} holds no {' or '.join(wanted)}; expected a folder written by "
+                         f"train.py or a .pt checkpoint file")
+    if os.path.isfile(path) and path.endswith(".pt"):
+        return path
+    raise ValueError(f"{path!r} is neither a run folder (with best.pt / last.pt) nor a .pt checkpoint file")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a Co2S run (mIoU per student and fused) or predict a folder.")
+    p.add_argument("path", help="run folder (best.pt / last.pt) or a .pt checkpoint")
+    p.add_argument("--ckpt", choices=["best", "last"], default=None, help="checkpoint of a run folder (default: best, else last)")
+    p.add_argument("--split", default="val", choices=["val", "labeled"], help="split of the run's lists to evaluate")
+    p.add_argument("--student", default="all", help="a student name of the run, 'fused' (E10) or 'all' (each + fused)")
+    p.add_argument("--crop", type=int, default=None, help="window size (default: the run's training crop)")
+    p.add_argument("--stride", type=int, default=None, help="window stride (paper: 5/6 of the crop)")
+    p.add_argument("--data-root", default=None, help="dataset folder, if it moved since training")
+    p.add_argument("--predict", default=None, metavar="FOLDER", help="predict every image of FOLDER instead of evaluating")
+    p.add_argument("--out", default=None, metavar="DIR", help="where --predict writes masks and overlays")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA (the averaging is fp32 anyway)")
+    p.add_argument("--workers", type=int, default=2)
+    args = p.parse_args(argv)
+    if bool(args.predict) != bool(args.out):
+        p.error("--predict FOLDER and --out DIR go together")
+    try:  # check what can be checked before the (slow) model load
+        ckpt = resolve_checkpoint(args.path, args.ckpt)
+        if args.predict:
+            list_images(args.predict)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+
+    from train import load_run
+    model, info, cfg = load_run(ckpt, device=args.device)
+    valid = [s.name for s in model.students] + ["fused", "all"]
+    if args.student not in valid:
+        p.error(f"--student {args.student!r} is not in this run; valid: {', '.join(valid)}")
+    crop = args.crop or cfg.get("crop") or info.crop
+    amp = nullcontext
+    if args.device.startswith("cuda") and not args.fp32:
+        amp = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+
+    if args.predict:
+        name = "fused" if args.student == "all" else args.student
+        files = predict_folder(model, info, args.predict, args.out, crop, args.device, args.stride, name, amp)
+        print(f"wrote {len(files)} files ({name} prediction) to {args.out}")
+        return files
+
+    import data
+    # The run's own split lists when train.py wrote them (<run>/splits), else the config's source.
+    run_splits = os.path.join(os.path.dirname(ckpt), "splits")
+    splits = data.make_splits(info, cfg["ratio"], args.data_root or cfg.get("data_root"),
+                              run_splits if os.path.isdir(run_splits) else cfg.get("splits"), seed=cfg.get("seed", 0))
+    loader = data.val_loader(info, dataclasses.replace(splits, val=getattr(splits, args.split)), workers=args.workers)
+    names = None if args.student == "all" else [args.student]
+    cms = evaluate(model, loader, crop, len(info.classes), names, args.device, amp, stride=args.stride)
+    print(f"{ckpt}: {args.split} split, {len(loader)} images, crop {crop}, fusion {model.fusion}\n"
+          f"{format_table(cms, info.classes)}")
+    stem = os.path.splitext(os.path.basename(ckpt))[0]
+    out = os.path.join(os.path.dirname(ckpt), f"eval_{args.split}" + ("" if stem == "best" else f"_{stem}") + ".json")
+    result = dict(checkpoint=os.path.abspath(ckpt), split=args.split, crop=crop, stride=args.stride or crop * 5 // 6,
+                  fusion=model.fusion, results={n: cm.to_dict(info.classes) for n, cm in cms.items()})
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

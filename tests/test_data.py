@@ -1,0 +1,322 @@
+"""Tests of data.py: class maps, splits, augmentations, loaders, the demo dataset and the errors.
+Real crops and the paper's split lists are read from ../shared/data (never copied into the repo)."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data import (DATASETS, IMAGENET_MEAN, IMAGENET_STD, DatasetInfo, SemiDataset, Splits, colorize,  # noqa: E402
+                  cutmix_box, dataset_info, iters_per_epoch, load_label, make_splits, parse_ratio,
+                  prepare_demo, train_loaders, val_loader, write_splits)
+
+SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data')
+REAL = os.path.join(SHARED, 'real_crops')
+SPLITS = os.path.join(SHARED, 'co2s_splits')
+needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED), reason='../shared/data not present')
+
+# four saturated, non-black colours: a pixel's class can be read back from its colour
+TOY = DatasetInfo('toy', ['a', 'b', 'c', 'd'], [['a'], ['b'], ['c'], ['d']],
+                  [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)], False, [], crop=64, base_size=64)
+
+
+def make_dataset(root, n, size=(96, 128), n_unlabeled_only=0, seed=0, cell=32):
+    """images/ + labels/ with blocky random labels and the image = the label painted in TOY's palette."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, 'images'), exist_ok=True)
+    os.makedirs(os.path.join(root, 'labels'), exist_ok=True)
+    for i in range(n + n_unlabeled_only):
+        w, h = size
+        lab = rng.integers(0, 4, (h // cell + 1, w // cell + 1)).repeat(cell, 0).repeat(cell, 1)[:h, :w].astype(np.uint8)
+        Image.fromarray(np.array(TOY.palette, np.uint8)[lab]).save(os.path.join(root, 'images', f'{i:03d}.png'))
+        if i < n:
+            Image.fromarray(lab).save(os.path.join(root, 'labels', f'{i:03d}.png'))
+    return str(root)
+
+
+def to_rgb255(x):  # undo ImageNet normalisation: (3, H, W) -> (H, W, 3) in 0..255
+    x = x * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
+    return (x * 255).permute(1, 2, 0).numpy()
+
+
+def colour_to_class(rgb):  # nearest TOY palette colour per pixel
+    pal = np.array(TOY.palette, np.float32)
+    return np.argmin(((rgb[:, :, None, :] - pal[None, None]) ** 2).sum(-1), -1)
+
+
+# ----------------------------------------------------------------------------- class maps
+
+@needs_shared
+def test_real_potsdam_crop_reduce_zero_label():
+    path = os.path.join(REAL, 'potsdam', 'labels', '2_10_0_0_512_512.png')
+    raw = np.array(Image.open(path))
+    label = load_label(path, DATASETS['potsdam'])
+    assert set(np.unique(label)) <= set(range(6)) | {255}
+    assert (label[raw == 0] == 255).all() and (raw == 0).any()       # the eroded boundary is ignored
+    assert (label[raw > 0] == raw[raw > 0] - 1).all()                # raw k -> class k-1
+
+
+@needs_shared
+@pytest.mark.parametrize('name', ['0.png', '1.png', '2.png'])
+def test_real_loveda_crops(name):
+    path = os.path.join(REAL, 'loveda', 'labels', name)
+    raw = np.array(Image.open(path))
+    label = load_label(path, DATASETS['loveda'])
+    assert set(np.unique(label)) <= set(range(7)) | {255}
+    assert (label[raw > 0] == raw[raw > 0] - 1).all()
+
+
+@needs_shared
+def test_real_crop_val_sample_and_palette_roundtrip(tmp_path):
+    info = DATASETS['potsdam']
+    img, lab = (os.path.join(REAL, 'potsdam', d, '2_10_0_0_512_512.png') for d in ('images', 'labels'))
+    sample = SemiDataset(info, [(img, lab)], 'val')[0]
+    label = load_label(lab, info)
+    assert sample['img'].shape == (3, 512, 512) and torch.equal(sample['label'], torch.from_numpy(label.astype(np.int64)))
+    pal = colorize(label, info.palette)
+    assert pal.mode == 'P' and np.array_equal(np.array(pal), label)   # palette PNG keeps the indices
+    rgb = np.array(pal.convert('RGB'))
+    assert (rgb[label == 1] == (0, 0, 255)).all() and (rgb[label == 255] == 0).all()  # building blue, ignore black
+    pal.convert('RGB').save(tmp_path / 'rgb.png')                      # a colour-coded label decodes back
+    assert np.array_equal(load_label(tmp_path / 'rgb.png', info), label)
+
+
+def test_bad_label_values_and_colours(tmp_path):
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(tmp_path / 'l.png')  # potsdam raw values: 0..6, 255
+    with pytest.raises(ValueError, match=r'l\.png.*\[7\]'):
+        load_label(tmp_path / 'l.png', DATASETS['potsdam'])
+    Image.fromarray(np.full((8, 8), 6, np.uint8)).save(tmp_path / 'l6.png')   # gid has 15 classes, 0 is a class
+    assert (load_label(tmp_path / 'l6.png', DATASETS['gid']) == 6).all()
+    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(tmp_path / 'c.png')
+    with pytest.raises(ValueError, match=r'c\.png.*\(7, 7, 7\)'):
+        load_label(tmp_path / 'c.png', DATASETS['potsdam'])
+
+
+# ----------------------------------------------------------------------------- splits
+
+@needs_shared
+def test_paper_splits_potsdam_1_16(tmp_path):
+    s = make_splits(DATASETS['potsdam'], '1/16', data_root=str(tmp_path / 'potsdam'), splits_dir=SPLITS, check=False)
+    assert (len(s.labeled), len(s.unlabeled), len(s.val)) == (307, 4617, 548)
+    assert len(s.labeled) == 4924 // 16                                # floor(pool x ratio)
+    img, lab = s.labeled[0]
+    assert os.path.isabs(img) and img.startswith(str(tmp_path / 'potsdam' / 'images'))
+    assert lab.startswith(str(tmp_path / 'potsdam' / 'labels'))
+    assert make_splits(DATASETS['potsdam'], '1_16', str(tmp_path / 'potsdam'), SPLITS, check=False).labeled == s.labeled
+
+
+@needs_shared
+def test_unknown_ratio_or_split_folder_lists_valid(tmp_path):
+    with pytest.raises(FileNotFoundError, match='1/32.*1/8'):
+        make_splits(DATASETS['potsdam'], '1/3', str(tmp_path), SPLITS, check=False)
+    with pytest.raises(FileNotFoundError, match='gid.*potsdam'):
+        make_splits(DatasetInfo('custom', ['a'], [['a']], [(1, 2, 3)], False, []), '1/8', str(tmp_path), SPLITS, check=False)
+
+
+def test_parse_ratio():
+    assert parse_ratio('1/16') == parse_ratio('1_16') == '1_16' and parse_ratio('1') == '1'
+    for bad in ('16', '3/2', '0/4', 'a/b', '1-16'):
+        with pytest.raises(ValueError, match="'1/16' or '1_16'"):
+            parse_ratio(bad)
+
+
+def test_generated_splits_floor_disjoint_seeded(tmp_path):
+    root = make_dataset(tmp_path / 'ds', 41, size=(16, 16), n_unlabeled_only=5)
+    s = make_splits(TOY, '1/8', root, seed=0)
+    assert len(s.val) == 41 // 10                                     # fixed hold-out: 10% of labelled images
+    pool = 46 - len(s.val)
+    assert len(s.labeled) == pool // 8 and len(s.unlabeled) == pool - pool // 8
+    sets = [{i for i, _ in x} for x in (s.labeled, s.unlabeled, s.val)]
+    assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+    assert sum(lab is None for _, lab in s.unlabeled) == 5             # label-less images are unlabelled
+    assert make_splits(TOY, '1/8', root, seed=0) == s                  # same seed -> same lists
+    other = make_splits(TOY, '1/8', root, seed=1)
+    assert other.labeled != s.labeled and other.val == s.val           # the val hold-out does not follow the seed
+    with open(os.path.join(root, 'val.txt'), 'w') as f:                # a val.txt in the root wins
+        f.write('images/000.png labels/000.png\nimages/001.png labels/001.png\n')
+    assert [os.path.basename(i) for i, _ in make_splits(TOY, '1/8', root).val] == ['000.png', '001.png']
+
+
+def test_write_splits_reads_back(tmp_path):
+    root = make_dataset(tmp_path / 'ds', 20, size=(16, 16), n_unlabeled_only=2)
+    s = make_splits(TOY, '1/4', root, seed=3)
+    write_splits(s, tmp_path / 'run' / 'splits')
+    first = open(tmp_path / 'run' / 'splits' / 'labeled.txt').readline().split()
+    assert first[0].startswith('images/') and first[1].startswith('labels/')    # the paper's line format
+    assert make_splits(TOY, '1/4', root, splits_dir=str(tmp_path / 'run' / 'splits'), seed=99) == s
+
+
+def test_empty_sets_are_errors(tmp_path):
+    root = make_dataset(tmp_path / 'ds', 11, size=(16, 16))
+    with pytest.raises(ValueError, match='labelled set.*empty'):
+        make_splits(TOY, '1/16', root)                                 # floor(10 / 16) = 0
+    with pytest.raises(ValueError, match='unlabelled set.*empty'):
+        make_splits(TOY, '1', root)                                    # every image labelled, none left
+
+
+def test_missing_root_and_missing_listed_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r'(?s)images/.*labels/.*README\.md, section Datasets'):
+        make_splits(DATASETS['potsdam'], '1/16', str(tmp_path / 'nope'))
+    root = make_dataset(tmp_path / 'ds', 4, size=(16, 16))
+    for name, lines in (('labeled', 'images/000.png labels/000.png\n'), ('unlabeled', 'images/gone.png\n'),
+                        ('val', 'images/001.png labels/001.png\n')):
+        open(os.path.join(root, f'{name}.txt'), 'w').write(lines)
+    with pytest.raises(FileNotFoundError, match='gone.png'):
+        make_splits(TOY, '1/8', root)
+
+
+def test_unknown_dataset_and_custom_classes(tmp_path):
+    with pytest.raises(ValueError, match='potsdam.*msl.*demo.*custom'):
+        dataset_info('vaihingen')
+    root = make_dataset(tmp_path / 'c', 10, size=(16, 16), n_unlabeled_only=3)
+    with pytest.raises(FileNotFoundError, match='classes.txt'):
+        dataset_info('custom', root)
+    open(os.path.join(root, 'classes.txt'), 'w').write(
+        '# my classes\nred roof 255,0,0 | tile roof, clay roof\ngrass 0,255,0\nriver\nroad 255,255,0\n')
+    info = dataset_info('custom', root)
+    assert info.classes == ['red roof', 'grass', 'river', 'road']
+    assert info.concepts[0] == ['red roof', 'tile roof', 'clay roof'] and info.concepts[2] == ['river']
+    assert info.palette[:2] == [(255, 0, 0), (0, 255, 0)] and len(set(info.palette)) == 4
+    s = make_splits(info, '1', root)                                   # all labelled images, label-less ones unlabelled
+    assert len(s.labeled) == 9 and len(s.unlabeled) == 3 and all(lab is None for _, lab in s.unlabeled)
+
+
+# ----------------------------------------------------------------------------- reading errors
+
+def test_truncated_image_and_size_mismatch(tmp_path):
+    root = make_dataset(tmp_path / 'ds', 2)
+    img0 = os.path.join(root, 'images', '000.png')
+    raw = open(img0, 'rb').read()
+    open(img0, 'wb').write(raw[:len(raw) // 2])
+    with pytest.raises(ValueError, match='000.png'):
+        SemiDataset(TOY, [(img0, os.path.join(root, 'labels', '000.png'))], 'labeled')[0]
+    Image.fromarray(np.zeros((40, 32), np.uint8)).save(os.path.join(root, 'labels', '001.png'))
+    with pytest.raises(ValueError, match='size mismatch.*001.png'):
+        SemiDataset(TOY, [(os.path.join(root, 'images', '001.png'), os.path.join(root, 'labels', '001.png'))], 'val')[0]
+
+
+# ----------------------------------------------------------------------------- augmentations
+
+def _items(root, n):
+    return [(os.path.join(root, 'images', f'{i:03d}.png'), os.path.join(root, 'labels', f'{i:03d}.png')) for i in range(n)]
+
+
+def test_weak_view_keeps_image_and_label_aligned_and_marks_padding(tmp_path):
+    items = _items(make_dataset(tmp_path / 'ds', 6), 6)
+    ds_l, ds_u = SemiDataset(TOY, items, 'labeled', seed=5), SemiDataset(TOY, items, 'unlabeled', seed=5)
+    padded = 0
+    for i in range(30):
+        s = ds_l[i]
+        img, label = to_rgb255(s['img']), s['label'].numpy()
+        assert s['img'].shape == (3, 64, 64) and s['label'].dtype == torch.int64
+        pad = label == 255                                              # the source labels have no 255: padding only
+        assert np.abs(img[pad]).max(initial=0) < 1e-3                   # image padded with 0
+        interior = ~pad
+        for d in ((0, 1), (1, 0), (0, -1), (-1, 0)):                    # away from class boundaries
+            interior &= np.roll(label, d, (0, 1)) == label
+        assert (colour_to_class(img)[interior] == label[interior]).mean() > 0.99
+        u = ds_u[i]
+        assert torch.equal(u['ignore'], torch.from_numpy(pad))           # the ignore mask is exactly the padding
+        padded += pad.any()
+    assert padded > 0                                                   # the test did exercise padding
+
+
+def test_strong_views_never_touch_label_or_geometry(tmp_path):
+    items = _items(make_dataset(tmp_path / 'ds', 4, cell=48), 4)
+    ds_l, ds_u = SemiDataset(TOY, items, 'labeled', seed=1), SemiDataset(TOY, items, 'unlabeled', seed=1)
+    changed = 0
+    for i in range(12):
+        l, u = ds_l[i], ds_u[i]
+        # the weak view and the label are those of the labelled pipeline: strong draws come after geometry
+        assert torch.equal(u['img_w'], l['img']) and torch.equal(u['label'], l['label'])
+        # strong views are photometric: well inside each class region (constant colour) they are constant
+        for k in u['label'].unique().tolist():
+            if k == 255:
+                continue
+            inside = 1 - torch.nn.functional.max_pool2d(1 - (u['label'] == k).float()[None], 15, 1, 7)[0] > 0
+            if inside.sum() > 1:
+                assert max(u[v][:, inside].std(1).max() for v in ('img_s1', 'img_s2')) < 0.05
+        changed += (not torch.equal(u['img_s1'], u['img_w'])) + (not torch.equal(u['img_s1'], u['img_s2']))
+    assert changed > 12                                                 # the strong views do differ
+
+
+def test_unlabeled_without_label_carries_all_ignore(tmp_path):
+    root = make_dataset(tmp_path / 'ds', 0, n_unlabeled_only=1)
+    u = SemiDataset(TOY, [(os.path.join(root, 'images', '000.png'), None)], 'unlabeled')[0]
+    assert (u['label'] == 255).all()
+
+
+def test_cutmix_box_limits():
+    import random
+    rng, size, boxes = random.Random(0), 512, 0
+    for _ in range(400):
+        box = cutmix_box(size, rng).numpy()
+        if not box.any():
+            continue
+        boxes += 1
+        rows, cols = np.where(box.any(1))[0], np.where(box.any(0))[0]
+        h, w = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+        assert box.sum() == h * w                                       # one solid rectangle inside the crop
+        assert 0.019 <= h * w / size ** 2 <= 0.4                        # area U(0.02, 0.4), minus int rounding
+        assert 0.3 * 0.95 <= h / w <= (1 / 0.3) * 1.05                  # aspect U(0.3, 1/0.3)
+    assert 150 <= boxes <= 250                                          # the p = 0.5 coin (5 sigma)
+
+
+def test_augmentation_is_a_function_of_seed_epoch_index(tmp_path):
+    items = _items(make_dataset(tmp_path / 'ds', 3), 3)
+    ds = SemiDataset(TOY, items, 'unlabeled', seed=0, length=7)
+    assert len(ds) == 7 and torch.equal(ds[1]['label'], SemiDataset(TOY, items, 'unlabeled', seed=0)[1]['label'])
+    a = ds[4]
+    assert all(torch.equal(a[k], ds[4][k]) for k in a)
+    ds.set_epoch(1)
+    assert not torch.equal(a['img_w'], ds[4]['img_w'])
+
+
+# ----------------------------------------------------------------------------- loaders
+
+def test_train_loaders_resume_and_workers(tmp_path):
+    items = _items(make_dataset(tmp_path / 'ds', 14), 14)
+    splits = Splits(items[:3], items[3:], items[:1])
+    kw = dict(crop=32, batch=2, seed=0, epoch=2)
+    torch.manual_seed(123)
+    full = [list(ld) for ld in train_loaders(TOY, splits, workers=0, **kw)]
+    after = torch.rand(1)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(1))                           # the loaders leave the global RNG alone
+    assert iters_per_epoch(splits, 2) == 5 and all(len(b) == 5 for b in full)  # 11 // 2, labelled list repeated
+    l, u, mix = full[0][0], full[1][0], full[2][0]
+    assert l['img'].shape == (2, 3, 32, 32) and u['box1'].dtype == torch.bool and u['ignore'].shape == (2, 32, 32)
+    assert not torch.equal(u['img_w'], mix['img_w'])                    # the partner stream is a different draw
+    resumed = [list(ld) for ld in train_loaders(TOY, splits, workers=2, start_iter=3, **kw)]
+    for stream, tail in zip(full, resumed):                            # skip 3 batches: same data, with workers
+        assert len(tail) == 2 and all(torch.equal(a[k], b[k]) for a, b in zip(stream[3:], tail) for k in a)
+    ranks = [train_loaders(TOY, splits, workers=0, rank=r, world_size=2, **kw)[1] for r in (0, 1)]
+    assert all(len(ld) == iters_per_epoch(splits, 2, 2) == 2 for ld in ranks)
+    assert [len(val_loader(TOY, Splits([], [], items[:5]), workers=0, rank=r, world_size=2)) for r in (0, 1)] == [3, 2]
+
+
+# ----------------------------------------------------------------------------- demo
+
+def test_demo_dataset(tmp_path):
+    root = str(tmp_path / 'demo')
+    prepare_demo(root, seed=0)
+    labels = [np.array(Image.open(os.path.join(root, 'labels', f))) for f in sorted(os.listdir(os.path.join(root, 'labels')))]
+    assert len(labels) == 320 and labels[0].shape == (128, 128)
+    assert set(np.unique(np.concatenate([l.ravel() for l in labels]))) == set(range(6))  # all six classes
+    assert np.mean([len(np.unique(l)) >= 4 for l in labels]) > 0.9     # most tiles hold several classes
+    stamp = os.path.getmtime(os.path.join(root, 'images', 'demo_0000.png'))
+    prepare_demo(root, seed=0)                                         # idempotent: nothing rewritten
+    assert os.path.getmtime(os.path.join(root, 'images', 'demo_0000.png')) == stamp
+    info = DATASETS['demo']
+    s = make_splits(info, '1/16', root)
+    assert (len(s.labeled), len(s.unlabeled), len(s.val)) == (16, 240, 64)
+    assert iters_per_epoch(s, info.batch) * info.epochs == 300
+    small = [str(tmp_path / n) for n in ('a', 'b', 'c')]
+    for r, seed in zip(small, (0, 0, 1)):
+        prepare_demo(r, seed=seed, n_train=3, n_val=1)
+    read = lambda r: open(os.path.join(r, 'images', 'demo_0001.png'), 'rb').read()
+    assert read(small[0]) == read(small[1]) and read(small[0]) != read(small[2])  # deterministic by seed
+    assert open(os.path.join(root, 'images', 'demo_0001.png'), 'rb').read() == read(small[0])

@@ -1,0 +1,268 @@
+"""eval.py: confusion-matrix mIoU, the sliding window, E10 fusion after it, folder prediction, CLI errors."""
+import json
+import math
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import data
+import eval as ev
+from model import Co2S, build_student
+
+CLASSES = ["a", "b", "c", "d"]
+PALETTE = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+
+
+class Local(nn.Module):
+    """A fake student whose logits at a pixel depend only on that pixel: windows must agree where they overlap."""
+
+    def __init__(self, name="local", n=3):
+        super().__init__()
+        self.name, self.n, self.calls = name, n, []
+
+    def forward(self, x):
+        self.calls.append(tuple(x.shape[-2:]))
+        return torch.stack([x[:, 0] * (k + 1) + x[:, 1].sin() * k - x[:, 2] for k in range(self.n)], 1)
+
+
+class Fixed(nn.Module):
+    """A fake student predicting the same logit map (N, H, W) for every input of that size."""
+
+    def __init__(self, name, logits):
+        super().__init__()
+        self.name, self.logits = name, logits
+
+    def forward(self, x):
+        return self.logits[None].expand(len(x), -1, -1, -1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_student("dinov3", 6, size="tiny").eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# ConfusionMatrix
+
+
+def test_confusion_matrix_hand_computed_miou():
+    cm = ev.ConfusionMatrix(4)
+    label = torch.tensor([[0, 0, 0, 1, 1, 255, 255, 2]])
+    pred = torch.tensor([[0, 0, 1, 1, 2, 3, 0, 2]])
+    # two updates accumulate like one (mIoU over the whole split, not per image)
+    cm.update(pred[:, :4], label[:, :4])
+    cm.update(pred[:, 4:], label[:, 4:])
+    # ignore pixels (255) do not count, whatever was predicted there (3 and 0)
+    assert cm.mat.sum() == 6 and cm.mat[3].sum() == 0 and cm.mat[:, 3].sum() == 0
+    # class 0: TP 2, FN 1 (-> 1), FP 0 -> 2/3; class 1: TP 1, FP 1, FN 1 -> 1/3; class 2: TP 1, FP 1 -> 1/2
+    # class 3: absent from labels and predictions -> NaN, excluded from the mean (nanmean, as mmseg)
+    iou = cm.iou()
+    assert torch.allclose(iou[:3], torch.tensor([2 / 3, 1 / 3, 1 / 2], dtype=torch.float64))
+    assert math.isnan(iou[3])
+    assert cm.miou() == pytest.approx((2 / 3 + 1 / 3 + 1 / 2) / 3)
+    assert cm.acc() == pytest.approx(4 / 6)
+    d = cm.to_dict(CLASSES)
+    assert d["iou"]["d"] is None and d["iou"]["a"] == pytest.approx(2 / 3) and d["pixels"] == 6
+    assert d["miou"] == pytest.approx(0.5)  # fractions, as train.py expects (it prints 100 * miou)
+    json.dumps(d)  # JSON-safe (no NaN for the absent class)
+    table = cm.table(CLASSES)
+    assert "50.00" in table and "66.67" in table and "mIoU" in table and "aAcc" in table
+
+
+def test_confusion_matrix_predicted_but_absent_class_counts_zero():
+    cm = ev.ConfusionMatrix(3)
+    cm.update(torch.tensor([0, 2]), torch.tensor([0, 0]))  # class 2 predicted, never labelled: a false positive
+    assert cm.iou()[2] == 0 and cm.miou() == pytest.approx((0.5 + 0) / 2)  # class 1 NaN, class 2 counts as 0
+
+
+def test_confusion_matrix_rejects_out_of_range_labels():
+    with pytest.raises(ValueError, match="255"):
+        ev.ConfusionMatrix(3).update(torch.tensor([0, 1]), torch.tensor([0, 7]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sliding window
+
+
+def test_sliding_window_small_image_is_one_forward(tiny):
+    img = torch.randn(1, 3, 96, 96)  # a multiple of 16, smaller than the crop
+    with torch.no_grad():
+        assert torch.equal(ev.sliding_window(tiny, img, crop=128), tiny(img))
+
+
+def test_sliding_window_pads_to_16_with_black_and_crops_back(tiny):
+    img = torch.randn(1, 3, 100, 120)  # not a multiple of 16: one forward on 112x128, black padding
+    black = torch.tensor([-m / s for m, s in zip(data.IMAGENET_MEAN, data.IMAGENET_STD)]).view(1, 3, 1, 1)
+    padded = black.expand(1, 3, 112, 128).clone()
+    padded[..., :100, :120] = img
+    with torch.no_grad():
+        out = ev.sliding_window(tiny, img, crop=128, num_classes=6)
+        assert out.shape == (1, 6, 100, 120)
+        assert torch.allclose(out, tiny(padded)[..., :100, :120], atol=1e-5)
+
+
+def test_sliding_window_large_image_covers_every_pixel_and_averages():
+    img = torch.randn(2, 3, 160, 224)
+    student = Local()
+    out = ev.sliding_window(student, img, crop=128)  # stride 106: windows at y 0, 32 and x 0, 96
+    assert student.calls == [(128, 128)] * 4
+    # a purely local function: the average of agreeing windows is the function on the whole image
+    assert torch.allclose(out, Local()(img), atol=1e-5)
+    # every pixel is covered: a constant student averages to exactly that constant everywhere
+    ones = Fixed("one", torch.ones(2, 128, 128))
+    assert torch.equal(ev.sliding_window(ones, img, crop=128), torch.ones(2, 2, 160, 224))
+
+
+def test_sliding_window_stride_and_last_window_flush():
+    student = Local()
+    ev.sliding_window(student, torch.randn(1, 3, 200, 64), crop=64, stride=60)
+    # H: starts 0, 60, 120, 136 (the last flush with the border); W: one window
+    assert len(student.calls) == 4 and ev._window_starts(200, 64, 60) == [0, 60, 120, 136]
+    with pytest.raises(ValueError, match="stride"):
+        ev.sliding_window(student, torch.randn(1, 3, 200, 64), crop=64, stride=65)
+
+
+# ---------------------------------------------------------------------------------------------
+# predict(): E10 after the sliding window
+
+
+def test_predict_fused_takes_the_more_confident_student_per_pixel():
+    H = W = 32
+    a = torch.zeros(3, H, W)
+    b = torch.zeros(3, H, W)
+    a[0, :, :16] = 5.0   # student a: confident class 0 on the left, unsure on the right
+    a[1, :, 16:] = 0.5
+    b[2, :, 16:] = 5.0   # student b: confident class 2 on the right, unsure on the left
+    b[1, :, :16] = 0.5
+    model = Co2S([Fixed("a", a), Fixed("b", b)], fusion="confidence")
+    probs = ev.predict(model, torch.zeros(1, 3, H, W), crop=64)
+    assert list(probs) == ["a", "b", "fused"]
+    pa, pb, fused = probs["a"], probs["b"], probs["fused"]
+    assert torch.equal(fused[..., :16], pa[..., :16]) and torch.equal(fused[..., 16:], pb[..., 16:])
+    assert (fused.argmax(1)[..., :16] == 0).all() and (fused.argmax(1)[..., 16:] == 2).all()
+    model.fusion = "mean"
+    assert torch.allclose(ev.predict(model, torch.zeros(1, 3, H, W), 64)["fused"], (pa + pb) / 2)
+    assert list(ev.predict(model, torch.zeros(1, 3, H, W), 64, names=["b"])) == ["b"]
+    with pytest.raises(ValueError, match="valid for this model: a, b, fused"):
+        ev.predict(model, torch.zeros(1, 3, H, W), 64, names=["clip"])
+
+
+def test_evaluate_accumulates_each_prediction_over_the_split():
+    logits = torch.zeros(2, 8, 8)
+    logits[1, :, 4:] = 1.0                  # predicts class 0 left, class 1 right
+    model = Co2S([Fixed("s", logits), Fixed("t", logits.flip(0))])
+    label = torch.zeros(1, 8, 8, dtype=torch.long)
+    label[:, :2] = 255
+    loader = [dict(img=torch.zeros(1, 3, 8, 8), label=label)] * 3
+    cms = ev.evaluate(model, loader, crop=8, num_classes=2, progress=False)
+    assert set(cms) == {"s", "t", "fused"}
+    assert cms["s"].mat.tolist() == [[3 * 24, 3 * 24], [0, 0]]   # 48 valid pixels per image, half right
+    assert cms["s"].miou() == pytest.approx(0.25)   # class 0 IoU 1/2; class 1 predicted, never labelled: IoU 0
+    assert model.training                                         # train mode restored
+
+
+# ---------------------------------------------------------------------------------------------
+# predict_folder and the CLI
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return Co2S([build_student("dinov3", 4, size="tiny"),
+                 build_student("clip", 4, size="tiny", concepts=[[c] for c in CLASSES])]).eval()
+
+
+def test_predict_folder_writes_palette_masks_of_the_input_size(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    sizes = {"wide.png": (100, 140), "small.jpg": (64, 64)}    # (H, W)
+    for f, (h, w) in sizes.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f)
+    (folder / "notes.txt").write_text("not an image")
+    info = types.SimpleNamespace(classes=CLASSES, palette=PALETTE)
+    written = ev.predict_folder(_tiny_model(), info, str(folder), str(tmp_path / "out"), crop=64)
+    assert len(written) == 4
+    for f, (h, w) in sizes.items():
+        stem = tmp_path / "out" / os.path.splitext(f)[0]
+        mask = Image.open(f"{stem}_mask.png")
+        assert mask.mode == "P" and mask.size == (w, h)
+        assert mask.getpalette()[:12] == [v for c in PALETTE for v in c]
+        assert set(np.unique(np.asarray(mask))) <= set(range(4))
+        assert Image.open(f"{stem}_overlay.png").size == (2 * w, h)
+
+
+def _fake_train(monkeypatch, model, info, cfg):
+    """train.load_run stand-in, so the CLI is tested without a trained run (and without train.py)."""
+    fake = types.ModuleType("train")
+    fake.load_run = lambda path, device="cpu", **kw: (model, info, cfg)
+    monkeypatch.setitem(sys.modules, "train", fake)
+
+
+def test_main_errors_name_the_bad_input(tmp_path, capsys, monkeypatch):
+    def error(argv):
+        with pytest.raises(SystemExit):
+            ev.main(argv)
+        return capsys.readouterr().err
+
+    missing = str(tmp_path / "nope")
+    assert missing in error([missing]) and ".pt" in error([missing])
+    run = tmp_path / "run"
+    run.mkdir()
+    assert "holds no best.pt or last.pt" in error([str(run)])
+    (run / "best.pt").write_bytes(b"")
+    assert "holds no last.pt" in error([str(run), "--ckpt", "last"])
+    assert "go together" in error([str(run), "--out", str(tmp_path)])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = error([str(run), "--predict", str(empty), "--out", str(tmp_path / "o")])
+    assert str(empty) in err and ".png" in err and ".jpg" in err
+    _fake_train(monkeypatch, _tiny_model(), types.SimpleNamespace(classes=CLASSES, palette=PALETTE, crop=64), {})
+    err = error([str(run), "--student", "dino"])
+    assert "'dino'" in err and "dinov3, clip, fused, all" in err
+
+
+def test_main_evaluates_the_split_and_writes_json(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    rng = np.random.default_rng(0)
+    for n in ("l", "u", "v1", "v2"):
+        Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(root / "images" / f"{n}.png")
+        lab = rng.integers(0, 4, (48, 80)).astype(np.uint8)
+        lab[:8] = 255
+        Image.fromarray(lab).save(root / "labels" / f"{n}.png")
+    (root / "classes.txt").write_text("".join(f"{c}\n" for c in CLASSES))
+    (root / "labeled.txt").write_text("images/l.png labels/l.png\n")
+    (root / "unlabeled.txt").write_text("images/u.png\n")
+    (root / "val.txt").write_text("images/v1.png labels/v1.png\nimages/v2.png labels/v2.png\n")
+    info = data.dataset_info("custom", str(root))
+    cfg = dict(dataset="custom", data_root=str(root), splits=None, ratio="1", seed=0, crop=64)
+    _fake_train(monkeypatch, _tiny_model(), info, cfg)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(b"")
+
+    result = ev.main([str(run), "--device", "cpu", "--workers", "0"])
+    saved = json.load(open(run / "eval_val.json"))
+    assert saved == json.loads(json.dumps(result))
+    assert set(saved["results"]) == {"dinov3", "clip", "fused"} and saved["stride"] == 64 * 5 // 6
+    for r in saved["results"].values():
+        assert r["pixels"] == 2 * 40 * 80        # both val images, ignore rows excluded
+        present = [v for v in r["iou"].values() if v is not None]
+        assert r["miou"] == pytest.approx(sum(present) / len(present))
+    assert "mIoU" in capsys.readouterr().out
+
+    ev.main([str(run / "best.pt"), "--student", "clip", "--split", "labeled", "--workers", "0"])
+    labeled = json.load(open(run / "eval_labeled.json"))
+    assert list(labeled["results"]) == ["clip"] and labeled["results"]["clip"]["pixels"] == 40 * 80
+
+    out = tmp_path / "pred"
+    files = ev.main([str(run), "--predict", str(root / "images"), "--out", str(out)])
+    assert len(files) == 8 and Image.open(out / "v1_mask.png").size == (80, 48)

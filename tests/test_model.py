@@ -1,0 +1,515 @@
+"""model.py: the two students (E1, E3, E4), their text embeddings (E2), loading, and the fusion head (E10).
+
+Everything runs on random weights at "tiny" size, except the base-size checks of parameter counts,
+taps and configs (each base student is built once for the module and run on one 32x32 image)."""
+import copy
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model
+from losses import supervised_loss
+
+N = 6                      # potsdam
+POTSDAM = [                # METHOD.md section 2, class name first
+    ["impervious_surface", "asphalt", "concrete", "pavement", "roof", "sidewalk"],
+    ["building", "residential building", "commercial building", "church", "factory", "historical building"],
+    ["low_vegetation", "grass", "lawn", "meadow", "pasture", "flower bed"],
+    ["tree", "deciduous tree", "evergreen tree", "tree row", "park tree", "forest edge"],
+    ["car", "passenger car", "truck", "van", "bus", "parked vehicle"],
+    ["clutter", "fence", "wall", "railway", "construction site", "unclassified object"],
+]
+_REPO = Path(__file__).resolve().parents[1]
+_EMB_DIRS = [_REPO / "shared/data/text_embeddings", _REPO.parent / "shared/data/text_embeddings"]
+EMB = next((d for d in _EMB_DIRS if d.is_dir()), None)
+needs_authors_files = pytest.mark.skipif(EMB is None, reason="the authors' text embedding files (shared/data) are absent")
+
+
+def embeddings_module(student):
+    bb = student.backbone
+    return bb.vision_model.embeddings if student.kind == "clip" else bb.embeddings
+
+
+def count_backbone_passes(student):
+    """A list that gets one entry per run of the backbone's patch embedding (= one backbone pass)."""
+    calls = []
+    handle = embeddings_module(student).register_forward_hook(lambda *a: calls.append(1))
+    return calls, handle
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return {"clip": model.build_student("clip", N, size="tiny", concepts=[[c[0]] for c in POTSDAM]),
+            "dinov3": model.build_student("dinov3", N, size="tiny")}
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes and the single backbone pass of E4
+
+
+@pytest.mark.parametrize("kind", model.KINDS)
+@pytest.mark.parametrize("hw", [(128, 128), (96, 160)])
+def test_feature_and_logit_shapes_and_one_backbone_pass_for_fp(tiny, kind, hw):
+    s, (H, W) = tiny[kind], hw
+    x = torch.randn(2, 3, H, W)
+    widths = (192, 192, 128) if kind == "clip" else (192, 192, 192)   # CLIP f3 is the 128-d projection
+    calls, handle = count_backbone_passes(s)
+    try:
+        with torch.no_grad():
+            assert [tuple(f.shape) for f in s.features(x)] == [(2, c, H // 16, W // 16) for c in widths]
+            assert s(x).shape == (2, N, H, W)
+            assert len(calls) == 2
+            out = s(x, fp=True)
+        assert len(calls) == 3, "clean and FP logits must share ONE backbone pass (E4)"
+    finally:
+        handle.remove()
+    assert isinstance(out, tuple) and len(out) == 2
+    assert out[0].shape == out[1].shape == (2, N, H, W)
+
+
+def test_fp_from_perturbs_only_the_tail_of_the_batch(tiny):
+    clean, pert = tiny["dinov3"](torch.randn(3, 3, 64, 64), fp=True, fp_from=1)
+    assert clean.shape == (3, N, 64, 64) and pert.shape == (2, N, 64, 64)
+
+
+# --------------------------------------------------------------------------------------------
+# Base size, random init: the numbers of the paper's architecture
+
+
+TINY = model.SIZES["tiny"]
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        students = {"clip": model.build_student("clip", N, size="base", guidance="queries"),
+                    "dinov3": model.build_student("dinov3", N, size="base")}
+    return students, [str(w.message) for w in caught]
+
+
+def attention_names(kind, depth=12):
+    if kind == "clip":
+        return {f"vision_model.encoder.layers.{i}.self_attn.{p}_proj.{w}"
+                for i in range(depth) for p in ("q", "k", "v", "out") for w in ("weight", "bias")}
+    # DINOv3: no key bias (the released model has none), every other projection has one
+    return {f"model.layer.{i}.attention.{p}_proj.{w}" for i in range(depth) for p, ws in
+            [("q", ("weight", "bias")), ("k", ("weight",)), ("v", ("weight", "bias")), ("o", ("weight", "bias"))]
+            for w in ws}
+
+
+def test_base_random_init_warns_that_weights_are_random(base):
+    _, messages = base
+    for kind in model.KINDS:
+        assert any("RANDOM backbone weights" in m and kind in m for m in messages)
+
+
+@pytest.mark.parametrize("kind,head_params", [("clip", 2_217_185), ("dinov3", 2_249_953)])
+def test_base_head_parameter_count_matches_method(base, kind, head_params):
+    assert sum(p.numel() for p in base[0][kind].head.parameters()) == head_params
+
+
+@pytest.mark.parametrize("kind,count", [("clip", 28_348_416), ("dinov3", 28_339_200)])
+def test_base_trainable_backbone_is_exactly_the_attention_projections(base, kind, count):
+    bb = base[0][kind].backbone
+    trainable = {n: p for n, p in bb.named_parameters() if p.requires_grad}
+    assert set(trainable) == attention_names(kind)
+    assert sum(p.numel() for p in trainable.values()) == count
+
+
+def test_base_taps_queries_and_feature_widths(base):
+    clip, dino = base[0]["clip"], base[0]["dinov3"]
+    assert clip.taps == (0, 4, 11) and dino.taps == (2, 7, 11)
+    # implicit guidance: learnable N x 768 queries, init N(0, 0.02)
+    q = dino.queries.weight
+    assert q.shape == (N, 768) and q.requires_grad and 0.015 < q.std().item() < 0.025
+    assert dino.text is None
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert [f.shape[1] for f in clip.features(x)] == [768, 768, 512]   # f3: the 512-d dense CLIP embedding
+        assert [f.shape[1] for f in dino.features(x)] == [768, 768, 768]
+
+
+def test_base_configs_have_no_dropout_and_dinov3_train_mode_is_deterministic(base):
+    for s in base[0].values():
+        drops = {k: v for k, v in s.backbone.config.to_dict().items() if "drop" in k}
+        assert drops and all(v in (0, 0.0, None) for v in drops.values()), drops
+    dino = base[0]["dinov3"]
+    cfg = dino.backbone.config
+    assert cfg.pos_embed_rescale is None and cfg.pos_embed_shift is None and cfg.pos_embed_jitter is None
+    dino.train()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        a, b = dino.features(x), dino.features(x)
+    assert all(torch.equal(u, v) for u, v in zip(a, b)), "RoPE augmentation must be off in train mode"
+
+
+@needs_authors_files
+def test_base_clip_with_text_file_holds_fixed_unit_text_embeddings():
+    path = EMB / "potsdam_conceptavg5_single.npy"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = model.build_student("clip", N, size="base", text_embeddings_file=str(path))
+    rows = torch.from_numpy(np.load(path)).float()
+    assert s.queries is None and s.text.shape == (N, 512)
+    assert torch.allclose(s.text, F.normalize(rows, dim=-1))
+    assert "text" in s.state_dict()                       # saved with the checkpoint, never trained
+    assert not any(p is s.text for p in s.parameters())
+    trainable = {n for n, p in s.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if not n.startswith("head.")} == {"backbone." + n for n in attention_names("clip")}
+    assert sum(p.numel() for p in s.head.parameters()) == 2_217_185
+
+
+def test_clip_with_query_guidance_learns_queries_in_the_projection_space():
+    s = model.build_student("clip", N, size="tiny", guidance="queries")
+    assert s.text is None and s.queries.weight.shape == (N, TINY.proj) and s.queries.weight.requires_grad
+
+
+# --------------------------------------------------------------------------------------------
+# E1: what the pyramid maps are
+
+
+def as_map(tokens, h, w):
+    """(B, 1+h*w, C) tokens after the prefix has been cut -> (B, C, h, w), patches in row-major order."""
+    return tokens.reshape(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2)
+
+
+def test_clip_maps_are_the_value_path_by_hand(tiny):
+    s = tiny["clip"]
+    bb, vm = s.backbone, s.backbone.vision_model
+    x = torch.randn(1, 3, 64, 96)                               # non-square: interpolated 4x6 position grid
+    with torch.no_grad():
+        feats = s.features(x)
+        hs = bb(pixel_values=x, interpolate_pos_encoding=True, output_hidden_states=True).hidden_states
+        # HF convention: hs[0] is the input of block 0 (embeddings -> pre_layrnorm), hs[i+1] the output of block i
+        assert torch.allclose(hs[0], vm.pre_layrnorm(vm.embeddings(x, interpolate_pos_encoding=True)))
+
+        def value_path(i):   # E1: v = x + out(v(LN1 x)); v = v + MLP(LN2 v), no token mixing
+            layer, h = vm.encoder.layers[i], hs[i]
+            v = h + layer.self_attn.out_proj(layer.self_attn.v_proj(layer.layer_norm1(h)))
+            return v + layer.mlp(layer.layer_norm2(v))
+
+        t1, t2, t3 = s.taps
+        expect = [value_path(t1)[:, 1:], value_path(t2)[:, 1:],
+                  F.normalize(bb.visual_projection(vm.post_layernorm(value_path(t3))), dim=-1)[:, 1:]]
+    for f, e in zip(feats, expect):
+        assert torch.allclose(f, as_map(e, 4, 6), atol=1e-5)
+    assert torch.allclose(feats[2].norm(dim=1), torch.ones(1, 4, 6), atol=1e-5)   # unit per pixel
+    # the value path is NOT the ordinary block output (which mixes tokens through attention)
+    assert not torch.allclose(feats[0], as_map(hs[t1 + 1][:, 1:], 4, 6), atol=1e-3)
+
+
+def test_dinov3_maps_are_final_norm_of_tapped_blocks_without_prefix_tokens(tiny):
+    s = copy.deepcopy(tiny["dinov3"]).eval()
+    bb = s.backbone
+    assert bb.config.num_register_tokens == 4
+    with torch.no_grad():
+        for block in model.blocks(bb):   # random init has layer scale 1e-5: make every block visibly change the tokens
+            block.layer_scale1.lambda1.fill_(1.0)
+            block.layer_scale2.lambda1.fill_(1.0)
+        x = torch.randn(1, 3, 64, 96)
+        feats = s.features(x)
+        hs = bb(x, output_hidden_states=True).hidden_states
+        # HF convention: hs[0] = embeddings (CLS + 4 registers + patches), hs[i+1] = output of block i
+        assert len(hs) == TINY.depth + 1 and torch.allclose(hs[0], bb.embeddings(x))
+        for f, t in zip(feats, s.taps):
+            assert torch.allclose(f, as_map(bb.norm(hs[t + 1])[:, 1 + 4:], 4, 6), atol=1e-5)
+            # off by one block, or keeping a register token, would be visible
+            assert not torch.allclose(f, as_map(bb.norm(hs[t])[:, 1 + 4:], 4, 6), atol=1e-3)
+            assert not torch.allclose(f, as_map(bb.norm(hs[t + 1])[:, 4:-1], 4, 6), atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading weights from a local folder, and its errors
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny random CLIP (vision + text + toy tokenizer) and a tiny DINOv3 written with save_pretrained."""
+    from transformers import CLIPConfig, CLIPModel, DINOv3ViTConfig, DINOv3ViTModel
+    torch.manual_seed(1)
+    vision = dict(hidden_size=TINY.width, num_hidden_layers=TINY.depth, num_attention_heads=TINY.heads,
+                  intermediate_size=TINY.mlp, patch_size=16, image_size=224, projection_dim=TINY.proj)
+    text = dict(hidden_size=TINY.text_width, num_hidden_layers=TINY.text_depth, num_attention_heads=TINY.text_heads,
+                intermediate_size=4 * TINY.text_width, vocab_size=514, bos_token_id=512, eos_token_id=513,
+                pad_token_id=513, projection_dim=TINY.proj)
+    clip = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=TINY.proj))
+    clip_dir = str(tmp_path_factory.mktemp("clip"))
+    clip.save_pretrained(clip_dir)
+    model.tiny_clip_tokenizer().save_pretrained(clip_dir)
+    # Like the released checkpoint: registers, layer scale 1 and HF's default train-time RoPE rescaling (2.0)
+    dino = DINOv3ViTModel(DINOv3ViTConfig(hidden_size=TINY.width, num_hidden_layers=TINY.depth,
+                                          num_attention_heads=TINY.heads, intermediate_size=TINY.mlp,
+                                          num_register_tokens=4, pos_embed_rescale=2.0))
+    dino_dir = str(tmp_path_factory.mktemp("dinov3"))
+    dino.save_pretrained(dino_dir)
+    return {"clip": (clip_dir, clip.state_dict()), "dinov3": (dino_dir, dino.state_dict())}
+
+
+def test_loaded_clip_backbone_equals_the_saved_weights(saved, tmp_path):
+    folder, sd = saved["clip"]
+    rows = torch.randn(N, TINY.proj)
+    np.save(tmp_path / "text.npy", rows.numpy())
+    s = model.build_student("clip", N, size="tiny", weights=folder, text_embeddings_file=str(tmp_path / "text.npy"))
+    loaded = s.backbone.state_dict()
+    vision_keys = {k for k in sd if k.startswith(("vision_model.", "visual_projection."))}
+    assert set(loaded) == vision_keys
+    for k, v in loaded.items():
+        assert torch.equal(v, sd[k]), f"{k} differs from the saved checkpoint"
+    assert torch.allclose(s.text, F.normalize(rows, dim=-1))
+    assert {n for n, p in s.backbone.named_parameters() if p.requires_grad} == attention_names("clip", TINY.depth)
+
+
+def test_loaded_dinov3_backbone_equals_the_saved_weights_with_rope_augmentation_off(saved):
+    folder, sd = saved["dinov3"]
+    s = model.build_student("dinov3", N, size="tiny", weights=folder)
+    loaded = s.backbone.state_dict()
+    assert set(loaded) == set(sd)
+    for k, v in loaded.items():
+        assert torch.equal(v, sd[k]), f"{k} differs from the saved checkpoint (re-initialised after loading?)"
+    assert {n for n, p in s.backbone.named_parameters() if p.requires_grad} == attention_names("dinov3", TINY.depth)
+    assert s.backbone.config.pos_embed_rescale is None       # overridden at load time
+    s.train()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(s.features(x), s.features(x)))
+
+
+def test_clip_folder_with_toy_tokenizer_is_rejected(saved, tmp_path, monkeypatch):
+    monkeypatch.setenv("CO2S_CACHE", str(tmp_path))
+    folder, _ = saved["clip"]
+    with pytest.raises(RuntimeError, match="has only 514 tokens: not the real vocabulary") as e:
+        model.build_student("clip", 2, size="tiny", weights=folder, concepts=[["car"], ["tree"]])
+    assert folder in str(e.value)
+    assert not (tmp_path / "text").exists() or not any((tmp_path / "text").iterdir())   # nothing cached
+
+
+def test_text_embeddings_are_computed_once_then_read_from_the_cache(saved, tmp_path, monkeypatch):
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+    folder, _ = saved["clip"]
+    monkeypatch.setenv("CO2S_CACHE", str(tmp_path))
+    monkeypatch.setattr(CLIPTokenizer, "__len__", lambda self: 49408)   # let the toy vocabulary pass as the real one
+    encode, calls = model.encode_concepts, []
+    monkeypatch.setattr(model, "encode_concepts", lambda *a: calls.append(a[0]) or encode(*a))
+    a, b = [["car", "van"], ["tree"]], [["car"], ["tree", "park tree"]]
+    first_a, first_b = model.text_embeddings(a, folder, "tiny"), model.text_embeddings(b, folder, "tiny")
+    assert calls == [a, b] and len(list((tmp_path / "text").glob("*.pt"))) == 2   # the key includes the concepts
+    # computed with the folder's own text tower
+    tower = CLIPTextModelWithProjection.from_pretrained(folder)
+    assert torch.allclose(first_a, encode(a, tower, model.tiny_clip_tokenizer()), atol=1e-6)
+    # second time: read from disk, no model is even loaded
+    monkeypatch.setattr(model, "load_pretrained", lambda *a, **k: pytest.fail("cached embeddings were recomputed"))
+    assert torch.equal(model.text_embeddings(a, folder, "tiny"), first_a)
+    assert torch.equal(model.text_embeddings(b, folder, "tiny"), first_b)
+    assert calls == [a, b]
+
+
+def _in_hub_cache(repo_id):
+    from huggingface_hub import try_to_load_from_cache
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+@pytest.mark.parametrize("kind", model.KINDS)
+def test_hub_id_without_network_names_the_id_and_the_local_folder_flag(kind):
+    hub_id = model.DEFAULT_WEIGHTS[kind]
+    if _in_hub_cache(hub_id):
+        pytest.skip(f"{hub_id} is in the local hub cache, so it would load")
+    with pytest.raises(RuntimeError) as e:
+        model.build_backbone(kind, "base", hub_id)
+    msg = str(e.value)
+    assert hub_id in msg and f"--{kind}-weights" in msg and "hf download" in msg
+
+
+def test_missing_or_empty_local_folder_is_a_clear_error(tmp_path):
+    missing = str(tmp_path / "no-such-folder")
+    with pytest.raises(FileNotFoundError, match="does not exist") as e:
+        model.build_backbone("clip", "tiny", missing)
+    assert missing in str(e.value) and "--clip-weights" in str(e.value)
+    with pytest.raises(ValueError, match="no config.json") as e:
+        model.build_backbone("dinov3", "tiny", str(tmp_path))
+    assert "--dinov3-weights" in str(e.value)
+
+
+@pytest.mark.parametrize("kind,other", [("clip", "dinov3"), ("dinov3", "clip")])
+def test_folder_of_the_other_kind_is_rejected(saved, kind, other):
+    with pytest.raises(ValueError, match=f"not a {kind} one") as e:
+        model.build_backbone(kind, "tiny", saved[other][0])
+    assert f"--{kind}-weights" in str(e.value)
+
+
+@pytest.mark.parametrize("kind", model.KINDS)
+def test_folder_of_the_wrong_width_is_rejected(saved, kind):
+    with pytest.raises(ValueError, match="has width 192, but --size base expects 768"):
+        model.build_backbone(kind, "base", saved[kind][0])
+
+
+# --------------------------------------------------------------------------------------------
+# E2: text embeddings
+
+
+def _npy(name):
+    return torch.from_numpy(np.load(EMB / name)).float()
+
+
+@needs_authors_files
+def test_average_concepts_reproduces_the_authors_class_embeddings():
+    concepts = _npy("potsdam_concept5_single.npy")                 # (36, 512): 6 concepts per class
+    authors = F.normalize(_npy("potsdam_conceptavg5_single.npy"), dim=-1)
+    counts = [len(c) for c in POTSDAM]
+    ours = model.average_concepts(concepts, counts)
+    assert ours.shape == (N, 512)
+    assert torch.allclose(ours.norm(dim=-1), torch.ones(N), atol=1e-5)
+    assert ((ours * authors).sum(-1) > 0.999).all()
+    # rows are grouped by class, class name first (it equals the authors' name-only embedding) ...
+    names = F.normalize(_npy("potsdam_single.npy"), dim=-1)
+    assert ((F.normalize(concepts[::6], dim=-1) * names).sum(-1) > 0.999).all()
+    # ... so the order matters: swapping two classes' concepts swaps their rows, interleaving breaks it
+    swapped = torch.cat([concepts[6:12], concepts[:6], concepts[12:]])
+    assert torch.allclose(model.average_concepts(swapped, counts), ours[[1, 0, 2, 3, 4, 5]], atol=1e-6)
+    interleaved = concepts.view(6, 6, 512).transpose(0, 1).reshape(36, 512)
+    assert ((model.average_concepts(interleaved, counts) * authors).sum(-1) < 0.99).all()
+
+
+@needs_authors_files
+def test_load_text_embeddings_checks_the_shape_and_normalises(tmp_path):
+    path = str(EMB / "potsdam_conceptavg5_single.npy")
+    t = model.load_text_embeddings(path, N, 512)
+    assert t.shape == (N, 512) and t.dtype == torch.float32
+    assert torch.allclose(t.norm(dim=-1), torch.ones(N), atol=1e-6)
+    for n, d in [(7, 512), (N, 768)]:
+        with pytest.raises(ValueError, match="one row per class") as e:
+            model.load_text_embeddings(path, n, d)
+        assert path in str(e.value) and f"({n}, {d})" in str(e.value)
+    torch.save(3 * torch.ones(2, 4), tmp_path / "t.pt")                  # .pt files work too, and are normalised
+    assert torch.allclose(model.load_text_embeddings(str(tmp_path / "t.pt"), 2, 4), torch.full((2, 4), 0.5))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        model.load_text_embeddings(str(tmp_path / "none.npy"), N, 512)
+
+
+def test_encode_concepts_averages_the_prompt_embeddings_of_each_class():
+    tower, tok = model.random_text_tower("tiny")
+    concepts = [["car", "passenger car", "parked vehicle"], ["tree"], ["low_vegetation", "grass"]]
+    e = model.encode_concepts(concepts, tower, tok)
+    assert e.shape == (3, TINY.proj)
+    assert torch.allclose(e.norm(dim=-1), torch.ones(3), atol=1e-5)
+    # one concept at a time (no padding), then averaged: the same, so padding changes nothing
+    single = torch.cat([model.encode_concepts([[c]], tower, tok) for cls in concepts for c in cls])
+    assert torch.allclose(e, model.average_concepts(single, [3, 1, 2]), atol=1e-5)
+    assert not torch.allclose(e[0], single[0], atol=1e-3)                # the synonyms do count
+    # the prompt is "a photo of a {concept}"
+    with torch.no_grad():
+        raw = tower(**tok(["a photo of a car"], return_tensors="pt")).text_embeds
+    assert torch.allclose(single[0], F.normalize(raw, dim=-1)[0], atol=1e-5)
+    # without weights: the same seeded random tower every time (reproducible tests and demo)
+    assert torch.equal(model.text_embeddings(concepts, None, "tiny"), model.text_embeddings(concepts, None, "tiny"))
+
+
+# --------------------------------------------------------------------------------------------
+# E10: fusion
+
+
+def test_fuse_takes_the_more_confident_student_per_pixel():
+    # 2 classes, a 1x2 image: student a is confident on pixel 0, student b on pixel 1
+    a = torch.tensor([[[[0.90, 0.40]], [[0.10, 0.60]]]])             # (1, 2, 1, 2)
+    b = torch.tensor([[[[0.30, 0.05]], [[0.70, 0.95]]]])
+    for fused in (model.fuse([a, b]), model.fuse([b, a])):           # the order of the students does not matter
+        assert torch.equal(fused[..., 0], a[..., 0]) and torch.equal(fused[..., 1], b[..., 1])
+        assert torch.equal(fused.amax(1), torch.maximum(a.amax(1), b.amax(1)))   # C_fused = max(c_a, c_b)
+    assert torch.allclose(model.fuse([a, b], "mean"), (a + b) / 2)
+    with pytest.raises(ValueError, match="valid: confidence, mean"):
+        model.fuse([a, b], "max")
+
+
+def test_co2s_returns_each_students_probabilities_and_the_fused_map(tiny):
+    students = [tiny["clip"], tiny["dinov3"]]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = model.Co2S(students)(x)
+        mean = model.Co2S(students, fusion="mean")(x)["fused"]
+        own = [s(x).softmax(1) for s in students]
+    assert list(out) == ["clip", "dinov3", "fused"]
+    for p in out.values():
+        assert p.shape == (1, N, 64, 64)
+        assert torch.allclose(p.sum(1), torch.ones(1, 64, 64), atol=1e-5)
+    assert torch.allclose(out["clip"], own[0], atol=1e-6) and torch.allclose(out["dinov3"], own[1], atol=1e-6)
+    assert torch.equal(out["fused"], model.fuse([out["clip"], out["dinov3"]]))
+    assert torch.allclose(mean, (out["clip"] + out["dinov3"]) / 2)
+
+
+def test_student_names_are_unique():
+    assert model.student_names(["clip", "dinov3"]) == ["clip", "dinov3"]
+    assert model.student_names(["clip", "clip"]) == ["clip1", "clip2"]
+
+
+# --------------------------------------------------------------------------------------------
+# Training: what moves, what does not; E4
+
+
+def _name(module, param):
+    return next(n for n, p in module.named_parameters() if p is param)
+
+
+@pytest.mark.parametrize("kind", model.KINDS)
+def test_one_step_moves_attention_and_head_and_leaves_frozen_weights_bit_identical(tiny, kind):
+    s = copy.deepcopy(tiny[kind])
+    before = {k: v.clone() for k, v in s.state_dict().items()}
+    trainable = {n for n, p in s.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in s.parameters() if p.requires_grad], lr=1e-2)
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 3, 64, 64), torch.randint(0, N, (2, 64, 64))
+    clean, pert = s(x, fp=True)
+    (supervised_loss(clean, y) + supervised_loss(pert, y)).backward()
+    opt.step()
+    after = s.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed <= trainable, f"frozen weights or buffers moved: {sorted(changed - trainable)[:5]}"
+    assert {n for n in trainable if n.startswith("head.")} <= changed
+    # every attention projection on the path to the taps moves (CLIP's last tap uses only v and out)
+    last = s.taps[-1]
+    for i, block in enumerate(model.blocks(s.backbone)[: last + 1]):
+        projs = model.attention_projections(block)
+        if kind == "clip" and i == last:
+            projs = projs[2:]
+        for proj in projs:
+            assert not torch.equal(proj.weight, before[_name(s, proj.weight)]), f"block {i} {proj}"
+    if kind == "dinov3":
+        assert "queries.weight" in changed
+
+
+
+@pytest.mark.parametrize("kind", model.KINDS)
+def test_fp_logits_are_the_head_on_dropout2d_of_the_same_features(tiny, kind, monkeypatch):
+    s, x = tiny[kind], torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.manual_seed(123)
+        clean, pert = s(x, fp=True)
+        assert torch.allclose(clean, s(x), atol=1e-6)            # the clean half is the plain forward
+        torch.manual_seed(123)                                     # E4: Dropout2d(0.5) on every map, same RNG draws
+        feats = [F.dropout2d(f, 0.5, training=True) for f in s.features(x)]
+        ref = F.interpolate(s.head(feats, s.class_embeddings()), size=(64, 64), mode="bilinear", align_corners=False)
+        assert torch.allclose(pert, ref, atol=1e-5)
+        assert not torch.allclose(pert, clean, atol=1e-3)
+        monkeypatch.setattr(F, "dropout2d", lambda f, *a, **k: f)  # without the dropout, FP == clean
+        clean, pert = s(x, fp=True)
+        assert torch.allclose(pert, clean, atol=1e-6)
+
+
+def test_build_student_rejects_bad_arguments_listing_the_choices():
+    with pytest.raises(ValueError, match="valid kinds: clip, dinov3"):
+        model.build_student("vit", N, size="tiny")
+    with pytest.raises(ValueError, match="guidance 'text' for a dinov3 student; valid: queries"):
+        model.build_student("dinov3", N, size="tiny", guidance="text")
+    with pytest.raises(ValueError, match="valid: text, queries"):
+        model.build_student("clip", N, size="tiny", guidance="both")
+    with pytest.raises(ValueError, match="needs 6 concept lists"):
+        model.build_student("clip", N, size="tiny", concepts=[["car"]] * 5)
+    with pytest.raises(ValueError, match="needs 6 concept lists"):
+        model.build_student("clip", N, size="tiny")
+    with pytest.raises(ValueError, match="valid sizes: base, tiny"):
+        model.build_student("dinov3", N, size="small")
