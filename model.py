@@ -73,7 +73,7 @@ def backbone_config(kind, size):
     if kind == "clip":
         return CLIPVisionConfig(**common, projection_dim=s.proj, image_size=224, hidden_act="quick_gelu")
     # 4 register tokens; RoPE coordinate augmentation off so train mode is deterministic.
-    return DINOv3ViTConfig(**common, num_register_tokens=4, layerscale_value=1e-5, drop_path_rate=0.0,
+    return DINOv3ViTConfig(**common, num_register_tokens=4, layerscale_value=1.0, drop_path_rate=0.0,
                            pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None)
 
 
@@ -136,10 +136,10 @@ def build_backbone(kind, size="base", weights=None):
 
 
 def blocks(backbone):
-    """The list of transformer blocks (CLIP: encoder.layers, DINOv3: model.layer)."""
+    """The list of transformer blocks (CLIP: encoder.layers; DINOv3: model.layer, or layer before transformers 5.2)."""
     if hasattr(backbone, "vision_model"):
         return backbone.vision_model.encoder.layers
-    return backbone.model.layer
+    return backbone.model.layer if hasattr(backbone, "model") else backbone.layer
 
 
 def attention_projections(block):

@@ -31,6 +31,10 @@ from co2s import METHODS, STABILITY, train_step
 from model import DEFAULT_WEIGHTS, KINDS, Co2S, build_student, student_names
 
 
+PAPER_RECIPE = dict(lr=1e-4, backbone_lr_mult=0.01, head_lr_mult=10.0)  # METHOD.md section 5
+DEMO_RECIPE = dict(lr=2e-3, backbone_lr_mult=0.5, head_lr_mult=1.0)     # random-init tiny students
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
@@ -59,10 +63,10 @@ def get_args(argv=None):
     a("--mix-source", default="partner", choices=["partner", "rolled"], help="CutMix partners: a second unlabelled stream (paper) or the batch rolled by one")
     a("--fusion", default="confidence", choices=["confidence", "mean"], help="E10 fusion rule at inference")
     # optimisation (METHOD.md section 5)
-    a("--lr", type=float, default=1e-4)
+    a("--lr", type=float, default=None, help="base lr (paper 1e-4; demo 2e-3)")
     a("--weight-decay", type=float, default=0.01)
-    a("--backbone-lr-mult", type=float, default=0.01)
-    a("--head-lr-mult", type=float, default=10.0)
+    a("--backbone-lr-mult", type=float, default=None, help="attention projections (paper 0.01; demo 0.5)")
+    a("--head-lr-mult", type=float, default=None, help="decoder head (paper 10; demo 1); class queries x1")
     a("--epochs", type=int, default=None, help="paper: 80 (mer 150); one epoch = one pass over the unlabelled list")
     a("--iters", type=int, default=None, help="total iterations (overrides --epochs)")
     a("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="CUDA autocast (auto: bf16, else fp16); CPU runs fp32")
@@ -97,6 +101,11 @@ def resolve(args):
     cfg["size"] = args.size or ("tiny" if args.dataset == "demo" else "base")
     for k in ("crop", "batch", "epochs"):
         cfg[k] = cfg[k] or getattr(info, k)
+    # The paper fine-tunes PRETRAINED ViTs, so the backbone barely moves (lr x0.01). The demo's tiny
+    # students start from random weights and must learn their attention from scratch in minutes.
+    recipe = DEMO_RECIPE if args.dataset == "demo" else PAPER_RECIPE
+    for k, v in recipe.items():
+        cfg[k] = v if cfg[k] is None else cfg[k]
     for kind in KINDS:
         w = cfg[f"{kind}_weights"]
         w = w or (DEFAULT_WEIGHTS[kind] if cfg["size"] == "base" else "none")
@@ -171,16 +180,9 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def load_run(path, device="cpu", ckpt="best"):
+def load_run(path, device="cpu", ckpt=None):
     """(model, info, cfg) from a run folder (best.pt, else last.pt) or a checkpoint file: for eval.py."""
-    if os.path.isdir(path):
-        names = [f"{ckpt}.pt", "last.pt", "best.pt"]
-        found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
-        if not found:
-            raise FileNotFoundError(f"{path!r} holds no best.pt or last.pt: not a run folder of train.py")
-        path = found[0]
-    elif not (os.path.isfile(path) and path.endswith(".pt")):
-        raise FileNotFoundError(f"{path!r} is neither a run folder nor a .pt checkpoint")
+    path = evaluation.resolve_checkpoint(path, ckpt)
     state = torch.load(path, map_location="cpu", weights_only=False)
     cfg = state["cfg"]
     info = data.dataset_info(cfg["dataset"], cfg["data_root"])

@@ -98,8 +98,11 @@ def attention_names(kind, depth=12):
     if kind == "clip":
         return {f"vision_model.encoder.layers.{i}.self_attn.{p}_proj.{w}"
                 for i in range(depth) for p in ("q", "k", "v", "out") for w in ("weight", "bias")}
-    # DINOv3: no key bias (the released model has none), every other projection has one
-    return {f"model.layer.{i}.attention.{p}_proj.{w}" for i in range(depth) for p, ws in
+    # DINOv3: no key bias (the released model has none), every other projection has one. The blocks
+    # are `model.layer` from transformers 5.2 on, `layer` before.
+    import transformers.models.dinov3_vit.modeling_dinov3_vit as m
+    prefix = "model.layer" if hasattr(m, "DINOv3ViTEncoder") else "layer"
+    return {f"{prefix}.{i}.attention.{p}_proj.{w}" for i in range(depth) for p, ws in
             [("q", ("weight", "bias")), ("k", ("weight",)), ("v", ("weight", "bias")), ("o", ("weight", "bias"))]
             for w in ws}
 
@@ -513,3 +516,20 @@ def test_build_student_rejects_bad_arguments_listing_the_choices():
         model.build_student("clip", N, size="tiny")
     with pytest.raises(ValueError, match="valid sizes: base, tiny"):
         model.build_student("dinov3", N, size="small")
+
+
+@pytest.mark.parametrize("kind", model.KINDS)
+def test_grad_checkpoint_gives_the_same_gradients(kind):
+    """--grad-checkpoint recomputes the blocks in backward: a memory option that must not change the maths."""
+    torch.manual_seed(0)
+    s = model.build_student(kind, N, size="tiny", concepts=[[f"class {i}"] for i in range(N)]).train()
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for flag in (False, True):
+        s.grad_checkpoint = flag
+        s.zero_grad(set_to_none=True)
+        s(x).logsumexp(1).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in s.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("attention" in n or "self_attn" in n for n in grads[0])
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4), n

@@ -71,8 +71,10 @@ def test_resume_matches_uninterrupted_run(micro_root, tmp_path):
 
 
 def test_param_groups_and_poly_lr():
-    args = train.get_args(["--size", "tiny"])
+    """The paper's groups (METHOD.md section 5): attention x0.01, head x10, queries x1 of lr 1e-4."""
+    args = train.get_args(["--dataset", "potsdam", "--size", "tiny"])
     cfg, info = train.resolve(args)
+    assert (cfg["crop"], cfg["epochs"], cfg["batch"], cfg["tau"]) == (512, 80, 1, 0.95)
     model = train.build_model(cfg, info)
     groups = {g["name"]: g for g in train.param_groups(model.students[1], cfg)}
     assert groups["dinov3.backbone.attention"]["lr"] == pytest.approx(1e-6)
@@ -83,6 +85,9 @@ def test_param_groups_and_poly_lr():
     opt = torch.optim.AdamW(list(groups.values()))
     train.set_lr([opt], 50, 100)
     assert opt.param_groups[1]["lr"] == pytest.approx(1e-3 * 0.5 ** 0.9)
+    demo, _ = train.resolve(train.get_args([]))  # the demo's own recipe (random-init students), flags still win
+    assert (demo["lr"], demo["backbone_lr_mult"], demo["head_lr_mult"], demo["size"]) == (2e-3, 0.5, 1.0, "tiny")
+    assert train.resolve(train.get_args(["--lr", "1e-4"]))[0]["lr"] == 1e-4
 
 
 @pytest.mark.parametrize("argv, message", [
