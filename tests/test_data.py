@@ -313,7 +313,7 @@ def test_demo_dataset(tmp_path):
     info = DATASETS['demo']
     s = make_splits(info, '1/16', root)
     assert (len(s.labeled), len(s.unlabeled), len(s.val)) == (16, 240, 64)
-    assert iters_per_epoch(s, info.batch) * info.epochs == 300
+    assert iters_per_epoch(s, info.batch) * info.epochs == 240  # the demo run: 2 epochs x 120 iterations
     small = [str(tmp_path / n) for n in ('a', 'b', 'c')]
     for r, seed in zip(small, (0, 0, 1)):
         prepare_demo(r, seed=seed, n_train=3, n_val=1)
