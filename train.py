@@ -73,7 +73,7 @@ def get_args(argv=None):
     a("--seed", type=int, default=0)
     # run folder
     a("--out", default=None, help="run folder (default runs/<dataset>-<ratio>-<time>)")
-    a("--resume", default=None, help="run folder to continue")
+    a("--resume", default=None, help="run folder to continue with its own config (only --iters / --stop-at may change)")
     a("--eval-every", type=int, default=1, help="epochs between evaluations")
     a("--best-by", default="fused", help="student name (or fused) whose mIoU picks best.pt")
     a("--log-every", type=int, default=10)
@@ -216,6 +216,8 @@ def main(argv=None):
     master = rank == 0
 
     if args.resume:  # the run's own config, except where the user asks to go further (--iters/--stop-at)
+        if not os.path.isfile(os.path.join(args.resume, "last.pt")):
+            sys.exit(f"--resume {args.resume!r}: no last.pt there (a run folder of train.py holds one after its first epoch)")
         state = torch.load(os.path.join(args.resume, "last.pt"), map_location="cpu", weights_only=False)
         cfg = state["cfg"]
         cfg.update(resume=args.resume, stop_at=args.stop_at, iters=args.iters or cfg["iters"])

@@ -104,6 +104,11 @@ def test_bad_flags_are_clear(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_resume_without_checkpoint_is_clear(tmp_path):
+    with pytest.raises(SystemExit, match="no last.pt"):
+        train.main(["--resume", str(tmp_path)])
+
+
 def test_bad_ratio_names_valid_forms(micro_root, tmp_path):
     with pytest.raises(ValueError, match="1/16"):
         train.main(micro_args(micro_root, tmp_path / "r", "--ratio", "one-sixteenth"))
