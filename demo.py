@@ -5,6 +5,8 @@ So that `python train.py` runs offline on a fresh machine: Potsdam's six classes
 cars on roads, clutter; noise, shadows and scale changes, and colour overlap between classes (grey
 roofs vs asphalt, green roofs vs grass), so that colour alone does not solve it. Deterministic by
 seed. Written to disk once (images/, labels/ index PNGs, val.txt) and then read like any dataset.
+Also here: the fixed class embeddings that stand in for a pretrained CLIP text tower when the demo
+CLIP student has random weights (demo_text_embeddings).
 """
 import json
 import math
@@ -134,3 +136,20 @@ def prepare_demo(root, seed=0, n_train=256, n_val=64):
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
     os.replace(tmp, root)
+
+
+def demo_text_embeddings(path, num_classes, dim, seed=0):
+    """Fixed, well-separated class embeddings for a demo CLIP student built WITHOUT pretrained weights.
+
+    E2 asks a CLIP text tower for the class embeddings. A random text tower has no language in it: it
+    maps the six prompts "a photo of a {concept}" to nearly the same vector (cosine 0.90-0.97 at tiny
+    size), which no image side can tell apart, and the CLIP student then sits at uniform predictions.
+    A pretrained tower gives distinct directions; the demo stands in for it with seeded random unit
+    rows (cosine about +-0.1), read like any precomputed file (--text-embeddings). Written once."""
+    if not os.path.isfile(path):
+        t = np.random.default_rng([seed, num_classes, dim]).standard_normal((num_classes, dim))
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f'{path}.tmp{os.getpid()}.npy'
+        np.save(tmp, (t / np.linalg.norm(t, axis=1, keepdims=True)).astype(np.float32))
+        os.replace(tmp, path)
+    return path

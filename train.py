@@ -28,11 +28,12 @@ from tqdm import tqdm
 import data
 import eval as evaluation
 from co2s import METHODS, STABILITY, train_step
-from model import DEFAULT_WEIGHTS, KINDS, Co2S, build_student, student_names
+from demo import demo_text_embeddings
+from model import DEFAULT_WEIGHTS, KINDS, SIZES, Co2S, build_student, student_names
 
 
 PAPER_RECIPE = dict(lr=1e-4, backbone_lr_mult=0.01, head_lr_mult=10.0)  # METHOD.md section 5
-DEMO_RECIPE = dict(lr=2e-3, backbone_lr_mult=0.5, head_lr_mult=1.0)     # random-init tiny students
+DEMO_RECIPE = dict(lr=5e-4, backbone_lr_mult=0.5, head_lr_mult=1.0)     # random-init tiny students
 
 
 def get_args(argv=None):
@@ -63,7 +64,7 @@ def get_args(argv=None):
     a("--mix-source", default="partner", choices=["partner", "rolled"], help="CutMix partners: a second unlabelled stream (paper) or the batch rolled by one")
     a("--fusion", default="confidence", choices=["confidence", "mean"], help="E10 fusion rule at inference")
     # optimisation (METHOD.md section 5)
-    a("--lr", type=float, default=None, help="base lr (paper 1e-4; demo 2e-3)")
+    a("--lr", type=float, default=None, help="base lr (paper 1e-4; demo 5e-4)")
     a("--weight-decay", type=float, default=0.01)
     a("--backbone-lr-mult", type=float, default=None, help="attention projections (paper 0.01; demo 0.5)")
     a("--head-lr-mult", type=float, default=None, help="decoder head (paper 10; demo 1); class queries x1")
@@ -110,6 +111,11 @@ def resolve(args):
         w = cfg[f"{kind}_weights"]
         w = w or (DEFAULT_WEIGHTS[kind] if cfg["size"] == "base" else "none")
         cfg[f"{kind}_weights"] = None if w == "none" else w
+    if (args.dataset == "demo" and "clip" in args.students and args.clip_guidance == "text"
+            and cfg["clip_weights"] is None and not cfg["text_embeddings"]):
+        # A random CLIP text tower maps every prompt to nearly the same vector; the demo stands in for
+        # a pretrained one with fixed, well-separated class embeddings (demo.demo_text_embeddings).
+        cfg["text_embeddings"] = os.path.join(cfg["data_root"], f"text_embeddings_{SIZES[cfg['size']].proj}d.npy")
     return cfg, info
 
 
@@ -233,6 +239,8 @@ def main(argv=None):
     # Data: splits (the paper's lists with --splits, else a seeded split), written into the run folder.
     if cfg["dataset"] == "demo" and not os.path.isdir(os.path.join(cfg["data_root"], "images")) and master:
         data.prepare_demo(cfg["data_root"], seed=0)
+    if cfg["dataset"] == "demo" and cfg["text_embeddings"] and master and not os.path.isfile(cfg["text_embeddings"]):
+        demo_text_embeddings(cfg["text_embeddings"], len(info.classes), SIZES[cfg["size"]].proj)
     if ddp:
         dist.barrier()
     splits_dir = os.path.join(out, "splits") if state else cfg["splits"]

@@ -4,11 +4,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 import data
 import train
+from demo import demo_text_embeddings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,8 +88,25 @@ def test_param_groups_and_poly_lr():
     train.set_lr([opt], 50, 100)
     assert opt.param_groups[1]["lr"] == pytest.approx(1e-3 * 0.5 ** 0.9)
     demo, _ = train.resolve(train.get_args([]))  # the demo's own recipe (random-init students), flags still win
-    assert (demo["lr"], demo["backbone_lr_mult"], demo["head_lr_mult"], demo["size"]) == (2e-3, 0.5, 1.0, "tiny")
+    assert (demo["lr"], demo["backbone_lr_mult"], demo["head_lr_mult"], demo["size"]) == (5e-4, 0.5, 1.0, "tiny")
     assert train.resolve(train.get_args(["--lr", "1e-4"]))[0]["lr"] == 1e-4
+
+
+def test_demo_clip_student_reads_separated_class_embeddings(micro_root, tmp_path):
+    """A random text tower gives near-identical class embeddings; the demo's random CLIP student reads
+    fixed, well-separated ones instead, and only when no real CLIP weights or queries are asked for."""
+    cfg, info = train.resolve(train.get_args(["--data-root", micro_root]))
+    assert cfg["text_embeddings"] == os.path.join(micro_root, "text_embeddings_128d.npy")
+    path = demo_text_embeddings(str(tmp_path / "t.npy"), 6, 128)
+    t = torch.from_numpy(np.load(path))
+    assert torch.allclose(t.norm(dim=1), torch.ones(6), atol=1e-5)
+    assert (t @ t.T - torch.eye(6)).abs().max() < 0.4  # distinct directions (a random tower: > 0.9)
+    assert torch.equal(torch.from_numpy(np.load(demo_text_embeddings(str(tmp_path / "u.npy"), 6, 128))), t)
+    demo_text_embeddings(cfg["text_embeddings"], 6, 128)  # as train.main does (once; later calls read it)
+    model = train.build_model(cfg, info)
+    assert torch.allclose(model.students[0].text, torch.from_numpy(np.load(cfg["text_embeddings"])))
+    for flags in (["--clip-guidance", "queries"], ["--clip-weights", "some/clip-folder"], ["--dataset", "potsdam"]):
+        assert train.resolve(train.get_args(flags))[0]["text_embeddings"] is None, flags
 
 
 @pytest.mark.parametrize("argv, message", [
