@@ -111,12 +111,18 @@ def resolve(args):
         w = cfg[f"{kind}_weights"]
         w = w or (DEFAULT_WEIGHTS[kind] if cfg["size"] == "base" else "none")
         cfg[f"{kind}_weights"] = None if w == "none" else w
-    if (args.dataset == "demo" and "clip" in args.students and args.clip_guidance == "text"
-            and cfg["clip_weights"] is None and not cfg["text_embeddings"]):
-        # A random CLIP text tower maps every prompt to nearly the same vector; the demo stands in for
-        # a pretrained one with fixed, well-separated class embeddings (demo.demo_text_embeddings).
-        cfg["text_embeddings"] = os.path.join(cfg["data_root"], f"text_embeddings_{SIZES[cfg['size']].proj}d.npy")
+    cfg["text_embeddings"] = cfg["text_embeddings"] or demo_text_file(cfg)
     return cfg, info
+
+
+def demo_text_file(cfg):
+    """Where the demo keeps the class embeddings of a random-init CLIP student with text guidance, else
+    None. A random CLIP text tower maps every prompt to nearly the same vector; the demo stands in for
+    a pretrained one with fixed, well-separated class embeddings (demo.demo_text_embeddings)."""
+    if (cfg["dataset"] == "demo" and "clip" in cfg["students"].split(",") and cfg["clip_guidance"] == "text"
+            and cfg["clip_weights"] is None):
+        return os.path.join(cfg["data_root"], f"text_embeddings_{SIZES[cfg['size']].proj}d.npy")
+    return None
 
 
 def build_model(cfg, info, pretrained=True, text=None):
@@ -239,7 +245,7 @@ def main(argv=None):
     # Data: splits (the paper's lists with --splits, else a seeded split), written into the run folder.
     if cfg["dataset"] == "demo" and not os.path.isdir(os.path.join(cfg["data_root"], "images")) and master:
         data.prepare_demo(cfg["data_root"], seed=0)
-    if cfg["dataset"] == "demo" and cfg["text_embeddings"] and master and not os.path.isfile(cfg["text_embeddings"]):
+    if master and cfg["text_embeddings"] and cfg["text_embeddings"] == demo_text_file(cfg):  # never a user's file
         demo_text_embeddings(cfg["text_embeddings"], len(info.classes), SIZES[cfg["size"]].proj)
     if ddp:
         dist.barrier()

@@ -107,6 +107,10 @@ def test_demo_clip_student_reads_separated_class_embeddings(micro_root, tmp_path
     assert torch.allclose(model.students[0].text, torch.from_numpy(np.load(cfg["text_embeddings"])))
     for flags in (["--clip-guidance", "queries"], ["--clip-weights", "some/clip-folder"], ["--dataset", "potsdam"]):
         assert train.resolve(train.get_args(flags))[0]["text_embeddings"] is None, flags
+    # a user's own (missing) file is an error, never silently replaced by the demo's stand-in
+    with pytest.raises(FileNotFoundError, match="mine.npy"):
+        train.main(micro_args(micro_root, tmp_path / "r", "--iters", "1", "--text-embeddings", str(tmp_path / "mine.npy")))
+    assert not (tmp_path / "mine.npy").exists()
 
 
 @pytest.mark.parametrize("argv, message", [
