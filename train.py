@@ -245,8 +245,9 @@ def main(argv=None):
     # Data: splits (the paper's lists with --splits, else a seeded split), written into the run folder.
     if cfg["dataset"] == "demo" and not os.path.isdir(os.path.join(cfg["data_root"], "images")) and master:
         data.prepare_demo(cfg["data_root"], seed=0)
-    if master and cfg["text_embeddings"] and cfg["text_embeddings"] == demo_text_file(cfg):  # never a user's file
-        demo_text_embeddings(cfg["text_embeddings"], len(info.classes), SIZES[cfg["size"]].proj)
+    stand_in = demo_text_file(cfg)
+    if master and stand_in and cfg["text_embeddings"] == stand_in:  # only the demo's own file, never a user's
+        demo_text_embeddings(stand_in, len(info.classes), SIZES[cfg["size"]].proj)
     if ddp:
         dist.barrier()
     splits_dir = os.path.join(out, "splits") if state else cfg["splits"]
