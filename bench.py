@@ -1,20 +1,23 @@
-"""bench.py: how fast is one Co2S step, and how close is it to what the two backbones must cost?
+"""bench.py: how fast is one Co2S step, how much arithmetic is it, and where does the time go?
 
     python bench.py --size tiny --crop 128 --batch 4              # CPU, the demo's setting
     python bench.py --size base --crop 256 --batch 1              # CPU, paper students
-    python bench.py --size base --crop 512 --batch 4 --device cuda --amp bf16 --grad-checkpoint
+    python bench.py --size base --crop 512 --batch 4 --device cuda --amp bf16 [--profile]
 
-Runs warm-up and timed Co2S steps (co2s.train_step, the same code train.py runs) on synthetic
-tensors: no dataset, no download (random-init students of the paper's shapes). Prints one JSON line
-and a short table:
-  step_s     median seconds of one full step (both students, every loss, both optimizer steps)
-  img_per_s  labelled + unlabelled images per second
-  floor_s    in the same run, the unavoidable backbone work of one step: per student, forward +
-             backward of the backbone alone (same trainable parameters) on [x_l; x_w] and
-             [x_s1; x_s2], plus a no-grad forward on the CutMix partners ('partner' mix source)
-  ratio      step_s / floor_s: what heads, losses, data movement and bookkeeping add
+Runs warm-up and timed steps of exactly what train.py does per optimizer step (co2s.iteration under
+autocast, backward, one AdamW step per student) on synthetic tensors: no dataset, no download
+(random-init students of the paper's shapes). Prints one JSON line and a short table:
+  step_s       median seconds of one full step (both students, every loss, both optimizer steps)
+  img_per_s    labelled + unlabelled images per second
+  tflop        arithmetic of one step (forward + backward), counted by torch's FlopCounterMode
+  tflop_s      tflop / step_s: the throughput achieved
+  floor_s      in the same run, the unavoidable backbone work of one step: per student, forward +
+               backward of the backbone alone (same trainable parameters) on [x_l; x_w] and
+               [x_s1; x_s2], plus a no-grad forward on the CutMix partners ('partner' mix source)
+  ratio        step_s / floor_s: what heads, losses, data movement and bookkeeping add
   peak_mem_mb  CUDA max allocated, else the process's peak RSS
 With --eval: sliding-window inference images/s (all students + fusion) on crop-sized images.
+With --profile: the top operators of one step by device time (CPU time on a CPU).
 """
 import argparse
 import json
@@ -25,11 +28,13 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
-from co2s import train_step
-from model import Co2S, build_student, student_names
-from train import param_groups, precision
+import co2s
+from eval import amp_dtype, autocast, predict
+from model import build_model
+from text import stand_in_embeddings
+from train import PAPER_RECIPE, param_groups
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--size", default="tiny", choices=["tiny", "base"])
@@ -39,32 +44,30 @@ p.add_argument("--classes", type=int, default=6)
 p.add_argument("--students", default="clip,dinov3")
 p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
-p.add_argument("--mix-source", default="partner", choices=["partner", "rolled"])
+p.add_argument("--mix-source", default="partner", choices=["partner", "rolled"], help="'same' costs what 'partner' does")
 p.add_argument("--grad-checkpoint", action="store_true")
 p.add_argument("--warmup", type=int, default=2)
 p.add_argument("--steps", type=int, default=5)
 p.add_argument("--eval", action="store_true", help="also time sliding-window inference")
+p.add_argument("--profile", action="store_true", help="print the top operators of one step")
 args = p.parse_args()
 device = torch.device(args.device)
 if device.type == "cuda" and not torch.cuda.is_available():
     sys.exit("--device cuda: no CUDA device is visible")
 torch.manual_seed(0)
-cfg = dict(lr=1e-4, weight_decay=0.01, backbone_lr_mult=0.01, head_lr_mult=10.0, amp=args.amp)
 
-# Random-init students of the requested size; the CLIP text embeddings are random unit rows.
-kinds = args.students.split(",")
+# Random-init students of the requested size; the CLIP class embeddings are the stand-in unit rows.
+kinds, N = args.students.split(","), args.classes
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    students = [build_student(k, args.classes, size=args.size, name=n,
-                              text=F.normalize(torch.randn(args.classes, 512 if args.size == "base" else 128), dim=-1) if k == "clip" else None)
-                for k, n in zip(kinds, student_names(kinds))]
-model = Co2S(students).to(device).train()
-for s in students:
-    s.grad_checkpoint = args.grad_checkpoint
-optimizers = [torch.optim.AdamW(param_groups(s, cfg), lr=cfg["lr"]) for s in students]
-autocast, scaler = precision(cfg, device)
+    model = build_model(kinds, N, size=args.size, grad_checkpoint=args.grad_checkpoint,
+                        text=stand_in_embeddings(N, 512 if args.size == "base" else 128)).to(device).train()
+students = list(model.students)
+optimizers = [torch.optim.AdamW(param_groups(s, weight_decay=0.01, **PAPER_RECIPE)) for s in students]
+amp = autocast(device, args.amp)
+scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, args.amp) == torch.float16)
 
-B, C, N = args.batch, args.crop, args.classes
+B, C = args.batch, args.crop
 
 
 def unlabelled():
@@ -79,29 +82,38 @@ batch_l = dict(img=torch.randn(B, 3, C, C, device=device), label=torch.randint(0
 batch_u, batch_mix = unlabelled(), unlabelled() if args.mix_source == "partner" else None
 
 
+def sync():
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn, n):
     times = []
     for _ in range(n):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
 def step():
-    logs = train_step(students, optimizers, batch_l, batch_u, batch_mix, step=1000, total_steps=1000,
-                      autocast=autocast, scaler=scaler, tau=0.0)  # tau 0: every mask is full, the worst case
-    return logs["finite"].item()
+    """train.py's optimizer step. tau 0: every pseudo-label and stability mask is full, the worst case."""
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    with amp:
+        losses, _ = co2s.iteration(students, batch_l, batch_u, batch_mix, step=1000, total_steps=1000, tau=0.0)
+    scaler.scale(sum(losses)).backward()
+    for opt in optimizers:
+        scaler.step(opt)
+    scaler.update()
 
 
 def floor():
     """The backbone work a step cannot avoid (features() = the backbone alone, blocks up to the last tap)."""
     for s in students:
-        with autocast():
+        with amp:
             for x in (torch.cat([batch_l["img"], batch_u["img_w"]]), torch.cat([batch_u["img_s1"], batch_u["img_s2"]])):
                 sum(f.float().mean() for f in s.features(x)).backward()
             if batch_mix is not None:
@@ -117,19 +129,30 @@ timed(step, args.warmup)
 step_s = timed(step, args.steps)
 timed(floor, 1)
 floor_s = timed(floor, args.steps)
-res = dict(size=args.size, crop=C, batch=f"{B}+{B}", device=device.type,
-           amp="fp32" if autocast is not None and device.type == "cpu" or args.amp == "off" else args.amp,
-           mix_source=args.mix_source, grad_checkpoint=args.grad_checkpoint, threads=torch.get_num_threads(),
-           step_s=round(step_s, 4), img_per_s=round(2 * B / step_s, 2), floor_s=round(floor_s, 4),
-           ratio=round(step_s / floor_s, 3))
+counter = FlopCounterMode(display=False)
+with counter:
+    step()
+tflop = counter.get_total_flops() / 1e12
+res = dict(size=args.size, crop=C, batch=f"{B}+{B}", device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+           amp=str(amp_dtype(device, args.amp) or "fp32").replace("torch.", ""), mix_source=args.mix_source,
+           grad_checkpoint=args.grad_checkpoint, threads=torch.get_num_threads(), torch=torch.__version__,
+           step_s=round(step_s, 4), img_per_s=round(2 * B / step_s, 2), tflop=round(tflop, 3),
+           tflop_s=round(tflop / step_s, 2), floor_s=round(floor_s, 4), ratio=round(step_s / floor_s, 3))
 if args.eval:
-    from eval import predict
     model.eval()
     imgs = torch.randn(1, 3, C, C, device=device)
-    with autocast():
+    with amp:
         res["eval_img_per_s"] = round(1 / timed(lambda: predict(model, imgs, C), args.steps), 2)
+    model.train()
 res["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 print(json.dumps(res))
 for k, v in res.items():
     print(f"  {k:<15} {v}")
+if args.profile:
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        sync()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60))

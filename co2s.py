@@ -2,8 +2,9 @@
 
 Reads top to bottom like the paper: partner pseudo-labels -> CutMix -> joint [labelled; weak] forward
 with FP -> [strong1; strong2] forward -> pseudo-labels -> E5-E7 per student -> E8 between students
-with the E9 ramp -> one optimizer step per student. Every student goes through the SAME lines (a
-loop), so a change to the method is made in one place.
+with the E9 ramp. Every student goes through the SAME lines (a loop), so a change to the method is
+made in one place. It returns each student's loss; the backward pass and the optimizer steps
+(METHOD.md section 4, step 8: each student its own AdamW) are train.py's, as in nanoGPT.
 
 Switches (keyword arguments, paper defaults; train.py exposes each as a flag):
   method       'co2s' (E5-E8) | 'unimatch' (each student alone, E5-E7) | 'supervised' (E5 only)
@@ -14,10 +15,8 @@ Switches (keyword arguments, paper defaults; train.py exposes each as a flag):
   strong_views 2 (paper) or 1
   batch_mix    a second unlabelled batch of CutMix partners (paper), or None: the same batch rolled
                by one ('rolled'), which reuses the weak predictions and saves a no-grad forward
-Left out on purpose: the learning-rate schedule and logging cadence (train.py), data (data.py).
+Left out on purpose: backward, optimizers, mixed precision and DDP (train.py), data (data.py).
 """
-from contextlib import nullcontext
-
 import torch
 
 from losses import IGNORE, pseudo_label_loss, stability_loss, stability_weight, supervised_loss
@@ -48,10 +47,11 @@ def pseudo_label_quality(conf, label, gt, valid, tau):
     return acc, coverage
 
 
-def train_step(students, optimizers, batch_l, batch_u=None, batch_mix=None, *, step, total_steps,
-               method="co2s", stability="grad", tau=0.95, fp=True, strong_views=2,
-               autocast=nullcontext, scaler=None, fusion="confidence", log=False, sync_grads=None):
-    """One Co2S iteration. Returns a flat dict of 0-d tensors (no host sync here): '<student>/<term>'."""
+def iteration(students, batch_l, batch_u=None, batch_mix=None, *, step, total_steps, method="co2s",
+              stability="grad", tau=0.95, fp=True, strong_views=2, fusion="confidence", log=False):
+    """One Co2S iteration: (losses, logs). losses[k] is student k's loss L_k (E7 + lambda E8), a 0-d tensor
+    with its graph; logs is a flat dict of detached 0-d tensors '<student>/<term>' (no host sync here).
+    Run it under the caller's autocast: every mask statistic is computed in fp32 anyway (losses.py)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     if stability not in STABILITY:
@@ -64,11 +64,10 @@ def train_step(students, optimizers, batch_l, batch_u=None, batch_mix=None, *, s
 
     if method == "supervised":  # E5 only: no unlabelled image is even loaded onto the device
         for s in students:
-            with autocast():
-                loss = supervised_loss(s(x_l), y_l)
+            loss = supervised_loss(s(x_l), y_l)
             losses.append(loss)
             logs[f"{s.name}/sup"] = logs[f"{s.name}/loss"] = loss.detach()
-        return _backward_and_step(losses, optimizers, scaler, logs, sync_grads)
+        return losses, logs
 
     x_w, ignore, gt = batch_u["img_w"], batch_u["ignore"], batch_u["label"]
     valid = ~ignore                                                        # (B, H, W) non-padding pixels
@@ -78,7 +77,7 @@ def train_step(students, optimizers, batch_l, batch_u=None, batch_mix=None, *, s
     # 1. Partner pseudo-labels p'_k (no grad, eval mode); with 'rolled' they come from step 3 below.
     partner = [None] * len(students)
     if batch_mix is not None:
-        with torch.no_grad(), autocast():
+        with torch.no_grad():
             for k, s in enumerate(students):
                 s.eval()
                 partner[k] = confidence(s(batch_mix["img_w"]))[1:]        # (conf, label), (B, H, W) each
@@ -89,14 +88,13 @@ def train_step(students, optimizers, batch_l, batch_u=None, batch_mix=None, *, s
 
     weak, terms = [], []
     for k, s in enumerate(students):
-        with autocast():
-            # 3. Joint forward [x_l; x_w] with FP on the weak part only (one backbone pass), then the strong views.
-            if fp:
-                z, z_fp = s(torch.cat([x_l, x_w]), fp=True, fp_from=n_l)
-            else:
-                z, z_fp = s(torch.cat([x_l, x_w])), None
-            z_l, z_w = z[:n_l], z[n_l:]
-            z_s = s(x_s).chunk(strong_views)
+        # 3. Joint forward [x_l; x_w] with FP on the weak part only (one backbone pass), then the strong views.
+        if fp:
+            z, z_fp = s(torch.cat([x_l, x_w]), fp=True, fp_from=n_l)
+        else:
+            z, z_fp = s(torch.cat([x_l, x_w])), None
+        z_l, z_w = z[:n_l], z[n_l:]
+        z_s = s(x_s).chunk(strong_views)
         # 4. Pseudo-labels from the student's own detached weak logits; inside box j, the partner's.
         _, conf_w, label_w = confidence(z_w)
         conf_p, label_p = partner[k] if partner[k] is not None else (conf_w.roll(1, 0), label_w.roll(1, 0))
@@ -135,26 +133,4 @@ def train_step(students, optimizers, batch_l, batch_u=None, batch_mix=None, *, s
     if log and len(students) == 2:  # E10 fused pseudo-labels: the map the fusion head would give
         conf_f, label_f = fuse([z.detach().float().softmax(1) for z in weak], fusion).max(1)
         logs["fused/pl_acc"], logs["fused/pl_cov"] = pseudo_label_quality(conf_f, label_f, gt, valid, tau)
-    return _backward_and_step(losses, optimizers, scaler, logs, sync_grads)
-
-
-def _backward_and_step(losses, optimizers, scaler, logs, sync_grads=None):
-    """8. Each student steps its own optimizer on its own loss.
-
-    The students' graphs are disjoint (E8 targets are detached), so one backward of the sum gives
-    every student exactly the gradient of its own loss."""
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-    total = sum(losses)
-    (scaler.scale(total) if scaler is not None else total).backward()
-    if sync_grads is not None:  # DDP: average gradients over ranks (train.py)
-        sync_grads()
-    for opt in optimizers:
-        if scaler is not None:
-            scaler.step(opt)
-        else:
-            opt.step()
-    if scaler is not None:
-        scaler.update()
-    logs["finite"] = torch.isfinite(total.detach())
-    return logs
+    return losses, logs

@@ -4,9 +4,8 @@ So that `python train.py` runs offline on a fresh machine: Potsdam's six classes
 128 px, roofs of several colours and shapes, roads and pavement, grass, textured trees with shadows,
 cars on roads, clutter; noise, shadows and scale changes, and colour overlap between classes (grey
 roofs vs asphalt, green roofs vs grass), so that colour alone does not solve it. Deterministic by
-seed. Written to disk once (images/, labels/ index PNGs, val.txt) and then read like any dataset.
-Also here: the fixed class embeddings that stand in for a pretrained CLIP text tower when the demo
-CLIP student has random weights (demo_text_embeddings).
+seed. Written to disk once (images/, labels/ index PNGs, val.txt) and then read like any dataset;
+its recipe (crop, epochs, batch, tiny students) is its entry in catalog.py.
 """
 import json
 import math
@@ -15,6 +14,8 @@ import shutil
 
 import numpy as np
 from PIL import Image
+
+from errors import UserError
 
 
 DEMO_VERSION = 1
@@ -120,7 +121,7 @@ def prepare_demo(root, seed=0, n_train=256, n_val=64):
             if json.load(f) == marker:
                 return
     elif os.path.isdir(root) and os.listdir(root):
-        raise ValueError(f'{root} exists and is not a demo folder (no demo.json); refusing to overwrite it')
+        raise UserError(f'{root} exists and is not a demo folder (no demo.json); refusing to overwrite it')
     tmp = f'{root}.tmp{os.getpid()}'  # write aside, then move into place: no half-written demo folder
     os.makedirs(os.path.join(tmp, 'images'), exist_ok=True)
     os.makedirs(os.path.join(tmp, 'labels'), exist_ok=True)
@@ -137,19 +138,3 @@ def prepare_demo(root, seed=0, n_train=256, n_val=64):
     os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
     os.replace(tmp, root)
 
-
-def demo_text_embeddings(path, num_classes, dim, seed=0):
-    """Fixed, well-separated class embeddings for a demo CLIP student built WITHOUT pretrained weights.
-
-    E2 asks a CLIP text tower for the class embeddings. A random text tower has no language in it: it
-    maps the six prompts "a photo of a {concept}" to nearly the same vector (cosine 0.90-0.97 at tiny
-    size), which no image side can tell apart, and the CLIP student then sits at uniform predictions.
-    A pretrained tower gives distinct directions; the demo stands in for it with seeded random unit
-    rows (cosine about +-0.1), read like any precomputed file (--text-embeddings). Written once."""
-    if not os.path.isfile(path):
-        t = np.random.default_rng([seed, num_classes, dim]).standard_normal((num_classes, dim))
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f'{path}.tmp{os.getpid()}.npy'
-        np.save(tmp, (t / np.linalg.norm(t, axis=1, keepdims=True)).astype(np.float32))
-        os.replace(tmp, path)
-    return path

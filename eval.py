@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -24,8 +25,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import data
+from catalog import dataset_info
+from errors import UserError, cli
 from losses import IGNORE
-from model import fuse
+from model import build_model, fuse
 
 
 # --------------------------------------------------------------------------------------------
@@ -46,8 +50,7 @@ def _pad16(x):
     ph, pw = -x.shape[-2] % 16, -x.shape[-1] % 16
     if ph == 0 and pw == 0:
         return x
-    from data import IMAGENET_MEAN, IMAGENET_STD
-    black = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], device=x.device, dtype=x.dtype)
+    black = torch.tensor([-m / s for m, s in zip(data.IMAGENET_MEAN, data.IMAGENET_STD)], device=x.device, dtype=x.dtype)
     black = black.view(1, 3, 1, 1)
     return F.pad(x - black, (0, pw, 0, ph)) + black
 
@@ -75,9 +78,20 @@ def sliding_window(student, img, crop, stride=None, num_classes=None):
     return logits / count                                 # every pixel is in >= 1 window
 
 
-def _context(amp):
-    """amp: a context manager (torch.autocast(...)) or a factory of one (nullcontext, train.py's lambda)."""
-    return amp if hasattr(amp, "__enter__") and not isinstance(amp, type) else amp()
+def amp_dtype(device, amp="auto"):
+    """The one mixed-precision policy (train, eval, bench): on CUDA bf16 ('auto'; fp16 where the GPU has
+    no bf16, or asked for); fp32 on the CPU (bf16 there is many times slower) and with amp 'off'."""
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device, amp="auto"):
+    """torch.autocast for amp_dtype(device, amp): disabled (a no-op) where that is fp32."""
+    dtype = amp_dtype(device, amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def check_names(model, names):
@@ -156,14 +170,14 @@ def format_table(cms, class_names):
     return "\n".join(lines)
 
 
-def evaluate(model, loader, crop, num_classes, names=None, device="cpu", amp=nullcontext, progress=True, stride=None):
+def evaluate(model, loader, crop, num_classes, names=None, device="cpu", amp=None, progress=True, stride=None):
     """Confusion matrix per prediction name over the whole loader (batches of {'img', 'label'}).
 
-    amp: autocast context or factory (see _context); the window logits are averaged in fp32 anyway.
+    amp: an autocast context (see autocast()) or None; the window logits are averaged in fp32 anyway.
     Restores the model's train/eval mode."""
     names = check_names(model, names)
     cms = {n: ConfusionMatrix(num_classes, device) for n in names}
-    ctx = _context(amp)
+    ctx = amp or nullcontext()
     was_training = model.training
     model.eval()
     # no_grad rather than inference_mode: cm.mat must stay a normal tensor that train.py can all_reduce in place.
@@ -183,29 +197,27 @@ def evaluate(model, loader, crop, num_classes, names=None, device="cpu", amp=nul
 
 
 def list_images(folder):
-    from data import IMAGE_EXTS
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--predict folder {folder!r} does not exist")
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
+        raise UserError(f"--predict folder {folder!r} does not exist")
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(data.IMAGE_EXTS))
     if not files:
-        raise ValueError(f"no images in {folder!r}; accepted extensions: {' '.join(IMAGE_EXTS)}")
+        raise UserError(f"no images in {folder!r}; accepted extensions: {' '.join(data.IMAGE_EXTS)}")
     return [os.path.join(folder, f) for f in files]
 
 
-def predict_folder(model, info, folder, out_dir, crop, device="cpu", stride=None, name="fused", amp=nullcontext):
+def predict_folder(model, info, folder, out_dir, crop, device="cpu", stride=None, name="fused", amp=None):
     """For every image of `folder`: <stem>_mask.png (palette PNG, input size) and <stem>_overlay.png
     (the image | the image blended with the colour mask). Returns the written paths."""
-    from data import colorize, load_image, normalize
     paths, name = list_images(folder), check_names(model, [name])[0]
     os.makedirs(out_dir, exist_ok=True)
-    ctx = _context(amp)
+    ctx = amp or nullcontext()
     model.eval()
     written = []
     for path in tqdm(paths, desc="predict", dynamic_ncols=True):
-        image = load_image(path)                                          # RGB, any size
+        image = data.load_image(path)                                     # RGB, any size
         with ctx:
-            probs = predict(model, normalize(image)[None].to(device), crop, stride, [name])[name]
-        mask = colorize(probs[0].argmax(0).byte().cpu().numpy(), info.palette)   # 'P', (H, W)
+            probs = predict(model, data.normalize(image)[None].to(device), crop, stride, [name])[name]
+        mask = data.colorize(probs[0].argmax(0).byte().cpu().numpy(), info.palette)   # 'P', (H, W)
         overlay = Image.new("RGB", (2 * image.width, image.height))
         overlay.paste(image, (0, 0))
         overlay.paste(Image.blend(image, mask.convert("RGB"), 0.5), (image.width, 0))
@@ -227,11 +239,42 @@ def resolve_checkpoint(path, ckpt=None):
         for f in wanted:
             if os.path.isfile(os.path.join(path, f)):
                 return os.path.join(path, f)
-        raise ValueError(f"run folder {path!r} holds no {' or '.join(wanted)}; expected a folder written by "
-                         f"train.py or a .pt checkpoint file")
+        raise UserError(f"run folder {path!r} holds no {' or '.join(wanted)}; expected a folder written by "
+                        f"train.py or a .pt checkpoint file")
     if os.path.isfile(path) and path.endswith(".pt"):
         return path
-    raise ValueError(f"{path!r} is neither a run folder (with best.pt / last.pt) nor a .pt checkpoint file")
+    raise UserError(f"{path!r} is neither a run folder (with best.pt / last.pt) nor a .pt checkpoint file")
+
+
+def read_checkpoint(path):
+    """torch.load of one of our checkpoints (train.py's dict), with a clear error for anything else."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, not a torch file, ...
+        raise UserError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or not {"cfg", "model", "model_args"} <= set(state):
+        raise UserError(f"{path!r} is not a checkpoint of train.py (no cfg / model / model_args)")
+    return state
+
+
+def model_from_checkpoint(state):
+    """The Co2S model of a checkpoint: built from its model_args (random backbones, no download), then
+    every tensor (frozen backbone weights, CLIP text embeddings included) read from its state dict."""
+    args, sd = state["model_args"], state["model"]
+    text = next((v for k, v in sd.items() if k.endswith(".text")), None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "random backbone weights": they are overwritten just below
+        model = build_model(**args, text=text)
+    model.load_state_dict(sd)
+    return model
+
+
+def load_run(path, device="cpu", data_root=None):
+    """(model in eval mode, dataset info, cfg) of a checkpoint file or run folder (best.pt, else last.pt)."""
+    state = read_checkpoint(path)
+    cfg = state["cfg"]
+    info = dataset_info(cfg["dataset"], data_root or cfg["data_root"])
+    return model_from_checkpoint(state).to(device).eval(), info, cfg
 
 
 def main(argv=None):
@@ -255,33 +298,30 @@ def main(argv=None):
         ckpt = resolve_checkpoint(args.path, args.ckpt)
         if args.predict:
             list_images(args.predict)
-    except (ValueError, FileNotFoundError) as e:
+    except UserError as e:
         p.error(str(e))
 
-    from train import load_run
-    model, info, cfg = load_run(ckpt, device=args.device)
+    device = torch.device(args.device)
+    model, info, cfg = load_run(ckpt, device=device, data_root=args.data_root)
     valid = [s.name for s in model.students] + ["fused", "all"]
     if args.student not in valid:
         p.error(f"--student {args.student!r} is not in this run; valid: {', '.join(valid)}")
-    crop = args.crop or cfg.get("crop") or info.crop
-    amp = nullcontext
-    if args.device.startswith("cuda") and not args.fp32:
-        amp = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    crop = args.crop or cfg["crop"]
+    amp = autocast(device, "off" if args.fp32 else "auto")
 
     if args.predict:
         name = "fused" if args.student == "all" else args.student
-        files = predict_folder(model, info, args.predict, args.out, crop, args.device, args.stride, name, amp)
+        files = predict_folder(model, info, args.predict, args.out, crop, device, args.stride, name, amp)
         print(f"wrote {len(files)} files ({name} prediction) to {args.out}")
         return files
 
-    import data
     # The run's own split lists when train.py wrote them (<run>/splits), else the config's source.
     run_splits = os.path.join(os.path.dirname(ckpt), "splits")
-    splits = data.make_splits(info, cfg["ratio"], args.data_root or cfg.get("data_root"),
-                              run_splits if os.path.isdir(run_splits) else cfg.get("splits"), seed=cfg.get("seed", 0))
+    splits = data.make_splits(info, cfg["ratio"], args.data_root or cfg["data_root"],
+                              run_splits if os.path.isdir(run_splits) else cfg["splits"], seed=cfg["seed"])
     loader = data.val_loader(info, dataclasses.replace(splits, val=getattr(splits, args.split)), workers=args.workers)
     names = None if args.student == "all" else [args.student]
-    cms = evaluate(model, loader, crop, len(info.classes), names, args.device, amp, stride=args.stride)
+    cms = evaluate(model, loader, crop, len(info.classes), names, device, amp, stride=args.stride)
     print(f"{ckpt}: {args.split} split, {len(loader)} images, crop {crop}, fusion {model.fusion}\n"
           f"{format_table(cms, info.classes)}")
     stem = os.path.splitext(os.path.basename(ckpt))[0]
@@ -295,4 +335,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

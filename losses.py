@@ -9,7 +9,6 @@ autocast the caller runs under. No function here syncs with the host.
 """
 import math
 
-import torch
 import torch.nn.functional as F
 
 IGNORE = 255

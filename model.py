@@ -1,8 +1,8 @@
 """model.py: the two Co2S students (CLIP and DINOv3 ViT-B/16), their decoder head and the fusion head.
 
 A student = a transformers ViT backbone + class embeddings T + the decoder head of METHOD.md
-section 3. Implements E1 (CLIP value path), E2 (text embeddings), E3 (similarity maps), E4 (feature
-perturbation) and E10 (fusion of the two students at inference). Both students share ONE class
+section 3. Implements E1 (CLIP value path), E3 (similarity maps), E4 (feature perturbation) and E10
+(fusion of the two students at inference); the class embeddings of E2 come from text.py. Both students share ONE class
 (`Student`) and ONE head; the only per-kind code is how the three pyramid maps are tapped from the
 backbone (`_clip_features`, `_dinov3_features`).
 
@@ -10,21 +10,20 @@ Deliberately left out: any ViT code of our own (the backbones are the transforme
 block by block so we can tap them), registries, and weight re-initialisation after loading (the
 released code wiped the DINOv3 weights that way; METHOD.md section 7.3).
 """
-import hashlib
 import json
 import os
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from errors import UserError
+
 KINDS = ("clip", "dinov3")
 DEFAULT_WEIGHTS = {"clip": "openai/clip-vit-base-patch16", "dinov3": "facebook/dinov3-vitb16-pretrain-lvd1689m"}
-PROMPT = "a photo of a {}"
 
 
 @dataclass
@@ -34,17 +33,12 @@ class ViTSize:
     heads: int = 12
     mlp: int = 3072
     proj: int = 512         # CLIP joint image-text space (the dense embedding and text embeddings)
-    text_width: int = 512   # CLIP text tower
-    text_depth: int = 12
-    text_heads: int = 8
-    vocab: int = 49408      # CLIP BPE vocabulary
 
 
 # "tiny" is the same code with smaller numbers: a CPU preset for tests and the demo.
 SIZES = {
     "base": ViTSize(),
-    "tiny": ViTSize(width=192, depth=4, heads=3, mlp=768, proj=128, text_width=128, text_depth=2,
-                    text_heads=2, vocab=514),
+    "tiny": ViTSize(width=192, depth=4, heads=3, mlp=768, proj=128),
 }
 # Tapped blocks (0-based) at ViT-B depth 12; other depths scale the index by (depth-1)/11.
 TAPS = {"clip": (0, 4, 11), "dinov3": (2, 7, 11)}
@@ -56,7 +50,7 @@ def tapped_blocks(kind, depth):
 
 def _size(size):
     if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; valid sizes: {', '.join(SIZES)}")
+        raise UserError(f"unknown size {size!r}; valid sizes: {', '.join(SIZES)}")
     return SIZES[size]
 
 
@@ -92,14 +86,15 @@ def load_pretrained(cls, kind, weights, what="backbone", **overrides):
     if local:
         cfg_path = os.path.join(weights, "config.json")
         if not os.path.isfile(cfg_path):
-            raise ValueError(f"{weights!r} is not a transformers checkpoint folder (no config.json); "
+            raise UserError(f"{weights!r} is not a transformers checkpoint folder (no config.json); "
                              f"pass a folder written by save_pretrained or `hf download` to {flag}")
-        model_type = json.load(open(cfg_path)).get("model_type")
+        with open(cfg_path) as f:
+            model_type = json.load(f).get("model_type")
         if model_type not in _model_types(kind):
-            raise ValueError(f"{weights!r} holds a {model_type!r} checkpoint, not a {kind} one "
+            raise UserError(f"{weights!r} holds a {model_type!r} checkpoint, not a {kind} one "
                              f"(expected model_type in {_model_types(kind)}); check {flag}")
     elif weights.startswith((".", "/", "~")) or weights.count("/") > 1:
-        raise FileNotFoundError(f"{flag}: local folder {weights!r} does not exist")
+        raise UserError(f"{flag}: local folder {weights!r} does not exist")
     try:
         model, info = cls.from_pretrained(weights, output_loading_info=True, **overrides)
     except (OSError, ValueError, RuntimeError) as e:
@@ -107,12 +102,12 @@ def load_pretrained(cls, kind, weights, what="backbone", **overrides):
         gated = any(w in str(e).lower() for w in ("gated", "401", "403", "access to model"))
         hint = (" This repository is gated: accept Meta's DINOv3 licence on its hub page, run `hf auth "
                 "login`, or download it elsewhere and pass the folder." if gated else "")
-        raise RuntimeError(
+        raise UserError(
             f"could not load the {kind} {what} from {weights!r} ({type(e).__name__}: {reason}).{hint} "
             f"Without network access, download it once (`hf download {DEFAULT_WEIGHTS[kind]} --local-dir DIR`) "
             f"and pass {flag} DIR, or set HF_HUB_OFFLINE=1 with a filled hub cache.") from e
     if info["missing_keys"] or info["mismatched_keys"]:
-        raise RuntimeError(f"{weights!r} is not a complete {kind} {what}: missing "
+        raise UserError(f"{weights!r} is not a complete {kind} {what}: missing "
                            f"{sorted(info['missing_keys'])[:5]} mismatched {info['mismatched_keys'][:5]}")
     return model
 
@@ -130,7 +125,7 @@ def build_backbone(kind, size="base", weights=None):
         overrides.update(drop_path_rate=0.0, pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None)
     model = load_pretrained(cls, kind, weights, **overrides)
     if model.config.hidden_size != _size(size).width:
-        raise ValueError(f"{weights!r} has width {model.config.hidden_size}, but --size {size} expects "
+        raise UserError(f"{weights!r} has width {model.config.hidden_size}, but --size {size} expects "
                          f"{_size(size).width}; pick the matching --size or checkpoint")
     return model
 
@@ -154,99 +149,6 @@ def freeze_all_but_attention(backbone):
     for block in blocks(backbone):
         for proj in attention_projections(block):
             proj.requires_grad_(True)
-
-
-# --------------------------------------------------------------------------------------------
-# E2: CLIP text embeddings of the class concepts
-
-
-def tiny_clip_tokenizer():
-    """A byte-level CLIP tokenizer with no merges (every byte is a token), built in code.
-
-    The real CLIP vocabulary cannot be downloaded offline; this keeps the same text path (prompt ->
-    CLIPTokenizer -> text tower) runnable for random-init towers at any size."""
-    from transformers import CLIPTokenizer
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(161, 173)) + list(range(174, 256))
-    cs = bs[:] + [256 + n for n in range(256) if n not in bs]
-    bs = bs + [n for n in range(256) if n not in bs]
-    chars = [chr(c) for _, c in sorted(zip(bs, cs))]  # GPT-2 byte -> printable unicode map
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-    vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
-    return CLIPTokenizer(vocab=vocab, merges=[])
-
-
-def random_text_tower(size, seed=0):
-    """A random CLIP text tower of this size and its tokenizer (tests, demo): deterministic by seed."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-    s = _size(size)
-    cfg = CLIPTextConfig(hidden_size=s.text_width, num_hidden_layers=s.text_depth, num_attention_heads=s.text_heads,
-                         intermediate_size=4 * s.text_width, vocab_size=514, projection_dim=s.proj,
-                         bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_act="quick_gelu")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return CLIPTextModelWithProjection(cfg), tiny_clip_tokenizer()
-
-
-def average_concepts(concept_embeds, counts):
-    """E2: normalise each concept embedding, average per class, normalise again. (sum(counts), D) -> (N, D)."""
-    e = F.normalize(concept_embeds.float(), dim=-1)
-    return F.normalize(torch.stack([c.mean(0) for c in e.split(list(counts))]), dim=-1)
-
-
-@torch.no_grad()
-def encode_concepts(concepts, text_model, tokenizer):
-    """E2: prompt "a photo of a {concept}" for every concept of every class -> (N, D) unit rows."""
-    prompts = [PROMPT.format(c) for cls_concepts in concepts for c in cls_concepts]
-    tokens = tokenizer(prompts, padding=True, return_tensors="pt")
-    if tokens["input_ids"].shape[1] <= 2:
-        raise RuntimeError("the CLIP tokenizer produced empty prompts (an empty tokenizer?): check the CLIP weights folder")
-    text_model.eval()
-    embeds = text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).text_embeds
-    return average_concepts(embeds, [len(c) for c in concepts])
-
-
-def text_embeddings(concepts, weights=None, size="base", cache_dir=None):
-    """E2 class embeddings for the CLIP student, computed once and cached on disk.
-
-    concepts: per class a list of concepts, class name first. weights: CLIP checkpoint (hub id or
-    folder) whose text tower to use; None = a random tower of `size` (not cached)."""
-    if weights is None:
-        text_model, tokenizer = random_text_tower(size)
-        return encode_concepts(concepts, text_model, tokenizer)
-    cache_dir = cache_dir or os.environ.get("CO2S_CACHE", os.path.expanduser("~/.cache/co2s"))
-    weights = os.path.expanduser(weights)
-    # key: checkpoint (a folder by path and the size/time of its files, so replaced weights are not reused)
-    ckpt = weights if not os.path.isdir(weights) else [os.path.abspath(weights)] + sorted(
-        (f, os.path.getsize(os.path.join(weights, f)), os.path.getmtime(os.path.join(weights, f))) for f in os.listdir(weights))
-    key_src = json.dumps([ckpt, PROMPT, concepts])
-    path = os.path.join(cache_dir, "text", hashlib.sha1(key_src.encode()).hexdigest()[:16] + ".pt")
-    if os.path.isfile(path):
-        return torch.load(path)
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-    text_model = load_pretrained(CLIPTextModelWithProjection, "clip", weights, what="text tower")
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(weights)
-    except OSError as e:
-        raise RuntimeError(f"no CLIP tokenizer in {weights!r} ({e}); the folder needs vocab.json/merges.txt "
-                           "or tokenizer.json next to the weights") from e
-    if len(tokenizer) < 1000:
-        raise RuntimeError(f"the CLIP tokenizer of {weights!r} has only {len(tokenizer)} tokens: not the real vocabulary")
-    embeds = encode_concepts(concepts, text_model, tokenizer)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(embeds, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    return embeds
-
-
-def load_text_embeddings(path, num_classes, dim):
-    """A precomputed [N, D] .npy / .pt file (e.g. the authors' `*_conceptavg*_single.npy`), unit rows."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"text embeddings file {path!r} does not exist")
-    t = torch.from_numpy(np.load(path)) if path.endswith(".npy") else torch.load(path)
-    if t.shape != (num_classes, dim):
-        raise ValueError(f"{path!r} has shape {tuple(t.shape)}, expected ({num_classes}, {dim}): one row per class")
-    return F.normalize(t.float(), dim=-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,31 +315,38 @@ class Student(nn.Module):
         return (logits[: len(x)], logits[len(x):]) if fp else logits
 
 
-def build_student(kind, num_classes, *, size="base", weights=None, guidance=None, concepts=None,
-                  text_embeddings_file=None, text_weights=None, text=None, name=None):
+def build_student(kind, num_classes, *, size="base", weights=None, guidance=None, text=None, name=None):
     """One Co2S student. kind: 'clip' | 'dinov3'. guidance: 'text' (CLIP default) | 'queries'.
 
-    weights: hub id or local folder of the backbone (None = random init). concepts: per class a list
-    of concepts, class name first (E2); text_embeddings_file: a precomputed [N, D] file instead;
-    text_weights: the CLIP checkpoint whose text tower encodes the concepts (default: weights);
-    text: the (N, D) class embeddings themselves (e.g. from a checkpoint)."""
+    weights: hub id or local folder of the backbone (None = random init). text: the (N, D) class
+    embeddings of text guidance (text.class_embeddings gives them from concepts, a file or a stand-in)."""
     if kind not in KINDS:
-        raise ValueError(f"unknown student kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+        raise UserError(f"unknown student kind {kind!r}; valid kinds: {', '.join(KINDS)}")
     guidance = guidance or ("text" if kind == "clip" else "queries")
     if guidance not in ("text", "queries") or (kind == "dinov3" and guidance == "text"):
-        raise ValueError(f"guidance {guidance!r} for a {kind} student; valid: "
-                         f"{'text, queries' if kind == 'clip' else 'queries'}")
-    if guidance == "text" and text is None:
-        if text_embeddings_file:
-            text = load_text_embeddings(text_embeddings_file, num_classes, _size(size).proj)
-        else:
-            if concepts is None or len(concepts) != num_classes:
-                raise ValueError(f"the CLIP student with text guidance needs {num_classes} concept lists")
-            text = text_embeddings(concepts, text_weights or weights, size)
-    # Pretrained weights are loaded LAST (after the head and queries exist) and never re-initialised.
+        raise UserError(f"guidance {guidance!r} for a {kind} student; valid: "
+                        f"{'text, queries' if kind == 'clip' else 'queries'}")
+    if guidance == "text" and (text is None or tuple(text.shape) != (num_classes, _size(size).proj)):
+        raise ValueError(f"a CLIP student with text guidance needs its ({num_classes}, {_size(size).proj}) class "
+                         f"embeddings, got {None if text is None else tuple(text.shape)}")
+    # The backbone is built (and its pretrained weights loaded) first; the head and the queries created
+    # after it are new modules, so nothing re-initialises the loaded weights (METHOD.md section 7.3).
     backbone = build_backbone(kind, size, weights)
     freeze_all_but_attention(backbone)
     return Student(kind, backbone, num_classes, text=text if guidance == "text" else None, name=name)
+
+
+def build_model(kinds, num_classes, *, size="base", weights=None, clip_guidance="text", text=None,
+                fusion="confidence", grad_checkpoint=False):
+    """The students (E1-E4) inside the fusion head (E10). kinds: e.g. ['clip', 'dinov3'].
+    weights: {kind: hub id or folder or None}; text: the CLIP class embeddings (see build_student)."""
+    students = []
+    for kind, name in zip(kinds, student_names(kinds)):
+        s = build_student(kind, num_classes, size=size, weights=(weights or {}).get(kind), name=name, text=text,
+                          guidance=clip_guidance if kind == "clip" else "queries")
+        s.grad_checkpoint = grad_checkpoint
+        students.append(s)
+    return Co2S(students, fusion=fusion)
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,7 +358,7 @@ def fuse(probs, mode="confidence"):
     if mode == "mean":
         return torch.stack(probs).mean(0)
     if mode != "confidence":
-        raise ValueError(f"unknown fusion mode {mode!r}; valid: confidence, mean")
+        raise UserError(f"unknown fusion mode {mode!r}; valid: confidence, mean")
     stacked = torch.stack(probs)                                   # (K, B, N, H, W)
     winner = stacked.amax(2, keepdim=True).argmax(0, keepdim=True) # (1, B, 1, H, W): most confident student
     return stacked.gather(0, winner.expand(1, *stacked.shape[1:]))[0]
@@ -462,10 +371,6 @@ class Co2S(nn.Module):
         super().__init__()
         self.students = nn.ModuleList(students)
         self.fusion = fusion
-
-    @property
-    def names(self):
-        return [s.name for s in self.students]
 
     def forward(self, x):
         """Probabilities (B, N, H, W) of each student (by name) and 'fused'."""

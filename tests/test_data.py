@@ -9,9 +9,11 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data import (DATASETS, IMAGENET_MEAN, IMAGENET_STD, DatasetInfo, SemiDataset, Splits, colorize,  # noqa: E402
-                  cutmix_box, dataset_info, iters_per_epoch, load_label, make_splits, parse_ratio,
-                  prepare_demo, train_loaders, val_loader, write_splits)
+from catalog import DATASETS, DatasetInfo, dataset_info, parse_ratio  # noqa: E402
+from data import (IMAGENET_MEAN, IMAGENET_STD, RunSampler, SemiDataset, Splits, colorize, cutmix_box,  # noqa: E402
+                  iters_per_epoch, load_label, make_splits, train_loaders, val_loader, write_splits)
+from demo import prepare_demo  # noqa: E402
+from errors import UserError  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data')
 REAL = os.path.join(SHARED, 'real_crops')
@@ -110,9 +112,9 @@ def test_paper_splits_potsdam_1_16(tmp_path):
 
 @needs_shared
 def test_unknown_ratio_or_split_folder_lists_valid(tmp_path):
-    with pytest.raises(FileNotFoundError, match='1/32.*1/8'):
+    with pytest.raises(UserError, match='1/32.*1/8'):
         make_splits(DATASETS['potsdam'], '1/3', str(tmp_path), SPLITS, check=False)
-    with pytest.raises(FileNotFoundError, match='gid.*potsdam'):
+    with pytest.raises(UserError, match='gid.*potsdam'):
         make_splits(DatasetInfo('custom', ['a'], [['a']], [(1, 2, 3)], False, []), '1/8', str(tmp_path), SPLITS, check=False)
 
 
@@ -158,13 +160,13 @@ def test_empty_sets_are_errors(tmp_path):
 
 
 def test_missing_root_and_missing_listed_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r'(?s)images/.*labels/.*README\.md, section Datasets'):
+    with pytest.raises(UserError, match=r'(?s)nope.*images/.*labels/.*python download.py potsdam'):
         make_splits(DATASETS['potsdam'], '1/16', str(tmp_path / 'nope'))
     root = make_dataset(tmp_path / 'ds', 4, size=(16, 16))
     for name, lines in (('labeled', 'images/000.png labels/000.png\n'), ('unlabeled', 'images/gone.png\n'),
                         ('val', 'images/001.png labels/001.png\n')):
         open(os.path.join(root, f'{name}.txt'), 'w').write(lines)
-    with pytest.raises(FileNotFoundError, match='gone.png'):
+    with pytest.raises(UserError, match='gone.png'):
         make_splits(TOY, '1/8', root)
 
 
@@ -172,7 +174,7 @@ def test_unknown_dataset_and_custom_classes(tmp_path):
     with pytest.raises(ValueError, match='potsdam.*msl.*demo.*custom'):
         dataset_info('vaihingen')
     root = make_dataset(tmp_path / 'c', 10, size=(16, 16), n_unlabeled_only=3)
-    with pytest.raises(FileNotFoundError, match='classes.txt'):
+    with pytest.raises(UserError, match='classes.txt'):
         dataset_info('custom', root)
     open(os.path.join(root, 'classes.txt'), 'w').write(
         '# my classes\nred roof 255,0,0 | tile roof, clay roof\ngrass 0,255,0\nriver\nroad 255,255,0\n')
@@ -270,9 +272,8 @@ def test_augmentation_is_a_function_of_seed_epoch_index(tmp_path):
     ds = SemiDataset(TOY, items, 'unlabeled', seed=0, length=7)
     assert len(ds) == 7 and torch.equal(ds[1]['label'], SemiDataset(TOY, items, 'unlabeled', seed=0)[1]['label'])
     a = ds[4]
-    assert all(torch.equal(a[k], ds[4][k]) for k in a)
-    ds.set_epoch(1)
-    assert not torch.equal(a['img_w'], ds[4]['img_w'])
+    assert all(torch.equal(a[k], ds[(0, 4)][k]) for k in a)           # an index alone is epoch 0
+    assert not torch.equal(a['img_w'], ds[(1, 4)]['img_w'])            # another epoch, another draw
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -280,22 +281,56 @@ def test_augmentation_is_a_function_of_seed_epoch_index(tmp_path):
 def test_train_loaders_resume_and_workers(tmp_path):
     items = _items(make_dataset(tmp_path / 'ds', 14), 14)
     splits = Splits(items[:3], items[3:], items[:1])
-    kw = dict(crop=32, batch=2, seed=0, epoch=2)
+    kw = dict(crop=32, batch=2, seed=0, total=12)                       # 12 steps = 2 epochs of 5, and 2 more
     torch.manual_seed(123)
-    full = [list(ld) for ld in train_loaders(TOY, splits, workers=0, **kw)]
+    full = [list(ld) for ld in train_loaders(TOY, splits, start=0, workers=0, **kw)]
     after = torch.rand(1)
     torch.manual_seed(123)
     assert torch.equal(after, torch.rand(1))                           # the loaders leave the global RNG alone
-    assert iters_per_epoch(splits, 2) == 5 and all(len(b) == 5 for b in full)  # 11 // 2, labelled list repeated
+    assert iters_per_epoch(splits, 2) == 5 and all(len(b) == 12 for b in full)  # 11 // 2, labelled list repeated
     l, u, mix = full[0][0], full[1][0], full[2][0]
     assert l['img'].shape == (2, 3, 32, 32) and u['box1'].dtype == torch.bool and u['ignore'].shape == (2, 32, 32)
     assert not torch.equal(u['img_w'], mix['img_w'])                    # the partner stream is a different draw
-    resumed = [list(ld) for ld in train_loaders(TOY, splits, workers=2, start_iter=3, **kw)]
-    for stream, tail in zip(full, resumed):                            # skip 3 batches: same data, with workers
-        assert len(tail) == 2 and all(torch.equal(a[k], b[k]) for a, b in zip(stream[3:], tail) for k in a)
-    ranks = [train_loaders(TOY, splits, workers=0, rank=r, world_size=2, **kw)[1] for r in (0, 1)]
-    assert all(len(ld) == iters_per_epoch(splits, 2, 2) == 2 for ld in ranks)
+    resumed = [list(ld) for ld in train_loaders(TOY, splits, start=3, workers=2, **kw)]
+    for stream, tail in zip(full, resumed):                            # from step 3: same data, with workers
+        assert len(tail) == 9 and all(torch.equal(a[k], b[k]) for a, b in zip(stream[3:], tail) for k in a)
+    ranks = [train_loaders(TOY, splits, start=0, workers=0, rank=r, world_size=2, **kw)[1] for r in (0, 1)]
+    assert all(len(ld) == 12 for ld in ranks) and iters_per_epoch(splits, 2, 2) == 2
     assert [len(val_loader(TOY, Splits([], [], items[:5]), workers=0, rank=r, world_size=2)) for r in (0, 1)] == [3, 2]
+
+
+def test_run_sampler_spans_epochs_and_accum_deals_what_the_ranks_of_a_bigger_run_get():
+    n, kw = 23, dict(batch=2, seed=4, start=0, total=7)
+    one = list(RunSampler(n, **kw))
+    assert len(one) == 7 * 2 and RunSampler(n, **kw).ipe == 11
+    epochs = [e for e, _ in one]
+    assert epochs == [0] * 14                                          # 7 steps < 11 per epoch
+    two = list(RunSampler(n, **dict(kw, total=13)))
+    assert [e for e, _ in two[22:]] == [1] * 4                         # steps 11, 12 are epoch 1
+    assert sorted(i for _, i in two[:22]) == sorted(set(i for _, i in two[:22]))   # an epoch repeats no sample
+    # --accum 2 on one process = ranks 0 and 1 of a 2-process run, micro-batch j = rank j, step by step
+    accum = list(RunSampler(n, **dict(kw, accum=2)))
+    r0, r1 = (list(RunSampler(n, **dict(kw, rank=r, world_size=2))) for r in (0, 1))
+    for step in range(7):
+        assert accum[4 * step: 4 * step + 4] == r0[2 * step: 2 * step + 2] + r1[2 * step: 2 * step + 2]
+    # and rank 1 of 2 processes with --accum 2 = virtual ranks 2 and 3 of 4
+    v2, v3 = (list(RunSampler(n, **dict(kw, rank=r, world_size=4))) for r in (2, 3))
+    mine = list(RunSampler(n, **dict(kw, rank=1, world_size=2, accum=2)))
+    assert mine[:4] == v2[:2] + v3[:2]
+    with pytest.raises(UserError, match='fewer than one global batch'):
+        RunSampler(3, batch=2, seed=0, start=0, total=1, world_size=2)
+
+
+def test_same_image_partners_follow_the_unlabelled_order_with_their_own_augmentation(tmp_path):
+    items = _items(make_dataset(tmp_path / 'ds', 10), 10)
+    splits = Splits(items[:2], items[2:], items[:1])
+    kw = dict(crop=32, batch=2, seed=0, start=0, total=3, workers=0)
+    same = train_loaders(TOY, splits, mix_source='same', **kw)
+    partner = train_loaders(TOY, splits, mix_source='partner', **kw)
+    assert list(same[2].sampler) == list(same[1].sampler) != list(partner[2].sampler)
+    u, m = next(iter(same[1])), next(iter(same[2]))
+    assert not torch.equal(u['img_w'], m['img_w'])                     # the same images, augmented differently
+    assert len(train_loaders(TOY, splits, mix_source='rolled', **kw)) == 2
 
 
 # ----------------------------------------------------------------------------- demo

@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import sys
 import types
 
 import numpy as np
@@ -11,9 +10,11 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import catalog
 import data
 import eval as ev
 from model import Co2S, build_student
+from text import stand_in_embeddings
 
 CLASSES = ["a", "b", "c", "d"]
 PALETTE = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
@@ -175,7 +176,7 @@ def test_evaluate_accumulates_each_prediction_over_the_split():
 def _tiny_model():
     torch.manual_seed(0)
     return Co2S([build_student("dinov3", 4, size="tiny"),
-                 build_student("clip", 4, size="tiny", concepts=[[c] for c in CLASSES])]).eval()
+                 build_student("clip", 4, size="tiny", text=stand_in_embeddings(4, 128))]).eval()
 
 
 def test_predict_folder_writes_palette_masks_of_the_input_size(tmp_path):
@@ -198,11 +199,9 @@ def test_predict_folder_writes_palette_masks_of_the_input_size(tmp_path):
         assert Image.open(f"{stem}_overlay.png").size == (2 * w, h)
 
 
-def _fake_train(monkeypatch, model, info, cfg):
-    """train.load_run stand-in, so the CLI is tested without a trained run (and without train.py)."""
-    fake = types.ModuleType("train")
-    fake.load_run = lambda path, device="cpu", **kw: (model, info, cfg)
-    monkeypatch.setitem(sys.modules, "train", fake)
+def _fake_run(monkeypatch, model, info, cfg):
+    """eval.load_run stand-in, so the CLI is tested without a trained run."""
+    monkeypatch.setattr(ev, "load_run", lambda path, device="cpu", **kw: (model, info, cfg))
 
 
 def test_main_errors_name_the_bad_input(tmp_path, capsys, monkeypatch):
@@ -223,7 +222,7 @@ def test_main_errors_name_the_bad_input(tmp_path, capsys, monkeypatch):
     empty.mkdir()
     err = error([str(run), "--predict", str(empty), "--out", str(tmp_path / "o")])
     assert str(empty) in err and ".png" in err and ".jpg" in err
-    _fake_train(monkeypatch, _tiny_model(), types.SimpleNamespace(classes=CLASSES, palette=PALETTE, crop=64), {})
+    _fake_run(monkeypatch, _tiny_model(), types.SimpleNamespace(classes=CLASSES, palette=PALETTE, crop=64), {"crop": 64})
     err = error([str(run), "--student", "dino"])
     assert "'dino'" in err and "dinov3, clip, fused, all" in err
 
@@ -242,9 +241,9 @@ def test_main_evaluates_the_split_and_writes_json(tmp_path, monkeypatch, capsys)
     (root / "labeled.txt").write_text("images/l.png labels/l.png\n")
     (root / "unlabeled.txt").write_text("images/u.png\n")
     (root / "val.txt").write_text("images/v1.png labels/v1.png\nimages/v2.png labels/v2.png\n")
-    info = data.dataset_info("custom", str(root))
+    info = catalog.dataset_info("custom", str(root))
     cfg = dict(dataset="custom", data_root=str(root), splits=None, ratio="1", seed=0, crop=64)
-    _fake_train(monkeypatch, _tiny_model(), info, cfg)
+    _fake_run(monkeypatch, _tiny_model(), info, cfg)
     run = tmp_path / "run"
     run.mkdir()
     (run / "best.pt").write_bytes(b"")

@@ -12,7 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import model
+import text
+from errors import UserError
 from losses import supervised_loss
+from tiny_text import TEXT, random_text_tower, tiny_clip_tokenizer
 
 N = 6                      # potsdam
 POTSDAM = [                # METHOD.md section 2, class name first
@@ -44,7 +47,7 @@ def count_backbone_passes(student):
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return {"clip": model.build_student("clip", N, size="tiny", concepts=[[c[0]] for c in POTSDAM]),
+    return {"clip": model.build_student("clip", N, size="tiny", text=text.stand_in_embeddings(N, TINY.proj)),
             "dinov3": model.build_student("dinov3", N, size="tiny")}
 
 
@@ -158,7 +161,7 @@ def test_base_clip_with_text_file_holds_fixed_unit_text_embeddings():
     path = EMB / "potsdam_conceptavg5_single.npy"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        s = model.build_student("clip", N, size="base", text_embeddings_file=str(path))
+        s = model.build_student("clip", N, size="base", text=text.class_embeddings(POTSDAM, size="base", file=str(path))[0])
     rows = torch.from_numpy(np.load(path)).float()
     assert s.queries is None and s.text.shape == (N, 512)
     assert torch.allclose(s.text, F.normalize(rows, dim=-1))
@@ -239,13 +242,11 @@ def saved(tmp_path_factory):
     torch.manual_seed(1)
     vision = dict(hidden_size=TINY.width, num_hidden_layers=TINY.depth, num_attention_heads=TINY.heads,
                   intermediate_size=TINY.mlp, patch_size=16, image_size=224, projection_dim=TINY.proj)
-    text = dict(hidden_size=TINY.text_width, num_hidden_layers=TINY.text_depth, num_attention_heads=TINY.text_heads,
-                intermediate_size=4 * TINY.text_width, vocab_size=514, bos_token_id=512, eos_token_id=513,
-                pad_token_id=513, projection_dim=TINY.proj)
-    clip = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=TINY.proj))
+    clip = CLIPModel(CLIPConfig(vision_config=vision, text_config=dict(TEXT, projection_dim=TINY.proj),
+                                projection_dim=TINY.proj))
     clip_dir = str(tmp_path_factory.mktemp("clip"))
     clip.save_pretrained(clip_dir)
-    model.tiny_clip_tokenizer().save_pretrained(clip_dir)
+    tiny_clip_tokenizer().save_pretrained(clip_dir)
     # Like the released checkpoint: registers, layer scale 1 and HF's default train-time RoPE rescaling (2.0)
     dino = DINOv3ViTModel(DINOv3ViTConfig(hidden_size=TINY.width, num_hidden_layers=TINY.depth,
                                           num_attention_heads=TINY.heads, intermediate_size=TINY.mlp,
@@ -259,7 +260,9 @@ def test_loaded_clip_backbone_equals_the_saved_weights(saved, tmp_path):
     folder, sd = saved["clip"]
     rows = torch.randn(N, TINY.proj)
     np.save(tmp_path / "text.npy", rows.numpy())
-    s = model.build_student("clip", N, size="tiny", weights=folder, text_embeddings_file=str(tmp_path / "text.npy"))
+    t, source = text.class_embeddings(POTSDAM, size="tiny", clip_weights=folder, file=str(tmp_path / "text.npy"))
+    assert source.startswith("file")                                    # a file wins over the weights' text tower
+    s = model.build_student("clip", N, size="tiny", weights=folder, text=t)
     loaded = s.backbone.state_dict()
     vision_keys = {k for k in sd if k.startswith(("vision_model.", "visual_projection."))}
     assert set(loaded) == vision_keys
@@ -287,8 +290,8 @@ def test_loaded_dinov3_backbone_equals_the_saved_weights_with_rope_augmentation_
 def test_clip_folder_with_toy_tokenizer_is_rejected(saved, tmp_path, monkeypatch):
     monkeypatch.setenv("CO2S_CACHE", str(tmp_path))
     folder, _ = saved["clip"]
-    with pytest.raises(RuntimeError, match="has only 514 tokens: not the real vocabulary") as e:
-        model.build_student("clip", 2, size="tiny", weights=folder, concepts=[["car"], ["tree"]])
+    with pytest.raises(UserError, match="has only 514 tokens: not the real vocabulary") as e:
+        text.class_embeddings([["car"], ["tree"]], size="tiny", clip_weights=folder)
     assert folder in str(e.value)
     assert not (tmp_path / "text").exists() or not any((tmp_path / "text").iterdir())   # nothing cached
 
@@ -298,18 +301,18 @@ def test_text_embeddings_are_computed_once_then_read_from_the_cache(saved, tmp_p
     folder, _ = saved["clip"]
     monkeypatch.setenv("CO2S_CACHE", str(tmp_path))
     monkeypatch.setattr(CLIPTokenizer, "__len__", lambda self: 49408)   # let the toy vocabulary pass as the real one
-    encode, calls = model.encode_concepts, []
-    monkeypatch.setattr(model, "encode_concepts", lambda *a: calls.append(a[0]) or encode(*a))
+    encode, calls = text.encode_concepts, []
+    monkeypatch.setattr(text, "encode_concepts", lambda *a: calls.append(a[0]) or encode(*a))
     a, b = [["car", "van"], ["tree"]], [["car"], ["tree", "park tree"]]
-    first_a, first_b = model.text_embeddings(a, folder, "tiny"), model.text_embeddings(b, folder, "tiny")
+    first_a, first_b = text.text_embeddings(a, folder), text.text_embeddings(b, folder)
     assert calls == [a, b] and len(list((tmp_path / "text").glob("*.pt"))) == 2   # the key includes the concepts
     # computed with the folder's own text tower
     tower = CLIPTextModelWithProjection.from_pretrained(folder)
-    assert torch.allclose(first_a, encode(a, tower, model.tiny_clip_tokenizer()), atol=1e-6)
+    assert torch.allclose(first_a, encode(a, tower, tiny_clip_tokenizer()), atol=1e-6)
     # second time: read from disk, no model is even loaded
-    monkeypatch.setattr(model, "load_pretrained", lambda *a, **k: pytest.fail("cached embeddings were recomputed"))
-    assert torch.equal(model.text_embeddings(a, folder, "tiny"), first_a)
-    assert torch.equal(model.text_embeddings(b, folder, "tiny"), first_b)
+    monkeypatch.setattr(text, "load_pretrained", lambda *a, **k: pytest.fail("cached embeddings were recomputed"))
+    assert torch.equal(text.text_embeddings(a, folder), first_a)
+    assert torch.equal(text.text_embeddings(b, folder), first_b)
     assert calls == [a, b]
 
 
@@ -323,7 +326,7 @@ def test_hub_id_without_network_names_the_id_and_the_local_folder_flag(kind):
     hub_id = model.DEFAULT_WEIGHTS[kind]
     if _in_hub_cache(hub_id):
         pytest.skip(f"{hub_id} is in the local hub cache, so it would load")
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(UserError) as e:
         model.build_backbone(kind, "base", hub_id)
     msg = str(e.value)
     assert hub_id in msg and f"--{kind}-weights" in msg and "hf download" in msg
@@ -331,7 +334,7 @@ def test_hub_id_without_network_names_the_id_and_the_local_folder_flag(kind):
 
 def test_missing_or_empty_local_folder_is_a_clear_error(tmp_path):
     missing = str(tmp_path / "no-such-folder")
-    with pytest.raises(FileNotFoundError, match="does not exist") as e:
+    with pytest.raises(UserError, match="does not exist") as e:
         model.build_backbone("clip", "tiny", missing)
     assert missing in str(e.value) and "--clip-weights" in str(e.value)
     with pytest.raises(ValueError, match="no config.json") as e:
@@ -365,7 +368,7 @@ def test_average_concepts_reproduces_the_authors_class_embeddings():
     concepts = _npy("potsdam_concept5_single.npy")                 # (36, 512): 6 concepts per class
     authors = F.normalize(_npy("potsdam_conceptavg5_single.npy"), dim=-1)
     counts = [len(c) for c in POTSDAM]
-    ours = model.average_concepts(concepts, counts)
+    ours = text.average_concepts(concepts, counts)
     assert ours.shape == (N, 512)
     assert torch.allclose(ours.norm(dim=-1), torch.ones(N), atol=1e-5)
     assert ((ours * authors).sum(-1) > 0.999).all()
@@ -374,43 +377,51 @@ def test_average_concepts_reproduces_the_authors_class_embeddings():
     assert ((F.normalize(concepts[::6], dim=-1) * names).sum(-1) > 0.999).all()
     # ... so the order matters: swapping two classes' concepts swaps their rows, interleaving breaks it
     swapped = torch.cat([concepts[6:12], concepts[:6], concepts[12:]])
-    assert torch.allclose(model.average_concepts(swapped, counts), ours[[1, 0, 2, 3, 4, 5]], atol=1e-6)
+    assert torch.allclose(text.average_concepts(swapped, counts), ours[[1, 0, 2, 3, 4, 5]], atol=1e-6)
     interleaved = concepts.view(6, 6, 512).transpose(0, 1).reshape(36, 512)
-    assert ((model.average_concepts(interleaved, counts) * authors).sum(-1) < 0.99).all()
+    assert ((text.average_concepts(interleaved, counts) * authors).sum(-1) < 0.99).all()
 
 
 @needs_authors_files
 def test_load_text_embeddings_checks_the_shape_and_normalises(tmp_path):
     path = str(EMB / "potsdam_conceptavg5_single.npy")
-    t = model.load_text_embeddings(path, N, 512)
+    t = text.load_text_embeddings(path, N, 512)
     assert t.shape == (N, 512) and t.dtype == torch.float32
     assert torch.allclose(t.norm(dim=-1), torch.ones(N), atol=1e-6)
     for n, d in [(7, 512), (N, 768)]:
-        with pytest.raises(ValueError, match="one row per class") as e:
-            model.load_text_embeddings(path, n, d)
+        with pytest.raises(UserError, match="one row per class") as e:
+            text.load_text_embeddings(path, n, d)
         assert path in str(e.value) and f"({n}, {d})" in str(e.value)
     torch.save(3 * torch.ones(2, 4), tmp_path / "t.pt")                  # .pt files work too, and are normalised
-    assert torch.allclose(model.load_text_embeddings(str(tmp_path / "t.pt"), 2, 4), torch.full((2, 4), 0.5))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        model.load_text_embeddings(str(tmp_path / "none.npy"), N, 512)
+    assert torch.allclose(text.load_text_embeddings(str(tmp_path / "t.pt"), 2, 4), torch.full((2, 4), 0.5))
+    with pytest.raises(UserError, match="does not exist"):
+        text.load_text_embeddings(str(tmp_path / "none.npy"), N, 512)
 
 
 def test_encode_concepts_averages_the_prompt_embeddings_of_each_class():
-    tower, tok = model.random_text_tower("tiny")
+    tower, tok = random_text_tower()
     concepts = [["car", "passenger car", "parked vehicle"], ["tree"], ["low_vegetation", "grass"]]
-    e = model.encode_concepts(concepts, tower, tok)
+    e = text.encode_concepts(concepts, tower, tok)
     assert e.shape == (3, TINY.proj)
     assert torch.allclose(e.norm(dim=-1), torch.ones(3), atol=1e-5)
     # one concept at a time (no padding), then averaged: the same, so padding changes nothing
-    single = torch.cat([model.encode_concepts([[c]], tower, tok) for cls in concepts for c in cls])
-    assert torch.allclose(e, model.average_concepts(single, [3, 1, 2]), atol=1e-5)
+    single = torch.cat([text.encode_concepts([[c]], tower, tok) for cls in concepts for c in cls])
+    assert torch.allclose(e, text.average_concepts(single, [3, 1, 2]), atol=1e-5)
     assert not torch.allclose(e[0], single[0], atol=1e-3)                # the synonyms do count
     # the prompt is "a photo of a {concept}"
     with torch.no_grad():
         raw = tower(**tok(["a photo of a car"], return_tensors="pt")).text_embeds
     assert torch.allclose(single[0], F.normalize(raw, dim=-1)[0], atol=1e-5)
-    # without weights: the same seeded random tower every time (reproducible tests and demo)
-    assert torch.equal(model.text_embeddings(concepts, None, "tiny"), model.text_embeddings(concepts, None, "tiny"))
+    # a random tower is why a CLIP student without weights gets stand-in rows: its prompts collapse
+    assert (e @ e.T).min() > 0.8
+
+
+def test_a_clip_student_without_weights_gets_separated_deterministic_stand_in_rows():
+    t, source = text.class_embeddings(POTSDAM, size="tiny")
+    assert source.startswith("stand-in") and t.shape == (N, TINY.proj)
+    assert torch.allclose(t.norm(dim=1), torch.ones(N), atol=1e-6)
+    assert (t @ t.T - torch.eye(N)).abs().max() < 0.4              # distinct directions (a random tower: > 0.8)
+    assert torch.equal(t, text.class_embeddings(POTSDAM, size="tiny")[0])   # the same every run
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,9 +521,9 @@ def test_build_student_rejects_bad_arguments_listing_the_choices():
         model.build_student("dinov3", N, size="tiny", guidance="text")
     with pytest.raises(ValueError, match="valid: text, queries"):
         model.build_student("clip", N, size="tiny", guidance="both")
-    with pytest.raises(ValueError, match="needs 6 concept lists"):
-        model.build_student("clip", N, size="tiny", concepts=[["car"]] * 5)
-    with pytest.raises(ValueError, match="needs 6 concept lists"):
+    with pytest.raises(ValueError, match=r"needs its \(6, 128\) class embeddings, got \(5, 128\)"):
+        model.build_student("clip", N, size="tiny", text=torch.randn(5, 128))
+    with pytest.raises(ValueError, match="got None"):
         model.build_student("clip", N, size="tiny")
     with pytest.raises(ValueError, match="valid sizes: base, tiny"):
         model.build_student("dinov3", N, size="small")
@@ -522,7 +533,7 @@ def test_build_student_rejects_bad_arguments_listing_the_choices():
 def test_grad_checkpoint_gives_the_same_gradients(kind):
     """--grad-checkpoint recomputes the blocks in backward: a memory option that must not change the maths."""
     torch.manual_seed(0)
-    s = model.build_student(kind, N, size="tiny", concepts=[[f"class {i}"] for i in range(N)]).train()
+    s = model.build_student(kind, N, size="tiny", text=text.stand_in_embeddings(N, TINY.proj)).train()
     x = torch.randn(2, 3, 64, 64)
     grads = []
     for flag in (False, True):

@@ -1,16 +1,21 @@
 """train.py end to end at micro size: run folder, resume, DDP (gloo), errors, optimizer groups."""
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-import data
+import catalog
+import model
+import text
 import train
-from demo import demo_text_embeddings
+from demo import prepare_demo
+from errors import UserError, cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,8 +24,48 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def micro_root(tmp_path_factory):
     """A micro demo dataset: 16 training tiles, 2 val tiles (same generator as `python train.py`)."""
     root = str(tmp_path_factory.mktemp("demo"))
-    data.prepare_demo(root, seed=0, n_train=16, n_val=2)
+    prepare_demo(root, seed=0, n_train=16, n_val=2)
     return root
+
+
+def custom_root(root, n=12):
+    """A custom dataset of n 64 px tiles (5 classes, the last 2 tiles in val.txt): the layout a user brings."""
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    os.makedirs(os.path.join(root, "labels"), exist_ok=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(os.path.join(root, "images", f"{i:02d}.png"))
+        Image.fromarray(rng.integers(0, 5, (64, 64), dtype=np.uint8)).save(os.path.join(root, "labels", f"{i:02d}.png"))
+    with open(os.path.join(root, "classes.txt"), "w") as f:
+        f.write("road\nroof\ngrass\ntree\nwater\n")
+    with open(os.path.join(root, "val.txt"), "w") as f:
+        f.writelines(f"images/{i:02d}.png labels/{i:02d}.png\n" for i in range(n - 2, n))
+    return str(root)
+
+
+def bad_label_value(root):
+    Image.fromarray(np.full((64, 64), 9, np.uint8)).save(os.path.join(root, "labels", "03.png"))
+    return "03.png"
+
+
+def truncate_image(root, split="train"):
+    name = "11.png" if split == "val" else "04.png"
+    path = os.path.join(root, "images", name)
+    with open(path, "rb") as f:
+        raw = f.read()
+    with open(path, "wb") as f:
+        f.write(raw[: len(raw) // 2])
+    return name
+
+
+def resize_label(root):
+    Image.fromarray(np.zeros((32, 64), np.uint8)).save(os.path.join(root, "labels", "05.png"))
+    return "05.png"
+
+
+def npy(path, shape):
+    np.save(path, np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+    return str(path)
 
 
 def micro_args(root, out, *extra):
@@ -42,7 +87,7 @@ def test_run_folder_has_every_file(micro_root, tmp_path):
     assert cfg["size"] == "tiny" and cfg["tau"] == 0.95 and cfg["versions"]["torch"] == torch.__version__
     metrics = json.load(open(out / "metrics.json"))
     assert set(metrics["last"]["results"]) == {"clip", "dinov3", "fused"}
-    assert set(metrics["last"]["results"]["fused"]["iou"]) == set(data.DATASETS["demo"].classes)
+    assert set(metrics["last"]["results"]["fused"]["iou"]) == set(catalog.DATASETS["demo"].classes)
     records = [json.loads(line) for line in open(out / "log.jsonl")]
     train_recs = [r for r in records if r["type"] == "train"]
     assert [r["step"] for r in train_recs] == [1, 2, 3]
@@ -74,43 +119,41 @@ def test_resume_matches_uninterrupted_run(micro_root, tmp_path):
 
 def test_param_groups_and_poly_lr():
     """The paper's groups (METHOD.md section 5): attention x0.01, head x10, queries x1 of lr 1e-4."""
-    args = train.get_args(["--dataset", "potsdam", "--size", "tiny"])
-    cfg, info = train.resolve(args)
+    cfg = train.resolve(train.get_args(["--dataset", "potsdam", "--size", "tiny", "--dinov3-weights", "some/folder"]))
     assert (cfg["crop"], cfg["epochs"], cfg["batch"], cfg["tau"]) == (512, 80, 1, 0.95)
-    model = train.build_model(cfg, info)
-    groups = {g["name"]: g for g in train.param_groups(model.students[1], cfg)}
+    assert cfg["recipe"].startswith("paper")                       # a pretrained student: the paper's recipe
+    hyper = {k: cfg[k] for k in train.HYPER}
+    s = model.build_student("dinov3", 6, size="tiny")
+    groups = {g["name"]: g for g in train.param_groups(s, **hyper)}
     assert groups["dinov3.backbone.attention"]["lr"] == pytest.approx(1e-6)
     assert groups["dinov3.head"]["lr"] == pytest.approx(1e-3)
     assert groups["dinov3.queries"]["lr"] == pytest.approx(1e-4)
-    n_trainable = sum(p.numel() for p in model.students[1].parameters() if p.requires_grad)
+    n_trainable = sum(p.numel() for p in s.parameters() if p.requires_grad)
     assert sum(p.numel() for g in groups.values() for p in g["params"]) == n_trainable
-    opt = torch.optim.AdamW(list(groups.values()))
-    train.set_lr([opt], 50, 100)
-    assert opt.param_groups[1]["lr"] == pytest.approx(1e-3 * 0.5 ** 0.9)
-    demo, _ = train.resolve(train.get_args([]))  # the demo's own recipe (random-init students), flags still win
+    assert train.poly(50, 100) == pytest.approx(0.5 ** 0.9) and train.poly(0, 100) == 1
+    demo = train.resolve(train.get_args([]))  # random students: the from-scratch recipe, flags still win
     assert (demo["lr"], demo["backbone_lr_mult"], demo["head_lr_mult"], demo["size"]) == (5e-4, 0.5, 1.0, "tiny")
-    assert train.resolve(train.get_args(["--lr", "1e-4"]))[0]["lr"] == 1e-4
+    assert demo["recipe"].startswith("scratch")
+    assert train.resolve(train.get_args(["--lr", "1e-4"]))["lr"] == 1e-4
+    tiny = train.resolve(train.get_args(["--dataset", "potsdam", "--size", "tiny"]))   # any dataset, random students
+    assert tiny["lr"] == 5e-4 and tiny["recipe"].startswith("scratch")
+    assert train.resolve(train.get_args(["--dataset", "potsdam"]))["lr"] == 1e-4       # base: pretrained by default
 
 
-def test_demo_clip_student_reads_separated_class_embeddings(micro_root, tmp_path):
-    """A random text tower gives near-identical class embeddings; the demo's random CLIP student reads
-    fixed, well-separated ones instead, and only when no real CLIP weights or queries are asked for."""
-    cfg, info = train.resolve(train.get_args(["--data-root", micro_root]))
-    assert cfg["text_embeddings"] == os.path.join(micro_root, "text_embeddings_128d.npy")
-    path = demo_text_embeddings(str(tmp_path / "t.npy"), 6, 128)
-    t = torch.from_numpy(np.load(path))
-    assert torch.allclose(t.norm(dim=1), torch.ones(6), atol=1e-5)
-    assert (t @ t.T - torch.eye(6)).abs().max() < 0.4  # distinct directions (a random tower: > 0.9)
-    assert torch.equal(torch.from_numpy(np.load(demo_text_embeddings(str(tmp_path / "u.npy"), 6, 128))), t)
-    demo_text_embeddings(cfg["text_embeddings"], 6, 128)  # as train.main does (once; later calls read it)
-    model = train.build_model(cfg, info)
-    assert torch.allclose(model.students[0].text, torch.from_numpy(np.load(cfg["text_embeddings"])))
-    for flags in (["--clip-guidance", "queries"], ["--clip-weights", "some/clip-folder"], ["--dataset", "potsdam"]):
-        assert train.resolve(train.get_args(flags))[0]["text_embeddings"] is None, flags
-    # a user's own (missing) file is an error, never silently replaced by the demo's stand-in
-    with pytest.raises(FileNotFoundError, match="mine.npy"):
-        train.main(micro_args(micro_root, tmp_path / "r", "--iters", "1", "--text-embeddings", str(tmp_path / "mine.npy")))
-    assert not (tmp_path / "mine.npy").exists()
+def test_a_random_clip_student_gets_the_stand_in_class_embeddings_on_any_dataset(micro_root, tmp_path, capsys):
+    """A random text tower gives near-identical class embeddings; a CLIP student without weights reads
+    fixed, well-separated stand-in rows instead, on every dataset, and the run says so once."""
+    train.main(micro_args(micro_root, tmp_path / "r", "--iters", "1", "--dataset", "custom", "--size", "tiny",
+                          "--data-root", custom_root(tmp_path / "c")))
+    out = capsys.readouterr().out
+    assert out.count("CLIP class embeddings: stand-in") == 1
+    cfg = json.load(open(tmp_path / "r" / "config.json"))
+    assert cfg["text_source"].startswith("stand-in") and cfg["recipe"].startswith("scratch")
+    clip = torch.load(tmp_path / "r" / "last.pt", weights_only=False)["model"]["students.0.text"]
+    assert torch.equal(clip, text.stand_in_embeddings(5, 128))
+    # a user's own (missing) file is an error, never silently replaced by the stand-in
+    with pytest.raises(UserError, match="mine.npy"):
+        train.main(micro_args(micro_root, tmp_path / "r2", "--iters", "1", "--text-embeddings", str(tmp_path / "mine.npy")))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -127,14 +170,61 @@ def test_bad_flags_are_clear(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_resume_without_checkpoint_is_clear(tmp_path):
-    with pytest.raises(SystemExit, match="no last.pt"):
-        train.main(["--resume", str(tmp_path)])
+def test_help_shows_no_none_defaults(capsys):
+    with pytest.raises(SystemExit):
+        train.get_args(["--help"])
+    out = capsys.readouterr().out
+    assert "default: None" not in out and "default: 0.95" in out
 
 
-def test_bad_ratio_names_valid_forms(micro_root, tmp_path):
-    with pytest.raises(ValueError, match="1/16"):
-        train.main(micro_args(micro_root, tmp_path / "r", "--ratio", "one-sixteenth"))
+def user_error(main, argv, capsys):
+    """What a user sees from the command line: exit status 2, one message, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        cli(lambda: main(argv))
+    err = capsys.readouterr().err
+    lines = [line for line in re.split(r"[\r\n]", err) if line.strip()]   # progress bars rewrite their line with \r
+    assert e.value.code == 2 and "Traceback" not in err and lines[-1].startswith("error: "), err
+    assert sum("error" in line for line in lines) == 1, err
+    return lines[-1]
+
+
+def test_user_mistakes_exit_2_with_one_message_and_no_traceback(micro_root, tmp_path, capsys):
+    root = custom_root(tmp_path / "c")
+    run = lambda *extra: micro_args(micro_root, tmp_path / "r", "--iters", "1", *extra)
+    err = user_error(train.main, run("--dataset", "potsdam", "--data-root", str(tmp_path / "no-such")), capsys)
+    assert "no-such" in err and "python download.py potsdam" in err
+    assert "they have: 1/32, 1/24, 1/16, 1/8, 1/4" in user_error(
+        train.main, run("--dataset", "potsdam", "--ratio", "1/2", "--data-root", root), capsys)
+    assert "no last.pt" in user_error(train.main, ["--resume", str(tmp_path)], capsys)
+    assert "shape (3, 7), expected (5, 128)" in user_error(
+        train.main, run("--dataset", "custom", "--size", "tiny", "--data-root", root,
+                        "--text-embeddings", npy(tmp_path / "t.npy", (3, 7))), capsys)
+    # bad files: each is found by the scan before the first step, and named
+    for damage, message in ((bad_label_value, "value(s) [9]"), (truncate_image, "cannot read image"),
+                            (resize_label, "size mismatch")):
+        broken = custom_root(tmp_path / damage.__name__)
+        name = damage(broken)
+        err = user_error(train.main, run("--dataset", "custom", "--size", "tiny", "--data-root", broken,
+                                         "--out", str(tmp_path / damage.__name__ / "run")), capsys)
+        assert message in err and name in err, err
+        assert not os.path.exists(tmp_path / damage.__name__ / "run" / "log.jsonl")   # stopped before any step
+
+
+def test_eval_of_a_missing_checkpoint_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), str(tmp_path / "run")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "run" in proc.stderr
+
+
+def test_a_corrupt_val_image_stops_the_cli_in_seconds_with_exit_2(micro_root, tmp_path):
+    """A bad validation file is found before training (not at the first evaluation an epoch later)."""
+    root = custom_root(tmp_path / "c")
+    name = truncate_image(root, split="val")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *micro_args(
+        micro_root, tmp_path / "r", "--dataset", "custom", "--size", "tiny", "--data-root", root)],
+        capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and name in proc.stderr, proc.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "r" / "log.jsonl")
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(micro_root, tmp_path):

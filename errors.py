@@ -1,0 +1,29 @@
+"""errors.py: the one exception type for mistakes a user can fix, and the guard that reports them.
+
+A missing data root, a bad flag value, a corrupt image, a checkpoint that is not there: these raise
+`UserError` with one message that names the culprit and the fix. The command-line entry points run
+under `cli()`, which prints that message and exits with status 2, without a traceback. Any other
+exception is a bug and keeps its traceback.
+"""
+import sys
+
+
+class UserError(ValueError):
+    """Bad input (a file, a folder, a flag value): the message says which and how to fix it."""
+
+
+def _message(err):
+    """The user's message; a DataLoader worker re-raises it wrapped in its own traceback text."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split("UserError: ", 1)[-1]
+    return text
+
+
+def cli(main):
+    """Run main(); a UserError becomes `error: <message>` on stderr and exit status 2."""
+    try:
+        return main()
+    except UserError as e:
+        print(f"error: {_message(e)}", file=sys.stderr)
+        sys.exit(2)
