@@ -329,8 +329,9 @@ def strong_augment(img, rng):
     return img
 
 def cutmix_box(size, rng, p=0.5, area=(0.02, 0.4), aspect=(0.3, 1 / 0.3)):
-    """(size, size) bool CutMix box: with probability p one rectangle of area U(0.02, 0.4) of the crop and
-    aspect h/w U(0.3, 1/0.3) (redrawn until it fits), placed uniformly inside the crop; else all False."""
+    """(size, size) bool CutMix box, drawn as the release does: with probability p, an area U(0.02, 0.4) of
+    the crop, then (aspect h/w U(0.3, 1/0.3), top-left corner uniform in the crop) redrawn TOGETHER until the
+    box fits inside; else all False. Redrawing both favours squarer boxes (they fit in more places)."""
     box = np.zeros((size, size), bool)
     if rng.random() >= p:
         return torch.from_numpy(box)
@@ -338,11 +339,23 @@ def cutmix_box(size, rng, p=0.5, area=(0.02, 0.4), aspect=(0.3, 1 / 0.3)):
     while True:
         r = rng.uniform(*aspect)
         w, h = int(math.sqrt(target / r)), int(math.sqrt(target * r))
-        if 0 < w <= size and 0 < h <= size:
+        x, y = rng.randint(0, size - 1), rng.randint(0, size - 1)
+        if x + w <= size and y + h <= size:
             break
-    x, y = rng.randint(0, size - w), rng.randint(0, size - h)
     box[y:y + h, x:x + w] = True
     return torch.from_numpy(box)
+
+def eval_resize(img, short):
+    """The release's test-time resize (mmseg Resize with keep_ratio, cv2 bilinear on the uint8 image): the
+    short side to `short`, sizes rounded half up, bilinear with half-pixel centres and no antialiasing.
+    short None: the image as stored. Only the image is resized; predictions go back to the label's size."""
+    w, h = img.size
+    size = (int(w * short / min(w, h) + 0.5), int(h * short / min(w, h) + 0.5)) if short else (w, h)
+    if size == (w, h):
+        return img
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float()
+    x = torch.nn.functional.interpolate(x, size=size[::-1], mode='bilinear', align_corners=False)
+    return Image.fromarray(x[0].round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
 
 _MEAN255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
 _STD255 = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
@@ -378,9 +391,9 @@ class SemiDataset(Dataset):
         if label.shape != (img.height, img.width):
             raise UserError(f'size mismatch: image {img_path} is {img.width}x{img.height}, '
                             f'label {label_path} is {label.shape[1]}x{label.shape[0]}')
-        if self.mode == 'val':  # the full image as stored; eval.py resizes it and slides its window over it
-            return {'img': normalize(img), 'label': torch.from_numpy(label.astype(np.int64)),
-                    'name': os.path.basename(img_path)}
+        if self.mode == 'val':  # the full image at the evaluation size, the label as stored (eval.py)
+            return {'img': normalize(eval_resize(img, self.info.eval_size)),
+                    'label': torch.from_numpy(label.astype(np.int64)), 'name': os.path.basename(img_path)}
         rng = random.Random(_sample_seed(self.seed, epoch, index))
         img, label, pad = weak_augment(img, label, rng, self.info.base_size, self.crop)  # (c, c) each
         if self.mode == 'labeled':

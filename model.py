@@ -2,15 +2,21 @@
 
 A student = a transformers ViT backbone + class embeddings T + the decoder head of METHOD.md
 section 3. Implements E1 (CLIP value path), E3 (similarity maps), E4 (feature perturbation) and E10
-(fusion of the two students at inference); the class embeddings of E2 come from text.py. Both students share ONE class
-(`Student`) and ONE head; the only per-kind code is how the three pyramid maps are tapped from the
-backbone (`_clip_features`, `_dinov3_features`).
+(fusion of the two students at inference); the class embeddings of E2 come from text.py. Both
+students share ONE class (`Student`) and ONE head; the only per-kind code is how the three pyramid
+maps are tapped from the backbone (`_clip_features`, `_dinov3_features`).
 
-Deliberately left out: any ViT code of our own (the backbones are the transformers modules, run
-block by block so we can tap them), registries, and weight re-initialisation after loading (the
-released code wiped the DINOv3 weights that way; METHOD.md section 7.3).
+Numerics (`numerics=`): 'hf' runs the transformers checkpoints as they are (CLIP: QuickGELU, LayerNorm
+eps 1e-5; DINOv3: fp32 RoPE); 'release' runs them as the authors' code did (CLIP inside an mmseg ViT:
+exact GELU, eps 1e-6; DINOv3: eps 1e-6, RoPE from bf16 periods with q and k rotated in bf16).
+`from_release` converts the authors' released checkpoints (best_clip.pth, best_dinov3.pth).
+
+Deliberately left out: registries, weight re-initialisation after loading (the released code wiped the
+DINOv3 weights that way; METHOD.md section 7.3). The backbones are the transformers modules, run block
+by block so we can tap them; only DINOv3's block is written out here (RoPE in the release's dtype).
 """
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -20,9 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import release
 from errors import UserError
 
 KINDS = ("clip", "dinov3")
+NUMERICS = ("hf", "release")
 DEFAULT_WEIGHTS = {"clip": "openai/clip-vit-base-patch16", "dinov3": "facebook/dinov3-vitb16-pretrain-lvd1689m"}
 
 
@@ -33,6 +41,8 @@ class ViTSize:
     heads: int = 12
     mlp: int = 3072
     proj: int = 512         # CLIP joint image-text space (the dense embedding and text embeddings)
+    registers: int = 4      # DINOv3 register tokens
+    image_size: int = 224   # CLIP: the position grid is image_size / 16 on a side (a release stores it at the crop)
 
 
 # "tiny" is the same code with smaller numbers: a CPU preset for tests and the demo.
@@ -49,26 +59,50 @@ def tapped_blocks(kind, depth):
 
 
 def _size(size):
+    """A preset name, or the ViTSize fields themselves (a converted release: vit_size)."""
+    if isinstance(size, dict):
+        return ViTSize(**size)
     if size not in SIZES:
         raise UserError(f"unknown size {size!r}; valid sizes: {', '.join(SIZES)}")
     return SIZES[size]
+
+
+def vit_size(students):
+    """The ViTSize fields that rebuild these students' backbones (for a checkpoint's model_args)."""
+    size = {}
+    for s in students:
+        c = s.backbone.config
+        size.update(width=c.hidden_size, depth=c.num_hidden_layers, heads=c.num_attention_heads, mlp=c.intermediate_size)
+        size.update(dict(proj=c.projection_dim, image_size=c.image_size) if s.kind == "clip" else
+                    dict(registers=c.num_register_tokens))
+    return size
 
 
 # --------------------------------------------------------------------------------------------
 # Backbones: transformers models, built at random from a preset or loaded with from_pretrained
 
 
-def backbone_config(kind, size):
-    """The transformers config of a random-init backbone of this size (dropout and drop-path off)."""
+def numerics_config(kind, numerics):
+    """Config overrides of a numerics choice (see the module docstring); 'hf' keeps the checkpoint's own."""
+    if numerics not in NUMERICS:
+        raise UserError(f"unknown numerics {numerics!r}; valid: {', '.join(NUMERICS)}")
+    if numerics == "hf":
+        return {}
+    return dict(hidden_act="gelu", layer_norm_eps=1e-6) if kind == "clip" else dict(layer_norm_eps=1e-6)
+
+
+def backbone_config(kind, s, numerics="hf"):
+    """The transformers config of a random-init backbone of ViTSize s (dropout and drop-path off)."""
     from transformers import CLIPVisionConfig, DINOv3ViTConfig
-    s = _size(size)
     common = dict(hidden_size=s.width, num_hidden_layers=s.depth, num_attention_heads=s.heads,
                   intermediate_size=s.mlp, patch_size=16, attention_dropout=0.0)
     if kind == "clip":
-        return CLIPVisionConfig(**common, projection_dim=s.proj, image_size=224, hidden_act="quick_gelu")
-    # 4 register tokens; RoPE coordinate augmentation off so train mode is deterministic.
-    return DINOv3ViTConfig(**common, num_register_tokens=4, layerscale_value=1.0, drop_path_rate=0.0,
-                           pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None)
+        cfg = dict(common, projection_dim=s.proj, image_size=s.image_size, hidden_act="quick_gelu")
+        return CLIPVisionConfig(**{**cfg, **numerics_config(kind, numerics)})
+    # RoPE coordinate augmentation off so train mode is deterministic.
+    return DINOv3ViTConfig(**common, num_register_tokens=s.registers, layerscale_value=1.0, drop_path_rate=0.0,
+                           pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None,
+                           **numerics_config(kind, numerics))
 
 
 def _model_types(kind):
@@ -112,21 +146,21 @@ def load_pretrained(cls, kind, weights, what="backbone", **overrides):
     return model
 
 
-def build_backbone(kind, size="base", weights=None):
+def build_backbone(kind, size="base", weights=None, numerics="hf"):
     from transformers import CLIPVisionModelWithProjection, DINOv3ViTModel
     cls = CLIPVisionModelWithProjection if kind == "clip" else DINOv3ViTModel
     if weights is None:
         if size == "base":
             warnings.warn(f"building the base {kind} student with RANDOM backbone weights (weights=None): "
                           f"fine for tests, useless for reproducing the paper (default {DEFAULT_WEIGHTS[kind]})")
-        return cls(backbone_config(kind, size))
-    overrides = dict(attention_dropout=0.0)
+        return cls(backbone_config(kind, _size(size), numerics))
+    overrides = dict(attention_dropout=0.0, **numerics_config(kind, numerics))
     if kind == "dinov3":
         overrides.update(drop_path_rate=0.0, pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None)
     model = load_pretrained(cls, kind, weights, **overrides)
     if model.config.hidden_size != _size(size).width:
         raise UserError(f"{weights!r} has width {model.config.hidden_size}, but --size {size} expects "
-                         f"{_size(size).width}; pick the matching --size or checkpoint")
+                        f"{_size(size).width}; pick the matching --size or checkpoint")
     return model
 
 
@@ -187,13 +221,15 @@ class ClassAttention(nn.Module):
     def forward(self, x, guide, n):
         # x: (B*N, C, h, w) one map per class; guide: (N, C) projected class embeddings
         bn, c, h, w = x.shape
-        p = F.avg_pool2d(x, self.pool, ceil_mode=True)                      # (B*N, C, h', w')
+        # (B*N, C, h // 4, w // 4): rounds down as released; a map under 4 cells (an input under 64 px, which
+        # the release never sees) keeps one cell instead of none
+        p = F.avg_pool2d(x, self.pool, ceil_mode=min(h, w) < self.pool)
         hp, wp = p.shape[-2:]
         tok = p.view(bn // n, n, c, hp * wp).permute(0, 3, 1, 2).reshape(-1, n, c)   # (B*h'*w', N, C)
         tok = torch.cat([tok, guide.expand(tok.shape[0], n, c)], -1)        # (B*h'*w', N, 2C)
         tok = self.layer(tok)[..., :c]                                      # keep the first C channels
         out = tok.view(bn // n, hp * wp, n, c).permute(0, 2, 3, 1).reshape(bn, c, hp, wp)
-        return x + F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+        return x + F.interpolate(out, size=(h, w), mode="bilinear", align_corners=True)   # as released
 
 
 class UpBlock(nn.Module):
@@ -207,7 +243,7 @@ class UpBlock(nn.Module):
 
     def forward(self, x, feat, n):
         x = self.up(x)                                                       # (B*N, cup, 2h, 2w)
-        s = F.interpolate(self.skip(feat), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        s = F.interpolate(self.skip(feat), size=x.shape[-2:], mode="bilinear", align_corners=True)  # as released
         s = s.repeat_interleave(n, dim=0)                                    # one copy per class map
         return self.convs(torch.cat([x, s], 1))
 
@@ -229,10 +265,11 @@ class Co2SHead(nn.Module):
         f1, f2, f3 = feats                                           # (B, C, h, w) each, fine to coarse
         b, n = f3.shape[0], T.shape[0]
         # E3: cosine similarity of every pixel embedding with every class embedding
-        S = torch.einsum("bchw,nc->bnhw", F.normalize(f3, dim=1), F.normalize(T, dim=-1))  # (B, N, h, w)
+        T = F.normalize(T, dim=-1)                                   # unit class embeddings, here and for the guide
+        S = torch.einsum("bchw,nc->bnhw", F.normalize(f3, dim=1), T)  # (B, N, h, w)
         x = self.stem(S.reshape(b * n, 1, *S.shape[-2:]))            # (B*N, 128, h, w)
         x = x + self.aspp(x)
-        guide = self.guide(T)                                        # (N, 128)
+        guide = self.guide(T)                                        # (N, 128), of the NORMALISED T (as released)
         for layer in self.class_attn:
             x = layer(x, guide, n)
         x = self.up2(self.up1(x, f2, n), f1, n)                      # (B*N, 32, 4h, 4w)
@@ -244,9 +281,9 @@ class Co2SHead(nn.Module):
 
 
 class Student(nn.Module):
-    def __init__(self, kind, backbone, num_classes, text=None, name=None):
+    def __init__(self, kind, backbone, num_classes, text=None, name=None, numerics="hf"):
         super().__init__()
-        self.kind, self.name = kind, name or kind
+        self.kind, self.name, self.numerics = kind, name or kind, numerics
         self.backbone = backbone
         self.taps = tapped_blocks(kind, backbone.config.num_hidden_layers)
         self.grad_checkpoint = False
@@ -260,18 +297,33 @@ class Student(nn.Module):
             self.queries = nn.Embedding(num_classes, f3_dim)
             nn.init.normal_(self.queries.weight, std=0.02)
         self.head = Co2SHead(feat_dim=width, embed_dim=f3_dim)
+        if kind == "dinov3":    # RoPE periods (head_dim / 4 of them), in the dtype the rotation runs in
+            self.register_buffer("rope_periods", rope_periods(backbone.config, numerics))
+        self._frozen = {}       # position tables computed once per input size (see _cached)
 
     def class_embeddings(self):
         return self.text if self.queries is None else self.queries.weight
 
-    def _block(self, block, x, **kw):
+    def _block(self, fn, *args):
         if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(block, x, use_reentrant=False, **kw)
-        return block(x, **kw)
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    @torch.no_grad()
+    def _cached(self, what, source, h, w, make):
+        """make(source, h, w) once per (what, size, device, dtype) while `source` (a frozen tensor) is unchanged."""
+        key = (what, h, w, source.device, source.dtype, source._version)
+        if key not in self._frozen:
+            self._frozen = {k: v for k, v in self._frozen.items() if k[0] != what or k[-1] == source._version}
+            self._frozen[key] = make(source, h, w)
+        return self._frozen[key]
 
     def _clip_features(self, x):
         vm = self.backbone.vision_model
-        h = vm.pre_layrnorm(vm.embeddings(x, interpolate_pos_encoding=True))  # (B, 1+hw, C)
+        emb, (h, w) = vm.embeddings, (x.shape[-2] // 16, x.shape[-1] // 16)
+        patches = emb.patch_embedding(x.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        tokens = torch.cat([emb.class_embedding.expand(len(x), 1, -1), patches], 1)       # (B, 1+hw, C)
+        h = vm.pre_layrnorm(tokens + self._cached("pos", emb.position_embedding.weight, h, w, resize_positions))
         maps = []
         for i, block in enumerate(blocks(self.backbone)):
             if i in self.taps:
@@ -282,18 +334,19 @@ class Student(nn.Module):
                 maps.append(v)
             if i == self.taps[-1]:
                 break                      # the main path after the last tap is never used
-            h = self._block(block, h, attention_mask=None)
+            h = self._block(block, h, None)
         # E1, dense embedding: last value path -> post_layernorm -> visual_projection -> unit norm
         maps[-1] = F.normalize(self.backbone.visual_projection(vm.post_layernorm(maps[-1])), dim=-1)
         return [m[:, 1:] for m in maps]    # drop CLS
 
     def _dinov3_features(self, x):
         bb = self.backbone
-        h, rope = bb.embeddings(x), bb.rope_embeddings(x)  # (B, 1+4+hw, C); RoPE from the input size
+        cos, sin = self._cached("rope", self.rope_periods, x.shape[-2] // 16, x.shape[-1] // 16, rope_tables)
+        h = bb.embeddings(x)                                          # (B, 1+4+hw, C): CLS, registers, patches
         prefix = 1 + bb.config.num_register_tokens
         maps = []
         for i, block in enumerate(blocks(bb)[: self.taps[-1] + 1]):
-            h = self._block(block, h, position_embeddings=rope)
+            h = self._block(dinov3_block, block, h, cos, sin)
             if i in self.taps:
                 maps.append(bb.norm(h)[:, prefix:])   # final LayerNorm, patch tokens only
         return maps
@@ -315,11 +368,65 @@ class Student(nn.Module):
         return (logits[: len(x)], logits[len(x):]) if fp else logits
 
 
-def build_student(kind, num_classes, *, size="base", weights=None, guidance=None, text=None, name=None):
+def resize_positions(table, h, w):
+    """CLIP's (1 + g*g, C) position table for an h x w patch grid: the CLS entry, then the g x g grid resized
+    bicubically (align_corners False, as transformers and the release do). The same table every forward."""
+    g = math.isqrt(table.shape[0] - 1)
+    if (h, w) == (g, g):
+        return table
+    grid = table[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(table.dtype)
+    return torch.cat([table[:1], grid.permute(0, 2, 3, 1).reshape(h * w, -1)])
+
+
+def rope_periods(config, numerics):
+    """DINOv3 RoPE periods base^(2j / (head_dim / 2)), j < head_dim / 4: fp32 ('hf'), or bf16 as the release
+    computes and stores them ('release'; the whole rotation then runs in bf16)."""
+    n = config.hidden_size // config.num_attention_heads // 4
+    dtype = torch.bfloat16 if numerics == "release" else torch.float32
+    return config.rope_theta ** (2 * torch.arange(n, dtype=dtype) / (2 * n))
+
+
+def rope_tables(periods, h, w):
+    """cos, sin (h*w, head_dim) of an h x w patch grid, in the dtype of `periods` (each step rounded to it,
+    as the release computes them): patch centres in [-1, 1] per axis, angles 2 pi coord / period, [y | x] x 2."""
+    ys = torch.arange(0.5, h, dtype=periods.dtype, device=periods.device) / h
+    xs = torch.arange(0.5, w, dtype=periods.dtype, device=periods.device) / w
+    coords = 2.0 * torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).flatten(0, 1) - 1.0   # (hw, 2): y, x
+    angles = (2 * math.pi * coords[:, :, None] / periods[None, None, :]).flatten(1, 2).tile(2)  # (hw, head_dim)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def rotate(x, cos, sin):
+    """RoPE on the patch tokens (the last len(cos) of x (B, heads, T, d)), computed in the dtype of cos:
+    x is cast to it whole (prefix tokens too, as the release does) and cast back afterwards."""
+    dtype, n = x.dtype, cos.shape[0]
+    x = x.to(cos.dtype)
+    patches = x[..., -n:, :]
+    half = patches.shape[-1] // 2
+    patches = patches * cos + torch.cat([-patches[..., half:], patches[..., :half]], -1) * sin
+    return torch.cat([x[..., :-n, :], patches], -2).to(dtype)
+
+
+def dinov3_block(block, h, cos, sin):
+    """One DINOv3 block with the weights of the transformers module `block`: pre-norm attention with RoPE on
+    the patch tokens and layer scale, then pre-norm MLP and layer scale. Written out rather than calling
+    block.forward because the release rotates q and k in bf16, which transformers does not."""
+    attn, (b, t, c) = block.attention, h.shape
+    x = block.norm1(h)
+    q, k, v = (p(x).view(b, t, attn.num_heads, -1).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    x = F.scaled_dot_product_attention(rotate(q, cos, sin), rotate(k, cos, sin), v)      # (B, heads, T, d)
+    h = h + block.layer_scale1(attn.o_proj(x.transpose(1, 2).reshape(b, t, c)))
+    return h + block.layer_scale2(block.mlp(block.norm2(h)))
+
+
+def build_student(kind, num_classes, *, size="base", weights=None, guidance=None, text=None, name=None,
+                  numerics="hf"):
     """One Co2S student. kind: 'clip' | 'dinov3'. guidance: 'text' (CLIP default) | 'queries'.
 
     weights: hub id or local folder of the backbone (None = random init). text: the (N, D) class
-    embeddings of text guidance (text.class_embeddings gives them from concepts, a file or a stand-in)."""
+    embeddings of text guidance (text.class_embeddings gives them from concepts, a file or a stand-in).
+    numerics: 'hf' | 'release' (see the module docstring)."""
     if kind not in KINDS:
         raise UserError(f"unknown student kind {kind!r}; valid kinds: {', '.join(KINDS)}")
     guidance = guidance or ("text" if kind == "clip" else "queries")
@@ -331,19 +438,19 @@ def build_student(kind, num_classes, *, size="base", weights=None, guidance=None
                          f"embeddings, got {None if text is None else tuple(text.shape)}")
     # The backbone is built (and its pretrained weights loaded) first; the head and the queries created
     # after it are new modules, so nothing re-initialises the loaded weights (METHOD.md section 7.3).
-    backbone = build_backbone(kind, size, weights)
+    backbone = build_backbone(kind, size, weights, numerics)
     freeze_all_but_attention(backbone)
-    return Student(kind, backbone, num_classes, text=text if guidance == "text" else None, name=name)
+    return Student(kind, backbone, num_classes, text=text if guidance == "text" else None, name=name, numerics=numerics)
 
 
 def build_model(kinds, num_classes, *, size="base", weights=None, clip_guidance="text", text=None,
-                fusion="confidence", grad_checkpoint=False):
+                fusion="confidence", grad_checkpoint=False, numerics="hf"):
     """The students (E1-E4) inside the fusion head (E10). kinds: e.g. ['clip', 'dinov3'].
     weights: {kind: hub id or folder or None}; text: the CLIP class embeddings (see build_student)."""
     students = []
     for kind, name in zip(kinds, student_names(kinds)):
         s = build_student(kind, num_classes, size=size, weights=(weights or {}).get(kind), name=name, text=text,
-                          guidance=clip_guidance if kind == "clip" else "queries")
+                          guidance=clip_guidance if kind == "clip" else "queries", numerics=numerics)
         s.grad_checkpoint = grad_checkpoint
         students.append(s)
     return Co2S(students, fusion=fusion)
@@ -382,3 +489,32 @@ class Co2S(nn.Module):
 def student_names(kinds):
     """clip,dinov3 -> clip, dinov3; clip,clip -> clip1, clip2 (names must be unique)."""
     return [k if kinds.count(k) == 1 else f"{k}{kinds[:i + 1].count(k)}" for i, k in enumerate(kinds)]
+
+
+# --------------------------------------------------------------------------------------------
+# The authors' released checkpoints (their format: release.py)
+
+
+def from_release(path, text=None):
+    """A Student from one of the authors' released files, in eval mode with the release numerics: the same
+    logits as their network for one window. The kind comes from the keys, the sizes from the shapes.
+    text: the CLIP student's (N, D) class embeddings if the file does not hold them (theirs do)."""
+    sd = release.read(path)
+    kind, sizes = release.kind_and_sizes(path, sd)
+    size = ViTSize(**sizes)
+    if kind == "clip":
+        text = sd["_cached_text"] if "_cached_text" in sd else text
+        if text is None:
+            raise UserError(f"{path!r} holds no class embeddings (_cached_text): pass the authors' concept-averaged "
+                            f"[N, {size.proj}] file with --text-embeddings")
+        sd = {**sd, "_cached_text": text}
+        num_classes = text.shape[0]
+    else:
+        num_classes = sd["text_provider.emb.weight"].shape[0] if "text_provider.emb.weight" in sd else 0
+    from transformers import CLIPVisionModelWithProjection, DINOv3ViTModel
+    backbone = (CLIPVisionModelWithProjection if kind == "clip" else DINOv3ViTModel)(backbone_config(kind, size, "release"))
+    freeze_all_but_attention(backbone)
+    student = Student(kind, backbone, num_classes, text=text, name=kind, numerics="release")
+    prefix = "backbone." + next(n for n, m in backbone.named_modules() if m is blocks(backbone))
+    student.load_state_dict(release.convert(path, sd, kind, student.state_dict(), blocks_prefix=prefix))
+    return student.eval()

@@ -29,7 +29,7 @@ import eval as evaluation
 from catalog import CHOICES, dataset_info, parse_ratio
 from download import ensure
 from errors import UserError, cli
-from model import DEFAULT_WEIGHTS, KINDS, build_model, student_names
+from model import DEFAULT_WEIGHTS, KINDS, NUMERICS, build_model, student_names
 from text import class_embeddings
 
 # METHOD.md section 5: the paper fine-tunes PRETRAINED ViTs, so the backbone barely moves (lr x0.01).
@@ -68,6 +68,10 @@ def get_args(argv=None):
     a("--dinov3-weights", default=None, help=f"hub id or local folder (base default {DEFAULT_WEIGHTS['dinov3']}); 'none' = random")
     a("--clip-guidance", default="text", choices=["text", "queries"], help="ablation: CLIP student with learnable queries instead of text (E2)")
     a("--text-embeddings", default=None, help="precomputed [N, 512] .npy/.pt class embeddings for the CLIP student")
+    a("--numerics", default="hf", choices=NUMERICS, help="backbone numerics: the transformers checkpoints as they are "
+      "(hf), or as the authors' code ran them (release: exact GELU, LayerNorm eps 1e-6, bf16 RoPE)")
+    a("--init", default=None, help="start from the weights of a checkpoint (ours, or a converted release: eval.py "
+                                   "--release DIR --save RUN_DIR); its students, size and numerics are used")
     a("--grad-checkpoint", action="store_true", help="recompute the trainable blocks in backward (memory)")
     # method (co2s.py switches)
     a("--method", default="co2s", choices=co2s.METHODS, help="co2s (E5-E8) | unimatch (no E8) | supervised (E5 only)")
@@ -121,7 +125,11 @@ def resolve(args):
     for kind in KINDS:
         w = cfg[f"{kind}_weights"] or (DEFAULT_WEIGHTS[kind] if cfg["size"] == "base" else "none")
         cfg[f"{kind}_weights"] = None if w == "none" else w
-    random_students = all(cfg[f"{k}_weights"] is None for k in args.students.split(","))
+    if args.init:   # fine-tuning: the checkpoint decides what the students are
+        init = evaluation.read_checkpoint(evaluation.resolve_checkpoint(args.init))["model_args"]
+        cfg.update(students=",".join(init["kinds"]), size=init["size"], clip_guidance=init["clip_guidance"],
+                   numerics=init["numerics"], clip_weights=None, dinov3_weights=None)
+    random_students = not args.init and all(cfg[f"{k}_weights"] is None for k in cfg["students"].split(","))
     recipe = SCRATCH_RECIPE if random_students else PAPER_RECIPE
     cfg["recipe"] = ("scratch: every student has random weights" if random_students else
                      "paper: pretrained students (METHOD.md section 5)")
@@ -133,12 +141,20 @@ def resolve(args):
 
 def model_args(cfg, num_classes):
     """What builds the model (saved in every checkpoint, so eval.py and --resume rebuild it without downloads)."""
-    return dict(kinds=cfg["students"].split(","), num_classes=num_classes, size=cfg["size"],
+    return dict(kinds=cfg["students"].split(","), num_classes=num_classes, size=cfg["size"], numerics=cfg["numerics"],
                 clip_guidance=cfg["clip_guidance"], fusion=cfg["fusion"], grad_checkpoint=cfg["grad_checkpoint"])
 
 
 def new_model(cfg, info):
-    """(model, text source) of a new run: pretrained backbones, and the CLIP student's class embeddings."""
+    """(model, text source) of a new run: pretrained backbones, and the CLIP student's class embeddings;
+    or (--init) the weights of a checkpoint."""
+    if cfg["init"]:
+        state = evaluation.read_checkpoint(evaluation.resolve_checkpoint(cfg["init"]))
+        if state["model_args"]["num_classes"] != len(info.classes):
+            raise UserError(f"--init {cfg['init']!r} predicts {state['model_args']['num_classes']} classes, "
+                            f"{cfg['dataset']} has {len(info.classes)}")
+        model = evaluation.model_from_checkpoint(dict(state, model_args=model_args(cfg, len(info.classes))))
+        return model, f"the checkpoint {cfg['init']}"
     kinds, text, source = cfg["students"].split(","), None, None
     if "clip" in kinds and cfg["clip_guidance"] == "text":
         text, source = class_embeddings(info.concepts, size=cfg["size"], clip_weights=cfg["clip_weights"],
@@ -176,11 +192,6 @@ def average_gradients(params, world):
         work.wait()
     for g in grads:
         g.div_(world)
-
-
-def save_atomic(obj, path):
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)  # a crash mid-write never leaves a truncated checkpoint
 
 
 def rng_state():
@@ -346,7 +357,7 @@ def save_checkpoint(path, cfg, info, model, optimizers, scaler, step, best):
     """Everything to resume or evaluate the run, written atomically; never NaN weights over a good file."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         return
-    save_atomic(dict(cfg=cfg, model_args=model_args(cfg, len(info.classes)), step=step, best=best,
+    evaluation.save_atomic(dict(cfg=cfg, model_args=model_args(cfg, len(info.classes)), step=step, best=best,
                      model=model.state_dict(), rng=rng_state(), optimizers=[o.state_dict() for o in optimizers],
                      scaler=scaler.state_dict()), path)
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 import catalog
@@ -63,24 +64,30 @@ def test_confusion_matrix_hand_computed_miou():
     # ignore pixels (255) do not count, whatever was predicted there (3 and 0)
     assert cm.mat.sum() == 6 and cm.mat[3].sum() == 0 and cm.mat[:, 3].sum() == 0
     # class 0: TP 2, FN 1 (-> 1), FP 0 -> 2/3; class 1: TP 1, FP 1, FN 1 -> 1/3; class 2: TP 1, FP 1 -> 1/2
-    # class 3: absent from labels and predictions -> NaN, excluded from the mean (nanmean, as mmseg)
+    # class 3: absent from labels and predictions: IoU NaN (shown '-'); the release's mIoU counts it as 0,
+    # miou_present leaves it out (mmseg's nanmean)
     iou = cm.iou()
     assert torch.allclose(iou[:3], torch.tensor([2 / 3, 1 / 3, 1 / 2], dtype=torch.float64))
     assert math.isnan(iou[3])
-    assert cm.miou() == pytest.approx((2 / 3 + 1 / 3 + 1 / 2) / 3)
+    assert cm.miou() == pytest.approx((2 / 3 + 1 / 3 + 1 / 2 + 0) / 4)
+    assert cm.miou_present() == pytest.approx((2 / 3 + 1 / 3 + 1 / 2) / 3)
     assert cm.acc() == pytest.approx(4 / 6)
     d = cm.to_dict(CLASSES)
     assert d["iou"]["d"] is None and d["iou"]["a"] == pytest.approx(2 / 3) and d["pixels"] == 6
-    assert d["miou"] == pytest.approx(0.5)  # fractions, as train.py expects (it prints 100 * miou)
+    assert d["miou"] == pytest.approx(0.375) and d["miou_present"] == pytest.approx(0.5)  # fractions (train prints %)
     json.dumps(d)  # JSON-safe (no NaN for the absent class)
     table = cm.table(CLASSES)
-    assert "50.00" in table and "66.67" in table and "mIoU" in table and "aAcc" in table
+    assert "37.50" in table and "66.67" in table and "mIoU present" in table and "50.00" in table and "aAcc" in table
+    full = ev.ConfusionMatrix(2)
+    full.update(torch.tensor([0, 1]), torch.tensor([0, 1]))
+    assert "mIoU present" not in full.table(["a", "b"])                  # shown only when it differs
 
 
 def test_confusion_matrix_predicted_but_absent_class_counts_zero():
     cm = ev.ConfusionMatrix(3)
     cm.update(torch.tensor([0, 2]), torch.tensor([0, 0]))  # class 2 predicted, never labelled: a false positive
-    assert cm.iou()[2] == 0 and cm.miou() == pytest.approx((0.5 + 0) / 2)  # class 1 NaN, class 2 counts as 0
+    assert cm.iou()[2] == 0 and cm.miou_present() == pytest.approx((0.5 + 0) / 2)  # class 1 NaN, class 2 counts as 0
+    assert cm.miou() == pytest.approx((0.5 + 0 + 0) / 3)                              # the release: class 1 counts 0 too
 
 
 def test_confusion_matrix_rejects_out_of_range_labels():
@@ -166,6 +173,19 @@ def test_evaluate_accumulates_each_prediction_over_the_split():
     assert set(cms) == {"s", "t", "fused"}
     assert cms["s"].mat.tolist() == [[3 * 24, 3 * 24], [0, 0]]   # 48 valid pixels per image, half right
     assert cms["s"].miou() == pytest.approx(0.25)   # class 0 IoU 1/2; class 1 predicted, never labelled: IoU 0
+    # the protocol: a 256 px image evaluated at 512 (windows of 256, stride 213 -> 3 x 3), logits back at 256
+    seen, grid = [], torch.arange(256.0).view(1, 1, 1, 256).expand(1, 1, 256, 256)
+    probe = Local("p", 2)
+    probe.forward = lambda x: seen.append(tuple(x.shape[-2:])) or torch.cat([x[:, :1], -x[:, :1]], 1)
+    img = data.normalize(data.eval_resize(Image.fromarray(np.zeros((256, 256, 3), np.uint8)), 512))[None]
+    assert img.shape[-2:] == (512, 512)
+    out = ev.predict(Co2S([probe]), img, 256, names=["p"], out_size=(256, 256))["p"]
+    assert out.shape == (1, 2, 256, 256) and seen == [(256, 256)] * 9
+    logits = ev.sliding_window(lambda x: x.mean(1, keepdim=True).expand(-1, 2, -1, -1), grid.expand(1, 3, -1, -1), 256)
+    assert torch.equal(logits, grid.expand(1, 2, -1, -1))
+    back = F.interpolate(torch.arange(512.0).view(1, 1, 1, 512).expand(1, 2, 512, 512), size=(256, 256),
+                         mode="bilinear", align_corners=True)
+    assert torch.allclose(back[0, 0, 0, [0, -1]], torch.tensor([0.0, 511.0]))    # align_corners: the corners map
     assert model.training                                         # train mode restored
 
 
@@ -187,7 +207,7 @@ def test_predict_folder_writes_palette_masks_of_the_input_size(tmp_path):
     for f, (h, w) in sizes.items():
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f)
     (folder / "notes.txt").write_text("not an image")
-    info = types.SimpleNamespace(classes=CLASSES, palette=PALETTE)
+    info = types.SimpleNamespace(classes=CLASSES, palette=PALETTE, eval_size=None)
     written = ev.predict_folder(_tiny_model(), info, str(folder), str(tmp_path / "out"), crop=64)
     assert len(written) == 4
     for f, (h, w) in sizes.items():
@@ -222,7 +242,7 @@ def test_main_errors_name_the_bad_input(tmp_path, capsys, monkeypatch):
     empty.mkdir()
     err = error([str(run), "--predict", str(empty), "--out", str(tmp_path / "o")])
     assert str(empty) in err and ".png" in err and ".jpg" in err
-    _fake_run(monkeypatch, _tiny_model(), types.SimpleNamespace(classes=CLASSES, palette=PALETTE, crop=64), {"crop": 64})
+    _fake_run(monkeypatch, _tiny_model(), types.SimpleNamespace(classes=CLASSES, palette=PALETTE, crop=64, eval_size=None), {"crop": 64})
     err = error([str(run), "--student", "dino"])
     assert "'dino'" in err and "dinov3, clip, fused, all" in err
 
@@ -255,7 +275,8 @@ def test_main_evaluates_the_split_and_writes_json(tmp_path, monkeypatch, capsys)
     for r in saved["results"].values():
         assert r["pixels"] == 2 * 40 * 80        # both val images, ignore rows excluded
         present = [v for v in r["iou"].values() if v is not None]
-        assert r["miou"] == pytest.approx(sum(present) / len(present))
+        assert r["miou_present"] == pytest.approx(sum(present) / len(present))
+        assert r["miou"] == pytest.approx(sum(present) / len(CLASSES))
     assert "mIoU" in capsys.readouterr().out
 
     ev.main([str(run / "best.pt"), "--student", "clip", "--split", "labeled", "--workers", "0"])

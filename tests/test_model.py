@@ -34,7 +34,7 @@ needs_authors_files = pytest.mark.skipif(EMB is None, reason="the authors' text 
 
 def embeddings_module(student):
     bb = student.backbone
-    return bb.vision_model.embeddings if student.kind == "clip" else bb.embeddings
+    return bb.vision_model.embeddings.patch_embedding if student.kind == "clip" else bb.embeddings
 
 
 def count_backbone_passes(student):

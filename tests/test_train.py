@@ -16,6 +16,7 @@ import text
 import train
 from demo import prepare_demo
 from errors import UserError, cli
+from toy_data import custom_root
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,21 +27,6 @@ def micro_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("demo"))
     prepare_demo(root, seed=0, n_train=16, n_val=2)
     return root
-
-
-def custom_root(root, n=12):
-    """A custom dataset of n 64 px tiles (5 classes, the last 2 tiles in val.txt): the layout a user brings."""
-    rng = np.random.default_rng(0)
-    os.makedirs(os.path.join(root, "images"), exist_ok=True)
-    os.makedirs(os.path.join(root, "labels"), exist_ok=True)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(os.path.join(root, "images", f"{i:02d}.png"))
-        Image.fromarray(rng.integers(0, 5, (64, 64), dtype=np.uint8)).save(os.path.join(root, "labels", f"{i:02d}.png"))
-    with open(os.path.join(root, "classes.txt"), "w") as f:
-        f.write("road\nroof\ngrass\ntree\nwater\n")
-    with open(os.path.join(root, "val.txt"), "w") as f:
-        f.writelines(f"images/{i:02d}.png labels/{i:02d}.png\n" for i in range(n - 2, n))
-    return str(root)
 
 
 def bad_label_value(root):

@@ -1,0 +1,136 @@
+"""release.py: the format of the authors' released checkpoints (best_clip.pth / best_dinov3.pth).
+
+Written from their code (XavierJiezou/Co2S @ 26bc087): each file is {'model', 'optimizer', 'epoch'},
+'model' the state dict of a DDP-wrapped student (keys start with 'module.'), tensors saved on the GPU.
+CLIP student (221 keys at ViT-B/16, 512 px): an mmseg VisionTransformer holding the OpenAI weights
+(fused q/k/v `in_proj`, the position table already resized to the crop, `proj` as a 1x1 conv), the
+decode head and `_cached_text`, the class embeddings. DINOv3 student (257 keys): the DINOv3 reference
+ViT (fused `qkv` with a `bias_mask` that zeroes the key bias, `rope_embed.periods` in bf16), the head
+and the learnable queries `text_provider.emb.weight`. model.from_release builds our Student from them.
+
+Each release key is renamed by the rule it matches in full; '{qkv}' marks a fused q, k, v tensor that is
+split in that order, '{blocks}' the DINOv3 block list (its path moved in transformers 5.2).
+"""
+import math
+import re
+
+import torch
+
+from errors import UserError
+
+_W = r"(weight|bias)"
+RULES = {
+    "clip": [
+        (r"backbone\.cls_token", "backbone.vision_model.embeddings.class_embedding"),
+        (r"backbone\.pos_embed", "backbone.vision_model.embeddings.position_embedding.weight"),
+        (r"backbone\.patch_embed\.projection\.weight", "backbone.vision_model.embeddings.patch_embedding.weight"),
+        (rf"backbone\.ln0\.{_W}", r"backbone.vision_model.pre_layrnorm.\1"),
+        (rf"backbone\.layers\.(\d+)\.ln([12])\.{_W}", r"backbone.vision_model.encoder.layers.\1.layer_norm\2.\3"),
+        (rf"backbone\.layers\.(\d+)\.attn\.attn\.in_proj_{_W}", r"backbone.vision_model.encoder.layers.\1.self_attn.{qkv}_proj.\2"),
+        (rf"backbone\.layers\.(\d+)\.attn\.attn\.out_proj\.{_W}", r"backbone.vision_model.encoder.layers.\1.self_attn.out_proj.\2"),
+        (rf"backbone\.layers\.(\d+)\.ffn\.layers\.0\.0\.{_W}", r"backbone.vision_model.encoder.layers.\1.mlp.fc1.\2"),
+        (rf"backbone\.layers\.(\d+)\.ffn\.layers\.1\.{_W}", r"backbone.vision_model.encoder.layers.\1.mlp.fc2.\2"),
+        (rf"backbone\.ln1\.{_W}", r"backbone.vision_model.post_layernorm.\1"),
+        (r"backbone\.proj\.weight", "backbone.visual_projection.weight"),     # a 1x1 conv there, a Linear here
+        (r"_cached_text", "text")],
+    "dinov3": [
+        (r"backbone\.cls_token", "backbone.embeddings.cls_token"),
+        (r"backbone\.storage_tokens", "backbone.embeddings.register_tokens"),
+        (r"backbone\.mask_token", "backbone.embeddings.mask_token"),
+        (rf"backbone\.patch_embed\.proj\.{_W}", r"backbone.embeddings.patch_embeddings.\1"),
+        (r"backbone\.rope_embed\.periods", "rope_periods"),
+        (rf"backbone\.blocks\.(\d+)\.norm([12])\.{_W}", r"{blocks}.\1.norm\2.\3"),
+        (rf"backbone\.blocks\.(\d+)\.attn\.qkv\.{_W}", r"{blocks}.\1.attention.{qkv}_proj.\2"),
+        (rf"backbone\.blocks\.(\d+)\.attn\.proj\.{_W}", r"{blocks}.\1.attention.o_proj.\2"),
+        (r"backbone\.blocks\.(\d+)\.ls([12])\.gamma", r"{blocks}.\1.layer_scale\2.lambda1"),
+        (rf"backbone\.blocks\.(\d+)\.mlp\.fc1\.{_W}", r"{blocks}.\1.mlp.up_proj.\2"),
+        (rf"backbone\.blocks\.(\d+)\.mlp\.fc2\.{_W}", r"{blocks}.\1.mlp.down_proj.\2"),
+        (rf"backbone\.norm\.{_W}", r"backbone.norm.\1"),
+        (r"text_provider\.emb\.weight", "queries.weight")],
+    "head": [
+        (rf"decode_head\.conv1\.{_W}", r"head.stem.\1"),
+        (r"decode_head\.aspp\.aspp_convs\.([0-3])\.([01])\.(.+)", r"head.aspp.branches.\1.\2.\3"),
+        (r"decode_head\.aspp\.aspp_convs\.4\.gap\.1\.weight", "head.aspp.pool.0.weight"),
+        (rf"decode_head\.aspp\.aspp_convs\.4\.gap\.2\.{_W}", r"head.aspp.pool.1.\1"),
+        (r"decode_head\.aspp\.project\.([01])\.(.+)", r"head.aspp.project.\1.\2"),
+        (rf"decode_head\.text_proj\.0\.{_W}", r"head.guide.0.\1"),
+        (rf"decode_head\.layers\.(\d)\.transformer\.ln([12])\.{_W}", r"head.class_attn.\1.layer.norm\2.\3"),
+        (r"decode_head\.layers\.(\d)\.transformer\.attn\.attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)",
+         r"head.class_attn.\1.layer.self_attn.\2"),
+        (rf"decode_head\.layers\.(\d)\.transformer\.ffn\.layers\.0\.0\.{_W}", r"head.class_attn.\1.layer.linear1.\2"),
+        (rf"decode_head\.layers\.(\d)\.transformer\.ffn\.layers\.1\.{_W}", r"head.class_attn.\1.layer.linear2.\2"),
+        (rf"decode_head\.skip_proj\.0\.0\.{_W}", r"head.up1.skip.0.\1"),     # the deeper skip (f2) feeds up1
+        (rf"decode_head\.skip_proj\.1\.0\.{_W}", r"head.up2.skip.0.\1"),
+        (rf"decode_head\.up([12])\.up\.{_W}", r"head.up\1.up.\2"),
+        (r"decode_head\.up([12])\.conv\.([01])\.(.+)", r"head.up\1.convs.0.\2.\3"),   # conv, GN, (ReLU), conv, GN
+        (r"decode_head\.up([12])\.conv\.3\.weight", r"head.up\1.convs.1.0.weight"),
+        (rf"decode_head\.up([12])\.conv\.4\.{_W}", r"head.up\1.convs.1.1.\2"),
+        (rf"decode_head\.head\.{_W}", r"head.out.\1")],
+}
+
+
+def read(path):
+    """The state dict of a released student file, on the CPU, without the DDP 'module.' prefix."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)   # GPU tensors load on a CPU machine too
+    except Exception as e:
+        raise UserError(f"cannot read the released checkpoint {path!r} ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+    sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        raise UserError(f"{path!r} holds no state dict (expected {{'model': ..., 'optimizer': ..., 'epoch': ...}} "
+                        f"as the authors' Co2S.py saves, or a plain state dict)")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def kind_and_sizes(path, sd):
+    """Which student a release state dict holds, and its sizes (model.ViTSize fields) read off the tensor
+    shapes, with heads = width / 64 as in every ViT preset."""
+    kind = "clip" if "backbone.ln0.weight" in sd else "dinov3" if "backbone.storage_tokens" in sd else None
+    blocks_key, fc1 = ("backbone.layers.", "backbone.layers.0.ffn.layers.0.0.weight") if kind == "clip" else \
+                      ("backbone.blocks.", "backbone.blocks.0.mlp.fc1.weight")
+    needed = ["backbone.cls_token", fc1] + (["backbone.proj.weight", "backbone.pos_embed"] if kind == "clip" else [])
+    if kind is None or any(k not in sd for k in needed):
+        raise UserError(f"{path!r} is not a released Co2S student (neither backbone.ln0 of the CLIP student nor "
+                        f"backbone.storage_tokens of the DINOv3 one, or missing {[k for k in needed if k not in sd]}); "
+                        f"its first keys: {list(sd)[:4]}")
+    width = sd["backbone.cls_token"].shape[-1]
+    sizes = dict(width=width, depth=1 + max(int(k.split(".")[2]) for k in sd if k.startswith(blocks_key)),
+                 heads=width // 64, mlp=sd[fc1].shape[0])
+    if kind == "clip":
+        return kind, dict(sizes, proj=sd["backbone.proj.weight"].shape[0],
+                          image_size=16 * math.isqrt(sd["backbone.pos_embed"].shape[1] - 1))
+    return kind, dict(sizes, registers=sd["backbone.storage_tokens"].shape[1])
+
+
+def convert(path, sd, kind, ours, blocks_prefix):
+    """Our state dict (keys and shapes of `ours`) from a release state dict of `kind`; every key on both sides
+    is accounted for, or the error names the ones that are not."""
+    rules = [(p, t.replace("{blocks}", blocks_prefix)) for p, t in RULES[kind] + RULES["head"]]
+    out, unused = {}, []
+    for key, t in sd.items():
+        if key.endswith(".bias_mask") and key.removesuffix("_mask") in sd:
+            continue                                   # applied with its bias below
+        rule = next(((re.fullmatch(p, key), target) for p, target in rules if re.fullmatch(p, key)), None)
+        if rule is None:
+            unused.append(key)
+            continue
+        name = rule[0].expand(rule[1])
+        if "{qkv}" not in name:
+            out[name] = t
+            continue
+        t = t * sd.get(key + "_mask", 1)               # DINOv3: the effective qkv bias is bias * bias_mask
+        for part, chunk in zip("qkv", t.chunk(3)):
+            if name.replace("{qkv}", part) in ours:
+                out[name.replace("{qkv}", part)] = chunk
+            elif chunk.abs().max() > 0:                # transformers' DINOv3 has no key bias: it must be masked to 0
+                raise UserError(f"{path!r}: {key} has a non-zero {part} part, which our model has no tensor for")
+    missing, extra = sorted(set(ours) - set(out)), sorted(set(out) - set(ours))
+    if unused or missing or extra:
+        raise UserError(f"{path!r} does not match the released format: release keys not understood {unused[:6]}, "
+                        f"our tensors not filled {missing[:6]}, renamed keys we do not have {extra[:6]}")
+    for k, t in out.items():
+        if t.numel() != ours[k].numel():
+            raise UserError(f"{path!r}: a tensor of shape {tuple(t.shape)} for our {k} of shape {tuple(ours[k].shape)}")
+        out[k] = t.reshape(ours[k].shape)
+    return out
