@@ -2,14 +2,21 @@
 
 `ensure(info, root, download=...)` is the one place that decides: a dataset already at `root` is used
 as it is; the demo is generated (demo.py); with `--download` a paper dataset is fetched from the
-authors' Hugging Face dataset repository; anything else is an error naming the folder and the command.
+authors' Hugging Face dataset repository (XavierJiezou/co2s-datasets, one folder per dataset:
+POTSDAM/, LOVEDA/, WHDLD/, GID/, MER/, MSL/, each holding images/ and labels/); anything else is an
+error naming the folder and the command. Nothing is downloaded without asking.
 
     python download.py potsdam [--data-root data/potsdam]
+
+A download goes to `<root>.download/` first (huggingface_hub resumes an interrupted one there), is
+moved into `<root>/images`, `<root>/labels`, and is then checked against every file the paper's split
+lists name.
 """
 import argparse
 import os
+import shutil
 
-from catalog import DATASETS, HUB_DATASETS, dataset_info
+from catalog import DATASETS, HUB_DATASETS, PAPER_SPLITS, dataset_info
 from demo import prepare_demo
 from errors import UserError, cli
 
@@ -31,7 +38,63 @@ def ensure(info, root, *, download=False):
 
 
 def fetch(info, root):
-    raise UserError(f"downloading {info.name} from {HUB_DATASETS} is not available yet")
+    """Download info.hub_folder of the authors' dataset repository into root, in the loader's layout, and verify it."""
+    staging = os.path.abspath(root.rstrip("/")) + ".download"
+    print(f"downloading {info.hub_folder}/ of {HUB_DATASETS} (Hugging Face, dataset) into {staging}")
+    snapshot(info.hub_folder, staging)
+    arrange(os.path.join(staging, info.hub_folder), root)
+    shutil.rmtree(staging, ignore_errors=True)
+    verify(info, root)
+    print(f"{info.name}: {len(os.listdir(os.path.join(root, 'images')))} images in {root}, every listed file present")
+
+
+def snapshot(folder, local_dir):
+    """The one call into huggingface_hub: files under `folder/` of the repository, with progress bars,
+    resumable (finished files are skipped, partial ones continued)."""
+    from huggingface_hub import snapshot_download
+    try:
+        snapshot_download(repo_id=HUB_DATASETS, repo_type="dataset", allow_patterns=[f"{folder}/*"], local_dir=local_dir)
+    except Exception as e:  # offline, no such repository, interrupted: all the user can act on
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(
+            f"could not download {folder}/ of {HUB_DATASETS} ({type(e).__name__}: {reason}). Without network access, "
+            f"fetch it on another machine (`hf download {HUB_DATASETS} --repo-type dataset --include '{folder}/*' "
+            f"--local-dir DIR`) and copy DIR/{folder}/images and DIR/{folder}/labels to the data root; run again to "
+            f"resume an interrupted download") from e
+
+
+def arrange(src, root):
+    """Move a downloaded dataset folder (images/ + labels/, or archives holding them) into root/images, root/labels."""
+    if not os.path.isdir(src):
+        raise UserError(f"the download has no {src!r}: the repository layout is not the expected <DATASET>/images, labels")
+    if not os.path.isdir(os.path.join(src, "images")):                  # archives: unpack them where they are
+        for f in sorted(os.listdir(src)):
+            if f.endswith((".zip", ".tar", ".tar.gz", ".tgz")):
+                shutil.unpack_archive(os.path.join(src, f), src)
+        inner = [d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d, "images"))]
+        src = os.path.join(src, inner[0]) if len(inner) == 1 else src
+    if not (os.path.isdir(os.path.join(src, "images")) and os.path.isdir(os.path.join(src, "labels"))):
+        raise UserError(f"the download {src!r} holds {sorted(os.listdir(src))[:8]}, not images/ and labels/")
+    os.makedirs(root, exist_ok=True)
+    for sub in ("images", "labels"):
+        if os.path.exists(os.path.join(root, sub)):
+            raise UserError(f"{root}/{sub} exists already; move it away to download again")
+        shutil.move(os.path.join(src, sub), os.path.join(root, sub))
+
+
+def verify(info, root):
+    """Every file named by the dataset's split lists (every ratio and val) is in root: else the count and the first names."""
+    folder = os.path.join(PAPER_SPLITS, info.name)
+    listed = set()
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            if f.endswith(".txt"):
+                with open(os.path.join(dirpath, f)) as fh:
+                    listed.update(p for line in fh for p in line.split())
+    missing = sorted(p for p in listed if not os.path.isfile(os.path.join(root, p)))
+    if missing:
+        raise UserError(f"{len(missing)} of the {len(listed)} files named by splits/{info.name}/ are missing under "
+                        f"{root}, e.g. {missing[:5]}; download again (it resumes) or copy them in")
 
 
 def main(argv=None):
@@ -40,7 +103,12 @@ def main(argv=None):
     p.add_argument("--data-root", default=None, help="default data/<dataset>")
     args = p.parse_args(argv)
     info = dataset_info(args.dataset)
-    ensure(info, args.data_root or os.path.join("data", info.name), download=True)
+    root = args.data_root or os.path.join("data", info.name)
+    if os.path.isdir(os.path.join(root, "images")):
+        verify(info, root)
+        print(f"{info.name} is already in {root}: every file the split lists name is there")
+        return
+    ensure(info, root, download=True)
 
 
 if __name__ == "__main__":

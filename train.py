@@ -59,7 +59,8 @@ def get_args(argv=None):
                                               "dataset's released batch, 1; whdld 2)")
     a("--accum", type=int, default=1, help="micro-batches per optimizer step: --batch 1 --accum 4 is exactly the "
                                            "released 4-GPU run on one GPU")
-    a("--workers", type=int, default=4, help="data loader processes per stream")
+    a("--workers", type=int, default=None, help="data loader processes per stream (default: a quarter of the CPU cores, "
+                                                 "1 to 4; three streams run at once)")
     # students (E1-E4)
     a("--students", default="clip,dinov3", help="comma list of clip|dinov3: clip,dinov3 (paper), clip,clip, dinov3,dinov3, or one")
     a("--size", default=None, choices=["base", "tiny"], help="ViT-B/16 (the paper) or the tiny CPU preset "
@@ -122,6 +123,7 @@ def resolve(args):
     cfg["ratio"] = parse_ratio(args.ratio)
     for k in ("crop", "batch", "epochs", "size"):
         cfg[k] = cfg[k] or getattr(info, k)
+    cfg["workers"] = cfg["workers"] if cfg["workers"] is not None else min(4, max(1, (os.cpu_count() or 4) // 4))
     for kind in KINDS:
         w = cfg[f"{kind}_weights"] or (DEFAULT_WEIGHTS[kind] if cfg["size"] == "base" else "none")
         cfg[f"{kind}_weights"] = None if w == "none" else w
@@ -267,7 +269,8 @@ def main(argv=None):
     model.to(device)
     for t in model.state_dict().values() if ddp else []:
         dist.broadcast(t, 0)  # identical start on every rank
-    optimizers = [torch.optim.AdamW(param_groups(s, **{k: cfg[k] for k in HYPER})) for s in model.students]
+    optimizers = [torch.optim.AdamW(param_groups(s, **{k: cfg[k] for k in HYPER}), fused=device.type == "cuda")
+                  for s in model.students]
     amp = evaluation.autocast(device, cfg["amp"])
     scaler = torch.amp.GradScaler(device.type, enabled=evaluation.amp_dtype(device, cfg["amp"]) == torch.float16)
     step, best = restore(state, optimizers, scaler) if state else (0, {"miou": -1.0})

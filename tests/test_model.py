@@ -544,3 +544,59 @@ def test_grad_checkpoint_gives_the_same_gradients(kind):
     assert grads[0].keys() == grads[1].keys() and any("attention" in n or "self_attn" in n for n in grads[0])
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4), n
+
+
+# --------------------------------------------------------------------------------------------
+# The fast path (position tables computed once per size, DINOv3's block written out) is the plain one
+
+
+def _grads(s, feats):
+    s.zero_grad(set_to_none=True)
+    sum((f * torch.linspace(-1, 1, f.numel()).view_as(f)).sum() for f in feats).backward()
+    return {n: p.grad.clone() for n, p in s.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", model.KINDS)
+def test_fast_path_gives_the_plain_transformers_features_and_gradients(tiny, kind):
+    """Plain path: the transformers model's own forward (hidden states), tapped as METHOD.md says."""
+    s = copy.deepcopy(tiny[kind]).train()
+    bb = s.backbone
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        for block in model.blocks(bb):
+            if kind == "dinov3":   # random init has layer scale 1e-5: make every block count
+                block.layer_scale1.lambda1.fill_(1.0)
+                block.layer_scale2.lambda1.fill_(1.0)
+    ours = s.features(x)
+    assert all(torch.equal(a, b) for a, b in zip(ours, s.features(x)))          # the cached tables: same again
+    g_ours = _grads(s, ours)
+    if kind == "dinov3":
+        hs = bb(x, output_hidden_states=True).hidden_states
+        plain = [as_map(bb.norm(hs[t + 1])[:, 5:], 4, 6) for t in s.taps]
+    else:
+        vm = bb.vision_model
+        hs = bb(pixel_values=x, interpolate_pos_encoding=True, output_hidden_states=True).hidden_states
+        plain = []
+        for t in s.taps:
+            layer, h = vm.encoder.layers[t], hs[t]
+            v = h + layer.self_attn.out_proj(layer.self_attn.v_proj(layer.layer_norm1(h)))
+            plain.append(v + layer.mlp(layer.layer_norm2(v)))
+        plain[-1] = F.normalize(bb.visual_projection(vm.post_layernorm(plain[-1])), dim=-1)
+        plain = [as_map(p[:, 1:], 4, 6) for p in plain]
+    for a, b in zip(ours, plain):
+        assert torch.allclose(a, b, atol=1e-5)
+    g_plain = _grads(s, plain)
+    assert g_ours.keys() == g_plain.keys() and len(g_ours) > 0
+    for n in g_ours:
+        assert torch.allclose(g_ours[n], g_plain[n], atol=1e-5, rtol=1e-4), n
+
+
+def test_position_tables_follow_the_input_size_and_the_weights():
+    s = model.build_student("clip", N, size="tiny", text=text.stand_in_embeddings(N, TINY.proj)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        a = s.features(x)
+        assert s.features(torch.randn(1, 3, 96, 64))[0].shape[-2:] == (6, 4)   # another size: another table
+        s.backbone.vision_model.embeddings.position_embedding.weight.mul_(2)   # new weights (load_state_dict does this)
+        b = s.features(x)
+    assert not torch.allclose(a[0], b[0], atol=1e-3), "a stale position table was used"

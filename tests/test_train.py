@@ -236,3 +236,24 @@ def test_torchrun_two_processes_gloo(micro_root, tmp_path):
     # 2 val tiles split over 2 ranks, then all-reduced: every val pixel is counted once
     assert metrics["last"]["results"]["fused"]["pixels"] == 2 * 128 * 128
     assert proc.stdout.count("run folder:") == 2  # only rank 0 prints (start and end)
+
+
+def test_accum_on_one_process_is_the_two_process_run(micro_root, tmp_path):
+    """--batch 1 --accum 2 on one process = 2 processes x batch 1 (gloo): same samples, same order, same
+    dropout draws, gradients averaged: the same weights after a few steps."""
+    ddp, accum = tmp_path / "ddp", tmp_path / "accum"
+    common = ["--iters", "3", "--batch", "1", "--eval-every", "100", "--students", "clip,dinov3"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+           os.path.join(ROOT, "train.py"), *micro_args(micro_root, ddp, *common)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train.main(micro_args(micro_root, accum, *common, "--accum", "2"))
+    a, b = weights(ddp)["model"], weights(accum)["model"]
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=1e-4), k
+    torch.manual_seed(0)                                   # the start both runs shared: the steps did move the weights
+    start = train.new_model(train.resolve(train.get_args(micro_args(micro_root, accum, *common))),
+                            catalog.DATASETS["demo"])[0].state_dict()
+    assert torch.equal(start["students.0.text"], a["students.0.text"])
+    moved = [k for k in start if not torch.allclose(start[k], a[k])]
+    assert len(moved) > 50 and all("head." in k or "proj" in k or "queries" in k for k in moved)
