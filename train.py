@@ -299,8 +299,8 @@ def main(argv=None):
                 set_rng_state(rng)
             batches = [{k: v.to(device, non_blocking=True) for k, v in next(s).items()} for s in streams]
             with amp:
-                losses, micro_logs = co2s.iteration(model.students, *batches, step=step, total_steps=total,
-                                                    log=(step + 1) % cfg["log_every"] == 0, **method_args(cfg))
+                losses, micro_logs = co2s.iteration(model.students, *batches, step=step, total_steps=total, log=(
+                    step + 1) % cfg["log_every"] == 0 or step + 1 in (total, cfg["stop_at"]), **method_args(cfg))
             # The students' graphs are disjoint (E8 targets are detached): one backward of the sum gives every
             # student exactly the gradient of its own loss; / accum averages micro-batches as DDP averages ranks.
             scaler.scale(sum(losses) / cfg["accum"]).backward()
@@ -323,7 +323,7 @@ def main(argv=None):
         if epoch_end and ((step // ipe) % cfg["eval_every"] == 0 or step == total):  # after last.pt: a crash here loses nothing
             result = run_eval(model, val, cfg, info, device, amp, master, ddp, step)
             if master:
-                best = keep_best(out, result, cfg, info, model, optimizers, scaler, step, best, ipe)
+                best = keep_best(out, result, cfg, info, model, optimizers, scaler, step, best, ipe, total)
     pbar.close()
     finish(out, step, total, master, ddp)
 
@@ -379,14 +379,15 @@ def log_train(log_dir, logs, step, total, ipe, cfg, t_last, pbar):
     return now
 
 
-def keep_best(out, result, cfg, info, model, optimizers, scaler, step, best, ipe):
-    """Log an evaluation, keep best.pt by --best-by, write metrics.json; returns the best so far."""
+def keep_best(out, result, cfg, info, model, optimizers, scaler, step, best, ipe, total):
+    """Log an evaluation, keep best.pt by --best-by, write metrics.json (done: the run has ended); the best so far."""
     key = cfg["best_by"]
     append_jsonl(os.path.join(out, "log.jsonl"), dict(type="eval", step=step, epoch=step / ipe, **result))
     if result[key]["miou"] > best["miou"]:
         best = dict(miou=result[key]["miou"], step=step, by=key, results=result)
         save_checkpoint(os.path.join(out, "best.pt"), cfg, info, model, optimizers, scaler, step, best)
-    write_json(os.path.join(out, "metrics.json"), dict(last=dict(step=step, results=result), best=best, best_by=key))
+    write_json(os.path.join(out, "metrics.json"), dict(last=dict(step=step, results=result), best=best, best_by=key,
+                                                        total=total, done=step == total))
     return best
 
 
