@@ -180,8 +180,9 @@ def param_groups(student, *, lr, weight_decay, backbone_lr_mult, head_lr_mult):
 
 
 def poly(step, total):
-    """The lr factor at a step: (1 - t/T)^0.9, no warmup."""
-    return (1 - step / total) ** 0.9
+    """The lr factor of step `step` (0-based): (1 - t/T)^0.9, no warmup, with t = step - 1 as released (the
+    authors set the lr after each step from the index of the step just taken; step 0 runs at the base lr)."""
+    return (1 - max(step - 1, 0) / total) ** 0.9
 
 
 def average_gradients(params, world):

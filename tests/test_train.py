@@ -116,7 +116,7 @@ def test_param_groups_and_poly_lr():
     assert groups["dinov3.queries"]["lr"] == pytest.approx(1e-4)
     n_trainable = sum(p.numel() for p in s.parameters() if p.requires_grad)
     assert sum(p.numel() for g in groups.values() for p in g["params"]) == n_trainable
-    assert train.poly(50, 100) == pytest.approx(0.5 ** 0.9) and train.poly(0, 100) == 1
+    assert train.poly(51, 100) == pytest.approx(0.5 ** 0.9) and train.poly(0, 100) == train.poly(1, 100) == 1
     demo = train.resolve(train.get_args([]))  # random students: the from-scratch recipe, flags still win
     assert (demo["lr"], demo["backbone_lr_mult"], demo["head_lr_mult"], demo["size"]) == (5e-4, 0.5, 1.0, "tiny")
     assert demo["recipe"].startswith("scratch")
