@@ -2,7 +2,7 @@
 
 E2: for each class, every concept (class name first, then its synonyms) becomes the prompt
 "a photo of a {concept}", goes through the CLIP text tower with its projection; the concept
-embeddings of a class are L2-normalised, averaged, and normalised again. Computed once per
+embeddings of a class are averaged and the mean L2-normalised. Computed once per
 (checkpoint, concept lists) and cached on disk. A precomputed [N, D] file (e.g. the authors'
 `*_conceptavg*_single.npy`) can be given instead.
 
@@ -25,9 +25,9 @@ PROMPT = "a photo of a {}"
 
 
 def average_concepts(concept_embeds, counts):
-    """E2: normalise each concept embedding, average per class, normalise again. (sum(counts), D) -> (N, D)."""
-    e = F.normalize(concept_embeds.float(), dim=-1)
-    return F.normalize(torch.stack([c.mean(0) for c in e.split(list(counts))]), dim=-1)
+    """E2: average the concept embeddings of each class as the text tower gives them (not normalised first, as
+    the authors' text_embeddings.py does), then L2-normalise. (sum(counts), D) -> (N, D)."""
+    return F.normalize(torch.stack([c.mean(0) for c in concept_embeds.float().split(list(counts))]), dim=-1)
 
 
 @torch.no_grad()
@@ -51,7 +51,7 @@ def text_embeddings(concepts, weights, cache_dir=None):
     # key: checkpoint (a folder by path and the size/time of its files, so replaced weights are not reused)
     ckpt = weights if not os.path.isdir(weights) else [os.path.abspath(weights)] + sorted(
         (f, os.path.getsize(os.path.join(weights, f)), os.path.getmtime(os.path.join(weights, f))) for f in os.listdir(weights))
-    key_src = json.dumps([ckpt, PROMPT, concepts])
+    key_src = json.dumps([ckpt, PROMPT, concepts, "mean of raw embeddings"])   # what E2 computes is part of the key
     path = os.path.join(cache_dir, "text", hashlib.sha1(key_src.encode()).hexdigest()[:16] + ".pt")
     if os.path.isfile(path):
         return torch.load(path)

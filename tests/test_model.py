@@ -398,20 +398,26 @@ def test_load_text_embeddings_checks_the_shape_and_normalises(tmp_path):
         text.load_text_embeddings(str(tmp_path / "none.npy"), N, 512)
 
 
+def test_average_concepts_averages_the_raw_embeddings_then_normalises_as_the_authors_do():
+    e = torch.tensor([[1.0, 0.0], [0.0, 3.0], [2.0, 2.0]])            # class 0: two concepts of norms 1 and 3
+    out = text.average_concepts(e, [2, 1])
+    assert torch.allclose(out[0], F.normalize(torch.tensor([0.5, 1.5]), dim=0))   # not the mean of unit rows (45 deg)
+    assert torch.allclose(out[1], F.normalize(torch.tensor([1.0, 1.0]), dim=0))
+
+
 def test_encode_concepts_averages_the_prompt_embeddings_of_each_class():
     tower, tok = random_text_tower()
     concepts = [["car", "passenger car", "parked vehicle"], ["tree"], ["low_vegetation", "grass"]]
     e = text.encode_concepts(concepts, tower, tok)
     assert e.shape == (3, TINY.proj)
     assert torch.allclose(e.norm(dim=-1), torch.ones(3), atol=1e-5)
-    # one concept at a time (no padding), then averaged: the same, so padding changes nothing
-    single = torch.cat([text.encode_concepts([[c]], tower, tok) for cls in concepts for c in cls])
-    assert torch.allclose(e, text.average_concepts(single, [3, 1, 2]), atol=1e-5)
-    assert not torch.allclose(e[0], single[0], atol=1e-3)                # the synonyms do count
-    # the prompt is "a photo of a {concept}"
+    # one prompt "a photo of a {concept}" at a time (no padding), then averaged: the same, so padding changes nothing
     with torch.no_grad():
-        raw = tower(**tok(["a photo of a car"], return_tensors="pt")).text_embeds
-    assert torch.allclose(single[0], F.normalize(raw, dim=-1)[0], atol=1e-5)
+        raw = torch.cat([tower(**tok([f"a photo of a {c}"], return_tensors="pt")).text_embeds
+                         for cls in concepts for c in cls])
+    assert torch.allclose(e, text.average_concepts(raw, [3, 1, 2]), atol=1e-5)
+    assert not torch.allclose(e[0], F.normalize(raw[0], dim=-1), atol=1e-3)   # the synonyms do count
+    assert torch.allclose(text.encode_concepts([["car"]], tower, tok)[0], F.normalize(raw[0], dim=-1), atol=1e-5)
     # a random tower is why a CLIP student without weights gets stand-in rows: its prompts collapse
     assert (e @ e.T).min() > 0.8
 
