@@ -1,6 +1,6 @@
 """bench.py: how fast is one Co2S step, how much arithmetic is it, and where does the time go?
 
-    python bench.py --size tiny --crop 128 --batch 4              # CPU, the demo's setting
+    python bench.py --size tiny --crop 128 --batch 2 --train-backbone all   # CPU, the demo's setting
     python bench.py --size base --crop 256 --batch 1              # CPU, paper students
     python bench.py --size base --crop 512 --batch 4 --device cuda --amp bf16 [--profile]
 
@@ -46,6 +46,8 @@ p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
 p.add_argument("--mix-source", default="partner", choices=["partner", "rolled"], help="'same' costs what 'partner' does")
 p.add_argument("--grad-checkpoint", action="store_true")
+p.add_argument("--train-backbone", default="attention", choices=["attention", "all"],
+               help="the paper's trainable set, or all of it (train.py's default for random students)")
 p.add_argument("--warmup", type=int, default=2)
 p.add_argument("--steps", type=int, default=5)
 p.add_argument("--eval", action="store_true", help="also time sliding-window inference")
@@ -60,10 +62,11 @@ torch.manual_seed(0)
 kinds, N = args.students.split(","), args.classes
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    model = build_model(kinds, N, size=args.size, grad_checkpoint=args.grad_checkpoint,
+    model = build_model(kinds, N, size=args.size, grad_checkpoint=args.grad_checkpoint, train_backbone=args.train_backbone,
                         text=stand_in_embeddings(N, 512 if args.size == "base" else 128)).to(device).train()
 students = list(model.students)
-optimizers = [torch.optim.AdamW(param_groups(s, weight_decay=0.01, **PAPER_RECIPE)) for s in students]
+hyper = {k: PAPER_RECIPE[k] for k in ("lr", "backbone_lr_mult", "head_lr_mult")}
+optimizers = [torch.optim.AdamW(param_groups(s, weight_decay=0.01, **hyper)) for s in students]
 amp = autocast(device, args.amp)
 scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, args.amp) == torch.float16)
 
@@ -135,8 +138,8 @@ with counter:
 tflop = counter.get_total_flops() / 1e12
 res = dict(size=args.size, crop=C, batch=f"{B}+{B}", device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            amp=str(amp_dtype(device, args.amp) or "fp32").replace("torch.", ""), mix_source=args.mix_source,
-           grad_checkpoint=args.grad_checkpoint, threads=torch.get_num_threads(), torch=torch.__version__,
-           step_s=round(step_s, 4), img_per_s=round(2 * B / step_s, 2), tflop=round(tflop, 3),
+           grad_checkpoint=args.grad_checkpoint, train_backbone=args.train_backbone, threads=torch.get_num_threads(),
+           torch=torch.__version__, step_s=round(step_s, 4), img_per_s=round(2 * B / step_s, 2), tflop=round(tflop, 3),
            tflop_s=round(tflop / step_s, 2), floor_s=round(floor_s, 4), ratio=round(step_s / floor_s, 3))
 if args.eval:
     model.eval()

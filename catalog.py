@@ -28,7 +28,7 @@ class DatasetInfo:
     reduce_zero_label: bool  # raw label 0 = ignore, raw k = class k-1 (mmseg's reduce_zero_label)
     ratios: list             # the paper's labelled ratios
     crop: int = 512          # training crop and evaluation window (released config)
-    base_size: int = 512     # training rescale: the short side goes to base_size x U(0.5, 2.0)
+    base_size: int = 512     # training rescale: the short side goes to base_size x U(0.5, 2.0) (None: own size)
     eval_size: int = 512     # evaluation: the image's short side is resized to this first (None: as stored)
     epochs: int = 80         # one epoch = one pass over the unlabelled list
     batch: int = 1           # released per-GPU batch (labelled; the same again unlabelled)
@@ -126,7 +126,8 @@ def _default_palette(k):  # distinct colours for custom classes without one (Pas
 def dataset_info(name, data_root=None):
     """DatasetInfo of a named dataset; 'custom' reads <data_root>/classes.txt, one class per line:
     `name`, `name r,g,b` or `name r,g,b | concept a, concept b` (colour optional; '#' starts a comment).
-    Custom labels: index PNGs, 0..N-1 classes, 255 ignore (no reduce_zero_label); evaluated as stored."""
+    Custom labels: index PNGs, 0..N-1 classes, 255 ignore (no reduce_zero_label). Custom images are evaluated
+    as stored and trained around their own size (scale U(0.5, 2.0)), whatever size the tiles are."""
     if name in DATASETS:
         return DATASETS[name]
     if name != "custom":
@@ -153,7 +154,7 @@ def dataset_info(name, data_root=None):
         palette.append(colour)
     if not 1 <= len(classes) <= 255:
         raise UserError(f"{path} lists {len(classes)} classes; need 1..255 (255 is the ignore index)")
-    return DatasetInfo("custom", classes, concepts, palette, False, [], eval_size=None)
+    return DatasetInfo("custom", classes, concepts, palette, False, [], base_size=None, eval_size=None)
 
 
 def parse_ratio(ratio):

@@ -294,9 +294,11 @@ def _sample_seed(seed, epoch, index):  # augmentations are a pure function of (s
 
 def weak_augment(img, label, rng, base_size, crop):
     """Rescale (short side base_size x U(0.5, 2.0), long side capped at 4x base, as mmseg's img_scale
-    (2048, 512) in the released configs; image bilinear, label nearest), pad right/bottom to the crop (image 0,
+    (2048, 512) in the released configs; base_size None: the image's own size x U(0.5, 2.0), for custom data
+    evaluated as stored; image bilinear, label nearest), pad right/bottom to the crop (image 0,
     label 255), random crop, horizontal flip p 0.5. Returns PIL image, (c, c) long label, (c, c) bool padding."""
     w, h = img.size
+    base_size = base_size or min(w, h)
     scale = rng.uniform(0.5, 2.0) * min(base_size / min(w, h), 4 * base_size / max(w, h))
     size = (max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5)))
     im = np.asarray(img.resize(size, Image.BILINEAR))

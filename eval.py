@@ -5,13 +5,16 @@ Evaluation as released (METHOD.md sections 5 and 7.5): the image is resized so i
 of the training crop slides over it with stride 5/6 of the crop, the window logits are averaged per
 pixel and resized back to the label size (bilinear, align_corners=True), and one confusion matrix is
 accumulated over the WHOLE split (not per image), label 255 ignored. mIoU averages I / U over all
-classes as the release does (a class never seen counts 0; `miou_present` leaves such classes out). Fusion (E10) comes AFTER the
-sliding window: per student averaged logits -> softmax -> `fuse`, so both students are judged on the
-same full-image probabilities. We report every student and the fused model (METHOD.md section 7.2).
+classes as the release does (a class never seen counts 0; `miou_present` leaves such classes out).
+Fusion (E10) comes AFTER the sliding window: per student averaged logits -> softmax -> `fuse`, so both
+students are judged on the same full-image probabilities. We report every student and the fused model
+(METHOD.md section 7.2). Also here: our checkpoints (read, save, rebuild the model), the one
+mixed-precision policy, and the authors' released experiments (--release).
 
   python eval.py runs/potsdam-1_8-...            # best.pt of a run, val split, all students + fused
   python eval.py runs/x/last.pt --student fused  # one checkpoint file, one prediction
   python eval.py runs/x --predict photos/ --out masks/   # palette masks + overlays for any images
+  python eval.py --release POTSDAM/1_32-74.30 --dataset potsdam   # the authors' checkpoints, their way
 
 Deliberately left out: multi-scale and flip test-time augmentation (not in the paper).
 """
@@ -255,7 +258,7 @@ def predict_folder(model, info, folder, out_dir, crop, device="cpu", stride=None
 
 
 # --------------------------------------------------------------------------------------------
-# CLI
+# Checkpoints, the authors' released experiments, and the command line
 
 
 def resolve_checkpoint(path, ckpt=None):
@@ -303,7 +306,7 @@ def model_from_checkpoint(state, numerics=None):
 
 def load_run(path, device="cpu", data_root=None, numerics=None):
     """(model in eval mode, dataset info, cfg) of a checkpoint file or run folder (best.pt, else last.pt)."""
-    state = read_checkpoint(path)
+    state = read_checkpoint(resolve_checkpoint(path))
     cfg = state["cfg"]
     info = dataset_info(cfg["dataset"], data_root or cfg["data_root"])
     return model_from_checkpoint(state, numerics).to(device).eval(), info, cfg

@@ -172,14 +172,22 @@ def blocks(backbone):
 
 
 def attention_projections(block):
-    """q, k, v, out projections of one block: the ONLY backbone parameters that train."""
+    """q, k, v, out projections of one block: the only backbone parameters that train (the paper's recipe)."""
     attn = block.self_attn if hasattr(block, "self_attn") else block.attention
     out = attn.out_proj if hasattr(attn, "out_proj") else attn.o_proj
     return [attn.q_proj, attn.k_proj, attn.v_proj, out]
 
 
-def freeze_all_but_attention(backbone):
-    backbone.requires_grad_(False)
+TRAIN_BACKBONE = ("attention", "all")
+
+
+def set_trainable(backbone, train_backbone="attention"):
+    """'attention': only the attention projections train, all else stays frozen (the paper; pretrained weights).
+    'all': every backbone weight trains (students from scratch: frozen RANDOM patch embeddings and MLPs
+    leave a tiny student unable to fit even 6 labelled tiles of real imagery)."""
+    if train_backbone not in TRAIN_BACKBONE:
+        raise UserError(f"unknown train_backbone {train_backbone!r}; valid: {', '.join(TRAIN_BACKBONE)}")
+    backbone.requires_grad_(train_backbone == "all")
     for block in blocks(backbone):
         for proj in attention_projections(block):
             proj.requires_grad_(True)
@@ -309,13 +317,16 @@ class Student(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    @torch.no_grad()
     def _cached(self, what, source, h, w, make):
-        """make(source, h, w) once per (what, size, device, dtype) while `source` (a frozen tensor) is unchanged."""
+        """make(source, h, w) once per (what, size, device, dtype) while `source` (a frozen tensor) is unchanged.
+        A trainable source (--train-backbone all) is recomputed every forward, so that it gets its gradient."""
+        if source.requires_grad:
+            return make(source, h, w)
         key = (what, h, w, source.device, source.dtype, source._version)
         if key not in self._frozen:
             self._frozen = {k: v for k, v in self._frozen.items() if k[0] != what or k[-1] == source._version}
-            self._frozen[key] = make(source, h, w)
+            with torch.no_grad():
+                self._frozen[key] = make(source, h, w)
         return self._frozen[key]
 
     def _clip_features(self, x):
@@ -421,12 +432,12 @@ def dinov3_block(block, h, cos, sin):
 
 
 def build_student(kind, num_classes, *, size="base", weights=None, guidance=None, text=None, name=None,
-                  numerics="hf"):
+                  numerics="hf", train_backbone="attention"):
     """One Co2S student. kind: 'clip' | 'dinov3'. guidance: 'text' (CLIP default) | 'queries'.
 
     weights: hub id or local folder of the backbone (None = random init). text: the (N, D) class
     embeddings of text guidance (text.class_embeddings gives them from concepts, a file or a stand-in).
-    numerics: 'hf' | 'release' (see the module docstring)."""
+    numerics: 'hf' | 'release' (see the module docstring). train_backbone: 'attention' | 'all' (set_trainable)."""
     if kind not in KINDS:
         raise UserError(f"unknown student kind {kind!r}; valid kinds: {', '.join(KINDS)}")
     guidance = guidance or ("text" if kind == "clip" else "queries")
@@ -439,18 +450,19 @@ def build_student(kind, num_classes, *, size="base", weights=None, guidance=None
     # The backbone is built (and its pretrained weights loaded) first; the head and the queries created
     # after it are new modules, so nothing re-initialises the loaded weights (METHOD.md section 7.3).
     backbone = build_backbone(kind, size, weights, numerics)
-    freeze_all_but_attention(backbone)
+    set_trainable(backbone, train_backbone)
     return Student(kind, backbone, num_classes, text=text if guidance == "text" else None, name=name, numerics=numerics)
 
 
 def build_model(kinds, num_classes, *, size="base", weights=None, clip_guidance="text", text=None,
-                fusion="confidence", grad_checkpoint=False, numerics="hf"):
+                fusion="confidence", grad_checkpoint=False, numerics="hf", train_backbone="attention"):
     """The students (E1-E4) inside the fusion head (E10). kinds: e.g. ['clip', 'dinov3'].
     weights: {kind: hub id or folder or None}; text: the CLIP class embeddings (see build_student)."""
     students = []
     for kind, name in zip(kinds, student_names(kinds)):
         s = build_student(kind, num_classes, size=size, weights=(weights or {}).get(kind), name=name, text=text,
-                          guidance=clip_guidance if kind == "clip" else "queries", numerics=numerics)
+                          guidance=clip_guidance if kind == "clip" else "queries", numerics=numerics,
+                          train_backbone=train_backbone)
         s.grad_checkpoint = grad_checkpoint
         students.append(s)
     return Co2S(students, fusion=fusion)
@@ -513,7 +525,7 @@ def from_release(path, text=None):
         num_classes = sd["text_provider.emb.weight"].shape[0] if "text_provider.emb.weight" in sd else 0
     from transformers import CLIPVisionModelWithProjection, DINOv3ViTModel
     backbone = (CLIPVisionModelWithProjection if kind == "clip" else DINOv3ViTModel)(backbone_config(kind, size, "release"))
-    freeze_all_but_attention(backbone)
+    set_trainable(backbone, "attention")
     student = Student(kind, backbone, num_classes, text=text, name=kind, numerics="release")
     prefix = "backbone." + next(n for n, m in backbone.named_modules() if m is blocks(backbone))
     student.load_state_dict(release.convert(path, sd, kind, student.state_dict(), blocks_prefix=prefix))

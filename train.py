@@ -29,13 +29,13 @@ import eval as evaluation
 from catalog import CHOICES, dataset_info, parse_ratio
 from download import ensure
 from errors import UserError, cli
-from model import DEFAULT_WEIGHTS, KINDS, NUMERICS, build_model, student_names
+from model import DEFAULT_WEIGHTS, KINDS, NUMERICS, TRAIN_BACKBONE, build_model, student_names
 from text import class_embeddings
 
-# METHOD.md section 5: the paper fine-tunes PRETRAINED ViTs, so the backbone barely moves (lr x0.01).
-PAPER_RECIPE = dict(lr=1e-4, backbone_lr_mult=0.01, head_lr_mult=10.0)
-# Students with random weights (the tiny preset, or 'none' weights) must learn their attention from scratch.
-SCRATCH_RECIPE = dict(lr=5e-4, backbone_lr_mult=0.5, head_lr_mult=1.0)
+# METHOD.md section 5: the paper fine-tunes PRETRAINED ViTs: only their attention trains, and barely (lr x0.01).
+PAPER_RECIPE = dict(lr=1e-4, backbone_lr_mult=0.01, head_lr_mult=10.0, train_backbone="attention")
+# Students with random weights (the tiny preset, or 'none' weights) learn the whole backbone from scratch.
+SCRATCH_RECIPE = dict(lr=5e-4, backbone_lr_mult=0.5, head_lr_mult=1.0, train_backbone="all")
 HYPER = ("lr", "weight_decay", "backbone_lr_mult", "head_lr_mult")
 
 
@@ -86,7 +86,9 @@ def get_args(argv=None):
     # optimisation (METHOD.md section 5)
     a("--lr", type=float, default=None, help="base lr (default: 1e-4 for pretrained students, 5e-4 from scratch)")
     a("--weight-decay", type=float, default=0.01)
-    a("--backbone-lr-mult", type=float, default=None, help="attention projections (default: 0.01 pretrained, 0.5 scratch)")
+    a("--backbone-lr-mult", type=float, default=None, help="trainable backbone weights (default: 0.01 pretrained, 0.5 scratch)")
+    a("--train-backbone", default=None, choices=TRAIN_BACKBONE, help="which backbone weights train: the attention "
+      "projections (default for pretrained students, the paper) or all (default from scratch)")
     a("--head-lr-mult", type=float, default=None, help="decoder head (default: 10 pretrained, 1 scratch); queries x1")
     a("--epochs", type=int, default=None, help="one epoch = one pass over the unlabelled list (default: the dataset's; 80, mer 150)")
     a("--iters", type=int, default=None, help="total optimizer steps (overrides --epochs)")
@@ -144,7 +146,8 @@ def resolve(args):
 def model_args(cfg, num_classes):
     """What builds the model (saved in every checkpoint, so eval.py and --resume rebuild it without downloads)."""
     return dict(kinds=cfg["students"].split(","), num_classes=num_classes, size=cfg["size"], numerics=cfg["numerics"],
-                clip_guidance=cfg["clip_guidance"], fusion=cfg["fusion"], grad_checkpoint=cfg["grad_checkpoint"])
+                clip_guidance=cfg["clip_guidance"], fusion=cfg["fusion"], grad_checkpoint=cfg["grad_checkpoint"],
+                train_backbone=cfg["train_backbone"])
 
 
 def new_model(cfg, info):
@@ -166,10 +169,10 @@ def new_model(cfg, info):
 
 
 def param_groups(student, *, lr, weight_decay, backbone_lr_mult, head_lr_mult):
-    """Explicit AdamW groups (METHOD.md section 5). The only trainable backbone parameters are the
-    attention projections and every backbone norm is frozen, so 'no decay on norms outside the head'
-    leaves nothing to exempt."""
-    groups = [dict(name=f"{student.name}.backbone.attention", lr=lr * backbone_lr_mult,
+    """Explicit AdamW groups (METHOD.md section 5). In the paper's recipe the only trainable backbone parameters
+    are the attention projections and every backbone norm is frozen, so 'no decay on norms outside the head'
+    leaves nothing to exempt (from scratch, --train-backbone all, the norms decay too)."""
+    groups = [dict(name=f"{student.name}.backbone", lr=lr * backbone_lr_mult,
                    params=[p for p in student.backbone.parameters() if p.requires_grad]),
               dict(name=f"{student.name}.head", lr=lr * head_lr_mult, params=list(student.head.parameters()))]
     if student.queries is not None:
@@ -247,7 +250,7 @@ def load_resume(args):
         raise UserError(f"--resume {args.resume!r}: no last.pt there (a run folder of train.py holds one after its "
                         f"first epoch, or after --save-every / --stop-at steps)")
     state = evaluation.read_checkpoint(path)
-    cfg = dict(state["cfg"], resume=args.resume, stop_at=args.stop_at)
+    cfg = {"train_backbone": "attention", **state["cfg"], "resume": args.resume, "stop_at": args.stop_at}  # (older runs)
     cfg["iters"] = args.iters or cfg["iters"]
     return cfg, state
 
@@ -286,13 +289,13 @@ def main(argv=None):
 
     pbar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True)
     model.train()
-    stop, t_last = step >= total, time.time()
+    stop, t_last, window = step >= total, time.time(), {}
     while not stop:
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
             for g in opt.param_groups:
                 g["lr"] = g["initial_lr"] * poly(step, total)
-        logs, rng = {}, rng_state()
+        logs, rng = {}, rng_state() if cfg["accum"] > 1 else None
         for micro in range(cfg["accum"]):
             # Every rank of a DDP run draws the same dropout masks (same seed, same calls); micro-batch j
             # replays the step's RNG state to draw exactly what rank j of the --accum-process run would.
@@ -307,6 +310,8 @@ def main(argv=None):
             scaler.scale(sum(losses) / cfg["accum"]).backward()
             for k, v in micro_logs.items():
                 logs[k] = logs.get(k, 0) + v.detach() / cfg["accum"]
+        for k, v in logs.items():  # each record averages the steps since the last one (on device: no sync)
+            window[k] = [a + b for a, b in zip(window.get(k, (0, 0)), (v, 1))]
         if ddp:
             average_gradients(params, world)
         for opt in optimizers:
@@ -318,7 +323,7 @@ def main(argv=None):
         stop = step == total or step == cfg["stop_at"]   # the one place that decides when the run ends
         epoch_end = step % ipe == 0 or step == total
         if step % cfg["log_every"] == 0 or stop:
-            t_last = log_train(out if master else None, logs, step, total, ipe, cfg, t_last, pbar)
+            t_last, window = log_train(out if master else None, window, step, total, ipe, cfg, t_last, pbar), {}
         if master and (epoch_end or stop or (cfg["save_every"] and step % cfg["save_every"] == 0)):
             save_checkpoint(os.path.join(out, "last.pt"), cfg, info, model, optimizers, scaler, step, best)
         if epoch_end and ((step // ipe) % cfg["eval_every"] == 0 or step == total):  # after last.pt: a crash here loses nothing
@@ -366,9 +371,10 @@ def save_checkpoint(path, cfg, info, model, optimizers, scaler, step, best):
                      scaler=scaler.state_dict()), path)
 
 
-def log_train(log_dir, logs, step, total, ipe, cfg, t_last, pbar):
-    """Every --log-every steps: stop on a non-finite loss, else one log.jsonl record (rank 0). Returns the time."""
-    vals = {k: round(float(v), 5) for k, v in logs.items()}
+def log_train(log_dir, window, step, total, ipe, cfg, t_last, pbar):
+    """Every --log-every steps: stop on a non-finite loss, else one log.jsonl record (rank 0) of the means over the
+    steps since the last record (window: key -> (sum, count)). Returns the time."""
+    vals = {k: round(float(v / n), 5) for k, (v, n) in window.items()}
     if not all(np.isfinite(list(vals.values()))):
         raise SystemExit(f"non-finite loss at step {step}: {vals}\nstopped; the last good checkpoint "
                          f"({cfg['out']}/last.pt) is kept. Try a lower --lr or --amp off.")
@@ -401,7 +407,8 @@ def start_run(cfg, out, splits, state, text_source, optimizers, ipe, total, devi
                                                           **run_info(world)))
     print(f"run folder: {out}\nsplits: {splits.source}: {len(splits.labeled)} labelled / {len(splits.unlabeled)} "
           f"unlabelled / {len(splits.val)} val; {ipe} iterations per epoch, {total} in all, device {device}, "
-          f"world {world} x accum {cfg['accum']} x batch {cfg['batch']}\nrecipe: {cfg['recipe']}")
+          f"world {world} x accum {cfg['accum']} x batch {cfg['batch']}\nrecipe: {cfg['recipe']}; backbone weights that "
+          f"train: {cfg['train_backbone']}")
     if text_source:
         print(f"CLIP class embeddings: {text_source}")
     for opt in optimizers:

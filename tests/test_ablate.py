@@ -53,3 +53,8 @@ def test_a_small_table_end_to_end_and_a_rerun_reuses_it(tmp_path, capsys, monkey
     ablate.main(argv)                                        # everything finished: nothing runs again
     assert calls == [] and "reused" in capsys.readouterr().out
     assert json.load(open(tmp_path / "table" / "results.json"))["runs"]["co2s"][0]["how"] == "reused"
+    # an interrupted run (its last.pt, but metrics.json not done) is resumed from its own folder
+    path = tmp_path / "table" / "co2s" / "seed0" / "metrics.json"
+    json.dump(dict(json.load(open(path)), done=False), open(path, "w"))
+    ablate.main(argv)
+    assert calls == [["--resume", str(tmp_path / "table" / "co2s" / "seed0")]]

@@ -1,6 +1,7 @@
 """Tests of data.py: class maps, splits, augmentations, loaders, the demo dataset and the errors.
 Real crops and the paper's split lists are read from ../shared/data (never copied into the repo)."""
 import os
+import random
 import sys
 
 import numpy as np
@@ -11,7 +12,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from catalog import DATASETS, DatasetInfo, dataset_info, parse_ratio  # noqa: E402
 from data import (IMAGENET_MEAN, IMAGENET_STD, RunSampler, SemiDataset, Splits, colorize, cutmix_box,  # noqa: E402
-                  iters_per_epoch, load_label, make_splits, train_loaders, val_loader, write_splits)
+                  iters_per_epoch, load_label, make_splits, train_loaders, val_loader, weak_augment,
+                  write_splits)
 from demo import prepare_demo  # noqa: E402
 from errors import UserError  # noqa: E402
 
@@ -182,6 +184,7 @@ def test_unknown_dataset_and_custom_classes(tmp_path):
     assert info.classes == ['red roof', 'grass', 'river', 'road']
     assert info.concepts[0] == ['red roof', 'tile roof', 'clay roof'] and info.concepts[2] == ['river']
     assert info.palette[:2] == [(255, 0, 0), (0, 255, 0)] and len(set(info.palette)) == 4
+    assert info.base_size is None and info.eval_size is None          # trained around, and evaluated at, own size
     s = make_splits(info, '1', root)                                   # all labelled images, label-less ones unlabelled
     assert len(s.labeled) == 9 and len(s.unlabeled) == 3 and all(lab is None for _, lab in s.unlabeled)
 
@@ -224,6 +227,17 @@ def test_weak_view_keeps_image_and_label_aligned_and_marks_padding(tmp_path):
         assert torch.equal(u['ignore'], torch.from_numpy(pad))           # the ignore mask is exactly the padding
         padded += pad.any()
     assert padded > 0                                                   # the test did exercise padding
+
+
+def test_custom_data_trains_around_its_own_size():
+    """Custom images are evaluated as stored, so training rescales them around their OWN size (x U(0.5, 2.0)),
+    whatever the tile size; a fixed short side of 512 would zoom 128 px tiles 2-8x (never smaller)."""
+    img, label = Image.new('RGB', (128, 96)), np.zeros((96, 128), np.uint8)
+    for seed in range(20):
+        scale = random.Random(seed).uniform(0.5, 2.0)
+        _, _, pad = weak_augment(img, label, random.Random(seed), None, 128)
+        w, h = min(int(128 * scale + 0.5), 128), min(int(96 * scale + 0.5), 128)
+        assert int((~pad).sum()) == w * h
 
 
 def test_strong_views_never_touch_label_or_geometry(tmp_path):

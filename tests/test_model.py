@@ -502,6 +502,22 @@ def test_one_step_moves_attention_and_head_and_leaves_frozen_weights_bit_identic
         assert "queries.weight" in changed
 
 
+@pytest.mark.parametrize("kind", model.KINDS)
+def test_from_scratch_every_backbone_weight_on_the_path_learns(kind):
+    """--train-backbone all (students with random weights): embeddings, norms and MLPs get gradients too; CLIP's
+    position table, otherwise a cached constant, is then recomputed with its gradient."""
+    torch.manual_seed(0)
+    s = model.build_student(kind, N, size="tiny", text=text.stand_in_embeddings(N, TINY.proj), train_backbone="all")
+    supervised_loss(s(torch.randn(2, 3, 64, 80)), torch.randint(0, N, (2, 64, 80))).backward()
+    first = model.blocks(s.backbone)[0]
+    if kind == "clip":
+        vm = s.backbone.vision_model
+        params = [vm.embeddings.position_embedding.weight, vm.embeddings.patch_embedding.weight, vm.post_layernorm.weight]
+    else:
+        params = [s.backbone.embeddings.patch_embeddings.weight, s.backbone.norm.weight]
+    for p in params + list(first.mlp.parameters()) + [next(first.parameters())]:
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
 
 @pytest.mark.parametrize("kind", model.KINDS)
 def test_fp_logits_are_the_head_on_dropout2d_of_the_same_features(tiny, kind, monkeypatch):
