@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import co2s
 from eval import amp_dtype, autocast, predict
-from model import build_model
+from model import TRAIN_BACKBONE, build_model
 from text import stand_in_embeddings
 from train import PAPER_RECIPE, param_groups
 
@@ -46,7 +46,7 @@ p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
 p.add_argument("--mix-source", default="partner", choices=["partner", "rolled"], help="'same' costs what 'partner' does")
 p.add_argument("--grad-checkpoint", action="store_true")
-p.add_argument("--train-backbone", default="attention", choices=["attention", "all"],
+p.add_argument("--train-backbone", default="attention", choices=TRAIN_BACKBONE,
                help="the paper's trainable set, or all of it (train.py's default for random students)")
 p.add_argument("--warmup", type=int, default=2)
 p.add_argument("--steps", type=int, default=5)
