@@ -295,7 +295,7 @@ def main(argv=None):
             opt.zero_grad(set_to_none=True)
             for g in opt.param_groups:
                 g["lr"] = g["initial_lr"] * poly(step, total)
-        logs, rng = {}, rng_state() if cfg["accum"] > 1 else None
+        rng = rng_state() if cfg["accum"] > 1 else None
         for micro in range(cfg["accum"]):
             # Every rank of a DDP run draws the same dropout masks (same seed, same calls); micro-batch j
             # replays the step's RNG state to draw exactly what rank j of the --accum-process run would.
@@ -308,10 +308,9 @@ def main(argv=None):
             # The students' graphs are disjoint (E8 targets are detached): one backward of the sum gives every
             # student exactly the gradient of its own loss; / accum averages micro-batches as DDP averages ranks.
             scaler.scale(sum(losses) / cfg["accum"]).backward()
-            for k, v in micro_logs.items():
-                logs[k] = logs.get(k, 0) + v.detach() / cfg["accum"]
-        for k, v in logs.items():  # each record averages the steps since the last one (on device: no sync)
-            window[k] = [a + b for a, b in zip(window.get(k, (0, 0)), (v, 1))]
+            for k, v in micro_logs.items():  # a record: the mean over the micro-batches since the last one (no sync)
+                total_k, n = window.get(k, (0, 0))
+                window[k] = (total_k + v.detach(), n + 1)
         if ddp:
             average_gradients(params, world)
         for opt in optimizers:
