@@ -4,9 +4,10 @@
     python bench.py --size base --crop 256 --batch 1              # CPU, paper students
     python bench.py --size base --crop 512 --batch 4 --device cuda --amp bf16 [--profile]
 
-Runs warm-up and timed steps of exactly what train.py does per optimizer step (co2s.iteration under
-autocast, backward, one AdamW step per student) on synthetic tensors: no dataset, no download
-(random-init students of the paper's shapes). Prints one JSON line and a short table:
+Runs warm-up and timed steps of the work of one train.py optimizer step with one micro-batch
+(co2s.iteration under autocast, backward, one AdamW step per student, fused on CUDA as in train.py)
+on synthetic tensors: no dataset, no download, no lr schedule or logging (random-init students of
+the paper's shapes). Prints one JSON line and a short table:
   step_s       median seconds of one full step (both students, every loss, both optimizer steps)
   img_per_s    labelled + unlabelled images per second
   tflop        arithmetic of one step (forward + backward), counted by torch's FlopCounterMode
@@ -31,8 +32,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import co2s
-from eval import amp_dtype, autocast, predict
-from model import TRAIN_BACKBONE, build_model
+from backbones import TRAIN_BACKBONE
+from eval import predict
+from model import ModelSpec, build_model
+from runs import amp_dtype, autocast
 from text import stand_in_embeddings
 from train import PAPER_RECIPE, param_groups
 
@@ -62,11 +65,14 @@ torch.manual_seed(0)
 kinds, N = args.students.split(","), args.classes
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    model = build_model(kinds, N, size=args.size, grad_checkpoint=args.grad_checkpoint, train_backbone=args.train_backbone,
-                        text=stand_in_embeddings(N, 512 if args.size == "base" else 128)).to(device).train()
+    spec = ModelSpec(tuple(kinds), N, size=args.size, grad_checkpoint=args.grad_checkpoint,
+                     train_backbone=args.train_backbone)
+    text = stand_in_embeddings(N, 512 if args.size == "base" else 128)
+    model = build_model(spec, text=text).to(device).train()
 students = list(model.students)
 hyper = {k: PAPER_RECIPE[k] for k in ("lr", "backbone_lr_mult", "head_lr_mult")}
-optimizers = [torch.optim.AdamW(param_groups(s, weight_decay=0.01, **hyper)) for s in students]
+optimizers = [torch.optim.AdamW(param_groups(s, weight_decay=0.01, **hyper), fused=device.type == "cuda")
+              for s in students]
 amp = autocast(device, args.amp)
 scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, args.amp) == torch.float16)
 
@@ -106,8 +112,9 @@ def step():
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     with amp:
-        losses, _ = co2s.iteration(students, batch_l, batch_u, batch_mix, step=1000, total_steps=1000, tau=0.0)
-    scaler.scale(sum(losses)).backward()
+        out = co2s.iteration(students, batch_l, batch_u, batch_mix, stability_weight=0.5,
+                             method=co2s.Method(tau=0.0))
+    scaler.scale(sum(out.losses)).backward()
     for opt in optimizers:
         scaler.step(opt)
     scaler.update()

@@ -17,6 +17,7 @@ from errors import UserError
 REPO = os.path.dirname(os.path.abspath(__file__))
 PAPER_SPLITS = os.path.join(REPO, "splits")   # the authors' lists (GitHub XavierJiezou/Co2S, splits/)
 HUB_DATASETS = "XavierJiezou/co2s-datasets"  # the authors' prepared datasets (Hugging Face, repo type dataset)
+RELEASE_PROCESSES = 4  # the released runs: 4 GPUs; an epoch is counted as their DistributedSampler counts it
 
 
 @dataclass
@@ -31,7 +32,7 @@ class DatasetInfo:
     base_size: int = 512     # training rescale: the short side goes to base_size x U(0.5, 2.0) (None: own size)
     eval_size: int = 512     # evaluation: the image's short side is resized to this first (None: as stored)
     epochs: int = 80         # one epoch = one pass over the unlabelled list
-    batch: int = 1           # released per-GPU batch (labelled; the same again unlabelled)
+    batch: int = 4           # released GLOBAL batch per step: 4 GPUs x 1 labelled (+ as many unlabelled)
     size: str = "base"       # student size: ViT-B/16 (the paper) or the tiny CPU preset
     hub_folder: str = None   # folder of the dataset in HUB_DATASETS (None: not published there)
     generated: bool = False  # written by demo.py on first use instead of downloaded
@@ -100,7 +101,7 @@ DATASETS = {
                                (0, 255, 0), (255, 195, 128)], True, ["1/40", "1/16", "1/8", "1/4"],
                     base_size=1024, eval_size=None, hub_folder="LOVEDA"),
     "whdld": _info("whdld", [(255, 0, 0), (255, 255, 0), (192, 192, 0), (0, 255, 0), (128, 128, 128), (0, 0, 255)],
-                   True, ["1/24", "1/16", "1/8", "1/4"], crop=256, batch=2, hub_folder="WHDLD"),
+                   True, ["1/24", "1/16", "1/8", "1/4"], crop=256, batch=8, hub_folder="WHDLD"),
     "gid": _info("gid", [(200, 0, 0), (250, 0, 150), (200, 150, 150), (250, 150, 150), (0, 200, 0), (150, 250, 0),
                          (150, 200, 150), (200, 0, 200), (150, 0, 250), (150, 150, 250), (250, 200, 0), (200, 200, 0),
                          (0, 0, 200), (0, 150, 200), (0, 200, 250)], False, ["1/8", "1/4"], hub_folder="GID"),

@@ -8,8 +8,8 @@ accumulated over the WHOLE split (not per image), label 255 ignored. mIoU averag
 classes as the release does (a class never seen counts 0; `miou_present` leaves such classes out).
 Fusion (E10) comes AFTER the sliding window: per student averaged logits -> softmax -> `fuse`, so both
 students are judged on the same full-image probabilities. We report every student and the fused model
-(METHOD.md section 7.2). Also here: our checkpoints (read, save, rebuild the model), the one
-mixed-precision policy, and the authors' released experiments (--release).
+(METHOD.md section 7.2). Checkpoints and the authors' released experiments are read by runs.py and
+release.py; this file is the evaluation protocol and prediction.
 
   python eval.py runs/potsdam-1_8-...            # best.pt of a run, val split, all students + fused
   python eval.py runs/x/last.pt --student fused  # one checkpoint file, one prediction
@@ -19,12 +19,9 @@ mixed-precision policy, and the authors' released experiments (--release).
 Deliberately left out: multi-scale and flip test-time augmentation (not in the paper).
 """
 import argparse
-import dataclasses
 import json
 import math
 import os
-import re
-import warnings
 from contextlib import nullcontext
 
 import torch
@@ -33,18 +30,21 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-from catalog import CHOICES, dataset_info
+import files
+import runs
+from backbones import NUMERICS
+from catalog import CHOICES
 from errors import UserError, cli
 from losses import IGNORE
-from model import NUMERICS, Co2S, build_model, from_release, fuse, vit_size
-from text import load_text_embeddings
+from model import fuse
+from release import load_release
 
 
 # --------------------------------------------------------------------------------------------
 # Sliding window (METHOD.md section 5) and the fused prediction (E10)
 
 
-def _window_starts(size, crop, stride):
+def window_starts(size, crop, stride):
     """Window offsets along one axis: every `stride`, the last window flush with the border (mmseg's slide)."""
     if size <= crop:
         return [0]
@@ -52,7 +52,7 @@ def _window_starts(size, crop, stride):
     return [min(i * stride, size - crop) for i in range(n)]
 
 
-def _pad16(x):
+def pad16(x):
     """Pad right/bottom to a multiple of 16 (the ViT patch) with black, the padding the students saw in
     training (data.weak_augment pads raw pixels with 0). Black is -mean/std after ImageNet normalisation."""
     ph, pw = -x.shape[-2] % 16, -x.shape[-1] % 16
@@ -74,9 +74,9 @@ def sliding_window(student, img, crop, stride=None, num_classes=None):
     B, _, H, W = img.shape
     h, w = min(crop, H), min(crop, W)                     # window size
     logits, count = None, torch.zeros(1, 1, H, W, device=img.device)
-    for y in _window_starts(H, crop, stride):
-        for x in _window_starts(W, crop, stride):
-            out = student(_pad16(img[:, :, y:y + h, x:x + w]))[:, :, :h, :w].float()   # (B, N, h, w)
+    for y in window_starts(H, crop, stride):
+        for x in window_starts(W, crop, stride):
+            out = student(pad16(img[:, :, y:y + h, x:x + w]))[:, :, :h, :w].float()   # (B, N, h, w)
             if logits is None:
                 logits = torch.zeros(B, out.shape[1], H, W, device=img.device)
             logits[:, :, y:y + h, x:x + w] += out
@@ -84,22 +84,6 @@ def sliding_window(student, img, crop, stride=None, num_classes=None):
     if num_classes is not None and logits.shape[1] != num_classes:
         raise ValueError(f"the student predicts {logits.shape[1]} classes, the dataset has {num_classes}")
     return logits / count                                 # every pixel is in >= 1 window
-
-
-def amp_dtype(device, amp="auto"):
-    """The one mixed-precision policy (train, eval, bench): on CUDA bf16 ('auto'; fp16 where the GPU has
-    no bf16, or asked for); fp32 on the CPU (bf16 there is many times slower) and with amp 'off'."""
-    if device.type != "cuda" or amp == "off":
-        return None
-    if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
-
-
-def autocast(device, amp="auto"):
-    """torch.autocast for amp_dtype(device, amp): disabled (a no-op) where that is fp32."""
-    dtype = amp_dtype(device, amp)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def check_names(model, names):
@@ -198,13 +182,15 @@ def format_table(cms, class_names):
     return "\n".join(lines)
 
 
-def evaluate(model, loader, crop, num_classes, names=None, device="cpu", amp=None, progress=True, stride=None):
-    """Confusion matrix per prediction name over the whole loader (batches of {'img', 'label'}).
-
-    amp: an autocast context (see autocast()) or None; the window logits are averaged in fp32 anyway.
-    Restores the model's train/eval mode."""
+def evaluate(model, loader, crop, stride=None, names=None, amp=None):
+    """Confusion matrix per prediction name over the whole loader (batches of {'img', 'label'}), on the
+    model's device. amp: an autocast context (runs.autocast) or None; the window logits are averaged
+    in fp32 anyway. Restores the model's train/eval mode. Only rank 0 of a DDP run shows progress."""
     names = check_names(model, names)
+    device = next(model.parameters()).device
+    num_classes = len(model.students[0].class_embeddings())
     cms = {n: ConfusionMatrix(num_classes, device) for n in names}
+    progress = int(os.environ.get("RANK", 0)) == 0
     ctx = amp or nullcontext()
     was_training = model.training
     model.eval()
@@ -227,9 +213,9 @@ def evaluate(model, loader, crop, num_classes, names=None, device="cpu", amp=Non
 def list_images(folder):
     if not os.path.isdir(folder):
         raise UserError(f"--predict folder {folder!r} does not exist")
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(data.IMAGE_EXTS))
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(files.IMAGE_EXTS))
     if not files:
-        raise UserError(f"no images in {folder!r}; accepted extensions: {' '.join(data.IMAGE_EXTS)}")
+        raise UserError(f"no images in {folder!r}; accepted extensions: {' '.join(files.IMAGE_EXTS)}")
     return [os.path.join(folder, f) for f in files]
 
 
@@ -242,11 +228,11 @@ def predict_folder(model, info, folder, out_dir, crop, device="cpu", stride=None
     model.eval()
     written = []
     for path in tqdm(paths, desc="predict", dynamic_ncols=True):
-        image = data.load_image(path)                                     # RGB, any size
+        image = files.load_image(path)                                     # RGB, any size
         x = data.normalize(data.eval_resize(image, info.eval_size))[None].to(device)
         with ctx:
             probs = predict(model, x, crop, stride, [name], out_size=(image.height, image.width))[name]
-        mask = data.colorize(probs[0].argmax(0).byte().cpu().numpy(), info.palette)   # 'P', (H, W)
+        mask = files.colorize(probs[0].argmax(0).byte().cpu().numpy(), info.palette)   # 'P', (H, W)
         overlay = Image.new("RGB", (2 * image.width, image.height))
         overlay.paste(image, (0, 0))
         overlay.paste(Image.blend(image, mask.convert("RGB"), 0.5), (image.width, 0))
@@ -258,171 +244,106 @@ def predict_folder(model, info, folder, out_dir, crop, device="cpu", stride=None
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints, the authors' released experiments, and the command line
+# The command line
 
 
-def resolve_checkpoint(path, ckpt=None):
-    """A run folder (its best.pt, else last.pt; or the one --ckpt names) or a .pt file -> the .pt path."""
-    if os.path.isdir(path):
-        wanted = [f"{ckpt}.pt"] if ckpt else ["best.pt", "last.pt"]
-        for f in wanted:
-            if os.path.isfile(os.path.join(path, f)):
-                return os.path.join(path, f)
-        raise UserError(f"run folder {path!r} holds no {' or '.join(wanted)}; expected a folder written by "
-                        f"train.py or a .pt checkpoint file")
-    if os.path.isfile(path) and path.endswith(".pt"):
-        return path
-    raise UserError(f"{path!r} is neither a run folder (with best.pt / last.pt) nor a .pt checkpoint file")
-
-
-def save_atomic(obj, path):
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)  # a crash mid-write never leaves a truncated checkpoint
-
-
-def read_checkpoint(path):
-    """torch.load of one of our checkpoints (train.py's dict), with a clear error for anything else."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated, not a torch file, ...
-        raise UserError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {e})") from e
-    if not isinstance(state, dict) or not {"cfg", "model", "model_args"} <= set(state):
-        raise UserError(f"{path!r} is not a checkpoint of train.py (no cfg / model / model_args)")
-    return state
-
-
-def model_from_checkpoint(state, numerics=None):
-    """The Co2S model of a checkpoint: built from its model_args (random backbones, no download), then
-    every tensor (frozen backbone weights, CLIP text embeddings included) read from its state dict.
-    numerics: run it with other numerics than it was trained with ('hf' | 'release')."""
-    args, sd = dict(state["model_args"], numerics=numerics or state["model_args"]["numerics"]), state["model"]
-    text = next((v for k, v in sd.items() if k.endswith(".text")), None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "random backbone weights": they are overwritten just below
-        model = build_model(**args, text=text)
-    model.load_state_dict(sd)
-    return model
-
-
-def load_run(path, device="cpu", data_root=None, numerics=None):
-    """(model in eval mode, dataset info, cfg) of a checkpoint file or run folder (best.pt, else last.pt)."""
-    state = read_checkpoint(resolve_checkpoint(path))
-    cfg = state["cfg"]
-    info = dataset_info(cfg["dataset"], data_root or cfg["data_root"])
-    return model_from_checkpoint(state, numerics).to(device).eval(), info, cfg
-
-
-def load_release(folder, dataset, data_root=None, text_embeddings=None, fusion="confidence"):
-    """(model, info, cfg, published mIoU or None) of one of the authors' experiment folders (e.g.
-    POTSDAM/1_32-74.30/ with best_clip.pth and/or best_dinov3.pth), converted by model.from_release."""
-    files = [(k, os.path.join(folder, f"best_{k}.pth")) for k in ("clip", "dinov3")]
-    files = [(k, f) for k, f in files if os.path.isfile(f)]
-    if not files:
-        raise UserError(f"--release {folder!r} holds neither best_clip.pth nor best_dinov3.pth")
-    info = dataset_info(dataset, data_root)
-    text = load_text_embeddings(text_embeddings, len(info.classes), 512) if text_embeddings else None
-    students = [from_release(f, text=text) for _, f in files]
-    for s in students:
-        n = len(s.class_embeddings())
-        if n != len(info.classes):
-            raise UserError(f"the released {s.kind} student predicts {n} classes, {dataset} has {len(info.classes)}: "
-                            f"check --dataset")
-    m = re.search(r"(\d+_\d+)-(\d+(?:\.\d+)?)$", os.path.basename(os.path.normpath(folder)))
-    clip = next((s for s in students if s.kind == "clip"), None)
-    cfg = dict(dataset=dataset, data_root=data_root or os.path.join("data", dataset), splits=None, seed=0,
-               ratio=m.group(1) if m else info.ratios[0].replace("/", "_"), release=os.path.abspath(folder),
-               crop=clip.backbone.config.image_size if clip else info.crop)   # a release stores its crop's position grid
-    return Co2S(students, fusion=fusion), info, cfg, float(m.group(2)) if m else None
-
-
-def save_release(model, cfg, info, run_dir):
-    """A converted release as one of our run folders (best.pt): eval.py, --predict and train.py --init read it."""
-    os.makedirs(run_dir, exist_ok=True)
-    kinds = [s.kind for s in model.students]
-    model_args = dict(kinds=kinds, num_classes=len(info.classes), size=vit_size(model.students), clip_guidance="text",
-                      fusion=model.fusion, grad_checkpoint=False, numerics="release")
-    cfg = dict(cfg, students=",".join(kinds), numerics="release", fusion=model.fusion)
-    save_atomic(dict(cfg=cfg, model_args=model_args, model=model.state_dict(), step=0, best={"miou": -1.0}),
-                os.path.join(run_dir, "best.pt"))
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a Co2S run or one of the authors' released experiments "
-                                            "(mIoU per student and fused), or predict a folder.")
-    p.add_argument("path", nargs="?", help="run folder (best.pt / last.pt) or a .pt checkpoint")
-    p.add_argument("--release", metavar="DIR", help="instead: an experiment folder of the authors' release "
-                   "(best_clip.pth / best_dinov3.pth, e.g. POTSDAM/1_32-74.30), evaluated their way")
-    p.add_argument("--dataset", choices=CHOICES, help="with --release: the dataset it was trained on")
-    p.add_argument("--text-embeddings", help="with --release: [N, 512] CLIP class embeddings, if the file lacks them")
-    p.add_argument("--save", metavar="RUN_DIR", help="with --release: write the converted model as a run folder of ours")
-    p.add_argument("--ckpt", choices=["best", "last"], default=None, help="checkpoint of a run folder (default: best, else last)")
-    p.add_argument("--split", default="val", choices=["val", "labeled"], help="split of the run's lists to evaluate")
-    p.add_argument("--student", default="all", help="a student name of the run, 'fused' (E10) or 'all' (each + fused)")
-    p.add_argument("--crop", type=int, default=None, help="window size (default: the run's training crop)")
-    p.add_argument("--stride", type=int, default=None, help="window stride (paper: 5/6 of the crop)")
-    p.add_argument("--numerics", choices=NUMERICS, default=None, help="forward numerics (default: the run's; a release "
-                   "always runs 'release')")
-    p.add_argument("--data-root", default=None, help="dataset folder, if it moved since training")
-    p.add_argument("--predict", default=None, metavar="FOLDER", help="predict every image of FOLDER instead of evaluating")
-    p.add_argument("--out", default=None, metavar="DIR", help="where --predict writes masks and overlays")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA (the averaging is fp32 anyway)")
-    p.add_argument("--workers", type=int, default=2)
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a Co2S run or one of the authors' released "
+                                "experiments (mIoU per student and fused), or predict a folder.")
+    a = p.add_argument
+    a("path", nargs="?", help="run folder (best.pt / last.pt) or a .pt checkpoint")
+    a("--release", metavar="DIR", help="instead: an experiment folder of the authors' release "
+      "(best_clip.pth / best_dinov3.pth, e.g. POTSDAM/1_32-74.30), evaluated their way")
+    a("--dataset", choices=CHOICES, help="with --release: the dataset it was trained on")
+    a("--text-embeddings", help="with --release: [N, 512] CLIP class embeddings, if the file lacks them")
+    a("--save", metavar="RUN_DIR", help="with --release: write the converted model as a run folder of ours")
+    a("--ckpt", choices=["best", "last"], default=None, help="checkpoint of a run folder "
+      "(default: best, else last)")
+    a("--split", default="val", choices=["val", "labeled"], help="split of the run's lists to evaluate")
+    a("--student", default="all", help="a student name of the run, 'fused' (E10) or 'all' (each + fused)")
+    a("--crop", type=int, default=None, help="window size (default: the run's training crop)")
+    a("--stride", type=int, default=None, help="window stride (paper: 5/6 of the crop)")
+    a("--numerics", choices=NUMERICS, default=None, help="forward numerics (default: the run's; a "
+      "release always runs 'release')")
+    a("--data-root", default=None, help="dataset folder, if it moved since training")
+    a("--predict", default=None, metavar="FOLDER", help="predict every image of FOLDER instead of evaluating")
+    a("--out", default=None, metavar="DIR", help="where --predict writes masks and overlays")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--amp", choices=runs.AMP, default=None, help="CUDA autocast of the forwards (default: auto = bf16 "
+      "for our runs, off = fp32 for --release, as the authors evaluate); the averaging is fp32 anyway")
+    a("--fp32", action="store_true", help="the same as --amp off")
+    a("--workers", type=int, default=2)
     args = p.parse_args(argv)
     if bool(args.predict) != bool(args.out):
         p.error("--predict FOLDER and --out DIR go together")
     if bool(args.path) == bool(args.release) or bool(args.release) != bool(args.dataset):
         p.error("give a run folder / checkpoint, or --release DIR with --dataset D")
+    args.amp = "off" if args.fp32 else args.amp or ("off" if args.release else "auto")
     try:  # check what can be checked before the (slow) model load
-        ckpt = resolve_checkpoint(args.path, args.ckpt) if args.path else None
+        args.checkpoint = runs.resolve_checkpoint(args.path, args.ckpt) if args.path else None
         if args.predict:
             list_images(args.predict)
     except UserError as e:
         p.error(str(e))
+    return args
 
-    device, published = torch.device(args.device), None
-    if args.release:
-        model, info, cfg, published = load_release(args.release, args.dataset, args.data_root, args.text_embeddings)
-        if args.save:
-            save_release(model, cfg, info, args.save)
-            print(f"wrote {os.path.join(args.save, 'best.pt')}")
-        model.to(device)
-    else:
-        model, info, cfg = load_run(ckpt, device=device, data_root=args.data_root, numerics=args.numerics)
-    valid = [s.name for s in model.students] + ["fused", "all"]
-    if args.student not in valid:
-        p.error(f"--student {args.student!r} is not in this run; valid: {', '.join(valid)}")
+
+def load(args):
+    """(model on the device, info, cfg, published mIoU or None) of a run or a release."""
+    device = torch.device(args.device)
+    if not args.release:
+        model, info, cfg = runs.load_run(args.checkpoint, device, args.data_root, args.numerics)
+        return model, info, cfg, None
+    model, info, cfg, published = load_release(args.release, args.dataset, args.data_root,
+                                               args.text_embeddings)
+    if args.save:
+        runs.save_release(model, cfg, args.save)
+        print(f"wrote {os.path.join(args.save, 'best.pt')}")
+    return model.to(device), info, cfg, published
+
+
+def evaluate_split(args, model, info, cfg, published):
+    """Evaluate the run's split, print the table, write eval_<split>.json beside the checkpoint."""
     crop = args.crop or cfg["crop"]
-    amp = autocast(device, "off" if args.fp32 else "auto")
-
-    if args.predict:
-        name = "fused" if args.student == "all" else args.student
-        files = predict_folder(model, info, args.predict, args.out, crop, device, args.stride, name, amp)
-        print(f"wrote {len(files)} files ({name} prediction) to {args.out}")
-        return files
-
     # The run's own split lists when train.py wrote them (<run>/splits), else the config's source.
-    run_splits = os.path.join(os.path.dirname(ckpt), "splits") if ckpt else ""
-    splits = data.make_splits(info, cfg["ratio"], args.data_root or cfg["data_root"],
-                              run_splits if os.path.isdir(run_splits) else cfg["splits"], seed=cfg["seed"])
-    loader = data.val_loader(info, dataclasses.replace(splits, val=getattr(splits, args.split)), workers=args.workers)
+    run_splits = os.path.join(os.path.dirname(args.checkpoint), "splits") if args.checkpoint else ""
+    splits = files.make_splits(info, cfg["ratio"], args.data_root or cfg["data_root"],
+                               run_splits if os.path.isdir(run_splits) else cfg["splits"], seed=cfg["seed"])
+    loader = data.val_loader(info, getattr(splits, args.split), workers=args.workers)
     names = None if args.student == "all" else [args.student]
-    cms = evaluate(model, loader, crop, len(info.classes), names, device, amp, stride=args.stride)
-    print(f"{ckpt or args.release}: {args.split} split, {len(loader)} images, crop {crop}, fusion {model.fusion}\n"
-          f"{format_table(cms, info.classes)}")
+    amp = runs.autocast(next(model.parameters()).device, args.amp)
+    cms = evaluate(model, loader, crop, args.stride, names, amp)
+    source = args.checkpoint or args.release
+    print(f"{source}: {args.split} split, {len(loader)} images, crop {crop}, fusion {model.fusion}, "
+          f"amp {args.amp}\n{format_table(cms, info.classes)}")
     if published is not None:  # the folder name carries the authors' figure (their students were never fused)
         print(f"published {published:.2f} | ours: " + ", ".join(f"{n} {100 * cm.miou():.2f}" for n, cm in cms.items()))
-    result = dict(checkpoint=os.path.abspath(ckpt or args.release), split=args.split, crop=crop,
-                  stride=args.stride or crop * 5 // 6, fusion=model.fusion, published=published,
+    result = dict(checkpoint=os.path.abspath(source), split=args.split, crop=crop,
+                  stride=args.stride or crop * 5 // 6, fusion=model.fusion, amp=args.amp, published=published,
                   results={n: cm.to_dict(info.classes) for n, cm in cms.items()})
-    out_dir = args.save if args.release else os.path.dirname(ckpt)
+    out_dir = args.save if args.release else os.path.dirname(args.checkpoint)
     if out_dir:
-        stem = "best" if args.release else os.path.splitext(os.path.basename(ckpt))[0]
+        stem = "best" if args.release else os.path.splitext(os.path.basename(args.checkpoint))[0]
         out = os.path.join(out_dir, f"eval_{args.split}" + ("" if stem == "best" else f"_{stem}") + ".json")
-        with open(out, "w") as f:
-            json.dump(result, f, indent=2)
+        runs.write_json(out, result)
         print(f"wrote {out}")
     return result
+
+
+def main(argv=None):
+    args = get_args(argv)
+    model, info, cfg, published = load(args)
+    valid = [s.name for s in model.students] + ["fused", "all"]
+    if args.student not in valid:
+        raise UserError(f"--student {args.student!r} is not in this run; valid: {', '.join(valid)}")
+    if args.predict:
+        name = "fused" if args.student == "all" else args.student
+        amp = runs.autocast(torch.device(args.device), args.amp)
+        written = predict_folder(model, info, args.predict, args.out, args.crop or cfg["crop"],
+                                 args.device, args.stride, name, amp)
+        print(f"wrote {len(written)} files ({name} prediction) to {args.out}")
+        return written
+    return evaluate_split(args, model, info, cfg, published)
 
 
 if __name__ == "__main__":

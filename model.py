@@ -1,24 +1,14 @@
 """model.py: the two Co2S students (CLIP and DINOv3 ViT-B/16), their decoder head and the fusion head.
 
-A student = a transformers ViT backbone + class embeddings T + the decoder head of METHOD.md
-section 3. Implements E1 (CLIP value path), E3 (similarity maps), E4 (feature perturbation) and E10
-(fusion of the two students at inference); the class embeddings of E2 come from text.py. Both
-students share ONE class (`Student`) and ONE head; the only per-kind code is how the three pyramid
-maps are tapped from the backbone (`_clip_features`, `_dinov3_features`).
+A student = a backbone (backbones.py) + class embeddings T + the decoder head of METHOD.md section
+3. Implements E1 (CLIP value path), E3 (similarity maps), E4 (feature perturbation) and E10 (fusion
+of the two students at inference); the class embeddings of E2 come from text.py. Both students share
+ONE class (`Student`) and ONE head; what differs per kind is how the three pyramid maps are tapped
+(`_clip_features`, `_dinov3_features`), the width of the coarsest map (CLIP's 512-d joint space,
+DINOv3's 768) and the class embeddings (fixed text or learnable queries).
 
-Numerics (`numerics=`): 'hf' runs the transformers checkpoints as they are (CLIP: QuickGELU, LayerNorm
-eps 1e-5; DINOv3: fp32 RoPE); 'release' runs them as the authors' code did (CLIP inside an mmseg ViT:
-exact GELU, eps 1e-6; DINOv3: eps 1e-6, RoPE from bf16 periods with q and k rotated in bf16).
-`from_release` converts the authors' released checkpoints (best_clip.pth, best_dinov3.pth).
-
-Deliberately left out: registries, weight re-initialisation after loading (the released code wiped the
-DINOv3 weights that way; METHOD.md section 7.3). The backbones are the transformers modules, run block
-by block so we can tap them; only DINOv3's block is written out here (RoPE in the release's dtype).
+Deliberately left out: registries, builders by string, weight re-initialisation after loading.
 """
-import json
-import math
-import os
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -26,171 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import release
+from backbones import (KINDS, blocks, build_backbone, dinov3_block, resize_positions, rope_periods,
+                       rope_tables, set_trainable, tapped_blocks, vit_preset)
 from errors import UserError
 
-KINDS = ("clip", "dinov3")
-NUMERICS = ("hf", "release")
-DEFAULT_WEIGHTS = {"clip": "openai/clip-vit-base-patch16", "dinov3": "facebook/dinov3-vitb16-pretrain-lvd1689m"}
-
-
-@dataclass
-class ViTSize:
-    width: int = 768        # ViT-B/16
-    depth: int = 12
-    heads: int = 12
-    mlp: int = 3072
-    proj: int = 512         # CLIP joint image-text space (the dense embedding and text embeddings)
-    registers: int = 4      # DINOv3 register tokens
-    image_size: int = 224   # CLIP: the position grid is image_size / 16 on a side (a release stores it at the crop)
-
-
-# "tiny" is the same code with smaller numbers: a CPU preset for tests and the demo.
-SIZES = {
-    "base": ViTSize(),
-    "tiny": ViTSize(width=192, depth=4, heads=3, mlp=768, proj=128),
-}
-# Tapped blocks (0-based) at ViT-B depth 12; other depths scale the index by (depth-1)/11.
-TAPS = {"clip": (0, 4, 11), "dinov3": (2, 7, 11)}
-
-
-def tapped_blocks(kind, depth):
-    return tuple(round(k * (depth - 1) / 11) for k in TAPS[kind])
-
-
-def _size(size):
-    """A preset name, or the ViTSize fields themselves (a converted release: vit_size)."""
-    if isinstance(size, dict):
-        return ViTSize(**size)
-    if size not in SIZES:
-        raise UserError(f"unknown size {size!r}; valid sizes: {', '.join(SIZES)}")
-    return SIZES[size]
-
-
-def vit_size(students):
-    """The ViTSize fields that rebuild these students' backbones (for a checkpoint's model_args)."""
-    size = {}
-    for s in students:
-        c = s.backbone.config
-        size.update(width=c.hidden_size, depth=c.num_hidden_layers, heads=c.num_attention_heads, mlp=c.intermediate_size)
-        size.update(dict(proj=c.projection_dim, image_size=c.image_size) if s.kind == "clip" else
-                    dict(registers=c.num_register_tokens))
-    return size
-
-
-# --------------------------------------------------------------------------------------------
-# Backbones: transformers models, built at random from a preset or loaded with from_pretrained
-
-
-def numerics_config(kind, numerics):
-    """Config overrides of a numerics choice (see the module docstring); 'hf' keeps the checkpoint's own."""
-    if numerics not in NUMERICS:
-        raise UserError(f"unknown numerics {numerics!r}; valid: {', '.join(NUMERICS)}")
-    if numerics == "hf":
-        return {}
-    return dict(hidden_act="gelu", layer_norm_eps=1e-6) if kind == "clip" else dict(layer_norm_eps=1e-6)
-
-
-def backbone_config(kind, s, numerics="hf"):
-    """The transformers config of a random-init backbone of ViTSize s (dropout and drop-path off)."""
-    from transformers import CLIPVisionConfig, DINOv3ViTConfig
-    common = dict(hidden_size=s.width, num_hidden_layers=s.depth, num_attention_heads=s.heads,
-                  intermediate_size=s.mlp, patch_size=16, attention_dropout=0.0)
-    if kind == "clip":
-        cfg = dict(common, projection_dim=s.proj, image_size=s.image_size, hidden_act="quick_gelu")
-        return CLIPVisionConfig(**{**cfg, **numerics_config(kind, numerics)})
-    # RoPE coordinate augmentation off so train mode is deterministic.
-    return DINOv3ViTConfig(**common, num_register_tokens=s.registers, layerscale_value=1.0, drop_path_rate=0.0,
-                           pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None,
-                           **numerics_config(kind, numerics))
-
-
-def _model_types(kind):
-    return ("clip", "clip_vision_model") if kind == "clip" else ("dinov3_vit",)
-
-
-def load_pretrained(cls, kind, weights, what="backbone", **overrides):
-    """`cls.from_pretrained(weights)` with errors that say what was tried and how to fix it.
-
-    `weights` is a hub id or a local folder (a `save_pretrained` / `hf download` folder). Missing
-    weights are an error, never a silent random init."""
-    flag = f"--{kind}-weights"
-    weights = os.path.expanduser(weights)
-    local = os.path.isdir(weights)
-    if local:
-        cfg_path = os.path.join(weights, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise UserError(f"{weights!r} is not a transformers checkpoint folder (no config.json); "
-                             f"pass a folder written by save_pretrained or `hf download` to {flag}")
-        with open(cfg_path) as f:
-            model_type = json.load(f).get("model_type")
-        if model_type not in _model_types(kind):
-            raise UserError(f"{weights!r} holds a {model_type!r} checkpoint, not a {kind} one "
-                             f"(expected model_type in {_model_types(kind)}); check {flag}")
-    elif weights.startswith((".", "/", "~")) or weights.count("/") > 1:
-        raise UserError(f"{flag}: local folder {weights!r} does not exist")
-    try:
-        model, info = cls.from_pretrained(weights, output_loading_info=True, **overrides)
-    except (OSError, ValueError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        gated = any(w in str(e).lower() for w in ("gated", "401", "403", "access to model"))
-        hint = (" This repository is gated: accept Meta's DINOv3 licence on its hub page, run `hf auth "
-                "login`, or download it elsewhere and pass the folder." if gated else "")
-        raise UserError(
-            f"could not load the {kind} {what} from {weights!r} ({type(e).__name__}: {reason}).{hint} "
-            f"Without network access, download it once (`hf download {DEFAULT_WEIGHTS[kind]} --local-dir DIR`) "
-            f"and pass {flag} DIR, or set HF_HUB_OFFLINE=1 with a filled hub cache.") from e
-    if info["missing_keys"] or info["mismatched_keys"]:
-        raise UserError(f"{weights!r} is not a complete {kind} {what}: missing "
-                           f"{sorted(info['missing_keys'])[:5]} mismatched {info['mismatched_keys'][:5]}")
-    return model
-
-
-def build_backbone(kind, size="base", weights=None, numerics="hf"):
-    from transformers import CLIPVisionModelWithProjection, DINOv3ViTModel
-    cls = CLIPVisionModelWithProjection if kind == "clip" else DINOv3ViTModel
-    if weights is None:
-        if size == "base":
-            warnings.warn(f"building the base {kind} student with RANDOM backbone weights (weights=None): "
-                          f"fine for tests, useless for reproducing the paper (default {DEFAULT_WEIGHTS[kind]})")
-        return cls(backbone_config(kind, _size(size), numerics))
-    overrides = dict(attention_dropout=0.0, **numerics_config(kind, numerics))
-    if kind == "dinov3":
-        overrides.update(drop_path_rate=0.0, pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None)
-    model = load_pretrained(cls, kind, weights, **overrides)
-    if model.config.hidden_size != _size(size).width:
-        raise UserError(f"{weights!r} has width {model.config.hidden_size}, but --size {size} expects "
-                        f"{_size(size).width}; pick the matching --size or checkpoint")
-    return model
-
-
-def blocks(backbone):
-    """The list of transformer blocks (CLIP: encoder.layers; DINOv3: model.layer, or layer before transformers 5.2)."""
-    if hasattr(backbone, "vision_model"):
-        return backbone.vision_model.encoder.layers
-    return backbone.model.layer if hasattr(backbone, "model") else backbone.layer
-
-
-def attention_projections(block):
-    """q, k, v, out projections of one block: the only backbone parameters that train (the paper's recipe)."""
-    attn = block.self_attn if hasattr(block, "self_attn") else block.attention
-    out = attn.out_proj if hasattr(attn, "out_proj") else attn.o_proj
-    return [attn.q_proj, attn.k_proj, attn.v_proj, out]
-
-
-TRAIN_BACKBONE = ("attention", "all")
-
-
-def set_trainable(backbone, train_backbone="attention"):
-    """'attention': only the attention projections train, all else stays frozen (the paper; pretrained weights).
-    'all': every backbone weight trains (students from scratch: frozen RANDOM patch embeddings and MLPs
-    leave a tiny student unable to fit even 6 labelled tiles of real imagery)."""
-    if train_backbone not in TRAIN_BACKBONE:
-        raise UserError(f"unknown train_backbone {train_backbone!r}; valid: {', '.join(TRAIN_BACKBONE)}")
-    backbone.requires_grad_(train_backbone == "all")
-    for block in blocks(backbone):
-        for proj in attention_projections(block):
-            proj.requires_grad_(True)
+FUSIONS = ("confidence", "mean")
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,165 +198,97 @@ class Student(nn.Module):
         hw = (x.shape[-2] // 16, x.shape[-1] // 16)
         return [t.transpose(1, 2).reshape(t.shape[0], t.shape[2], *hw) for t in tokens]
 
-    def forward(self, x, fp=False, fp_from=0):
-        """Logits (B, N, H, W). With fp=True also the FP logits (E4) of x[fp_from:], from the SAME
-        backbone pass: (logits, logits_fp)."""
-        feats = self.features(x)
-        if fp:  # E4: Dropout2d(0.5) on every tapped map; clean and perturbed maps run as one head batch
-            feats = [torch.cat([f, F.dropout2d(f[fp_from:], 0.5, training=True)]) for f in feats]
-        logits = self.head(feats, self.class_embeddings())
-        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return (logits[: len(x)], logits[len(x):]) if fp else logits
+    def forward(self, x):
+        """Logits (B, N, H, W) at the input size."""
+        return self._logits(self.features(x), x.shape[-2:])
+
+    def forward_fp(self, x, fp_from):
+        """(logits of x, FP logits of x[fp_from:]) from the SAME backbone pass (E4): Dropout2d(0.5) on
+        every tapped map; the clean and the perturbed maps run through the head as one batch."""
+        feats = [torch.cat([f, F.dropout2d(f[fp_from:], 0.5, training=True)]) for f in self.features(x)]
+        logits = self._logits(feats, x.shape[-2:])
+        return logits[: len(x)], logits[len(x):]
+
+    def _logits(self, feats, size):
+        logits = self.head(feats, self.class_embeddings())                    # (B, N, H/4, W/4)
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
-def resize_positions(table, h, w):
-    """CLIP's (1 + g*g, C) position table for an h x w patch grid: the CLS entry, then the g x g grid resized
-    bicubically (align_corners False, as transformers and the release do). The same table every forward."""
-    g = math.isqrt(table.shape[0] - 1)
-    if (h, w) == (g, g):
-        return table
-    grid = table[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(table.dtype)
-    return torch.cat([table[:1], grid.permute(0, 2, 3, 1).reshape(h * w, -1)])
+@dataclass(frozen=True)
+class ModelSpec:
+    """What builds a Co2S model, saved in every checkpoint (`model_args`) so that eval.py, --resume and
+    --init rebuild it without a download. size: a preset name or ViTSize fields (a converted release)."""
+    kinds: tuple                     # e.g. ("clip", "dinov3")
+    num_classes: int
+    size: object = "base"
+    numerics: str = "hf"             # backbones.NUMERICS
+    clip_guidance: str = "text"      # text (E2) | queries
+    fusion: str = "confidence"       # FUSIONS (E10)
+    grad_checkpoint: bool = False
+    train_backbone: str = "attention"   # backbones.TRAIN_BACKBONE
 
 
-def rope_periods(config, numerics):
-    """DINOv3 RoPE periods base^(2j / (head_dim / 2)), j < head_dim / 4: fp32 ('hf'), or bf16 as the release
-    computes and stores them ('release'; the whole rotation then runs in bf16)."""
-    n = config.hidden_size // config.num_attention_heads // 4
-    dtype = torch.bfloat16 if numerics == "release" else torch.float32
-    return config.rope_theta ** (2 * torch.arange(n, dtype=dtype) / (2 * n))
-
-
-def rope_tables(periods, h, w):
-    """cos, sin (h*w, head_dim) of an h x w patch grid, in the dtype of `periods` (each step rounded to it,
-    as the release computes them): patch centres in [-1, 1] per axis, angles 2 pi coord / period, [y | x] x 2."""
-    ys = torch.arange(0.5, h, dtype=periods.dtype, device=periods.device) / h
-    xs = torch.arange(0.5, w, dtype=periods.dtype, device=periods.device) / w
-    coords = 2.0 * torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).flatten(0, 1) - 1.0   # (hw, 2): y, x
-    angles = (2 * math.pi * coords[:, :, None] / periods[None, None, :]).flatten(1, 2).tile(2)  # (hw, head_dim)
-    return torch.cos(angles), torch.sin(angles)
-
-
-def rotate(x, cos, sin):
-    """RoPE on the patch tokens (the last len(cos) of x (B, heads, T, d)), computed in the dtype of cos:
-    x is cast to it whole (prefix tokens too, as the release does) and cast back afterwards."""
-    dtype, n = x.dtype, cos.shape[0]
-    x = x.to(cos.dtype)
-    patches = x[..., -n:, :]
-    half = patches.shape[-1] // 2
-    patches = patches * cos + torch.cat([-patches[..., half:], patches[..., :half]], -1) * sin
-    return torch.cat([x[..., :-n, :], patches], -2).to(dtype)
-
-
-def dinov3_block(block, h, cos, sin):
-    """One DINOv3 block with the weights of the transformers module `block`: pre-norm attention with RoPE on
-    the patch tokens and layer scale, then pre-norm MLP and layer scale. Written out rather than calling
-    block.forward because the release rotates q and k in bf16, which transformers does not."""
-    attn, (b, t, c) = block.attention, h.shape
-    x = block.norm1(h)
-    q, k, v = (p(x).view(b, t, attn.num_heads, -1).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-    x = F.scaled_dot_product_attention(rotate(q, cos, sin), rotate(k, cos, sin), v)      # (B, heads, T, d)
-    h = h + block.layer_scale1(attn.o_proj(x.transpose(1, 2).reshape(b, t, c)))
-    return h + block.layer_scale2(block.mlp(block.norm2(h)))
-
-
-def build_student(kind, num_classes, *, size="base", weights=None, guidance=None, text=None, name=None,
-                  numerics="hf", train_backbone="attention"):
-    """One Co2S student. kind: 'clip' | 'dinov3'. guidance: 'text' (CLIP default) | 'queries'.
+def build_student(kind, spec, *, weights=None, text=None, name=None):
+    """One Co2S student of `kind` ('clip' | 'dinov3') with the sizes and options of `spec`.
 
     weights: hub id or local folder of the backbone (None = random init). text: the (N, D) class
-    embeddings of text guidance (text.class_embeddings gives them from concepts, a file or a stand-in).
-    numerics: 'hf' | 'release' (see the module docstring). train_backbone: 'attention' | 'all' (set_trainable)."""
+    embeddings of a CLIP student with text guidance (text.class_embeddings gives them)."""
     if kind not in KINDS:
         raise UserError(f"unknown student kind {kind!r}; valid kinds: {', '.join(KINDS)}")
-    guidance = guidance or ("text" if kind == "clip" else "queries")
-    if guidance not in ("text", "queries") or (kind == "dinov3" and guidance == "text"):
-        raise UserError(f"guidance {guidance!r} for a {kind} student; valid: "
-                        f"{'text, queries' if kind == 'clip' else 'queries'}")
-    if guidance == "text" and (text is None or tuple(text.shape) != (num_classes, _size(size).proj)):
-        raise ValueError(f"a CLIP student with text guidance needs its ({num_classes}, {_size(size).proj}) class "
-                         f"embeddings, got {None if text is None else tuple(text.shape)}")
+    guidance = spec.clip_guidance if kind == "clip" else "queries"
+    if guidance not in ("text", "queries"):
+        raise UserError(f"guidance {guidance!r} for the clip student; valid: text, queries")
+    shape = (spec.num_classes, vit_preset(spec.size).proj)
+    if guidance == "text" and (text is None or tuple(text.shape) != shape):
+        raise ValueError(f"a CLIP student with text guidance needs its {shape} class embeddings, got "
+                         f"{None if text is None else tuple(text.shape)}")
     # The backbone is built (and its pretrained weights loaded) first; the head and the queries created
     # after it are new modules, so nothing re-initialises the loaded weights (METHOD.md section 7.3).
-    backbone = build_backbone(kind, size, weights, numerics)
-    set_trainable(backbone, train_backbone)
-    return Student(kind, backbone, num_classes, text=text if guidance == "text" else None, name=name, numerics=numerics)
+    backbone = build_backbone(kind, spec.size, weights, spec.numerics)
+    set_trainable(backbone, spec.train_backbone)
+    student = Student(kind, backbone, spec.num_classes, text=text if guidance == "text" else None,
+                      name=name, numerics=spec.numerics)
+    student.grad_checkpoint = spec.grad_checkpoint
+    return student
 
 
-def build_model(kinds, num_classes, *, size="base", weights=None, clip_guidance="text", text=None,
-                fusion="confidence", grad_checkpoint=False, numerics="hf", train_backbone="attention"):
-    """The students (E1-E4) inside the fusion head (E10). kinds: e.g. ['clip', 'dinov3'].
+def build_model(spec, weights=None, text=None):
+    """The students of spec.kinds (E1-E4) inside the fusion head (E10).
     weights: {kind: hub id or folder or None}; text: the CLIP class embeddings (see build_student)."""
-    students = []
-    for kind, name in zip(kinds, student_names(kinds)):
-        s = build_student(kind, num_classes, size=size, weights=(weights or {}).get(kind), name=name, text=text,
-                          guidance=clip_guidance if kind == "clip" else "queries", numerics=numerics,
-                          train_backbone=train_backbone)
-        s.grad_checkpoint = grad_checkpoint
-        students.append(s)
-    return Co2S(students, fusion=fusion)
-
-
-# --------------------------------------------------------------------------------------------
-# E10: the fusion head, the model that eval and inference use
-
-
-def fuse(probs, mode="confidence"):
-    """E10: per pixel the more confident student's probabilities ('confidence'), or their mean."""
-    if mode == "mean":
-        return torch.stack(probs).mean(0)
-    if mode != "confidence":
-        raise UserError(f"unknown fusion mode {mode!r}; valid: confidence, mean")
-    stacked = torch.stack(probs)                                   # (K, B, N, H, W)
-    winner = stacked.amax(2, keepdim=True).argmax(0, keepdim=True) # (1, B, 1, H, W): most confident student
-    return stacked.gather(0, winner.expand(1, *stacked.shape[1:]))[0]
-
-
-class Co2S(nn.Module):
-    """The two students plus the parameter-free fusion head (E10)."""
-
-    def __init__(self, students, fusion="confidence"):
-        super().__init__()
-        self.students = nn.ModuleList(students)
-        self.fusion = fusion
-
-    def forward(self, x):
-        """Probabilities (B, N, H, W) of each student (by name) and 'fused'."""
-        probs = {s.name: s(x).float().softmax(1) for s in self.students}
-        probs["fused"] = fuse(list(probs.values()), self.fusion)
-        return probs
+    students = [build_student(kind, spec, weights=(weights or {}).get(kind), text=text, name=name)
+                for kind, name in zip(spec.kinds, student_names(spec.kinds))]
+    return Co2S(students, fusion=spec.fusion)
 
 
 def student_names(kinds):
     """clip,dinov3 -> clip, dinov3; clip,clip -> clip1, clip2 (names must be unique)."""
+    kinds = list(kinds)
     return [k if kinds.count(k) == 1 else f"{k}{kinds[:i + 1].count(k)}" for i, k in enumerate(kinds)]
 
 
 # --------------------------------------------------------------------------------------------
-# The authors' released checkpoints (their format: release.py)
+# E10: the fusion head
 
 
-def from_release(path, text=None):
-    """A Student from one of the authors' released files, in eval mode with the release numerics: the same
-    logits as their network for one window. The kind comes from the keys, the sizes from the shapes.
-    text: the CLIP student's (N, D) class embeddings if the file does not hold them (theirs do)."""
-    sd = release.read(path)
-    kind, sizes = release.kind_and_sizes(path, sd)
-    size = ViTSize(**sizes)
-    if kind == "clip":
-        text = sd["_cached_text"] if "_cached_text" in sd else text
-        if text is None:
-            raise UserError(f"{path!r} holds no class embeddings (_cached_text): pass the authors' concept-averaged "
-                            f"[N, {size.proj}] file with --text-embeddings")
-        sd = {**sd, "_cached_text": text}
-        num_classes = text.shape[0]
-    else:
-        num_classes = sd["text_provider.emb.weight"].shape[0] if "text_provider.emb.weight" in sd else 0
-    from transformers import CLIPVisionModelWithProjection, DINOv3ViTModel
-    backbone = (CLIPVisionModelWithProjection if kind == "clip" else DINOv3ViTModel)(backbone_config(kind, size, "release"))
-    set_trainable(backbone, "attention")
-    student = Student(kind, backbone, num_classes, text=text, name=kind, numerics="release")
-    prefix = "backbone." + next(n for n, m in backbone.named_modules() if m is blocks(backbone))
-    student.load_state_dict(release.convert(path, sd, kind, student.state_dict(), blocks_prefix=prefix))
-    return student.eval()
+def fuse(probs, mode="confidence"):
+    """E10: per pixel the more confident student's probabilities ('confidence'), or their mean."""
+    if mode not in FUSIONS:
+        raise UserError(f"unknown fusion mode {mode!r}; valid: {', '.join(FUSIONS)}")
+    stacked = torch.stack(probs)                                     # (K, B, N, H, W)
+    if mode == "mean":
+        return stacked.mean(0)
+    winner = stacked.amax(2, keepdim=True).argmax(0, keepdim=True)   # (1, B, 1, H, W): most confident
+    return stacked.gather(0, winner.expand(1, *stacked.shape[1:]))[0]
+
+
+class Co2S(nn.Module):
+    """The students and the fusion rule (E10) their predictions are combined with. It has no forward of
+    its own: eval.predict runs each student over the sliding windows and fuses the averaged maps, so
+    both students are judged on the same full-image probabilities."""
+
+    def __init__(self, students, fusion="confidence"):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise UserError(f"unknown fusion mode {fusion!r}; valid: {', '.join(FUSIONS)}")
+        self.students = nn.ModuleList(students)
+        self.fusion = fusion

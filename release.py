@@ -6,17 +6,23 @@ CLIP student (221 keys at ViT-B/16, 512 px): an mmseg VisionTransformer holding 
 (fused q/k/v `in_proj`, the position table already resized to the crop, `proj` as a 1x1 conv), the
 decode head and `_cached_text`, the class embeddings. DINOv3 student (257 keys): the DINOv3 reference
 ViT (fused `qkv` with a `bias_mask` that zeroes the key bias, `rope_embed.periods` in bf16), the head
-and the learnable queries `text_provider.emb.weight`. model.from_release builds our Student from them.
+and the learnable queries `text_provider.emb.weight`. `from_release` builds our Student from one file,
+`load_release` a Co2S model from an experiment folder (e.g. POTSDAM/1_32-74.30/).
 
 Each release key is renamed by the rule it matches in full; '{qkv}' marks a fused q, k, v tensor that is
 split in that order, '{blocks}' the DINOv3 block list (its path moved in transformers 5.2).
 """
 import math
+import os
 import re
 
 import torch
 
+from backbones import blocks, build_backbone, set_trainable
+from catalog import dataset_info
 from errors import UserError
+from model import Co2S, Student
+from text import load_text_embeddings
 
 _W = r"(weight|bias)"
 RULES = {
@@ -134,3 +140,52 @@ def convert(path, sd, kind, ours, blocks_prefix):
             raise UserError(f"{path!r}: a tensor of shape {tuple(t.shape)} for our {k} of shape {tuple(ours[k].shape)}")
         out[k] = t.reshape(ours[k].shape)
     return out
+
+
+def from_release(path, text=None):
+    """A Student from one of the authors' released files, in eval mode with the release numerics: the
+    same logits as their network for one window. The kind comes from the keys, the sizes from the
+    shapes. text: the CLIP student's (N, D) class embeddings if the file does not hold them (theirs do)."""
+    sd = read(path)
+    kind, sizes = kind_and_sizes(path, sd)
+    if kind == "clip":
+        text = sd["_cached_text"] if "_cached_text" in sd else text
+        if text is None:
+            raise UserError(f"{path!r} holds no class embeddings (_cached_text): pass the authors' "
+                            f"concept-averaged [N, {sizes['proj']}] file with --text-embeddings")
+        sd = {**sd, "_cached_text": text}
+        num_classes = text.shape[0]
+    else:
+        text = None                     # class embeddings belong to the CLIP student only
+        num_classes = sd["text_provider.emb.weight"].shape[0] if "text_provider.emb.weight" in sd else 0
+    backbone = build_backbone(kind, sizes, None, "release")   # random, then every tensor from the file
+    set_trainable(backbone, "attention")
+    student = Student(kind, backbone, num_classes, text=text, name=kind, numerics="release")
+    prefix = "backbone." + next(n for n, m in backbone.named_modules() if m is blocks(backbone))
+    student.load_state_dict(convert(path, sd, kind, student.state_dict(), blocks_prefix=prefix))
+    return student.eval()
+
+
+def load_release(folder, dataset, data_root=None, text_embeddings=None):
+    """(model, info, cfg, published mIoU or None) of one of the authors' experiment folders (e.g.
+    POTSDAM/1_32-74.30/ with best_clip.pth and/or best_dinov3.pth). text_embeddings: a [N, 512] file
+    for a CLIP student whose file lacks them (only the CLIP student reads it)."""
+    files = [(k, os.path.join(folder, f"best_{k}.pth")) for k in ("clip", "dinov3")]
+    files = [(k, f) for k, f in files if os.path.isfile(f)]
+    if not files:
+        raise UserError(f"--release {folder!r} holds neither best_clip.pth nor best_dinov3.pth")
+    info = dataset_info(dataset, data_root)
+    text = load_text_embeddings(text_embeddings, len(info.classes), 512) if text_embeddings else None
+    students = [from_release(f, text=text if k == "clip" else None) for k, f in files]
+    for s in students:
+        n = len(s.class_embeddings())
+        if n != len(info.classes):
+            raise UserError(f"the released {s.kind} student predicts {n} classes, {dataset} has "
+                            f"{len(info.classes)}: check --dataset")
+    m = re.search(r"(\d+_\d+)-(\d+(?:\.\d+)?)$", os.path.basename(os.path.normpath(folder)))
+    clip = next((s for s in students if s.kind == "clip"), None)
+    cfg = dict(dataset=dataset, data_root=data_root or os.path.join("data", dataset), splits=None, seed=0,
+               ratio=m.group(1) if m else info.ratios[0].replace("/", "_"), release=os.path.abspath(folder),
+               # a release stores its crop's position grid
+               crop=clip.backbone.config.image_size if clip else info.crop)
+    return Co2S(students), info, cfg, float(m.group(2)) if m else None

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from errors import UserError
-from model import SIZES, load_pretrained
+from backbones import SIZES, load_pretrained
+from runs import save_atomic
 
 PROMPT = "a photo of a {}"
 
@@ -66,8 +67,7 @@ def text_embeddings(concepts, weights, cache_dir=None):
         raise UserError(f"the CLIP tokenizer of {weights!r} has only {len(tokenizer)} tokens: not the real vocabulary")
     embeds = encode_concepts(concepts, text_model, tokenizer)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(embeds, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    save_atomic(embeds, path)
     return embeds
 
 

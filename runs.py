@@ -1,0 +1,228 @@
+"""runs.py: a run's plumbing: the checkpoint format, the run folder, RNG state, DDP and mixed precision.
+
+The checkpoint format is defined here once: `save_checkpoint` writes it (train.py's last.pt / best.pt,
+a converted release), `read_checkpoint` reads it (and upgrades files of older versions), and
+`model_from_checkpoint` rebuilds the model without a download (resume, --init, eval.py). A run
+folder holds config.json, splits/, log.jsonl, last.pt, best.pt, metrics.json and curves.png; its
+JSON files are written here too. Every write is atomic: a crash mid-write never leaves a truncated
+file where a good one was.
+
+Also here: the state of a run in training (`Run`), the RNG state a resume restores, the DDP setup
+(torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; nothing else is needed) and the one mixed-precision
+policy of train, eval and bench.
+"""
+import dataclasses
+import json
+import os
+import platform
+import random
+import subprocess
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from backbones import vit_size
+from catalog import dataset_info
+from errors import UserError
+from model import Co2S, ModelSpec, build_model
+
+FORMAT = 2   # 1: before the format was versioned (cfg["batch"] per process, epochs drop the remainder)
+AMP = ("auto", "bf16", "fp16", "off")
+
+
+@dataclasses.dataclass
+class Run:
+    """What a checkpoint holds: the config, what builds the model, the model, and (training) the
+    optimizers, the scaler, the step reached and the best evaluation so far."""
+    cfg: dict
+    spec: ModelSpec
+    model: Co2S
+    optimizers: list = dataclasses.field(default_factory=list)
+    scaler: object = None
+    step: int = 0
+    best: dict = dataclasses.field(default_factory=lambda: {"miou": -1.0})
+
+
+# --------------------------------------------------------------------------------------------
+# Files, written atomically
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a crash mid-write never truncates `path`."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def write_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def run_info(world):
+    """Versions and git revision for config.json."""
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        git = None
+    versions = dict(python=platform.python_version(), torch=torch.__version__,
+                    transformers=__import__("transformers").__version__)
+    return dict(versions=versions, git=git, world_size=world)
+
+
+# --------------------------------------------------------------------------------------------
+# The checkpoint format
+
+
+def save_checkpoint(run, path):
+    """Everything to resume or evaluate the run, written atomically; never NaN weights over a good
+    file (returns False then)."""
+    if not all(torch.isfinite(p).all() for p in run.model.parameters()):
+        return False
+    save_atomic(dict(format=FORMAT, cfg=run.cfg, model_args=dataclasses.asdict(run.spec),
+                     model=run.model.state_dict(), step=run.step, best=run.best, rng=rng_state(),
+                     optimizers=[o.state_dict() for o in run.optimizers],
+                     scaler=run.scaler.state_dict() if run.scaler is not None else None), path)
+    return True
+
+
+def read_checkpoint(path):
+    """torch.load of one of our checkpoints, upgraded to the current format; a clear error otherwise."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, not a torch file, ...
+        raise UserError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or not {"cfg", "model", "model_args"} <= set(state):
+        raise UserError(f"{path!r} is not a checkpoint of train.py (no cfg / model / model_args)")
+    if state.get("format", 1) > FORMAT:
+        raise UserError(f"{path!r} was written by a newer co2s (format {state['format']}); update the code")
+    if state.get("format", 1) == 1:
+        state = _upgrade_from_1(state)
+    return state
+
+
+def _upgrade_from_1(state):
+    """Format 1: no train_backbone before it was a choice (attention); --batch counted per process
+    and epochs dropped the remainder: kept as such, so that a resumed run continues as it started."""
+    cfg, args = dict(state["cfg"]), dict(state["model_args"])
+    cfg.setdefault("train_backbone", "attention")
+    args.setdefault("train_backbone", "attention")
+    if "batch" in cfg and "global_batch" not in cfg:
+        cfg["batch_per_process"], cfg["epoch_rule"] = cfg.pop("batch"), "drop"
+    return dict(state, format=FORMAT, cfg=cfg, model_args=args)
+
+
+def spec_of(state):
+    args = dict(state["model_args"])
+    return ModelSpec(**dict(args, kinds=tuple(args["kinds"])))
+
+
+def model_from_checkpoint(state, numerics=None):
+    """The Co2S model of a checkpoint: built from its model_args (random backbones, no download), then
+    every tensor (frozen backbone weights, CLIP text embeddings included) read from its state dict.
+    numerics: run it with other numerics than it was trained with ('hf' | 'release')."""
+    spec, sd = spec_of(state), state["model"]
+    if numerics:
+        spec = dataclasses.replace(spec, numerics=numerics)
+    text = next((v for k, v in sd.items() if k.endswith(".text")), None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "random backbone weights": they are overwritten just below
+        model = build_model(spec, text=text)
+    model.load_state_dict(sd)
+    return model
+
+
+def resolve_checkpoint(path, ckpt=None):
+    """A run folder (its best.pt, else last.pt; or the one `ckpt` names) or a .pt file -> the .pt path."""
+    if os.path.isdir(path):
+        wanted = [f"{ckpt}.pt"] if ckpt else ["best.pt", "last.pt"]
+        for f in wanted:
+            if os.path.isfile(os.path.join(path, f)):
+                return os.path.join(path, f)
+        raise UserError(f"run folder {path!r} holds no {' or '.join(wanted)}; expected a folder "
+                        f"written by train.py or a .pt checkpoint file")
+    if os.path.isfile(path) and path.endswith(".pt"):
+        return path
+    raise UserError(f"{path!r} is neither a run folder (with best.pt / last.pt) nor a .pt checkpoint")
+
+
+def load_run(path, device="cpu", data_root=None, numerics=None):
+    """(model in eval mode, dataset info, cfg) of a checkpoint file or run folder (best.pt, else last.pt)."""
+    state = read_checkpoint(resolve_checkpoint(path))
+    cfg = state["cfg"]
+    info = dataset_info(cfg["dataset"], data_root or cfg["data_root"])
+    return model_from_checkpoint(state, numerics).to(device).eval(), info, cfg
+
+
+def save_release(model, cfg, run_dir):
+    """A converted release (release.load_release) as one of our run folders (best.pt): eval.py,
+    --predict and train.py --init read it like any run."""
+    os.makedirs(run_dir, exist_ok=True)
+    kinds = tuple(s.kind for s in model.students)
+    num_classes = len(model.students[0].class_embeddings())
+    spec = ModelSpec(kinds, num_classes, size=vit_size([(s.kind, s.backbone) for s in model.students]),
+                     numerics="release", fusion=model.fusion)
+    cfg = dict(cfg, students=",".join(kinds), numerics="release", fusion=model.fusion,
+               train_backbone=spec.train_backbone)
+    save_checkpoint(Run(cfg, spec, model), os.path.join(run_dir, "best.pt"))
+
+
+# --------------------------------------------------------------------------------------------
+# RNG state, DDP, mixed precision
+
+
+def rng_state():
+    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def setup_ddp(device=None):
+    """(rank, world, device): torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without it, one process."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if int(os.environ.get("RANK", -1)) == -1:
+        return 0, 1, device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def amp_dtype(device, amp="auto"):
+    """The one mixed-precision policy (train, eval, bench), amp one of AMP: on CUDA bf16 ('auto'; fp16
+    where the GPU has no bf16, or asked for); fp32 on the CPU (bf16 there is many times slower) and
+    with 'off'."""
+    if amp not in AMP:
+        raise UserError(f"unknown amp {amp!r}; valid: {', '.join(AMP)}")
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device, amp="auto"):
+    """torch.autocast for amp_dtype(device, amp): disabled (a no-op) where that is fp32."""
+    dtype = amp_dtype(device, amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
