@@ -22,6 +22,7 @@ import hashlib
 import math
 import os
 import random
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from catalog import RELEASE_PROCESSES
 from errors import UserError
 from files import load_image, load_label
+from runs import STOP_SIGNALS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # both students take ImageNet-normalised images (METHOD.md 2)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -243,6 +245,12 @@ class Streams:
     workers: int = 2
     pin_memory: bool = False
 
+def _ignore_stop_signals(worker_id):
+    """A loader worker ignores the stop signals (a cluster sends them to every process of the job):
+    the main process stops after the step in hand (runs.StopSignals), and needs its workers until then."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
 def train_loaders(info, splits, layout, streams, steps):
     """Loaders of labelled crops, unlabelled weak + strong views and (mix_source) CutMix partners for
     the optimizer steps of `steps` (a range); each yields layout.accum micro-batches per step. Stream k
@@ -263,7 +271,8 @@ def train_loaders(info, splits, layout, streams, steps):
         # own generator: the loader must not draw from (and so shift) the global torch RNG
         loaders.append(DataLoader(ds, batch_size=layout.micro, sampler=RunSampler(n, layout, order_seed, steps),
                                   num_workers=streams.workers, pin_memory=streams.pin_memory, drop_last=True,
-                                  generator=torch.Generator().manual_seed(order_seed)))
+                                  generator=torch.Generator().manual_seed(order_seed),
+                                  worker_init_fn=_ignore_stop_signals))
     return tuple(loaders)
 
 def val_loader(info, items, *, workers=2, rank=0, world_size=1):
@@ -272,4 +281,5 @@ def val_loader(info, items, *, workers=2, rank=0, world_size=1):
     items = items[rank::world_size]
     keys = [(0, i) for i in range(len(items))]
     return DataLoader(SemiDataset(info, items, 'val') if items else [], batch_size=1, sampler=keys,
-                      num_workers=workers, persistent_workers=workers > 0 and bool(items))
+                      num_workers=workers, persistent_workers=workers > 0 and bool(items),
+                      worker_init_fn=_ignore_stop_signals)

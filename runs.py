@@ -16,6 +16,8 @@ import json
 import os
 import platform
 import random
+import shutil
+import signal
 import subprocess
 import warnings
 
@@ -30,6 +32,8 @@ from model import Co2S, ModelSpec, build_model
 
 FORMAT = 2   # 1: before the format was versioned (cfg["batch"] per process, epochs drop the remainder)
 AMP = ("auto", "bf16", "fp16", "off")
+EXIT_STOPPED = 75   # stopped by a signal with last.pt written (sysexits' EX_TEMPFAIL: run it again)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 @dataclasses.dataclass
@@ -49,10 +53,24 @@ class Run:
 # Files, written atomically
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash mid-write never truncates `path`."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+def save_atomic(obj, path, keep_previous=False):
+    """torch.save to a temporary file, then rename: a crash mid-write never truncates `path`.
+    keep_previous: the file it replaces stays as <name>.prev.pt. A failed write (disk full) leaves
+    the previous files intact and is a UserError naming them."""
+    previous = os.path.splitext(path)[0] + ".prev.pt"
+    try:
+        if keep_previous and os.path.isfile(previous) and os.path.isfile(path):
+            os.remove(previous)          # at most three checkpoints on disk while the new one is written
+        torch.save(obj, path + ".tmp")
+        if keep_previous and os.path.isfile(path):
+            os.replace(path, previous)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        kept = [f for f in (path, previous) if os.path.isfile(f)]
+        raise UserError(f"could not write {path} ({e.strerror or e}); kept: {', '.join(kept) or 'nothing'}; "
+                        f"free some space, then continue with --resume {os.path.dirname(path) or '.'}") from e
 
 
 def write_json(path, obj):
@@ -87,16 +105,52 @@ def run_info(world):
 # The checkpoint format
 
 
-def save_checkpoint(run, path):
+def save_checkpoint(run, path, keep_previous=False):
     """Everything to resume or evaluate the run, written atomically; never NaN weights over a good
-    file (returns False then)."""
+    file (returns False then). keep_previous: the file it replaces stays as <name>.prev.pt (last.pt),
+    in case the new one is lost to a failing disk. A failed write (disk full) leaves the previous
+    files intact and is a UserError saying so."""
     if not all(torch.isfinite(p).all() for p in run.model.parameters()):
         return False
-    save_atomic(dict(format=FORMAT, cfg=run.cfg, model_args=dataclasses.asdict(run.spec),
-                     model=run.model.state_dict(), step=run.step, best=run.best, rng=rng_state(),
-                     optimizers=[o.state_dict() for o in run.optimizers],
-                     scaler=run.scaler.state_dict() if run.scaler is not None else None), path)
+    state = dict(format=FORMAT, cfg=run.cfg, model_args=dataclasses.asdict(run.spec),
+                 model=run.model.state_dict(), step=run.step, best=run.best, rng=rng_state(),
+                 optimizers=[o.state_dict() for o in run.optimizers],
+                 scaler=run.scaler.state_dict() if run.scaler is not None else None)
+    save_atomic(state, path, keep_previous)
     return True
+
+
+def checkpoint_bytes(model):
+    """An estimate of one checkpoint's size: the state dict, plus AdamW's two fp32 moments for every
+    trainable parameter."""
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return state + 2 * 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def check_room(out, model):
+    """Before the first step: room in the run folder for three checkpoints (last.pt, last.prev.pt,
+    best.pt), counting those already there (a resumed run replaces them)."""
+    need = 3 * checkpoint_bytes(model) - sum(
+        os.path.getsize(os.path.join(out, f)) for f in ("last.pt", "last.prev.pt", "best.pt")
+        if os.path.isfile(os.path.join(out, f)))
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise UserError(f"--out {out}: {free / 2**30:.2f} GiB free, a run of this model needs "
+                        f"{need / 2**30:.2f} GiB (three checkpoints of {checkpoint_bytes(model) / 2**30:.2f} "
+                        f"GiB); free some space or pass another --out")
+
+
+def check_writable(out):
+    """The run folder can be created and written (checked before any model is built or downloaded)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create or write the run folder ({e.strerror or e}); "
+                        f"pass a folder you can write to") from e
 
 
 def read_checkpoint(path):
@@ -141,6 +195,12 @@ def model_from_checkpoint(state, numerics=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "random backbone weights": they are overwritten just below
         model = build_model(spec, text=text)
+    mine = model.state_dict()
+    missing, extra = sorted(set(mine) - set(sd)), sorted(set(sd) - set(mine))
+    wrong = [k for k in sd if k in mine and sd[k].shape != mine[k].shape]
+    if missing or extra or wrong:
+        raise UserError(f"the checkpoint's weights do not fit the model its model_args describe: missing "
+                        f"{missing[:3]}, unexpected {extra[:3]}, other shapes {wrong[:3]}")
     model.load_state_dict(sd)
     return model
 
@@ -226,3 +286,34 @@ def autocast(device, amp="auto"):
     """torch.autocast for amp_dtype(device, amp): disabled (a no-op) where that is fp32."""
     dtype = amp_dtype(device, amp)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+class StopSignals:
+    """SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 (SLURM's warning before the time limit) ask the loop to
+    stop after the current optimizer step; a second Ctrl-C stops at once. `requested()` is the same on
+    every rank of a DDP run (the flag is all-reduced), so all ranks stop at the same step. A context
+    manager: the previous handlers come back on exit."""
+
+    def __init__(self, world=1, device="cpu"):
+        self.world, self.device, self.name, self.previous = world, device, None, {}
+
+    def __enter__(self):
+        for sig in STOP_SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.name == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt      # the second Ctrl-C
+        self.name = signal.Signals(signum).name
+
+    def requested(self):
+        if self.world == 1:
+            return self.name is not None
+        flag = torch.tensor([self.name is not None], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)     # one tiny collective per step
+        return bool(flag.item())

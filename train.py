@@ -278,6 +278,10 @@ def main(argv=None):
     args = get_args(argv)
     rank, world, device = runs.setup_ddp(args.device)
     cfg, state = load_resume(args) if args.resume else (resolve(args), None)
+    if state is None and os.path.isfile(os.path.join(cfg["out"], "last.pt")):
+        cfg, state = requeued(args, cfg)        # the same command again (a requeued job): continue
+    if rank == 0:
+        runs.check_writable(cfg["out"])         # before any model is built or downloaded
     torch.manual_seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     random.seed(cfg["seed"])
@@ -285,6 +289,7 @@ def main(argv=None):
     splits = prepare_data(cfg, info, os.path.join(cfg["out"], "splits") if state else cfg["splits"], world)
     loop, text_source = build_loop(cfg, state, info, splits, (rank, world, device))
     if loop.master:
+        runs.check_room(cfg["out"], loop.run.model)
         start_run(loop, splits, text_source, fresh=state is None)
     run, method, amp = loop.run, method_of(cfg), runs.autocast(device, cfg["amp"])
     streams = [iter(loader) for loader in data.train_loaders(  # one iterator per run: workers start once
@@ -295,33 +300,43 @@ def main(argv=None):
 
     pbar = tqdm(total=loop.total_steps, initial=run.step, disable=not loop.master, dynamic_ncols=True)
     run.model.train()
-    while run.step < loop.total_steps and run.step != cfg["stop_at"]:
-        set_lr(run, loop.total_steps)
-        lam = stability_weight(run.step, loop.total_steps)                 # E9
-        rng = runs.rng_state() if loop.layout.accum > 1 else None
-        for micro in range(loop.layout.accum):
-            # Every rank of a DDP run draws the same dropout masks (same seed, same calls); micro-batch j
-            # replays the step's RNG state to draw exactly what rank j of the --accum-process run would.
-            if micro:
-                runs.set_rng_state(rng)
-            batches = [{k: v.to(device, non_blocking=True) for k, v in next(s).items()} for s in streams]
-            with amp:
-                out = co2s.iteration(run.model.students, *batches, stability_weight=lam, method=method)
-            # The students' graphs are disjoint (E8 targets are detached): one backward of the sum gives
-            # every student the gradient of its own loss; / accum averages micro-batches as DDP ranks.
-            run.scaler.scale(sum(out.losses) / loop.layout.accum).backward()
-            accumulate(loop, co2s.diagnostics(out, batches[1] if len(batches) > 1 else None, method,
-                                              cfg["fusion"], quality=loop.logs_after(run.step + 1)))
-        if world > 1:
-            average_gradients(params, world)
-        for opt in run.optimizers:
-            run.scaler.step(opt)
-        run.scaler.update()
-        run.step += 1
-        pbar.update(1)
-        after_step(loop, val, amp, pbar)
+    with runs.StopSignals(world, device) as stop:
+        while run.step < loop.total_steps and run.step != cfg["stop_at"]:
+            train_step(loop, streams, method, amp, params)
+            pbar.update(1)
+            after_step(loop, val, amp, pbar)
+            if stop.requested():
+                stopped(loop, stop.name)
     pbar.close()
     finish(loop)
+
+
+def train_step(loop, streams, method, amp, params):
+    """One optimizer step: lr and E9's weight from the step, the iteration's losses over the
+    micro-batches, backward, gradients averaged over the ranks, one AdamW step per student."""
+    run, cfg, device = loop.run, loop.cfg, loop.device
+    set_lr(run, loop.total_steps)
+    lam = stability_weight(run.step, loop.total_steps)                 # E9
+    rng = runs.rng_state() if loop.layout.accum > 1 else None
+    for micro in range(loop.layout.accum):
+        # Every rank of a DDP run draws the same dropout masks (same seed, same calls); micro-batch j
+        # replays the step's RNG state to draw exactly what rank j of the --accum-process run would.
+        if micro:
+            runs.set_rng_state(rng)
+        batches = [{k: v.to(device, non_blocking=True) for k, v in next(s).items()} for s in streams]
+        with amp:
+            out = co2s.iteration(run.model.students, *batches, stability_weight=lam, method=method)
+        # The students' graphs are disjoint (E8 targets are detached): one backward of the sum gives
+        # every student the gradient of its own loss; / accum averages micro-batches as DDP ranks.
+        run.scaler.scale(sum(out.losses) / loop.layout.accum).backward()
+        accumulate(loop, co2s.diagnostics(out, batches[1] if len(batches) > 1 else None, method,
+                                          cfg["fusion"], quality=loop.logs_after(run.step + 1)))
+    if loop.layout.world > 1:
+        average_gradients(params, loop.layout.world)
+    for opt in run.optimizers:
+        run.scaler.step(opt)
+    run.scaler.update()
+    run.step += 1
 
 
 def after_step(loop, val, amp, pbar):
@@ -331,11 +346,24 @@ def after_step(loop, val, amp, pbar):
     if loop.logs_after(step):
         log_train(loop, pbar)
     if loop.master and loop.saves_after(step):
-        runs.save_checkpoint(run, os.path.join(run.cfg["out"], "last.pt"))
+        runs.save_checkpoint(run, os.path.join(run.cfg["out"], "last.pt"), keep_previous=True)
     if loop.evaluates_after(step):
         result = run_eval(loop, val, amp)
         if loop.master:
             keep_best(loop, result)
+
+
+def stopped(loop, signal_name):
+    """A stop signal: every rank stops after the same step; rank 0 writes last.pt of that step."""
+    run, out = loop.run, loop.cfg["out"]
+    if loop.master:
+        if not loop.saves_after(run.step):          # (already written when the step was a save step)
+            runs.save_checkpoint(run, os.path.join(out, "last.pt"), keep_previous=True)
+        print(f"\nstopped by {signal_name} after step {run.step}; last.pt is written. Continue with: "
+              f"python train.py --resume {out} (or the same command with --out {out})", flush=True)
+    if loop.layout.world > 1:
+        dist.destroy_process_group()
+    raise SystemExit(runs.EXIT_STOPPED)
 
 
 def set_lr(run, total):
@@ -377,13 +405,43 @@ def build_loop(cfg, state, info, splits, where):
 def load_resume(args):
     """(config, state) of the run folder to continue: its own config, except --iters / --stop-at."""
     path = os.path.join(args.resume, "last.pt")
+    previous = os.path.join(args.resume, "last.prev.pt")
     if not os.path.isfile(path):
+        hint = (f"; {previous} is there: `mv {previous} {path}` to continue from it"
+                if os.path.isfile(previous) else "")
         raise UserError(f"--resume {args.resume!r}: no last.pt there (a run folder of train.py holds one "
-                        f"after its first epoch, or after --save-every / --stop-at steps)")
-    state = runs.read_checkpoint(path)
+                        f"after its first epoch, or after --save-every / --stop-at steps){hint}")
+    try:
+        state = runs.read_checkpoint(path)
+    except UserError as e:
+        if not os.path.isfile(previous):
+            raise
+        step = runs.read_checkpoint(previous)["step"]      # itself an error if that one is bad too
+        raise UserError(f"{e}. The previous checkpoint {previous} (step {step}) is readable: "
+                        f"`mv {previous} {path}` and resume again to continue from it") from e
     cfg = dict(state["cfg"], resume=args.resume, stop_at=args.stop_at)
     cfg["iters"] = args.iters or cfg["iters"]
     return cfg, state
+
+
+# flags that may differ between the runs of one requeued job without changing the run
+REQUEUE_FREE = ("resume", "stop_at", "workers", "device", "download", "log_every", "save_every")
+
+
+def requeued(args, cfg):
+    """The same command again on a run folder with a last.pt (a requeued cluster job): continue it
+    when its config is this command's, else refuse and say what differs."""
+    out = cfg["out"]
+    state = load_resume(argparse.Namespace(resume=out, iters=args.iters, stop_at=args.stop_at))[1]
+    old = state["cfg"]
+    differ = sorted(k for k in cfg if k not in REQUEUE_FREE and k in old and old[k] != cfg[k])
+    if differ:
+        what = ", ".join(f"{k}: {old[k]!r} there, {cfg[k]!r} here" for k in differ[:4])
+        raise UserError(f"--out {out} holds a run with another config ({what}); continue it with "
+                        f"--resume {out}, or pass another --out")
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"{out} holds last.pt of this command's run (step {state['step']}): continuing it")
+    return load_resume(argparse.Namespace(resume=out, iters=args.iters, stop_at=args.stop_at))
 
 
 def prepare_data(cfg, info, splits_dir, world):
@@ -460,6 +518,7 @@ def start_run(loop, splits, text_source, fresh):
     os.makedirs(cfg["out"], exist_ok=True)
     if fresh:
         files.write_splits(splits, os.path.join(cfg["out"], "splits"))
+        open(os.path.join(cfg["out"], "log.jsonl"), "w").close()   # a fresh run starts a fresh log
         runs.write_json(os.path.join(cfg["out"], "config.json"), dict(
             cfg, splits_source=splits.source, text_source=text_source, **runs.run_info(loop.layout.world)))
     print(f"run folder: {cfg['out']}\nsplits: {splits.source}: {len(splits.labeled)} labelled / "
