@@ -115,10 +115,12 @@ def nice_top(hi, n=5):
 
 @dataclass
 class Axes:
-    """A plot area: box (left, top, right, bottom) in pixels showing xlim x ylim in data units."""
+    """A plot area: box (left, top, right, bottom) in pixels showing xlim x ylim in data units,
+    with about y_ticks intervals on the y axis."""
     box: tuple
     xlim: tuple
     ylim: tuple
+    y_ticks: int = 5
 
     def px(self, x, y):
         """Data (x, y) -> pixel; y grows upwards, the image's y downwards."""
@@ -131,7 +133,7 @@ class Axes:
 def frame(d, ax, fmt, f, x_numbers=True):
     """Grid, axes and ticks of ax; fmt turns a y value into its tick label."""
     l, t, r, b = ax.box
-    for v in _ticks(ax.ylim):
+    for v in _ticks(ax.ylim, ax.y_ticks):
         y = ax.px(ax.xlim[0], v)[1]
         d.line([(l, y), (r, y)], fill=GRID)
         ytick(d, l, y, fmt(v), f)
@@ -143,8 +145,8 @@ def frame(d, ax, fmt, f, x_numbers=True):
     d.line([(l, t), (l, b), (r, b)], fill=INK)
 
 
-def _ticks(lim):
-    step = nice_step(lim[1] - lim[0])
+def _ticks(lim, n=5):
+    step = nice_step(lim[1] - lim[0], n)
     return [lim[0] + i * step for i in range(int((lim[1] - lim[0]) / step + 1e-6) + 1)]
 
 
@@ -178,13 +180,13 @@ def read_log(run_dir):
 
 
 def load(run_dir, label):
-    records = read_log(run_dir)
+    """A Run; its students are named by the '<student>/loss' keys, or by the evals' result dicts."""
+    records = [r for r in read_log(run_dir) if _has_step(r)]
     train = [r for r in records if r.get("type") == "train"]
     evals = [r for r in records if r.get("type") == "eval"]
-    students = list(dict.fromkeys(k[:-5] for r in train for k in r if k.endswith("/loss")))
-    students += [k for r in evals for k, v in r.items()
-                 if isinstance(v, dict) and k != "fused" and k not in students]
-    return Run(label, list(dict.fromkeys(students)), train, evals)
+    names = [k[:-5] for r in train for k in r if k.endswith("/loss")]
+    names += [k for r in evals for k, v in r.items() if isinstance(v, dict) and k != "fused"]
+    return Run(label, list(dict.fromkeys(names)), train, evals)
 
 
 def default_labels(run_dirs):
@@ -193,6 +195,10 @@ def default_labels(run_dirs):
     if len(set(names)) == len(names):
         return names
     return [os.path.join(*os.path.normpath(p).split(os.sep)[-2:]) for p in run_dirs]
+
+
+def _has_step(record):
+    return isinstance(record, dict) and _number(record.get("step")) is not None
 
 
 def _number(v):
@@ -214,7 +220,8 @@ def value(record, name, quantity):
 def series(run, name, quantity):
     """[(step, value)] of one quantity of one student (or 'fused'); 'miou' comes from the evals."""
     if quantity == "miou":
-        pts = [(r["step"], _number(r.get(name, {}).get("miou"))) for r in run.evals]
+        results = [(r["step"], r.get(name)) for r in run.evals]
+        pts = [(s, _number(v.get("miou")) if isinstance(v, dict) else None) for s, v in results]
     else:
         pts = [(r["step"], value(r, name, quantity)) for r in run.train]
     return [(s, v) for s, v in pts if v is not None]
@@ -245,16 +252,17 @@ def draw_panel(d, box, title, quantities, runs, xmax):
         d.line([(l, t), (l, b), (r, b)], fill=INK)
         d.text(((l + r) / 2, (t + b) / 2), "no data", fill=INK, font=ft, anchor="mm")
         return
-    gap = 24
+    gap = 30                                              # room for the next strip's title
     height = (b - t - gap * (len(found) - 1)) / len(found)
+    n = 5 if len(found) == 1 else 3                       # y ticks: fewer on a short strip
     for k, (q, name, fmt) in enumerate(found):
         lines = [(series(run, n, q), c, dash) for run, n, c, dash in pens(runs)]
         highest = max(v for pts, _, _ in lines for _, v in pts)
-        top = 1.0 if q in ("pl_acc", "pl_cov") else nice_top(highest)   # fractions: the whole 0..1
+        top = 1.0 if q in ("pl_acc", "pl_cov") else nice_top(highest, n)   # fractions: all of 0..1
         st = t + k * (height + gap)
-        ax = Axes((l, st, r, st + height), (0, xmax), (0, top))
+        ax = Axes((l, st, r, st + height), (0, xmax), (0, top), n)
         frame(d, ax, fmt, f, x_numbers=k == len(found) - 1)
-        d.text((l + 6, st + 2), name, fill=INK, font=f)
+        d.text((l + 6, st - 4), name, fill=INK, font=f, anchor="ls")   # above its strip
         for pts, colour, dash in lines:
             xy = [ax.px(s, v) for s, v in pts]
             if xy:
@@ -266,21 +274,24 @@ def draw_panel(d, box, title, quantities, runs, xmax):
 
 
 def legend(d, runs):
-    """One run: a swatch per series. Several: a swatch per run, then a line sample per style."""
+    """One run: a swatch per series. Several: a swatch per run (wrapping), then a line per style."""
     f, (l, t, r, b) = font(14), LEGEND
-    y, x = t + 22, 80
+    x, y = 80, t + 14
     if len(runs) == 1:
         for _, name, colour, _ in pens(runs):
-            swatch(d, x, y, colour, name, f)
+            swatch(d, x, y + 8, colour, name, f)
             x += 40 + d.textlength(name, font=f)
         return
+    same = all(run.students == runs[0].students for run in runs)    # else name them per run
     for i, run in enumerate(runs):
-        label = f"{run.label} ({', '.join(run.students)})" if run.students else run.label
+        students = "" if same or not run.students else f" ({', '.join(run.students)})"
+        label = run.label + students
+        if x + 18 + d.textlength(label, font=f) > r - 20:
+            x, y = 80, y + 20
         swatch(d, x, y, COLOURS[i % len(COLOURS)], label, f)
         x += 40 + d.textlength(label, font=f)
-    same = all(run.students == runs[0].students for run in runs)
     names = runs[0].students if same else ["student 1", "student 2"]
-    x, y = 80, t + 48
+    x, y = 80, y + 24
     for name, dash in [*zip(names[:2], STYLES), ("fused", STYLES[2])]:
         polyline(d, [(x, y), (x + 40, y)], INK, dash, width=2)
         d.text((x + 48, y), name, fill=INK, font=f, anchor="lm")
