@@ -8,6 +8,8 @@ training steps, read from the records train.py appends to <run>/log.jsonl:
   (a) pseudo-label accuracy: of each student's confident weak predictions (E6, at tau) and of the
       fused map (E10), against the unlabelled images' never-trained-on labels. A point whose
       coverage is 0 is left out: the accuracy of no pixels is undefined (train.py logs it as 0).
+      Its y axis ends at 100% and starts at a round value below the lowest point, so a drift of a
+      few points is visible (the other panels start at 0).
   (b) pseudo-label coverage: the fraction of those pixels that are confident.
   (c) the losses per student, one strip each: supervised (E5); unsupervised, the logged E6 terms
       combined with E7's weights at the paper defaults, 0.25 s1 + 0.25 s2 + 0.5 fp (one strong view:
@@ -230,6 +232,15 @@ def series(run, name, quantity):
 # ----------------------------------------------------------------------------------------------
 # the picture
 
+def y_limits(quantity, values, n):
+    """0 .. a round top; fractions end at 1; accuracy starts at a round value below its lowest
+    point: it lives near the top of 0..1, where its drift would be a few pixels."""
+    if quantity == "pl_acc":
+        step = nice_step(1 - min(values) if min(values) < 1 else 0.1, n)
+        return step * math.floor(min(values) / step + 1e-9), 1.0
+    return 0.0, 1.0 if quantity == "pl_cov" else nice_top(max(values), n)
+
+
 def pens(runs):
     """[(run, name, colour, dash)] for every series slot: student 1, student 2, fused."""
     out = []
@@ -257,10 +268,9 @@ def draw_panel(d, box, title, quantities, runs, xmax):
     n = 5 if len(found) == 1 else 3                       # y ticks: fewer on a short strip
     for k, (q, name, fmt) in enumerate(found):
         lines = [(series(run, n, q), c, dash) for run, n, c, dash in pens(runs)]
-        highest = max(v for pts, _, _ in lines for _, v in pts)
-        top = 1.0 if q in ("pl_acc", "pl_cov") else nice_top(highest, n)   # fractions: all of 0..1
+        ylim = y_limits(q, [v for pts, _, _ in lines for _, v in pts], n)
         st = t + k * (height + gap)
-        ax = Axes((l, st, r, st + height), (0, xmax), (0, top), n)
+        ax = Axes((l, st, r, st + height), (0, xmax), ylim, n)
         frame(d, ax, fmt, f, x_numbers=k == len(found) - 1)
         d.text((l + 6, st - 4), name, fill=INK, font=f, anchor="ls")   # above its strip
         for pts, colour, dash in lines:

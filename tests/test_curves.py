@@ -23,7 +23,7 @@ def write_run(root, name, records):
     return run
 
 
-def co2s_log(acc_a=lambda t: 0.5, acc_b=lambda t: 0.5):
+def co2s_log(acc_a=lambda t: 0.5, acc_b=lambda t: 0.5, fused=0.7):
     """A co2s-like log: students a and b, pl_acc given as a function of t in 0..1, two evals."""
     recs = []
     for i, step in enumerate(STEPS):
@@ -32,7 +32,7 @@ def co2s_log(acc_a=lambda t: 0.5, acc_b=lambda t: 0.5):
         for s, acc in (("a", acc_a(t)), ("b", acc_b(t))):
             rec.update({f"{s}/sup": 1 - t / 2, f"{s}/s1": 0.2, f"{s}/s2": 0.3, f"{s}/fp": 0.1,
                         f"{s}/sta": 0.05, f"{s}/loss": 0.6, f"{s}/pl_acc": acc, f"{s}/pl_cov": 0.5})
-        rec.update({"fused/pl_acc": 0.7, "fused/pl_cov": 0.6})
+        rec.update({"fused/pl_acc": fused, "fused/pl_cov": 0.6})
         recs.append(rec)
     miou = lambda v: dict(miou=v, acc=v, iou={}, pixels=10)
     recs += [dict(type="eval", step=s, epoch=s / 100, a=miou(v), b=miou(v), fused=miou(v + 0.05))
@@ -87,6 +87,16 @@ def test_coordinates_are_monotonic_and_0_and_1_are_the_axis_limits(tmp_path):
     assert rows(COLOURS[1]) <= set(range(bottom - 2, bottom + 3))
 
 
+def test_the_accuracy_axis_zooms_in_so_a_drift_of_a_few_points_shows(tmp_path):
+    log = co2s_log(acc_a=lambda t: 0.86 + 0.11 * t, acc_b=lambda t: 0.97 - 0.11 * t, fused=0.9)
+    img = Image.open(curves.plot([write_run(tmp_path, "r", log)], str(tmp_path / "c.png")))
+    ys = [y for _, y in pixels(img, PANELS["a"], COLOURS[0])]
+    assert max(ys) - min(ys) > 0.5 * (PANELS["a"][3] - PANELS["a"][1])   # 11 points: half the panel
+    lo, hi = curves.y_limits("pl_acc", [0.86, 0.97], 5)
+    assert hi == 1.0 and 0.8 <= lo <= 0.86                              # 100% on top, round bottom
+    assert curves.y_limits("pl_cov", [0.1, 0.2], 5) == (0.0, 1.0)         # coverage: all of 0..1
+
+
 def test_a_supervised_run_in_an_overlay_has_no_pseudo_label_lines(tmp_path):
     runs = [write_run(tmp_path, "supervised", supervised_log()),
             write_run(tmp_path, "co2s", co2s_log())]
@@ -99,8 +109,8 @@ def test_a_supervised_run_in_an_overlay_has_no_pseudo_label_lines(tmp_path):
 
 
 def test_an_overlay_tells_students_apart_by_line_style(tmp_path):
-    log = co2s_log(acc_a=lambda t: 0.8, acc_b=lambda t: 0.4)           # fused is 0.7
-    ax = curves.Axes(PANELS["a"], (0, 1), (0, 1))
+    log = co2s_log(acc_a=lambda t: 0.8, acc_b=lambda t: 0.45)          # fused is 0.7
+    ax = curves.Axes(PANELS["a"], (0, 1), curves.y_limits("pl_acc", [0.8, 0.45, 0.7], 5))
 
     def inked(img, colour, v):
         """The fraction of the curve's x-span that a horizontal curve at value v inks."""
@@ -109,10 +119,10 @@ def test_an_overlay_tells_students_apart_by_line_style(tmp_path):
         return len(xs) / (max(xs) - min(xs) + 1)
     runs = [write_run(tmp_path, n, log) for n in ("r1", "r2")]
     two = Image.open(curves.plot(runs, str(tmp_path / "two.png")))
-    solid, dashes, dots = (inked(two, COLOURS[1], v) for v in (0.8, 0.4, 0.7))   # r2, on top
+    solid, dashes, dots = (inked(two, COLOURS[1], v) for v in (0.8, 0.45, 0.7))   # r2, on top
     assert solid > 0.95 and 0.5 < dashes < 0.8 and dots < 0.5    # student 1, student 2, fused
     one = Image.open(curves.plot(runs[:1], str(tmp_path / "one.png")))
-    assert all(inked(one, COLOURS[k], v) > 0.95 for k, v in ((0, 0.8), (1, 0.4), (2, 0.7)))
+    assert all(inked(one, COLOURS[k], v) > 0.95 for k, v in ((0, 0.8), (1, 0.45), (2, 0.7)))
 
 
 def test_a_panel_without_any_data_says_so_and_draws_no_line(tmp_path):
