@@ -11,7 +11,7 @@ training steps, read from the records train.py appends to <run>/log.jsonl:
       Its y axis ends at 100% and starts at a round value below the lowest point, so a drift of a
       few points is visible (the other panels start at 0).
   (b) pseudo-label coverage: the fraction of those pixels that are confident.
-  (c) the losses per student, one strip each: supervised (E5); unsupervised, the logged E6 terms
+  (c) the losses, a strip per term, per student: supervised (E5); unsupervised, the logged E6 terms
       combined with E7's weights at the paper defaults, 0.25 s1 + 0.25 s2 + 0.5 fp (one strong view:
       0.5 s1 + 0.5 fp), so that <student>/loss = (sup + unsup) / 2 + lambda sta; stability (E8,
       before the E9 ramp) where the run logged it. A --no-fp run logs fp = 0: its curve is half its
@@ -236,8 +236,9 @@ def y_limits(quantity, values, n):
     """0 .. a round top; fractions end at 1; accuracy starts at a round value below its lowest
     point: it lives near the top of 0..1, where its drift would be a few pixels."""
     if quantity == "pl_acc":
-        step = nice_step(1 - min(values) if min(values) < 1 else 0.1, n)
-        return step * math.floor(min(values) / step + 1e-9), 1.0
+        lo = min(values)
+        step = nice_step(max(1 - lo, 0.05), n)
+        return min(step * math.floor(lo / step + 1e-9), 1 - step), 1.0   # never an empty axis
     return 0.0, 1.0 if quantity == "pl_cov" else nice_top(max(values), n)
 
 

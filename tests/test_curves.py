@@ -94,6 +94,7 @@ def test_the_accuracy_axis_zooms_in_so_a_drift_of_a_few_points_shows(tmp_path):
     assert max(ys) - min(ys) > 0.5 * (PANELS["a"][3] - PANELS["a"][1])   # 11 points: half the panel
     lo, hi = curves.y_limits("pl_acc", [0.86, 0.97], 5)
     assert hi == 1.0 and 0.8 <= lo <= 0.86                              # 100% on top, round bottom
+    assert curves.y_limits("pl_acc", [1.0, 1.0], 5)[0] < 1.0   # all perfect: still an axis
     assert curves.y_limits("pl_cov", [0.1, 0.2], 5) == (0.0, 1.0)         # coverage: all of 0..1
 
 
