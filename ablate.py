@@ -8,8 +8,10 @@ every seed through train.py itself (in this process), into <out>/<row>/seed<k>. 
 table: per row the mIoU of each student and of the fused prediction (E10) at the end of training, and
 the fused pseudo-labels' accuracy and coverage on the unlabelled images (against their never-used
 labels), as mean +- std over seeds. Written to <out>/table.md, <out>/results.json (every run's
-metrics and folder) and <out>/chart.png (drawn with Pillow). Flags ablate.py does not know go to
-train.py for every row (e.g. --lr, --batch, --size); a row's own flags win.
+metrics and folder), <out>/chart.png (the table as bars) and <out>/curves.png (curves.py's overlay
+of the training curves of seed 0 of every row, a colour per row: one seed per row keeps the picture
+readable; the table holds the spread over seeds). Flags ablate.py does not know go to train.py for
+every row (e.g. --lr, --batch, --size); a row's own flags win.
 
 A rerun reuses every finished run and resumes an interrupted one from its last.pt, so an interrupted
 table continues where it stopped.
@@ -21,9 +23,11 @@ import statistics
 import sys
 import time
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+import curves
 import train
+from curves import swatch, ytick
 from errors import cli
 
 # row name -> the train.py flags that make it (the paper's default for everything else)
@@ -125,16 +129,15 @@ def markdown(table, seeds):
 
 def chart(table, path):
     """Grouped bars (student 1, student 2, fused) per row, with a whisker of one std; Pillow only."""
-    cols = [("student1", (90, 140, 200)), ("student2", (240, 160, 60)), ("fused", (70, 160, 90))]
+    cols = [("student1", curves.COLOURS[0]), ("student2", curves.COLOURS[1]), ("fused", curves.COLOURS[2])]
     top = max([t[k][1] + t[k][2] for t in table.values() for k, _ in cols if t[k][1] is not None] + [1.0])
     W, H, left, bottom, pad = 120 + 110 * len(table), 420, 60, 110, 20
     img = Image.new("RGB", (W, H), "white")
-    d, font = ImageDraw.Draw(img), ImageFont.load_default()
+    d, font = ImageDraw.Draw(img), curves.font()
     y = lambda v: H - bottom - (H - bottom - pad) * v / (1.1 * top)
     d.line([(left, pad), (left, H - bottom), (W - pad, H - bottom)], fill="black")
     for tick in range(0, int(1.1 * top) + 1, max(1, int(top / 5))):
-        d.line([(left - 4, y(tick)), (left, y(tick))], fill="black")
-        d.text((left - 8, y(tick)), f"{tick}", fill="black", font=font, anchor="rm")
+        ytick(d, left, y(tick), f"{tick}", font)
     d.text((8, pad - 12), "mIoU (%)", fill="black", font=font)
     for i, (row, t) in enumerate(table.items()):
         x0 = left + 20 + 110 * i
@@ -147,10 +150,14 @@ def chart(table, path):
             d.line([(xa + 12, y(m + s)), (xa + 12, y(max(m - s, 0)))], fill="black")
         d.text((x0 + 40, H - bottom + 8), row, fill="black", font=font, anchor="mt")
     for j, (k, colour) in enumerate(cols):
-        d.rectangle([left + 10 + 110 * j, H - 40, left + 22 + 110 * j, H - 28], fill=colour)
-        d.text((left + 28 + 110 * j, H - 34), {"student1": "student 1", "student2": "student 2"}.get(k, k),
-               fill="black", font=font, anchor="lm")
+        label = {"student1": "student 1", "student2": "student 2"}.get(k, k)
+        swatch(d, left + 10 + 110 * j, H - 34, colour, label, font)
     img.save(path)
+
+
+def overlay(runs, path):
+    """curves.png: seed 0 of every row (its first run), one colour per row, labelled by the row."""
+    return curves.plot([r[0]["run"] for r in runs.values()], path, labels=list(runs))
 
 
 def main(argv=None):
@@ -174,6 +181,7 @@ def main(argv=None):
         json.dump(dict(command=command, train_flags=train_flags, rows={r: ROWS[r] for r in args.rows}, runs=runs,
                        table={r: {k: v for k, v in t.items()} for r, t in table.items()}), f, indent=2)
     chart(table, os.path.join(args.out, "chart.png"))
+    overlay(runs, os.path.join(args.out, "curves.png"))
     print(text)
     return table
 

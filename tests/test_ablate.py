@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 import ablate
+import curves
 import train
 from demo import prepare_demo
 
@@ -48,6 +49,7 @@ def test_a_small_table_end_to_end_and_a_rerun_reuses_it(tmp_path, capsys, monkey
     run = results["runs"]["co2s"][0]
     assert run["how"] == "ran" and os.path.isfile(os.path.join(run["run"], "last.pt")) and 0 <= run["pl_cov"] <= 1
     assert Image.open(tmp_path / "table" / "chart.png").size[0] > 300
+    assert Image.open(tmp_path / "table" / "curves.png").size == (curves.W, curves.H)   # the overlay
     calls = []
     monkeypatch.setattr(train, "main", lambda argv: calls.append(argv))
     ablate.main(argv)                                        # everything finished: nothing runs again
@@ -58,3 +60,13 @@ def test_a_small_table_end_to_end_and_a_rerun_reuses_it(tmp_path, capsys, monkey
     json.dump(dict(json.load(open(path)), done=False), open(path, "w"))
     ablate.main(argv)
     assert calls == [["--resume", str(tmp_path / "table" / "co2s" / "seed0")]]
+
+
+def test_the_curves_overlay_is_seed_0_of_each_row_labelled_by_row(tmp_path, monkeypatch):
+    runs = {row: [dict(run=str(tmp_path / row / f"seed{k}"), seed=k) for k in range(2)]
+            for row in ("unimatch", "co2s")}
+    seen = []
+    monkeypatch.setattr(curves, "plot", lambda dirs, path, labels: seen.append((dirs, path, labels)))
+    ablate.overlay(runs, "curves.png")
+    assert seen == [([str(tmp_path / "unimatch" / "seed0"), str(tmp_path / "co2s" / "seed0")], "curves.png",
+                     ["unimatch", "co2s"])]
