@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw, ImageFont
 
 from errors import UserError, cli
+from runs import replacing
 
 W, H = 1400, 1000                                     # the picture, in pixels
 COLOURS = [(90, 140, 200), (240, 160, 60), (70, 160, 90), (200, 70, 80), (140, 110, 190),
@@ -309,17 +310,6 @@ def legend(d, runs):
         x += 80 + d.textlength(name, font=f)
 
 
-def save_atomic(img, path):
-    """Write to a temp file beside path, then rename: a reader never sees half a PNG."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def plot(run_dirs, out_path, labels=None):
     """Draw the runs' curves (one run: its drift plot; several: their overlay) to out_path; returns
     out_path. labels name the runs in the legend (default: their folder names)."""
@@ -338,7 +328,8 @@ def plot(run_dirs, out_path, labels=None):
     draw_panel(d, PANELS["d"], "(d) validation mIoU (%)", [("miou", "", pct)], runs, xmax)
     legend(d, runs)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    save_atomic(img, out_path)
+    with replacing(out_path) as tmp:
+        img.save(tmp, format="PNG")
     return out_path
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import curves
 import data
 import files
 import runs
@@ -251,7 +252,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a Co2S run or one of the authors' released "
                                 "experiments (mIoU per student and fused), or predict a folder.")
     a = p.add_argument
-    a("path", nargs="?", help="run folder (best.pt / last.pt) or a .pt checkpoint")
+    a("path", nargs="*", help="run folder (best.pt / last.pt) or a .pt checkpoint; with --plot one or "
+      "more run folders")
     a("--release", metavar="DIR", help="instead: an experiment folder of the authors' release "
       "(best_clip.pth / best_dinov3.pth, e.g. POTSDAM/1_32-74.30), evaluated their way")
     a("--dataset", choices=CHOICES, help="with --release: the dataset it was trained on")
@@ -272,8 +274,17 @@ def get_args(argv=None):
     a("--amp", choices=runs.AMP, default=None, help="CUDA autocast of the forwards (default: auto = bf16 "
       "for our runs, off = fp32 for --release, as the authors evaluate); the averaging is fp32 anyway")
     a("--fp32", action="store_true", help="the same as --amp off")
+    a("--plot", action="store_true", help="draw the runs' training curves (curves.py): RUN/curves.png "
+      "for one run, an overlay of several into --out FILE (default ./curves.png)")
     a("--workers", type=int, default=2)
     args = p.parse_args(argv)
+    if args.plot:
+        if not args.path:
+            p.error("--plot needs one or more run folders")
+        return args
+    if len(args.path) > 1:
+        p.error("give one run folder / checkpoint (several only with --plot)")
+    args.path = args.path[0] if args.path else None
     if bool(args.predict) != bool(args.out):
         p.error("--predict FOLDER and --out DIR go together")
     if bool(args.path) == bool(args.release) or bool(args.release) != bool(args.dataset):
@@ -332,6 +343,11 @@ def evaluate_split(args, model, info, cfg, published):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.plot:
+        one = os.path.join(args.path[0], "curves.png")
+        out = curves.plot(args.path, args.out or (one if len(args.path) == 1 else "curves.png"))
+        print(f"wrote {out}")
+        return out
     model, info, cfg, published = load(args)
     valid = [s.name for s in model.students] + ["fused", "all"]
     if args.student not in valid:

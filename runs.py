@@ -11,6 +11,7 @@ Also here: the state of a run in training (`Run`), the RNG state a resume restor
 (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; nothing else is needed) and the one mixed-precision
 policy of train, eval and bench.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -53,30 +54,39 @@ class Run:
 # Files, written atomically
 
 
+@contextlib.contextmanager
+def replacing(path):
+    """The one atomic write of the project: yields a temporary path beside `path`, renamed over it
+    when the block succeeds and removed when it fails, so a reader never sees half a file."""
+    tmp = f"{path}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_atomic(obj, path, keep_previous=False):
-    """torch.save to a temporary file, then rename: a crash mid-write never truncates `path`.
-    keep_previous: the file it replaces stays as <name>.prev.pt. A failed write (disk full) leaves
-    the previous files intact and is a UserError naming them."""
+    """torch.save through `replacing`. keep_previous: the file it replaces stays as <name>.prev.pt.
+    A failed write (disk full) leaves the previous files intact and is a UserError naming them."""
     previous = os.path.splitext(path)[0] + ".prev.pt"
     try:
         if keep_previous and os.path.isfile(previous) and os.path.isfile(path):
             os.remove(previous)          # at most three checkpoints on disk while the new one is written
-        torch.save(obj, path + ".tmp")
-        if keep_previous and os.path.isfile(path):
-            os.replace(path, previous)
-        os.replace(path + ".tmp", path)
+        with replacing(path) as tmp:
+            torch.save(obj, tmp)
+            if keep_previous and os.path.isfile(path):
+                os.replace(path, previous)
     except OSError as e:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
         kept = [f for f in (path, previous) if os.path.isfile(f)]
         raise UserError(f"could not write {path} ({e.strerror or e}); kept: {', '.join(kept) or 'nothing'}; "
                         f"free some space, then continue with --resume {os.path.dirname(path) or '.'}") from e
 
 
 def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
+    with replacing(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def read_json(path):

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import co2s
+import curves
 import data
 import eval as evaluation
 import files
@@ -510,6 +511,7 @@ def keep_best(loop, result):
     runs.write_json(os.path.join(out, "metrics.json"), dict(
         last=dict(step=run.step, results=result), best=run.best, best_by=key, total=loop.total_steps,
         done=run.step == loop.total_steps))
+    curves.plot([out], os.path.join(out, "curves.png"))       # the drift plot, redrawn at every evaluation
 
 
 def start_run(loop, splits, text_source, fresh):
