@@ -214,10 +214,10 @@ def evaluate(model, loader, crop, stride=None, names=None, amp=None):
 def list_images(folder):
     if not os.path.isdir(folder):
         raise UserError(f"--predict folder {folder!r} does not exist")
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(files.IMAGE_EXTS))
-    if not files:
+    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(files.IMAGE_EXTS))
+    if not names:
         raise UserError(f"no images in {folder!r}; accepted extensions: {' '.join(files.IMAGE_EXTS)}")
-    return [os.path.join(folder, f) for f in files]
+    return [os.path.join(folder, f) for f in names]
 
 
 def predict_folder(model, info, folder, out_dir, crop, device="cpu", stride=None, name="fused", amp=None):
@@ -276,6 +276,8 @@ def get_args(argv=None):
     a("--fp32", action="store_true", help="the same as --amp off")
     a("--plot", action="store_true", help="draw the runs' training curves (curves.py): RUN/curves.png "
       "for one run, an overlay of several into --out FILE (default ./curves.png)")
+    a("--export", metavar="DIR", help="write the run's model as a self-contained folder (config.json, "
+      "model.safetensors, README.md model card) that every command takes, as does the hub (hf upload)")
     a("--workers", type=int, default=2)
     args = p.parse_args(argv)
     if args.plot:
@@ -317,7 +319,7 @@ def evaluate_split(args, model, info, cfg, published):
     """Evaluate the run's split, print the table, write eval_<split>.json beside the checkpoint."""
     crop = args.crop or cfg["crop"]
     # The run's own split lists when train.py wrote them (<run>/splits), else the config's source.
-    run_splits = os.path.join(os.path.dirname(args.checkpoint), "splits") if args.checkpoint else ""
+    run_splits = os.path.join(runs.run_folder(args.checkpoint), "splits") if args.checkpoint else ""
     splits = files.make_splits(info, cfg["ratio"], args.data_root or cfg["data_root"],
                                run_splits if os.path.isdir(run_splits) else cfg["splits"], seed=cfg["seed"])
     loader = data.val_loader(info, getattr(splits, args.split), workers=args.workers)
@@ -332,9 +334,10 @@ def evaluate_split(args, model, info, cfg, published):
     result = dict(checkpoint=os.path.abspath(source), split=args.split, crop=crop,
                   stride=args.stride or crop * 5 // 6, fusion=model.fusion, amp=args.amp, published=published,
                   results={n: cm.to_dict(info.classes) for n, cm in cms.items()})
-    out_dir = args.save if args.release else os.path.dirname(args.checkpoint)
+    out_dir = args.save if args.release else runs.run_folder(args.checkpoint)
     if out_dir:
-        stem = "best" if args.release else os.path.splitext(os.path.basename(args.checkpoint))[0]
+        stem = "best" if args.release or os.path.isdir(args.checkpoint) else \
+            os.path.splitext(os.path.basename(args.checkpoint))[0]
         out = os.path.join(out_dir, f"eval_{args.split}" + ("" if stem == "best" else f"_{stem}") + ".json")
         runs.write_json(out, result)
         print(f"wrote {out}")
@@ -343,6 +346,12 @@ def evaluate_split(args, model, info, cfg, published):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.export:
+        if not args.checkpoint:
+            raise UserError("--export needs a run folder or checkpoint")
+        info = runs.load_run(args.checkpoint, "cpu", args.data_root)[1]
+        print(f"wrote {runs.export(args.checkpoint, args.export, info)}")
+        return args.export
     if args.plot:
         one = os.path.join(args.path[0], "curves.png")
         out = curves.plot(args.path, args.out or (one if len(args.path) == 1 else "curves.png"))

@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from backbones import vit_size
-from catalog import dataset_info
+from catalog import DatasetInfo, dataset_info
 from errors import UserError
 from model import Co2S, ModelSpec, build_model
 
@@ -164,7 +165,10 @@ def check_writable(out):
 
 
 def read_checkpoint(path):
-    """torch.load of one of our checkpoints, upgraded to the current format; a clear error otherwise."""
+    """torch.load of one of our checkpoints, upgraded to the current format, or an exported folder;
+    a clear error otherwise."""
+    if os.path.isdir(path):
+        return read_export(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated, not a torch file, ...
@@ -215,26 +219,165 @@ def model_from_checkpoint(state, numerics=None):
     return model
 
 
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
 def resolve_checkpoint(path, ckpt=None):
-    """A run folder (its best.pt, else last.pt; or the one `ckpt` names) or a .pt file -> the .pt path."""
+    """What a command was given -> what read_checkpoint reads: a run folder (its best.pt, else last.pt;
+    or the one `ckpt` names), a .pt file, an exported model folder (config.json + model.safetensors),
+    or the hub id of one (downloaded once into the Hugging Face cache)."""
+    if is_export(path):
+        return path
     if os.path.isdir(path):
         wanted = [f"{ckpt}.pt"] if ckpt else ["best.pt", "last.pt"]
         for f in wanted:
             if os.path.isfile(os.path.join(path, f)):
                 return os.path.join(path, f)
         raise UserError(f"run folder {path!r} holds no {' or '.join(wanted)}; expected a folder "
-                        f"written by train.py or a .pt checkpoint file")
+                        f"written by train.py, an exported model folder or a .pt checkpoint file")
     if os.path.isfile(path) and path.endswith(".pt"):
         return path
-    raise UserError(f"{path!r} is neither a run folder (with best.pt / last.pt) nor a .pt checkpoint")
+    if not os.path.exists(path) and HUB_ID.fullmatch(path):
+        return download_export(path)
+    raise UserError(f"{path!r} is neither a run folder (with best.pt / last.pt), a .pt checkpoint, an "
+                    f"exported model folder (config.json + model.safetensors) nor a hub id (user/name)")
+
+
+def run_folder(checkpoint):
+    """The folder holding a checkpoint's run files (splits/, eval JSON): an exported folder itself."""
+    return checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint)
 
 
 def load_run(path, device="cpu", data_root=None, numerics=None):
-    """(model in eval mode, dataset info, cfg) of a checkpoint file or run folder (best.pt, else last.pt)."""
+    """(model in eval mode, dataset info, cfg) of anything resolve_checkpoint takes."""
     state = read_checkpoint(resolve_checkpoint(path))
     cfg = state["cfg"]
-    info = dataset_info(cfg["dataset"], data_root or cfg["data_root"])
+    if "dataset_info" in state:      # an exported model carries its classes and palette
+        info = DatasetInfo(**state["dataset_info"])
+    else:
+        info = dataset_info(cfg["dataset"], data_root or cfg["data_root"])
     return model_from_checkpoint(state, numerics).to(device).eval(), info, cfg
+
+
+# --------------------------------------------------------------------------------------------
+# An exported model: the layout of the Hugging Face hub (config.json, model.safetensors, README.md)
+
+
+EXPORT = "co2s-model"   # config.json's "format": what tells an exported folder from others
+
+
+def is_export(path):
+    config = os.path.join(path, "config.json")
+    if not (os.path.isdir(path) and os.path.isfile(config) and
+            os.path.isfile(os.path.join(path, "model.safetensors"))):
+        return False
+    return read_json(config).get("format") == EXPORT
+
+
+def export(checkpoint, out_dir, info):
+    """A self-contained model folder from a checkpoint: config.json (what rebuilds the model and how it
+    was trained and evaluated), model.safetensors (the weights: no optimizer, no pickle), the run's
+    split lists, and a README.md model card. `hf upload USER/NAME DIR` publishes it."""
+    from safetensors.torch import save_file
+    state = read_checkpoint(checkpoint)
+    folder = run_folder(checkpoint)
+    results = _results_of(state, folder)
+    source = read_json(os.path.join(folder, "config.json")).get("text_source") if os.path.isfile(
+        os.path.join(folder, "config.json")) else state.get("text_source")
+    os.makedirs(out_dir, exist_ok=True)
+    config = dict(format=EXPORT, version=1, model_args=state["model_args"], cfg=state["cfg"],
+                  dataset_info=dataclasses.asdict(info), step=state["step"], results=results,
+                  text_source=source)
+    with replacing(os.path.join(out_dir, "model.safetensors")) as tmp:
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state["model"].items()}, tmp,
+                  metadata={"format": "pt"})
+    write_json(os.path.join(out_dir, "config.json"), config)
+    if os.path.isdir(os.path.join(folder, "splits")):
+        shutil.copytree(os.path.join(folder, "splits"), os.path.join(out_dir, "splits"), dirs_exist_ok=True)
+    with replacing(os.path.join(out_dir, "README.md")) as tmp, open(tmp, "w") as f:
+        f.write(model_card(config))
+    return out_dir
+
+
+def _results_of(state, folder):
+    """The evaluation of the checkpoint's own step: best.pt's, or metrics.json's last (None if none)."""
+    if state["best"].get("step") == state["step"] and "results" in state["best"]:
+        return state["best"]["results"]
+    metrics = os.path.join(folder, "metrics.json")
+    last = read_json(metrics)["last"] if os.path.isfile(metrics) else {}
+    return last.get("results") if last.get("step") == state["step"] else None
+
+
+def read_export(folder):
+    """An exported folder as a checkpoint state (read_checkpoint's form)."""
+    from safetensors.torch import load_file
+    config = read_json(os.path.join(folder, "config.json"))
+    try:
+        weights = load_file(os.path.join(folder, "model.safetensors"))
+    except Exception as e:
+        raise UserError(f"cannot read {folder}/model.safetensors ({type(e).__name__}: {e})") from e
+    results = config.get("results") or {}
+    best = dict(miou=max((r["miou"] for r in results.values()), default=-1.0), step=config["step"],
+                results=results)
+    return dict(format=FORMAT, cfg=config["cfg"], model_args=config["model_args"], model=weights,
+                step=config["step"], best=best, dataset_info=config["dataset_info"],
+                text_source=config.get("text_source"))
+
+
+def download_export(repo_id):
+    """A hub id -> the local folder of that exported model (downloaded once, then from the cache)."""
+    from huggingface_hub import snapshot_download
+    try:
+        folder = snapshot_download(repo_id)
+    except Exception as e:  # offline, no such repository, gated, ...
+        raise UserError(f"could not fetch the model {repo_id!r} from the Hugging Face hub "
+                        f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+                        f"offline, download it elsewhere (`hf download {repo_id} --local-dir DIR`) and "
+                        f"pass DIR") from e
+    if not is_export(folder):
+        raise UserError(f"the hub repository {repo_id!r} is not a model exported by eval.py --export "
+                        f"(no config.json of format {EXPORT!r} with model.safetensors)")
+    return folder
+
+
+LICENCES = {"potsdam": "ISPRS 2D semantic labelling benchmark terms (research use)",
+            "loveda": "CC BY-NC-SA 4.0", "demo": "synthetic (generated by demo.py)"}
+WEIGHT_LICENCES = {"clip": "OpenAI CLIP ViT-B/16: MIT", "dinov3": "Meta DINOv3 ViT-B/16: the DINOv3 License"}
+
+
+def model_card(config):
+    """README.md of an exported model: what it is, how good, how it was trained, under which terms."""
+    cfg, args, res = config["cfg"], config["model_args"], config["results"] or {}
+    names = list(res) or args["kinds"]
+    miou = " | ".join(f"{100 * res[n]['miou']:.2f}" if n in res else "-" for n in names)
+    command = cfg.get("command") or (f"python train.py --dataset {cfg['dataset']} --ratio "
+                                     f"{cfg['ratio'].replace('_', '/')}")
+    weights = "; ".join(WEIGHT_LICENCES[k] for k in dict.fromkeys(args["kinds"]))
+    size = args["size"] if isinstance(args["size"], str) else "as released"
+    classes = config["dataset_info"]["classes"]
+    return f"""---
+library_name: co2s
+tags: [semantic-segmentation, remote-sensing, semi-supervised]
+---
+# Co2S: {cfg['dataset']} {cfg['ratio'].replace('_', '/')}
+
+Co2S model (students {', '.join(args['kinds'])}, size {size}, {args['numerics']} numerics) for \
+{len(classes)} classes: {', '.join(classes)}. Trained with co2s for {config['step']} steps. Class \
+embeddings of the CLIP student: {config.get('text_source') or 'stored in the weights'}.
+
+| prediction | {' | '.join(names)} |
+|---|{'---|' * len(names)}
+| mIoU (%) at step {config['step']} | {miou} |
+
+Trained with `{command}`.
+
+- predict: `python eval.py FOLDER_OR_HUB_ID --predict scene.tif --out masks/`
+- evaluate: `python eval.py FOLDER_OR_HUB_ID`
+- fine-tune: `python train.py --init FOLDER_OR_HUB_ID ...`
+
+Licences: data: {LICENCES.get(cfg['dataset'], "the dataset's own terms (see its page)")}. Backbone \
+weights: {weights}; the fine-tuned weights inherit these terms.
+"""
 
 
 def save_release(model, cfg, run_dir):

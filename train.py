@@ -16,6 +16,8 @@ import argparse
 import dataclasses
 import os
 import random
+import shlex
+import sys
 import time
 
 import numpy as np
@@ -279,6 +281,8 @@ def main(argv=None):
     args = get_args(argv)
     rank, world, device = runs.setup_ddp(args.device)
     cfg, state = load_resume(args) if args.resume else (resolve(args), None)
+    cfg.setdefault("command", " ".join(["python train.py"] + [shlex.quote(a) for a in (
+        sys.argv[1:] if argv is None else argv)]))
     if state is None and os.path.isfile(os.path.join(cfg["out"], "last.pt")):
         cfg, state = requeued(args, cfg)        # the same command again (a requeued job): continue
     if rank == 0:
@@ -426,7 +430,7 @@ def load_resume(args):
 
 
 # flags that may differ between the runs of one requeued job without changing the run
-REQUEUE_FREE = ("resume", "stop_at", "workers", "device", "download", "log_every", "save_every")
+REQUEUE_FREE = ("resume", "stop_at", "workers", "device", "download", "log_every", "save_every", "command")
 
 
 def requeued(args, cfg):
