@@ -285,6 +285,7 @@ def main(argv=None):
         sys.argv[1:] if argv is None else argv)]))
     if state is None and os.path.isfile(os.path.join(cfg["out"], "last.pt")):
         cfg, state = requeued(args, cfg)        # the same command again (a requeued job): continue
+    layout = batch_layout(cfg, world, rank)      # a --batch that does not split fails here, at once
     if rank == 0:
         runs.check_writable(cfg["out"])         # before any model is built or downloaded
     torch.manual_seed(cfg["seed"])
@@ -292,7 +293,7 @@ def main(argv=None):
     random.seed(cfg["seed"])
     info = dataset_info(cfg["dataset"], cfg["data_root"])
     splits = prepare_data(cfg, info, os.path.join(cfg["out"], "splits") if state else cfg["splits"], world)
-    loop, text_source = build_loop(cfg, state, info, splits, (rank, world, device))
+    loop, text_source = build_loop(cfg, state, info, splits, layout, device)
     if loop.master:
         runs.check_room(cfg["out"], loop.run.model)
         start_run(loop, splits, text_source, fresh=state is None)
@@ -378,11 +379,10 @@ def set_lr(run, total):
             g["lr"] = g["initial_lr"] * poly(run.step, total)
 
 
-def build_loop(cfg, state, info, splits, where):
+def build_loop(cfg, state, info, splits, layout, device):
     """The Loop of a new or resumed run: model, one AdamW per student (METHOD.md section 4, step 8),
-    scaler, schedule; where = (rank, world, device). Returns (loop, source of the class embeddings)."""
-    rank, world, device = where
-    layout = batch_layout(cfg, world, rank)
+    scaler, schedule. Returns (loop, the source of the class embeddings)."""
+    world = layout.world
     steps_per_epoch = layout.steps_per_epoch(len(splits.unlabeled))
     if steps_per_epoch == 0:
         raise UserError(f"{len(splits.unlabeled)} unlabelled images are fewer than one "
