@@ -208,7 +208,10 @@ def model_from_checkpoint(state, numerics=None):
     text = next((v for k, v in sd.items() if k.endswith(".text")), None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "random backbone weights": they are overwritten just below
-        model = build_model(spec, text=text)
+        try:
+            model = build_model(spec, text=text)
+        except ValueError as e:
+            raise UserError(f"the checkpoint's model_args do not build its model ({e})") from e
     mine = model.state_dict()
     missing, extra = sorted(set(mine) - set(sd)), sorted(set(sd) - set(mine))
     wrong = [k for k in sd if k in mine and sd[k].shape != mine[k].shape]
