@@ -6,8 +6,10 @@ import torch
 
 import co2s
 import model
+import backbones
+import helpers
 from text import stand_in_embeddings
-from losses import IGNORE, pseudo_label_loss, stability_loss, supervised_loss
+from losses import IGNORE, pseudo_label_loss, stability_loss, stability_weight, supervised_loss
 
 N, PX, NL = 6, 64, 2                                      # classes, crop, labelled images per batch
 NAMES = ["impervious_surface", "building", "low_vegetation", "tree", "car", "clutter"]
@@ -17,8 +19,8 @@ COLOURS = torch.rand(N, 3, generator=torch.Generator().manual_seed(5)) * 4 - 2  
 @pytest.fixture(scope="module")
 def students():
     torch.manual_seed(0)
-    return [model.build_student("clip", N, size="tiny", text=stand_in_embeddings(N, model.SIZES["tiny"].proj)),
-            model.build_student("dinov3", N, size="tiny")]
+    return [helpers.student("clip", N, size="tiny", text=stand_in_embeddings(N, backbones.SIZES["tiny"].proj)),
+            helpers.student("dinov3", N, size="tiny")]
 
 
 def fresh(students):
@@ -50,11 +52,16 @@ def make_batch(seed=0):
     return {"img": x_l, "label": y_l}, batch_u
 
 
-def step(students, optimizers, batch_l, batch_u, seed=0, **kw):
-    """co2s.iteration, then what train.py does with its losses: one backward, one AdamW step per student."""
-    kw = {"step": 100, "total_steps": 100, **kw}                                 # past the E9 ramp: lambda = 0.5
+def step(students, optimizers, batch_l, batch_u, seed=0, batch_mix=None, t=100, total=100, log=False,
+         **switches):
+    """co2s.iteration and its diagnostics, then what train.py does with its losses: one backward, one
+    AdamW step per student. t / total: the step and the run's length for E9 (past the ramp: 0.5)."""
+    method = co2s.Method(**switches)
     torch.manual_seed(seed)                                                      # the FP dropout draws
-    losses, logs = co2s.iteration(students, batch_l, batch_u, **kw)
+    out = co2s.iteration(students, batch_l, batch_u, batch_mix, stability_weight=stability_weight(t, total),
+                         method=method)
+    logs = co2s.diagnostics(out, batch_u, method, quality=log)
+    losses = out.losses
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     sum(losses).backward()
@@ -67,7 +74,7 @@ def weak_logits(students, batch_l, batch_u, seed=0):
     """The clean weak logits z_w of each student exactly as train_step computes them (same calls, same RNG)."""
     torch.manual_seed(seed)
     with torch.no_grad():
-        return [s(torch.cat([batch_l["img"], batch_u["img_w"]]), fp=True, fp_from=NL)[0][NL:] for s in students]
+        return [s.forward_fp(torch.cat([batch_l["img"], batch_u["img_w"]]), NL)[0][NL:] for s in students]
 
 
 def params(s):
@@ -108,26 +115,26 @@ def test_cutmix_pastes_the_same_box_into_image_labels_confidences_and_ignore():
     assert torch.equal(co2s.cutmix(ign_d, ign_s, box), box)
 
 
-def test_train_step_pastes_each_views_box_into_its_image_labels_confidences_and_valid_mask(students, monkeypatch):
-    calls, paste = [], co2s.cutmix
-    monkeypatch.setattr(co2s, "cutmix", lambda dst, src, box: calls.append((dst.dim(), box)) or paste(dst, src, box))
+def test_a_box_over_the_whole_view_takes_the_partners_valid_mask(students):
+    """Pasting carries the partner's padding: a box covering the whole strong view of a partner that
+    is all padding leaves E6 no valid pixel there (L_s = 0); the other view, without a box, trains."""
     ss, opts = fresh(students[:1])
     batch_l, batch_u = make_batch()
-    step(ss, opts, batch_l, batch_u, method="unimatch")
-    for name in ("box1", "box2"):
-        used = [dim for dim, box in calls if box is batch_u[name]]
-        assert sorted(used) == [3, 3, 3, 4], f"{name}: image, labels, confidences and valid mask"
-    assert len(calls) == 8
+    full, none = torch.ones_like(batch_u["box1"]), torch.zeros_like(batch_u["box2"])
+    mix = {**batch_u, "ignore": torch.ones_like(batch_u["ignore"])}
+    logs = step(ss, opts, batch_l, {**batch_u, "box1": full, "box2": none}, batch_mix=mix,
+                method="unimatch", tau=0.0)
+    assert logs["clip/s1"].item() == 0.0 and logs["clip/s2"].item() > 0
 
 
 def test_unknown_method_stability_or_views_are_errors_listing_the_choices(students):
     batch_l, batch_u = make_batch()
     with pytest.raises(ValueError, match="valid: co2s, unimatch, supervised"):
-        co2s.iteration(students, batch_l, batch_u, step=0, total_steps=1, method="fixmatch")
+        co2s.Method(method="fixmatch")
     with pytest.raises(ValueError, match="valid: grad, released, off"):
-        co2s.iteration(students, batch_l, batch_u, step=0, total_steps=1, stability="on")
+        co2s.Method(stability="on")
     with pytest.raises(ValueError, match="strong_views must be 1 or 2"):
-        co2s.iteration(students, batch_l, batch_u, step=0, total_steps=1, strong_views=3)
+        co2s.Method(strong_views=3)
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +184,7 @@ def trained(students):
     batch_l, batch_u = make_batch()
     before, after, finite = sup_eval(ss, batch_l), [], []
     for t in range(30):
-        finite.append(step(ss, opts, batch_l, batch_u, seed=t, step=t, total_steps=30)["finite"])
+        finite.append(step(ss, opts, batch_l, batch_u, seed=t, t=t, total=30)["finite"])
         if t >= 20:
             after.append(sup_eval(ss, batch_l))
     return ss, before, [min(a) for a in zip(*after)], finite
@@ -202,7 +209,7 @@ def test_unimatch_terms_are_e5_and_e6_on_the_pasted_strong_views_and_the_fp_bran
     torch.manual_seed(0)                             # the same FP dropout draws as the step below
     with torch.no_grad():
         for s in ss:
-            z, z_fp = s(torch.cat([batch_l["img"], batch_u["img_w"]]), fp=True, fp_from=NL)
+            z, z_fp = s.forward_fp(torch.cat([batch_l["img"], batch_u["img_w"]]), NL)
             conf, label = z[NL:].softmax(1).max(1)
             terms = {"sup": supervised_loss(z[:NL], batch_l["label"]),
                      "fp": pseudo_label_loss(z_fp, label, conf, valid, tau)}

@@ -11,9 +11,9 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from catalog import DATASETS, DatasetInfo, dataset_info, parse_ratio  # noqa: E402
-from data import (IMAGENET_MEAN, IMAGENET_STD, RunSampler, SemiDataset, Splits, colorize, cutmix_box,  # noqa: E402
-                  iters_per_epoch, load_label, make_splits, train_loaders, val_loader, weak_augment,
-                  write_splits)
+from data import (IMAGENET_MEAN, IMAGENET_STD, BatchLayout, RunSampler, SemiDataset, Streams,  # noqa: E402
+                  cutmix_box, train_loaders, val_loader, weak_augment)
+from files import Splits, colorize, load_label, make_splits, write_splits  # noqa: E402
 from demo import prepare_demo  # noqa: E402
 from errors import UserError  # noqa: E402
 
@@ -77,7 +77,7 @@ def test_real_loveda_crops(name):
 def test_real_crop_val_sample_and_palette_roundtrip(tmp_path):
     info = DATASETS['potsdam']
     img, lab = (os.path.join(REAL, 'potsdam', d, '2_10_0_0_512_512.png') for d in ('images', 'labels'))
-    sample = SemiDataset(info, [(img, lab)], 'val')[0]
+    sample = SemiDataset(info, [(img, lab)], 'val')[(0, 0)]
     label = load_label(lab, info)
     assert sample['img'].shape == (3, 512, 512) and torch.equal(sample['label'], torch.from_numpy(label.astype(np.int64)))
     pal = colorize(label, info.palette)
@@ -197,10 +197,10 @@ def test_truncated_image_and_size_mismatch(tmp_path):
     raw = open(img0, 'rb').read()
     open(img0, 'wb').write(raw[:len(raw) // 2])
     with pytest.raises(ValueError, match='000.png'):
-        SemiDataset(TOY, [(img0, os.path.join(root, 'labels', '000.png'))], 'labeled')[0]
+        SemiDataset(TOY, [(img0, os.path.join(root, 'labels', '000.png'))], 'labeled')[(0, 0)]
     Image.fromarray(np.zeros((40, 32), np.uint8)).save(os.path.join(root, 'labels', '001.png'))
     with pytest.raises(ValueError, match='size mismatch.*001.png'):
-        SemiDataset(TOY, [(os.path.join(root, 'images', '001.png'), os.path.join(root, 'labels', '001.png'))], 'val')[0]
+        SemiDataset(TOY, [(os.path.join(root, 'images', '001.png'), os.path.join(root, 'labels', '001.png'))], 'val')[(0, 0)]
 
 
 # ----------------------------------------------------------------------------- augmentations
@@ -214,7 +214,7 @@ def test_weak_view_keeps_image_and_label_aligned_and_marks_padding(tmp_path):
     ds_l, ds_u = SemiDataset(TOY, items, 'labeled', seed=5), SemiDataset(TOY, items, 'unlabeled', seed=5)
     padded = 0
     for i in range(30):
-        s = ds_l[i]
+        s = ds_l[(0, i)]
         img, label = to_rgb255(s['img']), s['label'].numpy()
         assert s['img'].shape == (3, 64, 64) and s['label'].dtype == torch.int64
         pad = label == 255                                              # the source labels have no 255: padding only
@@ -223,7 +223,7 @@ def test_weak_view_keeps_image_and_label_aligned_and_marks_padding(tmp_path):
         for d in ((0, 1), (1, 0), (0, -1), (-1, 0)):                    # away from class boundaries
             interior &= np.roll(label, d, (0, 1)) == label
         assert (colour_to_class(img)[interior] == label[interior]).mean() > 0.99
-        u = ds_u[i]
+        u = ds_u[(0, i)]
         assert torch.equal(u['ignore'], torch.from_numpy(pad))           # the ignore mask is exactly the padding
         padded += pad.any()
     assert padded > 0                                                   # the test did exercise padding
@@ -245,7 +245,7 @@ def test_strong_views_never_touch_label_or_geometry(tmp_path):
     ds_l, ds_u = SemiDataset(TOY, items, 'labeled', seed=1), SemiDataset(TOY, items, 'unlabeled', seed=1)
     changed = 0
     for i in range(12):
-        l, u = ds_l[i], ds_u[i]
+        l, u = ds_l[(0, i)], ds_u[(0, i)]
         # the weak view and the label are those of the labelled pipeline: strong draws come after geometry
         assert torch.equal(u['img_w'], l['img']) and torch.equal(u['label'], l['label'])
         # strong views are photometric: well inside each class region (constant colour) they are constant
@@ -261,7 +261,7 @@ def test_strong_views_never_touch_label_or_geometry(tmp_path):
 
 def test_unlabeled_without_label_carries_all_ignore(tmp_path):
     root = make_dataset(tmp_path / 'ds', 0, n_unlabeled_only=1)
-    u = SemiDataset(TOY, [(os.path.join(root, 'images', '000.png'), None)], 'unlabeled')[0]
+    u = SemiDataset(TOY, [(os.path.join(root, 'images', '000.png'), None)], 'unlabeled')[(0, 0)]
     assert (u['label'] == 255).all()
 
 
@@ -284,9 +284,9 @@ def test_cutmix_box_limits():
 def test_augmentation_is_a_function_of_seed_epoch_index(tmp_path):
     items = _items(make_dataset(tmp_path / 'ds', 3), 3)
     ds = SemiDataset(TOY, items, 'unlabeled', seed=0, length=7)
-    assert len(ds) == 7 and torch.equal(ds[1]['label'], SemiDataset(TOY, items, 'unlabeled', seed=0)[1]['label'])
-    a = ds[4]
-    assert all(torch.equal(a[k], ds[(0, 4)][k]) for k in a)           # an index alone is epoch 0
+    assert len(ds) == 7 and torch.equal(ds[(0, 1)]['label'], SemiDataset(TOY, items, 'unlabeled', seed=0)[(0, 1)]['label'])
+    a = ds[(0, 4)]
+    assert all(torch.equal(a[k], ds[(0, 4)][k]) for k in a)           # the same key, the same sample
     assert not torch.equal(a['img_w'], ds[(1, 4)]['img_w'])            # another epoch, another draw
 
 
@@ -295,56 +295,98 @@ def test_augmentation_is_a_function_of_seed_epoch_index(tmp_path):
 def test_train_loaders_resume_and_workers(tmp_path):
     items = _items(make_dataset(tmp_path / 'ds', 14), 14)
     splits = Splits(items[:3], items[3:], items[:1])
-    kw = dict(crop=32, batch=2, seed=0, total=12)                       # 12 steps = 2 epochs of 5, and 2 more
+    one = BatchLayout(2, pad=False)                                     # 12 steps = 2 epochs of 5, and 2 more
+    loaders = lambda layout, start, workers: train_loaders(TOY, splits, layout, Streams(32, 0, workers=workers),
+                                                           range(start, 12))
     torch.manual_seed(123)
-    full = [list(ld) for ld in train_loaders(TOY, splits, start=0, workers=0, **kw)]
+    full = [list(ld) for ld in loaders(one, 0, 0)]
     after = torch.rand(1)
     torch.manual_seed(123)
     assert torch.equal(after, torch.rand(1))                           # the loaders leave the global RNG alone
-    assert iters_per_epoch(splits, 2) == 5 and all(len(b) == 12 for b in full)  # 11 // 2, labelled list repeated
+    assert one.steps_per_epoch(11) == 5 and all(len(b) == 12 for b in full)  # 11 // 2, labelled list repeated
     l, u, mix = full[0][0], full[1][0], full[2][0]
     assert l['img'].shape == (2, 3, 32, 32) and u['box1'].dtype == torch.bool and u['ignore'].shape == (2, 32, 32)
     assert not torch.equal(u['img_w'], mix['img_w'])                    # the partner stream is a different draw
-    resumed = [list(ld) for ld in train_loaders(TOY, splits, start=3, workers=2, **kw)]
+    resumed = [list(ld) for ld in loaders(one, 3, 2)]
     for stream, tail in zip(full, resumed):                            # from step 3: same data, with workers
         assert len(tail) == 9 and all(torch.equal(a[k], b[k]) for a, b in zip(stream[3:], tail) for k in a)
-    ranks = [train_loaders(TOY, splits, start=0, workers=0, rank=r, world_size=2, **kw)[1] for r in (0, 1)]
-    assert all(len(ld) == 12 for ld in ranks) and iters_per_epoch(splits, 2, 2) == 2
-    assert [len(val_loader(TOY, Splits([], [], items[:5]), workers=0, rank=r, world_size=2)) for r in (0, 1)] == [3, 2]
+    ranks = [loaders(BatchLayout(4, 2, rank=r, pad=False), 0, 0)[1] for r in (0, 1)]
+    assert all(len(ld) == 12 for ld in ranks) and BatchLayout(4, 2, pad=False).steps_per_epoch(11) == 2
+    assert [len(val_loader(TOY, items[:5], workers=0, rank=r, world_size=2)) for r in (0, 1)] == [3, 2]
+
+
+def sampler(n, batch, seed, total, rank=0, world_size=1, accum=1, pad=False):
+    """RunSampler with a per-process batch, as the tests below were first written (pad=False: the
+    epoch rule that drops the remainder; the release's padding is tested further down)."""
+    layout = BatchLayout(batch * world_size * accum, world_size, accum, rank, pad=pad)
+    return RunSampler(n, layout, seed, range(0, total))
 
 
 def test_run_sampler_spans_epochs_and_accum_deals_what_the_ranks_of_a_bigger_run_get():
-    n, kw = 23, dict(batch=2, seed=4, start=0, total=7)
-    one = list(RunSampler(n, **kw))
-    assert len(one) == 7 * 2 and RunSampler(n, **kw).ipe == 11
+    n, kw = 23, dict(batch=2, seed=4, total=7)
+    one = list(sampler(n, **kw))
+    assert len(one) == 7 * 2 and sampler(n, **kw).steps_per_epoch == 11
     epochs = [e for e, _ in one]
     assert epochs == [0] * 14                                          # 7 steps < 11 per epoch
-    two = list(RunSampler(n, **dict(kw, total=13)))
+    two = list(sampler(n, **dict(kw, total=13)))
     assert [e for e, _ in two[22:]] == [1] * 4                         # steps 11, 12 are epoch 1
     assert sorted(i for _, i in two[:22]) == sorted(set(i for _, i in two[:22]))   # an epoch repeats no sample
     # --accum 2 on one process = ranks 0 and 1 of a 2-process run, micro-batch j = rank j, step by step
-    accum = list(RunSampler(n, **dict(kw, accum=2)))
-    r0, r1 = (list(RunSampler(n, **dict(kw, rank=r, world_size=2))) for r in (0, 1))
+    accum = list(sampler(n, **dict(kw, accum=2)))
+    r0, r1 = (list(sampler(n, **dict(kw, rank=r, world_size=2))) for r in (0, 1))
     for step in range(7):
         assert accum[4 * step: 4 * step + 4] == r0[2 * step: 2 * step + 2] + r1[2 * step: 2 * step + 2]
     # and rank 1 of 2 processes with --accum 2 = virtual ranks 2 and 3 of 4
-    v2, v3 = (list(RunSampler(n, **dict(kw, rank=r, world_size=4))) for r in (2, 3))
-    mine = list(RunSampler(n, **dict(kw, rank=1, world_size=2, accum=2)))
+    v2, v3 = (list(sampler(n, **dict(kw, rank=r, world_size=4))) for r in (2, 3))
+    mine = list(sampler(n, **dict(kw, rank=1, world_size=2, accum=2)))
     assert mine[:4] == v2[:2] + v3[:2]
     with pytest.raises(UserError, match='fewer than one global batch'):
-        RunSampler(3, batch=2, seed=0, start=0, total=1, world_size=2)
+        sampler(3, batch=2, seed=0, total=1, world_size=2)
+
+
+@pytest.mark.parametrize('n, batch, steps', [(4617, 4, 1155), (4261, 8, 533), (240, 2, 120), (11, 2, 6)])
+def test_an_epoch_has_the_steps_of_the_releases_4_process_sampler(n, batch, steps):
+    """The release's DistributedSampler over 4 processes pads the list to a multiple of 4 by repeating
+    its start: floor(ceil(n / 4) / per-GPU batch) steps (potsdam 1/16: 1,155; whdld 1/24: 533), in every
+    form of the same global batch."""
+    forms = [(1, 1), (1, 4), (4, 1), (2, 2)] if batch % 4 == 0 else [(1, 1), (1, 2)]
+    for world, accum in forms:
+        assert BatchLayout(batch, world, accum).steps_per_epoch(n) == steps, (world, accum)
+    perm = list(range(n))
+    order = BatchLayout(batch).epoch_order(perm)
+    assert len(order) == -(-n // 4) * 4 and order[n:] == perm[:len(order) - n]   # the start, repeated
+
+
+def test_the_fast_form_sees_the_images_of_the_4_processes_at_every_step():
+    """One micro-batch of 4 = the 4 processes' micro-batches of 1, step by step (the same 4 images)."""
+    n, steps = 4617, 1160                                              # past the end of epoch 0
+    fast = list(RunSampler(n, BatchLayout(4), 7, range(steps)))
+    twin = list(RunSampler(n, BatchLayout(4, 1, 4), 7, range(steps)))
+    ranks = [list(RunSampler(n, BatchLayout(4, 4, 1, r), 7, range(steps))) for r in range(4)]
+    for t in range(steps):
+        step = fast[4 * t: 4 * t + 4]
+        assert step == twin[4 * t: 4 * t + 4] == [r[t] for r in ranks]
+    assert {e for e, _ in fast[4 * 1155:]} == {1}                      # 1,155 steps per epoch
+
+
+def test_a_batch_that_does_not_split_lists_the_valid_accum():
+    with pytest.raises(UserError, match='--batch 4 .* 3 micro-batches; valid --accum: 1, 2, 4'):
+        BatchLayout(4, 1, 3)
+    with pytest.raises(UserError, match='valid --accum: 1, 2'):
+        BatchLayout(8, 4, 4)
+    with pytest.raises(UserError, match='multiple of the processes'):
+        BatchLayout(4, 3, 1)
 
 
 def test_same_image_partners_follow_the_unlabelled_order_with_their_own_augmentation(tmp_path):
     items = _items(make_dataset(tmp_path / 'ds', 10), 10)
     splits = Splits(items[:2], items[2:], items[:1])
-    kw = dict(crop=32, batch=2, seed=0, start=0, total=3, workers=0)
-    same = train_loaders(TOY, splits, mix_source='same', **kw)
-    partner = train_loaders(TOY, splits, mix_source='partner', **kw)
+    make = lambda mix: train_loaders(TOY, splits, BatchLayout(2), Streams(32, 0, mix, workers=0), range(3))
+    same, partner = make('same'), make('partner')
     assert list(same[2].sampler) == list(same[1].sampler) != list(partner[2].sampler)
     u, m = next(iter(same[1])), next(iter(same[2]))
     assert not torch.equal(u['img_w'], m['img_w'])                     # the same images, augmented differently
-    assert len(train_loaders(TOY, splits, mix_source='rolled', **kw)) == 2
+    assert len(make('rolled')) == 2
 
 
 # ----------------------------------------------------------------------------- demo
@@ -362,7 +404,7 @@ def test_demo_dataset(tmp_path):
     info = DATASETS['demo']
     s = make_splits(info, '1/16', root)
     assert (len(s.labeled), len(s.unlabeled), len(s.val)) == (16, 240, 64)
-    assert iters_per_epoch(s, info.batch) * info.epochs == 240  # the demo run: 2 epochs x 120 iterations
+    assert BatchLayout(info.batch).steps_per_epoch(len(s.unlabeled)) * info.epochs == 240  # 2 epochs x 120
     small = [str(tmp_path / n) for n in ('a', 'b', 'c')]
     for r, seed in zip(small, (0, 0, 1)):
         prepare_demo(r, seed=seed, n_train=3, n_val=1)

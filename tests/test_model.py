@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import model
+import backbones
+import helpers
 import text
 from errors import UserError
 from losses import supervised_loss
@@ -47,15 +49,15 @@ def count_backbone_passes(student):
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return {"clip": model.build_student("clip", N, size="tiny", text=text.stand_in_embeddings(N, TINY.proj)),
-            "dinov3": model.build_student("dinov3", N, size="tiny")}
+    return {"clip": helpers.student("clip", N, size="tiny", text=text.stand_in_embeddings(N, TINY.proj)),
+            "dinov3": helpers.student("dinov3", N, size="tiny")}
 
 
 # --------------------------------------------------------------------------------------------
 # Shapes and the single backbone pass of E4
 
 
-@pytest.mark.parametrize("kind", model.KINDS)
+@pytest.mark.parametrize("kind", backbones.KINDS)
 @pytest.mark.parametrize("hw", [(128, 128), (96, 160)])
 def test_feature_and_logit_shapes_and_one_backbone_pass_for_fp(tiny, kind, hw):
     s, (H, W) = tiny[kind], hw
@@ -67,7 +69,7 @@ def test_feature_and_logit_shapes_and_one_backbone_pass_for_fp(tiny, kind, hw):
             assert [tuple(f.shape) for f in s.features(x)] == [(2, c, H // 16, W // 16) for c in widths]
             assert s(x).shape == (2, N, H, W)
             assert len(calls) == 2
-            out = s(x, fp=True)
+            out = s.forward_fp(x, 0)
         assert len(calls) == 3, "clean and FP logits must share ONE backbone pass (E4)"
     finally:
         handle.remove()
@@ -76,15 +78,23 @@ def test_feature_and_logit_shapes_and_one_backbone_pass_for_fp(tiny, kind, hw):
 
 
 def test_fp_from_perturbs_only_the_tail_of_the_batch(tiny):
-    clean, pert = tiny["dinov3"](torch.randn(3, 3, 64, 64), fp=True, fp_from=1)
+    """The clean logits are those of the plain forward; the FP logits are of x[fp_from:] only, and
+    perturbed (Dropout2d on the tapped maps), so they differ from the clean ones of the same images."""
+    s, x = tiny["dinov3"], torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        clean, pert = s.forward_fp(x, 1)
+        plain = s(x)
     assert clean.shape == (3, N, 64, 64) and pert.shape == (2, N, 64, 64)
+    assert torch.allclose(clean, plain, atol=1e-5)            # the clean part is not perturbed
+    assert (pert - plain[1:]).abs().amax() > 1e-3             # the tail is
 
 
 # --------------------------------------------------------------------------------------------
 # Base size, random init: the numbers of the paper's architecture
 
 
-TINY = model.SIZES["tiny"]
+TINY = backbones.SIZES["tiny"]
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +102,8 @@ def base():
     torch.manual_seed(0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        students = {"clip": model.build_student("clip", N, size="base", guidance="queries"),
-                    "dinov3": model.build_student("dinov3", N, size="base")}
+        students = {"clip": helpers.student("clip", N, size="base", guidance="queries"),
+                    "dinov3": helpers.student("dinov3", N, size="base")}
     return students, [str(w.message) for w in caught]
 
 
@@ -112,7 +122,7 @@ def attention_names(kind, depth=12):
 
 def test_base_random_init_warns_that_weights_are_random(base):
     _, messages = base
-    for kind in model.KINDS:
+    for kind in backbones.KINDS:
         assert any("RANDOM backbone weights" in m and kind in m for m in messages)
 
 
@@ -161,7 +171,7 @@ def test_base_clip_with_text_file_holds_fixed_unit_text_embeddings():
     path = EMB / "potsdam_conceptavg5_single.npy"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        s = model.build_student("clip", N, size="base", text=text.class_embeddings(POTSDAM, size="base", file=str(path))[0])
+        s = helpers.student("clip", N, size="base", text=text.class_embeddings(POTSDAM, size="base", file=str(path))[0])
     rows = torch.from_numpy(np.load(path)).float()
     assert s.queries is None and s.text.shape == (N, 512)
     assert torch.allclose(s.text, F.normalize(rows, dim=-1))
@@ -173,7 +183,7 @@ def test_base_clip_with_text_file_holds_fixed_unit_text_embeddings():
 
 
 def test_clip_with_query_guidance_learns_queries_in_the_projection_space():
-    s = model.build_student("clip", N, size="tiny", guidance="queries")
+    s = helpers.student("clip", N, size="tiny", guidance="queries")
     assert s.text is None and s.queries.weight.shape == (N, TINY.proj) and s.queries.weight.requires_grad
 
 
@@ -216,7 +226,7 @@ def test_dinov3_maps_are_final_norm_of_tapped_blocks_without_prefix_tokens(tiny)
     bb = s.backbone
     assert bb.config.num_register_tokens == 4
     with torch.no_grad():
-        for block in model.blocks(bb):   # random init has layer scale 1e-5: make every block visibly change the tokens
+        for block in backbones.blocks(bb):   # random init has layer scale 1e-5: make every block visibly change the tokens
             block.layer_scale1.lambda1.fill_(1.0)
             block.layer_scale2.lambda1.fill_(1.0)
         x = torch.randn(1, 3, 64, 96)
@@ -262,7 +272,7 @@ def test_loaded_clip_backbone_equals_the_saved_weights(saved, tmp_path):
     np.save(tmp_path / "text.npy", rows.numpy())
     t, source = text.class_embeddings(POTSDAM, size="tiny", clip_weights=folder, file=str(tmp_path / "text.npy"))
     assert source.startswith("file")                                    # a file wins over the weights' text tower
-    s = model.build_student("clip", N, size="tiny", weights=folder, text=t)
+    s = helpers.student("clip", N, size="tiny", weights=folder, text=t)
     loaded = s.backbone.state_dict()
     vision_keys = {k for k in sd if k.startswith(("vision_model.", "visual_projection."))}
     assert set(loaded) == vision_keys
@@ -274,7 +284,7 @@ def test_loaded_clip_backbone_equals_the_saved_weights(saved, tmp_path):
 
 def test_loaded_dinov3_backbone_equals_the_saved_weights_with_rope_augmentation_off(saved):
     folder, sd = saved["dinov3"]
-    s = model.build_student("dinov3", N, size="tiny", weights=folder)
+    s = helpers.student("dinov3", N, size="tiny", weights=folder)
     loaded = s.backbone.state_dict()
     assert set(loaded) == set(sd)
     for k, v in loaded.items():
@@ -321,13 +331,13 @@ def _in_hub_cache(repo_id):
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
-@pytest.mark.parametrize("kind", model.KINDS)
+@pytest.mark.parametrize("kind", backbones.KINDS)
 def test_hub_id_without_network_names_the_id_and_the_local_folder_flag(kind):
-    hub_id = model.DEFAULT_WEIGHTS[kind]
+    hub_id = backbones.DEFAULT_WEIGHTS[kind]
     if _in_hub_cache(hub_id):
         pytest.skip(f"{hub_id} is in the local hub cache, so it would load")
     with pytest.raises(UserError) as e:
-        model.build_backbone(kind, "base", hub_id)
+        backbones.build_backbone(kind, "base", hub_id)
     msg = str(e.value)
     assert hub_id in msg and f"--{kind}-weights" in msg and "hf download" in msg
 
@@ -335,24 +345,24 @@ def test_hub_id_without_network_names_the_id_and_the_local_folder_flag(kind):
 def test_missing_or_empty_local_folder_is_a_clear_error(tmp_path):
     missing = str(tmp_path / "no-such-folder")
     with pytest.raises(UserError, match="does not exist") as e:
-        model.build_backbone("clip", "tiny", missing)
+        backbones.build_backbone("clip", "tiny", missing)
     assert missing in str(e.value) and "--clip-weights" in str(e.value)
     with pytest.raises(ValueError, match="no config.json") as e:
-        model.build_backbone("dinov3", "tiny", str(tmp_path))
+        backbones.build_backbone("dinov3", "tiny", str(tmp_path))
     assert "--dinov3-weights" in str(e.value)
 
 
 @pytest.mark.parametrize("kind,other", [("clip", "dinov3"), ("dinov3", "clip")])
 def test_folder_of_the_other_kind_is_rejected(saved, kind, other):
     with pytest.raises(ValueError, match=f"not a {kind} one") as e:
-        model.build_backbone(kind, "tiny", saved[other][0])
+        backbones.build_backbone(kind, "tiny", saved[other][0])
     assert f"--{kind}-weights" in str(e.value)
 
 
-@pytest.mark.parametrize("kind", model.KINDS)
+@pytest.mark.parametrize("kind", backbones.KINDS)
 def test_folder_of_the_wrong_width_is_rejected(saved, kind):
     with pytest.raises(ValueError, match="has width 192, but --size base expects 768"):
-        model.build_backbone(kind, "base", saved[kind][0])
+        backbones.build_backbone(kind, "base", saved[kind][0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,20 +456,18 @@ def test_fuse_takes_the_more_confident_student_per_pixel():
         model.fuse([a, b], "max")
 
 
-def test_co2s_returns_each_students_probabilities_and_the_fused_map(tiny):
+def test_fuse_of_two_students_is_a_distribution_that_follows_the_more_confident(tiny):
     students = [tiny["clip"], tiny["dinov3"]]
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        out = model.Co2S(students)(x)
-        mean = model.Co2S(students, fusion="mean")(x)["fused"]
         own = [s(x).softmax(1) for s in students]
-    assert list(out) == ["clip", "dinov3", "fused"]
-    for p in out.values():
-        assert p.shape == (1, N, 64, 64)
-        assert torch.allclose(p.sum(1), torch.ones(1, 64, 64), atol=1e-5)
-    assert torch.allclose(out["clip"], own[0], atol=1e-6) and torch.allclose(out["dinov3"], own[1], atol=1e-6)
-    assert torch.equal(out["fused"], model.fuse([out["clip"], out["dinov3"]]))
-    assert torch.allclose(mean, (out["clip"] + out["dinov3"]) / 2)
+    fused, mean = model.fuse(own), model.fuse(own, "mean")
+    assert torch.allclose(fused.sum(1), torch.ones(1, 64, 64), atol=1e-5)
+    first = own[0].amax(1) >= own[1].amax(1)                        # (1, 64, 64)
+    assert torch.equal(fused, torch.where(first[:, None], own[0], own[1]))
+    assert torch.allclose(mean, (own[0] + own[1]) / 2)
+    with pytest.raises(ValueError, match="valid: confidence, mean"):
+        model.Co2S(students, fusion="max")
 
 
 def test_student_names_are_unique():
@@ -475,7 +483,7 @@ def _name(module, param):
     return next(n for n, p in module.named_parameters() if p is param)
 
 
-@pytest.mark.parametrize("kind", model.KINDS)
+@pytest.mark.parametrize("kind", backbones.KINDS)
 def test_one_step_moves_attention_and_head_and_leaves_frozen_weights_bit_identical(tiny, kind):
     s = copy.deepcopy(tiny[kind])
     before = {k: v.clone() for k, v in s.state_dict().items()}
@@ -483,7 +491,7 @@ def test_one_step_moves_attention_and_head_and_leaves_frozen_weights_bit_identic
     opt = torch.optim.AdamW([p for p in s.parameters() if p.requires_grad], lr=1e-2)
     torch.manual_seed(0)
     x, y = torch.randn(2, 3, 64, 64), torch.randint(0, N, (2, 64, 64))
-    clean, pert = s(x, fp=True)
+    clean, pert = s.forward_fp(x, 0)
     (supervised_loss(clean, y) + supervised_loss(pert, y)).backward()
     opt.step()
     after = s.state_dict()
@@ -492,8 +500,8 @@ def test_one_step_moves_attention_and_head_and_leaves_frozen_weights_bit_identic
     assert {n for n in trainable if n.startswith("head.")} <= changed
     # every attention projection on the path to the taps moves (CLIP's last tap uses only v and out)
     last = s.taps[-1]
-    for i, block in enumerate(model.blocks(s.backbone)[: last + 1]):
-        projs = model.attention_projections(block)
+    for i, block in enumerate(backbones.blocks(s.backbone)[: last + 1]):
+        projs = backbones.attention_projections(block)
         if kind == "clip" and i == last:
             projs = projs[2:]
         for proj in projs:
@@ -502,14 +510,14 @@ def test_one_step_moves_attention_and_head_and_leaves_frozen_weights_bit_identic
         assert "queries.weight" in changed
 
 
-@pytest.mark.parametrize("kind", model.KINDS)
+@pytest.mark.parametrize("kind", backbones.KINDS)
 def test_from_scratch_every_backbone_weight_on_the_path_learns(kind):
     """--train-backbone all (students with random weights): embeddings, norms and MLPs get gradients too; CLIP's
     position table, otherwise a cached constant, is then recomputed with its gradient."""
     torch.manual_seed(0)
-    s = model.build_student(kind, N, size="tiny", text=text.stand_in_embeddings(N, TINY.proj), train_backbone="all")
+    s = helpers.student(kind, N, size="tiny", text=text.stand_in_embeddings(N, TINY.proj), train_backbone="all")
     supervised_loss(s(torch.randn(2, 3, 64, 80)), torch.randint(0, N, (2, 64, 80))).backward()
-    first = model.blocks(s.backbone)[0]
+    first = backbones.blocks(s.backbone)[0]
     if kind == "clip":
         vm = s.backbone.vision_model
         params = [vm.embeddings.position_embedding.weight, vm.embeddings.patch_embedding.weight, vm.post_layernorm.weight]
@@ -519,12 +527,12 @@ def test_from_scratch_every_backbone_weight_on_the_path_learns(kind):
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("kind", model.KINDS)
+@pytest.mark.parametrize("kind", backbones.KINDS)
 def test_fp_logits_are_the_head_on_dropout2d_of_the_same_features(tiny, kind, monkeypatch):
     s, x = tiny[kind], torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.manual_seed(123)
-        clean, pert = s(x, fp=True)
+        clean, pert = s.forward_fp(x, 0)
         assert torch.allclose(clean, s(x), atol=1e-6)            # the clean half is the plain forward
         torch.manual_seed(123)                                     # E4: Dropout2d(0.5) on every map, same RNG draws
         feats = [F.dropout2d(f, 0.5, training=True) for f in s.features(x)]
@@ -532,30 +540,30 @@ def test_fp_logits_are_the_head_on_dropout2d_of_the_same_features(tiny, kind, mo
         assert torch.allclose(pert, ref, atol=1e-5)
         assert not torch.allclose(pert, clean, atol=1e-3)
         monkeypatch.setattr(F, "dropout2d", lambda f, *a, **k: f)  # without the dropout, FP == clean
-        clean, pert = s(x, fp=True)
+        clean, pert = s.forward_fp(x, 0)
         assert torch.allclose(pert, clean, atol=1e-6)
 
 
 def test_build_student_rejects_bad_arguments_listing_the_choices():
     with pytest.raises(ValueError, match="valid kinds: clip, dinov3"):
-        model.build_student("vit", N, size="tiny")
-    with pytest.raises(ValueError, match="guidance 'text' for a dinov3 student; valid: queries"):
-        model.build_student("dinov3", N, size="tiny", guidance="text")
+        helpers.student("vit", N, size="tiny")
+    dino = helpers.student("dinov3", N, size="tiny", guidance="text")    # the choice is the CLIP student's
+    assert dino.queries is not None and dino.text is None
     with pytest.raises(ValueError, match="valid: text, queries"):
-        model.build_student("clip", N, size="tiny", guidance="both")
+        helpers.student("clip", N, size="tiny", guidance="both")
     with pytest.raises(ValueError, match=r"needs its \(6, 128\) class embeddings, got \(5, 128\)"):
-        model.build_student("clip", N, size="tiny", text=torch.randn(5, 128))
+        helpers.student("clip", N, size="tiny", text=torch.randn(5, 128))
     with pytest.raises(ValueError, match="got None"):
-        model.build_student("clip", N, size="tiny")
+        helpers.student("clip", N, size="tiny")
     with pytest.raises(ValueError, match="valid sizes: base, tiny"):
-        model.build_student("dinov3", N, size="small")
+        helpers.student("dinov3", N, size="small")
 
 
-@pytest.mark.parametrize("kind", model.KINDS)
+@pytest.mark.parametrize("kind", backbones.KINDS)
 def test_grad_checkpoint_gives_the_same_gradients(kind):
     """--grad-checkpoint recomputes the blocks in backward: a memory option that must not change the maths."""
     torch.manual_seed(0)
-    s = model.build_student(kind, N, size="tiny", text=text.stand_in_embeddings(N, TINY.proj)).train()
+    s = helpers.student(kind, N, size="tiny", text=text.stand_in_embeddings(N, TINY.proj)).train()
     x = torch.randn(2, 3, 64, 64)
     grads = []
     for flag in (False, True):
@@ -578,14 +586,14 @@ def _grads(s, feats):
     return {n: p.grad.clone() for n, p in s.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kind", model.KINDS)
+@pytest.mark.parametrize("kind", backbones.KINDS)
 def test_fast_path_gives_the_plain_transformers_features_and_gradients(tiny, kind):
     """Plain path: the transformers model's own forward (hidden states), tapped as METHOD.md says."""
     s = copy.deepcopy(tiny[kind]).train()
     bb = s.backbone
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
-        for block in model.blocks(bb):
+        for block in backbones.blocks(bb):
             if kind == "dinov3":   # random init has layer scale 1e-5: make every block count
                 block.layer_scale1.lambda1.fill_(1.0)
                 block.layer_scale2.lambda1.fill_(1.0)
@@ -614,7 +622,7 @@ def test_fast_path_gives_the_plain_transformers_features_and_gradients(tiny, kin
 
 
 def test_position_tables_follow_the_input_size_and_the_weights():
-    s = model.build_student("clip", N, size="tiny", text=text.stand_in_embeddings(N, TINY.proj)).eval()
+    s = helpers.student("clip", N, size="tiny", text=text.stand_in_embeddings(N, TINY.proj)).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         a = s.features(x)

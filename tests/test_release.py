@@ -11,6 +11,7 @@ from PIL import Image
 import data
 import eval as ev
 import model
+import backbones
 import release
 import train
 from errors import UserError
@@ -37,7 +38,7 @@ def released(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["clip", "dinov3"])
 def test_from_release_gives_the_released_networks_logits(released, kind):
     folder, refs = released
-    s = model.from_release(str(folder / f"best_{kind}.pth"))
+    s = release.from_release(str(folder / f"best_{kind}.pth"))
     assert s.kind == kind and not s.training and s.numerics == "release"
     x = torch.randn(2, 3, CROP, CROP, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -49,7 +50,7 @@ def test_from_release_gives_the_released_networks_logits(released, kind):
 
 def test_release_numerics_are_what_the_file_says(released):
     folder, refs = released
-    clip, dino = (model.from_release(str(folder / f"best_{k}.pth")) for k in ("clip", "dinov3"))
+    clip, dino = (release.from_release(str(folder / f"best_{k}.pth")) for k in ("clip", "dinov3"))
     cfg = clip.backbone.config
     assert (cfg.hidden_act, cfg.layer_norm_eps, cfg.hidden_size, cfg.num_attention_heads, cfg.image_size) == ("gelu", 1e-6, 128, 2, CROP)
     assert dino.backbone.config.layer_norm_eps == 1e-6
@@ -62,7 +63,7 @@ def test_release_numerics_are_what_the_file_says(released):
 def test_hf_numerics_differ_from_the_release_at_this_precision(released):
     """The numerics choice is not cosmetic: the same weights under 'hf' numerics give other logits."""
     folder, refs = released
-    s = model.from_release(str(folder / "best_dinov3.pth"))
+    s = release.from_release(str(folder / "best_dinov3.pth"))
     hf = model.Student("dinov3", s.backbone, N, numerics="hf").eval()
     hf.load_state_dict({k: v for k, v in s.state_dict().items()})      # bf16 periods copied into fp32 ones
     x = torch.randn(1, 3, CROP, CROP)
@@ -75,23 +76,23 @@ def test_wrong_or_truncated_checkpoints_are_clear_errors(released, tmp_path):
     raw = (folder / "best_clip.pth").read_bytes()
     (tmp_path / "cut.pth").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(UserError, match="cannot read the released checkpoint.*cut.pth"):
-        model.from_release(str(tmp_path / "cut.pth"))
+        release.from_release(str(tmp_path / "cut.pth"))
     torch.save({"model": {"module.encoder.weight": torch.zeros(2)}}, tmp_path / "other.pth")
     with pytest.raises(UserError, match="not a released Co2S student.*encoder.weight"):
-        model.from_release(str(tmp_path / "other.pth"))
+        release.from_release(str(tmp_path / "other.pth"))
     sd = torch.load(folder / "best_dinov3.pth", weights_only=True)
     sd["model"]["module.decode_head.extra.weight"] = torch.zeros(1)
     del sd["model"]["module.backbone.norm.bias"]
     torch.save(sd, tmp_path / "edited.pth")
     with pytest.raises(UserError, match=r"not understood \['decode_head.extra.weight'\].*not filled \['backbone.norm.bias'\]"):
-        model.from_release(str(tmp_path / "edited.pth"))
+        release.from_release(str(tmp_path / "edited.pth"))
     sd = torch.load(folder / "best_clip.pth", weights_only=True)
     del sd["model"]["module._cached_text"]
     torch.save(sd, tmp_path / "no_text.pth")
     with pytest.raises(UserError, match="--text-embeddings"):
-        model.from_release(str(tmp_path / "no_text.pth"))
+        release.from_release(str(tmp_path / "no_text.pth"))
     text = torch.nn.functional.normalize(torch.randn(N, 64), dim=-1)
-    assert torch.equal(model.from_release(str(tmp_path / "no_text.pth"), text=text).text, text)
+    assert torch.equal(release.from_release(str(tmp_path / "no_text.pth"), text=text).text, text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,10 +164,10 @@ def test_base_release_keys_and_shapes_are_exactly_what_the_conversion_consumes(k
             sd[f"module.backbone.blocks.{i}.attn.qkv.bias_mask"] = torch.cat([torch.ones(768), torch.zeros(768), torch.ones(768)])
         sd["module.backbone.rope_embed.periods"] = (100 ** (torch.arange(16) / 16)).bfloat16()
     torch.save({"model": sd, "optimizer": {}, "epoch": 0}, tmp_path / f"best_{kind}.pth")
-    s = model.from_release(str(tmp_path / f"best_{kind}.pth"))                 # every key consumed, every tensor filled
+    s = release.from_release(str(tmp_path / f"best_{kind}.pth"))                 # every key consumed, every tensor filled
     assert release.kind_and_sizes("x", {k[7:]: v for k, v in sd.items()})[0] == kind
     assert sum(p.numel() for p in s.head.parameters()) == (2_217_185 if kind == "clip" else 2_249_953)
-    assert s.backbone.config.hidden_size == 768 and s.backbone.config.num_hidden_layers == 12 and s.taps == model.tapped_blocks(kind, 12)
+    assert s.backbone.config.hidden_size == 768 and s.backbone.config.num_hidden_layers == 12 and s.taps == backbones.tapped_blocks(kind, 12)
     if kind == "clip":
         assert s.backbone.config.image_size == 512 and s.backbone.config.num_attention_heads == 12
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 import catalog
 import model
+import helpers
 import text
 import train
 from demo import prepare_demo
@@ -117,7 +118,7 @@ def test_param_groups_and_poly_lr():
     assert (cfg["crop"], cfg["epochs"], cfg["batch"], cfg["tau"]) == (512, 80, 1, 0.95)
     assert cfg["recipe"].startswith("paper")                       # a pretrained student: the paper's recipe
     hyper = {k: cfg[k] for k in train.HYPER}
-    s = model.build_student("dinov3", 6, size="tiny")
+    s = helpers.student("dinov3", 6, size="tiny")
     groups = {g["name"]: g for g in train.param_groups(s, **hyper)}
     assert groups["dinov3.backbone"]["lr"] == pytest.approx(1e-6)
     assert groups["dinov3.head"]["lr"] == pytest.approx(1e-3)
@@ -135,7 +136,7 @@ def test_param_groups_and_poly_lr():
     paper = train.resolve(train.get_args(["--dataset", "potsdam"]))                    # base: pretrained by default
     assert paper["lr"] == 1e-4 and paper["train_backbone"] == "attention"
     assert train.resolve(train.get_args(["--train-backbone", "attention"]))["train_backbone"] == "attention"
-    s = model.build_student("dinov3", 6, size="tiny", train_backbone="all")
+    s = helpers.student("dinov3", 6, size="tiny", train_backbone="all")
     assert all(p.requires_grad for p in s.backbone.parameters())
 
 
