@@ -19,6 +19,7 @@ release.py; this file is the evaluation protocol and prediction.
 Deliberately left out: multi-scale and flip test-time augmentation (not in the paper).
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -188,7 +189,7 @@ def evaluate(model, loader, crop, stride=None, names=None, amp=None):
     model's device. amp: an autocast context (runs.autocast) or None; the window logits are averaged
     in fp32 anyway. Restores the model's train/eval mode. Only rank 0 of a DDP run shows progress."""
     names = check_names(model, names)
-    device = next(model.parameters()).device
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
     num_classes = len(model.students[0].class_embeddings())
     cms = {n: ConfusionMatrix(num_classes, device) for n in names}
     progress = int(os.environ.get("RANK", 0)) == 0

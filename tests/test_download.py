@@ -10,6 +10,7 @@ from PIL import Image
 
 import catalog
 import data
+import files
 import download
 import train
 from errors import UserError
@@ -39,16 +40,16 @@ def fake_repository(local_dir, folder, files, valid_images=False):
 
 
 def test_the_paper_splits_ship_with_the_code_and_are_the_default(tmp_path):
-    s = data.make_splits(POTSDAM, "1/16", str(tmp_path), check=False)   # no --splits
+    s = files.make_splits(POTSDAM, "1/16", str(tmp_path), check=False)   # no --splits
     assert (len(s.labeled), len(s.unlabeled), len(s.val)) == (307, 4617, 548)
     assert s.source == "the paper's lists (splits/potsdam/1_16)"
     for name, counts in {"loveda": {"1_40": (94, 3677)}, "whdld": {"1_24": (185, 4261)}, "gid": {"1_8": (342, 2394)},
                          "mer": {"1_8": (106, 745)}, "msl": {"1_4": (785, 2356)}}.items():
         for ratio, (n_l, n_u) in counts.items():
-            s = data.make_splits(catalog.DATASETS[name], ratio, str(tmp_path), check=False)
+            s = files.make_splits(catalog.DATASETS[name], ratio, str(tmp_path), check=False)
             assert (len(s.labeled), len(s.unlabeled)) == (n_l, n_u), name
     with pytest.raises(UserError, match="they have: 1/32, 1/24, 1/16, 1/8, 1/4"):
-        data.make_splits(POTSDAM, "1/2", str(tmp_path), check=False)
+        files.make_splits(POTSDAM, "1/2", str(tmp_path), check=False)
 
 
 def test_download_arranges_the_repository_folder_and_verifies_every_listed_file(tmp_path, monkeypatch, capsys):

@@ -14,7 +14,9 @@ from PIL import Image
 import catalog
 import data
 import eval as ev
-from model import Co2S, build_student
+from errors import cli
+from helpers import student as build_student
+from model import Co2S
 from text import stand_in_embeddings
 
 CLASSES = ["a", "b", "c", "d"]
@@ -28,6 +30,9 @@ class Local(nn.Module):
         super().__init__()
         self.name, self.n, self.calls = name, n, []
 
+    def class_embeddings(self):
+        return torch.zeros(self.n, 1)
+
     def forward(self, x):
         self.calls.append(tuple(x.shape[-2:]))
         return torch.stack([x[:, 0] * (k + 1) + x[:, 1].sin() * k - x[:, 2] for k in range(self.n)], 1)
@@ -39,6 +44,9 @@ class Fixed(nn.Module):
     def __init__(self, name, logits):
         super().__init__()
         self.name, self.logits = name, logits
+
+    def class_embeddings(self):
+        return torch.zeros(len(self.logits), 1)
 
     def forward(self, x):
         return self.logits[None].expand(len(x), -1, -1, -1)
@@ -132,7 +140,7 @@ def test_sliding_window_stride_and_last_window_flush():
     student = Local()
     ev.sliding_window(student, torch.randn(1, 3, 200, 64), crop=64, stride=60)
     # H: starts 0, 60, 120, 136 (the last flush with the border); W: one window
-    assert len(student.calls) == 4 and ev._window_starts(200, 64, 60) == [0, 60, 120, 136]
+    assert len(student.calls) == 4 and ev.window_starts(200, 64, 60) == [0, 60, 120, 136]
     with pytest.raises(ValueError, match="stride"):
         ev.sliding_window(student, torch.randn(1, 3, 200, 64), crop=64, stride=65)
 
@@ -169,7 +177,7 @@ def test_evaluate_accumulates_each_prediction_over_the_split():
     label = torch.zeros(1, 8, 8, dtype=torch.long)
     label[:, :2] = 255
     loader = [dict(img=torch.zeros(1, 3, 8, 8), label=label)] * 3
-    cms = ev.evaluate(model, loader, crop=8, num_classes=2, progress=False)
+    cms = ev.evaluate(model, loader, crop=8)
     assert set(cms) == {"s", "t", "fused"}
     assert cms["s"].mat.tolist() == [[3 * 24, 3 * 24], [0, 0]]   # 48 valid pixels per image, half right
     assert cms["s"].miou() == pytest.approx(0.25)   # class 0 IoU 1/2; class 1 predicted, never labelled: IoU 0
@@ -221,13 +229,14 @@ def test_predict_folder_writes_palette_masks_of_the_input_size(tmp_path):
 
 def _fake_run(monkeypatch, model, info, cfg):
     """eval.load_run stand-in, so the CLI is tested without a trained run."""
-    monkeypatch.setattr(ev, "load_run", lambda path, device="cpu", **kw: (model, info, cfg))
+    monkeypatch.setattr(ev.runs, "load_run", lambda path, *a, **kw: (model, info, cfg))
 
 
 def test_main_errors_name_the_bad_input(tmp_path, capsys, monkeypatch):
     def error(argv):
-        with pytest.raises(SystemExit):
-            ev.main(argv)
+        with pytest.raises(SystemExit) as e:
+            cli(lambda: ev.main(argv))
+        assert e.value.code == 2
         return capsys.readouterr().err
 
     missing = str(tmp_path / "nope")

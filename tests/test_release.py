@@ -186,14 +186,23 @@ def test_eval_release_end_to_end_then_eval_and_fine_tune_the_saved_run(released,
     assert "published 61.25 | ours: clip" in out and result["published"] == 61.25
     assert set(result["results"]) == {"clip", "dinov3", "fused"} and result["crop"] == CROP   # the release's crop
     # each student's mIoU is the reference network's, by hand: one 64 px window per val tile, argmax, the release's mIoU
+    # The two networks agree to 1.8e-5 in their logits (test above): a pixel whose top-2 margin is under
+    # twice that may take the other class in ours. k such pixels move at most k counts between cells of
+    # the confusion matrix, so each class's IoU moves by at most 2k / U_c (U_c its union): the bound.
     for kind, ref in refs.items():
-        cm = ev.ConfusionMatrix(N)
+        cm, ambiguous = ev.ConfusionMatrix(N), 0
         for i in (8, 9):
             img = data.normalize(Image.open(os.path.join(root, "images", f"{i:02d}.png")).convert("RGB"))[None]
             label = torch.from_numpy(np.array(Image.open(os.path.join(root, "labels", f"{i:02d}.png")))).long()
             with torch.no_grad():
-                cm.update(ref(img).argmax(1)[0], label)
-        assert result["results"][kind]["miou"] == pytest.approx(cm.miou(), abs=1e-9), kind
+                logits = ref(img)
+            top2 = logits.topk(2, dim=1).values
+            ambiguous += int((top2[:, 0] - top2[:, 1] < 4e-5).sum())
+            cm.update(logits.argmax(1)[0], label)
+        m = cm.mat.double()
+        union = m.sum(0) + m.sum(1) - m.diag()
+        bound = 2 * ambiguous / union[union > 0].min().item() if ambiguous else 0.0
+        assert abs(result["results"][kind]["miou"] - cm.miou()) <= bound, (kind, ambiguous)
     # the converted run: eval.py reads it like any run and gives the same numbers
     again = ev.main([str(run), "--workers", "0"])
     assert again["results"] == result["results"]
