@@ -115,7 +115,9 @@ def test_resume_matches_uninterrupted_run(micro_root, tmp_path):
 def test_param_groups_and_poly_lr():
     """The paper's groups (METHOD.md section 5): attention x0.01, head x10, queries x1 of lr 1e-4."""
     cfg = train.resolve(train.get_args(["--dataset", "potsdam", "--size", "tiny", "--dinov3-weights", "some/folder"]))
-    assert (cfg["crop"], cfg["epochs"], cfg["batch"], cfg["tau"]) == (512, 80, 1, 0.95)
+    assert (cfg["crop"], cfg["epochs"], cfg["batch"], cfg["tau"]) == (512, 80, 4, 0.95)   # global batch 4
+    whdld = train.resolve(train.get_args(["--dataset", "whdld"]))
+    assert (whdld["batch"], whdld["crop"]) == (8, 256)                # the release's 4 GPUs x 2
     assert cfg["recipe"].startswith("paper")                       # a pretrained student: the paper's recipe
     hyper = {k: cfg[k] for k in train.HYPER}
     s = helpers.student("dinov3", 6, size="tiny")
@@ -253,15 +255,21 @@ def test_torchrun_two_processes_gloo(micro_root, tmp_path):
 
 
 def test_accum_on_one_process_is_the_two_process_run(micro_root, tmp_path):
-    """--batch 1 --accum 2 on one process = 2 processes x batch 1 (gloo): same samples, same order, same
-    dropout draws, gradients averaged: the same weights after a few steps."""
+    """A global batch of 2 as --accum 2 on one process = 2 processes x 1 (gloo): same samples, same order,
+    same dropout draws, gradients averaged: the same weights after a few steps. Both sides run at one
+    thread, so that their reductions round alike."""
     ddp, accum = tmp_path / "ddp", tmp_path / "accum"
-    common = ["--iters", "3", "--batch", "1", "--eval-every", "100", "--students", "clip,dinov3"]
+    common = ["--iters", "3", "--batch", "2", "--eval-every", "100", "--students", "clip,dinov3"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
            os.path.join(ROOT, "train.py"), *micro_args(micro_root, ddp, *common)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    train.main(micro_args(micro_root, accum, *common, "--accum", "2"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main(micro_args(micro_root, accum, *common, "--accum", "2"))
+    finally:
+        torch.set_num_threads(threads)
     a, b = weights(ddp)["model"], weights(accum)["model"]
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=1e-4), k
