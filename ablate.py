@@ -1,17 +1,18 @@
 """ablate.py: the paper's ablation table on any dataset in one command.
 
     python ablate.py --dataset demo --ratio 1/16 --iters 480 --seeds 3
-    python ablate.py --dataset potsdam --ratio 1/16 --rows supervised,unimatch,co2s --seeds 1 --batch 4
+    python ablate.py --dataset potsdam --ratio 1/16 --rows supervised,unimatch,co2s --seeds 1
+    --batch 4
 
-Every row is a set of train.py flags (ROWS below, named like the paper's ablations); each row runs with
-every seed through train.py itself (in this process), into <out>/<row>/seed<k>. Then one markdown
-table: per row the mIoU of each student and of the fused prediction (E10) at the end of training, and
-the fused pseudo-labels' accuracy and coverage on the unlabelled images (against their never-used
-labels), as mean +- std over seeds. Written to <out>/table.md, <out>/results.json (every run's
-metrics and folder), <out>/chart.png (the table as bars) and <out>/curves.png (curves.py's overlay
-of the training curves of seed 0 of every row, a colour per row: one seed per row keeps the picture
-readable; the table holds the spread over seeds). Flags ablate.py does not know go to train.py for
-every row (e.g. --lr, --batch, --size); a row's own flags win.
+Every row is a set of train.py flags (ROWS below, named like the paper's ablations); each row runs
+with every seed through train.py itself (in this process), into <out>/<row>/seed<k>. Then one
+markdown table: per row the mIoU of each student and of the fused prediction (E10) at the end of
+training, and the fused pseudo-labels' accuracy and coverage on the unlabelled images (against their
+never-used labels), as mean +- std over seeds. Written to <out>/table.md, <out>/results.json (every
+run's metrics and folder), <out>/chart.png (the table as bars) and <out>/curves.png (curves.py's
+overlay of the training curves of seed 0 of every row, a colour per row: one seed per row keeps the
+picture readable; the table holds the spread over seeds). Flags ablate.py does not know go to
+train.py for every row (e.g. --lr, --batch, --size); a row's own flags win.
 
 A rerun reuses every finished run and resumes an interrupted one from its last.pt, so an interrupted
 table continues where it stopped.
@@ -34,11 +35,15 @@ from errors import cli
 ROWS = {
     "supervised": ["--method", "supervised"],               # E5 only: the labelled images alone
     "unimatch": ["--method", "unimatch"],                   # each student alone (E5-E7), no E8
-    "co2s": ["--method", "co2s"],                           # the paper: E8 with gradient into the student side
-    "co2s-released": ["--stability", "released"],           # the authors' code: E8 computed on detached logits
-    "no-fp": ["--no-fp"],                                   # without the feature-perturbation branch (E4)
+    # the paper: E8 with gradient into the student side
+    "co2s": ["--method", "co2s"],
+    # the authors' code: E8 computed on detached logits
+    "co2s-released": ["--stability", "released"],
+    # without the feature-perturbation branch (E4)
+    "no-fp": ["--no-fp"],
     "one-view": ["--strong-views", "1"],                    # one strong view instead of two
-    "clip-queries": ["--clip-guidance", "queries"],         # implicit guidance for the CLIP student too
+    # implicit guidance for the CLIP student too
+    "clip-queries": ["--clip-guidance", "queries"],
     "clip+clip": ["--students", "clip,clip"],               # two CLIP students
     "dinov3+dinov3": ["--students", "dinov3,dinov3"],       # two DINOv3 students
     "fusion-mean": ["--fusion", "mean"],                    # E10 as the mean of the two students
@@ -46,13 +51,16 @@ ROWS = {
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="other flags are passed to train.py")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                epilog="other flags are passed to train.py")
     p.add_argument("--dataset", default="demo")
     p.add_argument("--ratio", default="1/16")
-    p.add_argument("--iters", type=int, default=None, help="optimizer steps per run (default: train.py's epochs)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="optimizer steps per run (default: train.py's epochs)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per row")
     p.add_argument("--rows", default=",".join(ROWS), help="comma list of: " + ", ".join(ROWS))
-    p.add_argument("--out", default=None, help="table folder (default: runs/ablate-<dataset>-<ratio>)")
+    p.add_argument("--out", default=None,
+                   help="table folder (default: runs/ablate-<dataset>-<ratio>)")
     args, train_flags = p.parse_known_args(argv)
     args.rows = args.rows.split(",")
     bad = [r for r in args.rows if r not in ROWS]
@@ -60,18 +68,22 @@ def get_args(argv=None):
         p.error(f"--rows: unknown {', '.join(bad)}; valid: {', '.join(ROWS)}")
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
-    args.out = args.out or os.path.join("runs", f"ablate-{args.dataset}-{args.ratio.replace('/', '_')}")
+    args.out = args.out or os.path.join("runs",
+                                        f"ablate-{args.dataset}-{args.ratio.replace('/', '_')}")
     return args, train_flags
 
 
 def run_argv(args, train_flags, row, seed, out):
-    """The train.py command line of one run: the table's dataset and budget, the user's flags, the row's flags."""
-    argv = ["--dataset", args.dataset, "--ratio", args.ratio, "--seed", str(seed), "--out", out, *train_flags, *ROWS[row]]
+    """The train.py command line of one run: the table's dataset and budget, the user's flags,
+    the row's flags."""
+    argv = ["--dataset", args.dataset, "--ratio", args.ratio, "--seed", str(seed), "--out", out,
+            *train_flags, *ROWS[row]]
     return argv + (["--iters", str(args.iters)] if args.iters else [])
 
 
 def run_once(argv, out):
-    """One train.py run; a finished one (metrics.json says done) is reused, an interrupted one resumed."""
+    """One train.py run; a finished one (metrics.json says done) is reused, an interrupted one
+    resumed."""
     metrics = os.path.join(out, "metrics.json")
     if os.path.isfile(metrics):
         with open(metrics) as f:
@@ -85,7 +97,8 @@ def run_once(argv, out):
 
 
 def read_run(out):
-    """What the table needs from a finished run folder: final mIoU per prediction, last pseudo-label quality."""
+    """What the table needs from a finished run folder: final mIoU per prediction, last
+    pseudo-label quality."""
     with open(os.path.join(out, "metrics.json")) as f:
         results = json.load(f)["last"]["results"]
     with open(os.path.join(out, "log.jsonl")) as f:
@@ -121,16 +134,20 @@ def markdown(table, seeds):
              "|---|---|---|---|---|---|---|"]
     for row, t in table.items():
         lines.append(f"| {row} | {', '.join(t['students'])} | " +
-                     " | ".join(t[k][0] for k in ("student1", "student2", "fused", "pl_acc", "pl_cov")) + " |")
+                     " | ".join(t[k][0] for k in ("student1", "student2", "fused", "pl_acc",
+                                                  "pl_cov")) + " |")
     lines.append(f"\nmIoU (%) at the end of training, mean ± std over {seeds} seed(s); PL: the fused pseudo-labels "
                  f"(E10 of the weak predictions) at tau, against the unlabelled images' labels, at the last logged step.")
     return "\n".join(lines)
 
 
 def chart(table, path):
-    """Grouped bars (student 1, student 2, fused) per row, with a whisker of one std; Pillow only."""
-    cols = [("student1", curves.COLOURS[0]), ("student2", curves.COLOURS[1]), ("fused", curves.COLOURS[2])]
-    top = max([t[k][1] + t[k][2] for t in table.values() for k, _ in cols if t[k][1] is not None] + [1.0])
+    """Grouped bars (student 1, student 2, fused) per row, with a whisker of one std; Pillow
+    only."""
+    cols = [("student1", curves.COLOURS[0]), ("student2", curves.COLOURS[1]),
+            ("fused", curves.COLOURS[2])]
+    top = max([t[k][1] + t[k][2] for t in table.values() for k,
+               _ in cols if t[k][1] is not None] + [1.0])
     W, H, left, bottom, pad = 120 + 110 * len(table), 420, 60, 110, 20
     img = Image.new("RGB", (W, H), "white")
     d, font = ImageDraw.Draw(img), curves.font()
@@ -169,7 +186,9 @@ def main(argv=None):
             out = os.path.join(args.out, row, f"seed{seed}")
             t = time.time()
             how = run_once(run_argv(args, train_flags, row, seed, out), out)
-            runs.setdefault(row, []).append(dict(read_run(out), seed=seed, how=how, wall_s=round(time.time() - t, 1)))
+            runs.setdefault(row,
+                            []).append(dict(read_run(out), seed=seed, how=how,
+                                            wall_s=round(time.time() - t, 1)))
             print(f"[ablate] {row} seed {seed}: {how} ({runs[row][-1]['wall_s']} s) -> {out}")
     table = summarise(runs)
     command = "python ablate.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -178,8 +197,10 @@ def main(argv=None):
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(dict(command=command, train_flags=train_flags, rows={r: ROWS[r] for r in args.rows}, runs=runs,
-                       table={r: {k: v for k, v in t.items()} for r, t in table.items()}), f, indent=2)
+        json.dump(dict(command=command, train_flags=train_flags,
+                       rows={r: ROWS[r] for r in args.rows}, runs=runs,
+                       table={r: {k: v for k, v in t.items()} for r,
+                              t in table.items()}), f, indent=2)
     chart(table, os.path.join(args.out, "chart.png"))
     overlay(runs, os.path.join(args.out, "curves.png"))
     print(text)

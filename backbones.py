@@ -1,13 +1,14 @@
-"""backbones.py: the two ViT-B/16 backbones as transformers modules: sizes, configs, loading, numerics.
+"""backbones.py: the two ViT-B/16 backbones as transformers modules: sizes, configs, loading,
+numerics.
 
 What a student's backbone is before model.py taps it: the transformers config of each kind (or a
-pretrained checkpoint loaded with `from_pretrained`, from the hub or a local folder, with errors that
-say how to fix a failed load), which weights train (the paper: only the attention projections), and
-the numerics the authors ran them with. 'hf' runs the transformers checkpoints as they are (CLIP:
-QuickGELU, LayerNorm eps 1e-5; DINOv3: fp32 RoPE); 'release' runs them as the authors' code did
-(CLIP inside an mmseg ViT: exact GELU, eps 1e-6; DINOv3: eps 1e-6, RoPE from bf16 periods with q and
-k rotated in bf16). Also here the position tables at the crop size (CLIP's resized grid, DINOv3's
-RoPE) and DINOv3's block written out, since transformers has no bf16 rotation.
+pretrained checkpoint loaded with `from_pretrained`, from the hub or a local folder, with errors
+that say how to fix a failed load), which weights train (the paper: only the attention projections),
+and the numerics the authors ran them with. 'hf' runs the transformers checkpoints as they are
+(CLIP: QuickGELU, LayerNorm eps 1e-5; DINOv3: fp32 RoPE); 'release' runs them as the authors' code
+did (CLIP inside an mmseg ViT: exact GELU, eps 1e-6; DINOv3: eps 1e-6, RoPE from bf16 periods with q
+and k rotated in bf16). Also here the position tables at the crop size (CLIP's resized grid,
+DINOv3's RoPE) and DINOv3's block written out, since transformers has no bf16 rotation.
 
 Deliberately left out: weight re-initialisation after loading (the released code wiped the DINOv3
 weights that way; METHOD.md section 7.3), dropout and drop-path (off in the paper's recipe).
@@ -38,7 +39,8 @@ class ViTSize:
     mlp: int = 3072
     proj: int = 512         # CLIP joint image-text space (the dense embedding and text embeddings)
     registers: int = 4      # DINOv3 register tokens
-    image_size: int = 224   # CLIP: position grid image_size / 16 a side (a release stores it at the crop)
+    # CLIP: position grid image_size / 16 a side (a release stores it at the crop)
+    image_size: int = 224
 
 
 # "tiny" is the same code with smaller numbers: a CPU preset for tests and the demo.
@@ -64,7 +66,8 @@ def vit_preset(size):
 
 
 def vit_size(backbones):
-    """The ViTSize fields that rebuild these backbones (kind, backbone pairs; a converted release)."""
+    """The ViTSize fields that rebuild these backbones (kind, backbone pairs; a converted
+    release)."""
     size = {}
     for kind, bb in backbones:
         c = bb.config
@@ -80,16 +83,19 @@ def vit_size(backbones):
 
 
 def numerics_config(kind, numerics):
-    """Config overrides of a numerics choice (see the module docstring); 'hf' keeps the checkpoint's own."""
+    """Config overrides of a numerics choice (see the module docstring); 'hf' keeps the
+    checkpoint's own."""
     if numerics not in NUMERICS:
         raise UserError(f"unknown numerics {numerics!r}; valid: {', '.join(NUMERICS)}")
     if numerics == "hf":
         return {}
-    return dict(hidden_act="gelu", layer_norm_eps=1e-6) if kind == "clip" else dict(layer_norm_eps=1e-6)
+    return dict(hidden_act="gelu",
+                layer_norm_eps=1e-6) if kind == "clip" else dict(layer_norm_eps=1e-6)
 
 
 def backbone_config(kind, s, numerics="hf"):
-    """The transformers config of a random-init backbone of ViTSize s (dropout and drop-path off)."""
+    """The transformers config of a random-init backbone of ViTSize s (dropout and drop-path
+    off)."""
     from transformers import CLIPVisionConfig, DINOv3ViTConfig
     common = dict(hidden_size=s.width, num_hidden_layers=s.depth, num_attention_heads=s.heads,
                   intermediate_size=s.mlp, patch_size=16, attention_dropout=0.0)
@@ -97,7 +103,8 @@ def backbone_config(kind, s, numerics="hf"):
         cfg = dict(common, projection_dim=s.proj, image_size=s.image_size, hidden_act="quick_gelu")
         return CLIPVisionConfig(**{**cfg, **numerics_config(kind, numerics)})
     # RoPE coordinate augmentation off so train mode is deterministic.
-    return DINOv3ViTConfig(**common, num_register_tokens=s.registers, layerscale_value=1.0, drop_path_rate=0.0,
+    return DINOv3ViTConfig(**common, num_register_tokens=s.registers, layerscale_value=1.0,
+                           drop_path_rate=0.0,
                            pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None,
                            **numerics_config(kind, numerics))
 
@@ -153,7 +160,8 @@ def build_backbone(kind, size="base", weights=None, numerics="hf"):
         return cls(backbone_config(kind, vit_preset(size), numerics))
     overrides = dict(attention_dropout=0.0, **numerics_config(kind, numerics))
     if kind == "dinov3":
-        overrides.update(drop_path_rate=0.0, pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None)
+        overrides.update(drop_path_rate=0.0, pos_embed_shift=None, pos_embed_jitter=None,
+                         pos_embed_rescale=None)
     model = load_pretrained(cls, kind, weights, **overrides)
     if model.config.hidden_size != vit_preset(size).width:
         raise UserError(f"{weights!r} has width {model.config.hidden_size}, but --size {size} expects "
@@ -162,14 +170,16 @@ def build_backbone(kind, size="base", weights=None, numerics="hf"):
 
 
 def blocks(backbone):
-    """The list of transformer blocks (CLIP: encoder.layers; DINOv3: model.layer, or layer before transformers 5.2)."""
+    """The list of transformer blocks (CLIP: encoder.layers; DINOv3: model.layer, or layer before
+    transformers 5.2)."""
     if hasattr(backbone, "vision_model"):
         return backbone.vision_model.encoder.layers
     return backbone.model.layer if hasattr(backbone, "model") else backbone.layer
 
 
 def attention_projections(block):
-    """q, k, v, out projections of one block: the only backbone parameters that train (the paper's recipe)."""
+    """q, k, v, out projections of one block: the only backbone parameters that train (the
+    paper's recipe)."""
     attn = block.self_attn if hasattr(block, "self_attn") else block.attention
     out = attn.out_proj if hasattr(attn, "out_proj") else attn.o_proj
     return [attn.q_proj, attn.k_proj, attn.v_proj, out]
@@ -177,9 +187,10 @@ def attention_projections(block):
 
 
 def set_trainable(backbone, train_backbone="attention"):
-    """'attention': only the attention projections train, all else stays frozen (the paper; pretrained weights).
-    'all': every backbone weight trains (students from scratch: frozen RANDOM patch embeddings and MLPs
-    leave a tiny student unable to fit even 6 labelled tiles of real imagery)."""
+    """'attention': only the attention projections train, all else stays frozen (the paper;
+    pretrained weights). 'all': every backbone weight trains (students from scratch: frozen RANDOM
+    patch embeddings and MLPs leave a tiny student unable to fit even 6 labelled tiles of real
+    imagery)."""
     if train_backbone not in TRAIN_BACKBONE:
         raise UserError(f"unknown train_backbone {train_backbone!r}; valid: {', '.join(TRAIN_BACKBONE)}")
     backbone.requires_grad_(train_backbone == "all")
@@ -190,37 +201,42 @@ def set_trainable(backbone, train_backbone="attention"):
 
 
 def resize_positions(table, h, w):
-    """CLIP's (1 + g*g, C) position table for an h x w patch grid: the CLS entry, then the g x g grid resized
-    bicubically (align_corners False, as transformers and the release do). The same table every forward."""
+    """CLIP's (1 + g*g, C) position table for an h x w patch grid: the CLS entry, then the g x g
+    grid resized bicubically (align_corners False, as transformers and the release do). The same
+    table every forward."""
     g = math.isqrt(table.shape[0] - 1)
     if (h, w) == (g, g):
         return table
     grid = table[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(table.dtype)
+    grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic",
+                         align_corners=False).to(table.dtype)
     return torch.cat([table[:1], grid.permute(0, 2, 3, 1).reshape(h * w, -1)])
 
 
 def rope_periods(config, numerics):
-    """DINOv3 RoPE periods base^(2j / (head_dim / 2)), j < head_dim / 4: fp32 ('hf'), or bf16 as the release
-    computes and stores them ('release'; the whole rotation then runs in bf16)."""
+    """DINOv3 RoPE periods base^(2j / (head_dim / 2)), j < head_dim / 4: fp32 ('hf'), or bf16 as the
+    release computes and stores them ('release'; the whole rotation then runs in bf16)."""
     n = config.hidden_size // config.num_attention_heads // 4
     dtype = torch.bfloat16 if numerics == "release" else torch.float32
     return config.rope_theta ** (2 * torch.arange(n, dtype=dtype) / (2 * n))
 
 
 def rope_tables(periods, h, w):
-    """cos, sin (h*w, head_dim) of an h x w patch grid, in the dtype of `periods` (each step rounded to it,
-    as the release computes them): patch centres in [-1, 1] per axis, angles 2 pi coord / period, [y | x] x 2."""
+    """cos, sin (h*w, head_dim) of an h x w patch grid, in the dtype of `periods` (each step rounded
+    to it, as the release computes them): patch centres in [-1, 1] per axis, angles 2 pi coord /
+    period, [y | x] x 2."""
     ys = torch.arange(0.5, h, dtype=periods.dtype, device=periods.device) / h
     xs = torch.arange(0.5, w, dtype=periods.dtype, device=periods.device) / w
-    coords = 2.0 * torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).flatten(0, 1) - 1.0   # (hw, 2): y, x
-    angles = (2 * math.pi * coords[:, :, None] / periods[None, None, :]).flatten(1, 2).tile(2)  # (hw, head_dim)
+    # (hw, 2): y, x
+    coords = 2.0 * torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).flatten(0, 1) - 1.0
+    # (hw, head_dim)
+    angles = (2 * math.pi * coords[:, :, None] / periods[None, None, :]).flatten(1, 2).tile(2)
     return torch.cos(angles), torch.sin(angles)
 
 
 def rotate(x, cos, sin):
-    """RoPE on the patch tokens (the last len(cos) of x (B, heads, T, d)), computed in the dtype of cos:
-    x is cast to it whole (prefix tokens too, as the release does) and cast back afterwards."""
+    """RoPE on the patch tokens (the last len(cos) of x (B, heads, T, d)), computed in the dtype of
+    cos: x is cast to it whole (prefix tokens too, as the release does) and cast back afterwards."""
     dtype, n = x.dtype, cos.shape[0]
     x = x.to(cos.dtype)
     patches = x[..., -n:, :]
@@ -230,13 +246,16 @@ def rotate(x, cos, sin):
 
 
 def dinov3_block(block, h, cos, sin):
-    """One DINOv3 block with the weights of the transformers module `block`: pre-norm attention with RoPE on
-    the patch tokens and layer scale, then pre-norm MLP and layer scale. Written out rather than calling
-    block.forward because the release rotates q and k in bf16, which transformers does not."""
+    """One DINOv3 block with the weights of the transformers module `block`: pre-norm attention with
+    RoPE on the patch tokens and layer scale, then pre-norm MLP and layer scale. Written out rather
+    than calling block.forward because the release rotates q and k in bf16, which transformers does
+    not."""
     attn, (b, t, c) = block.attention, h.shape
     x = block.norm1(h)
-    q, k, v = (p(x).view(b, t, attn.num_heads, -1).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-    x = F.scaled_dot_product_attention(rotate(q, cos, sin), rotate(k, cos, sin), v)      # (B, heads, T, d)
+    q, k, v = (p(x).view(b, t, attn.num_heads, -1).transpose(1, 2) for p in (attn.q_proj,
+                                                                             attn.k_proj, attn.v_proj))
+    # (B, heads, T, d)
+    x = F.scaled_dot_product_attention(rotate(q, cos, sin), rotate(k, cos, sin), v)
     h = h + block.layer_scale1(attn.o_proj(x.transpose(1, 2).reshape(b, t, c)))
     return h + block.layer_scale2(block.mlp(block.norm2(h)))
 

@@ -1,6 +1,7 @@
 """bench.py: how fast is one Co2S step, how much arithmetic is it, and where does the time go?
 
-    python bench.py --size tiny --crop 128 --batch 2 --train-backbone all   # CPU, the demo's setting
+    python bench.py --size tiny --crop 128 --batch 2 --train-backbone all   # CPU, the demo's
+    setting
     python bench.py --size base --crop 256 --batch 1              # CPU, paper students
     python bench.py --size base --crop 512 --batch 4 --device cuda --amp bf16 [--profile]
 
@@ -42,12 +43,14 @@ from train import PAPER_RECIPE, param_groups
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--size", default="tiny", choices=["tiny", "base"])
 p.add_argument("--crop", type=int, default=128)
-p.add_argument("--batch", type=int, default=4, help="labelled images per step (the same again unlabelled)")
+p.add_argument("--batch", type=int, default=4,
+               help="labelled images per step (the same again unlabelled)")
 p.add_argument("--classes", type=int, default=6)
 p.add_argument("--students", default="clip,dinov3")
 p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
-p.add_argument("--mix-source", default="partner", choices=["partner", "rolled"], help="'same' costs what 'partner' does")
+p.add_argument("--mix-source", default="partner", choices=["partner", "rolled"],
+               help="'same' costs what 'partner' does")
 p.add_argument("--grad-checkpoint", action="store_true")
 p.add_argument("--train-backbone", default="attention", choices=TRAIN_BACKBONE,
                help="the paper's trainable set, or all of it (train.py's default for random students)")
@@ -71,7 +74,8 @@ with warnings.catch_warnings():
     model = build_model(spec, text=text).to(device).train()
 students = list(model.students)
 hyper = {k: PAPER_RECIPE[k] for k in ("lr", "backbone_lr_mult", "head_lr_mult")}
-optimizers = [torch.optim.AdamW(param_groups(s, weight_decay=0.01, **hyper), fused=device.type == "cuda")
+optimizers = [torch.optim.AdamW(param_groups(s, weight_decay=0.01, **hyper),
+                                fused=device.type == "cuda")
               for s in students]
 amp = autocast(device, args.amp)
 scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, args.amp) == torch.float16)
@@ -82,12 +86,15 @@ B, C = args.batch, args.crop
 def unlabelled():
     box = torch.zeros(B, C, C, dtype=torch.bool, device=device)
     box[:, C // 4: C // 2, C // 4: 3 * C // 4] = True
-    return dict(img_w=torch.randn(B, 3, C, C, device=device), img_s1=torch.randn(B, 3, C, C, device=device),
-                img_s2=torch.randn(B, 3, C, C, device=device), ignore=torch.zeros(B, C, C, dtype=torch.bool, device=device),
+    return dict(img_w=torch.randn(B, 3, C, C, device=device),
+                img_s1=torch.randn(B, 3, C, C, device=device),
+                img_s2=torch.randn(B, 3, C, C, device=device), ignore=torch.zeros(B, C, C,
+                                                                                  dtype=torch.bool, device=device),
                 box1=box, box2=box.flip(-1), label=torch.randint(0, N, (B, C, C), device=device))
 
 
-batch_l = dict(img=torch.randn(B, 3, C, C, device=device), label=torch.randint(0, N, (B, C, C), device=device))
+batch_l = dict(img=torch.randn(B, 3, C, C, device=device),
+               label=torch.randint(0, N, (B, C, C), device=device))
 batch_u, batch_mix = unlabelled(), unlabelled() if args.mix_source == "partner" else None
 
 
@@ -108,7 +115,8 @@ def timed(fn, n):
 
 
 def step():
-    """train.py's optimizer step. tau 0: every pseudo-label and stability mask is full, the worst case."""
+    """train.py's optimizer step. tau 0: every pseudo-label and stability mask is full, the worst
+    case."""
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     with amp:
@@ -121,10 +129,12 @@ def step():
 
 
 def floor():
-    """The backbone work a step cannot avoid (features() = the backbone alone, blocks up to the last tap)."""
+    """The backbone work a step cannot avoid (features() = the backbone alone, blocks up to the
+    last tap)."""
     for s in students:
         with amp:
-            for x in (torch.cat([batch_l["img"], batch_u["img_w"]]), torch.cat([batch_u["img_s1"], batch_u["img_s2"]])):
+            for x in (torch.cat([batch_l["img"], batch_u["img_w"]]),
+                      torch.cat([batch_u["img_s1"], batch_u["img_s2"]])):
                 sum(f.float().mean() for f in s.features(x)).backward()
             if batch_mix is not None:
                 with torch.no_grad():
@@ -143,11 +153,16 @@ counter = FlopCounterMode(display=False)
 with counter:
     step()
 tflop = counter.get_total_flops() / 1e12
-res = dict(size=args.size, crop=C, batch=f"{B}+{B}", device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-           amp=str(amp_dtype(device, args.amp) or "fp32").replace("torch.", ""), mix_source=args.mix_source,
+res = dict(size=args.size, crop=C, batch=f"{B}+{B}",
+           device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+           amp=str(amp_dtype(device, args.amp) or "fp32").replace("torch.",
+                                                                  ""), mix_source=args.mix_source,
            grad_checkpoint=args.grad_checkpoint, train_backbone=args.train_backbone, threads=torch.get_num_threads(),
-           torch=torch.__version__, step_s=round(step_s, 4), img_per_s=round(2 * B / step_s, 2), tflop=round(tflop, 3),
-           tflop_s=round(tflop / step_s, 2), floor_s=round(floor_s, 4), ratio=round(step_s / floor_s, 3))
+           torch=torch.__version__, step_s=round(step_s, 4), img_per_s=round(2 * B / step_s,
+                                                                             2), tflop=round(tflop,
+                                                                                             3),
+           tflop_s=round(tflop / step_s, 2), floor_s=round(floor_s,
+                                                           4), ratio=round(step_s / floor_s, 3))
 if args.eval:
     model.eval()
     imgs = torch.randn(1, 3, C, C, device=device)

@@ -1,12 +1,12 @@
 """co2s.py: one Co2S training iteration (METHOD.md section 4), for a list of students.
 
-Reads top to bottom like the paper: partner pseudo-labels -> CutMix -> joint [labelled; weak] forward
-with FP -> [strong1; strong2] forward -> pseudo-labels -> E5-E7 per student -> E8 between students,
-weighted by the E9 ramp. Every student goes through the SAME lines (a loop), so a change to the
-method is made in one place. It returns each student's loss; the backward pass and the optimizer
-steps (METHOD.md section 4, step 8: each student its own AdamW) are train.py's, as in nanoGPT.
-What is logged about a step (the terms, the confident share, the pseudo-labels' quality against the
-never-trained-on labels) is computed afterwards, in one place: `diagnostics`.
+Reads top to bottom like the paper: partner pseudo-labels -> CutMix -> joint [labelled; weak]
+forward with FP -> [strong1; strong2] forward -> pseudo-labels -> E5-E7 per student -> E8 between
+students, weighted by the E9 ramp. Every student goes through the SAME lines (a loop), so a change
+to the method is made in one place. It returns each student's loss; the backward pass and the
+optimizer steps (METHOD.md section 4, step 8: each student its own AdamW) are train.py's, as in
+nanoGPT. What is logged about a step (the terms, the confident share, the pseudo-labels' quality
+against the never-trained-on labels) is computed afterwards, in one place: `diagnostics`.
 
 The method's switches are one small frozen dataclass, `Method` (paper defaults; train.py exposes
 each as a flag). Left out on purpose: backward, optimizers, mixed precision and DDP (train.py), the
@@ -28,8 +28,8 @@ class Method:
     """method: 'co2s' (E5-E8) | 'unimatch' (each student alone, E5-E7) | 'supervised' (E5 only).
     stability: 'grad' (paper: gradient into the student side) | 'released' (the authors' code: E8 on
     detached logits, so it is logged but trains nothing) | 'off'. tau: confidence threshold of the
-    pseudo-labels (E6) and the stability masks (E8). fp: the feature-perturbation branch (E4) and its
-    loss. strong_views: 2 (paper) or 1."""
+    pseudo-labels (E6) and the stability masks (E8). fp: the feature-perturbation branch (E4) and
+    its loss. strong_views: 2 (paper) or 1."""
     method: str = "co2s"
     stability: str = "grad"
     tau: float = 0.95
@@ -48,7 +48,8 @@ class Method:
 @dataclass
 class Outcome:
     """What one iteration computed, per student: its loss L_k (with its graph), its terms (E5, E6 on
-    each strong view and FP, E8), its clean weak logits and their pseudo-labels (confidence, label)."""
+    each strong view and FP, E8), its clean weak logits and their pseudo-labels (confidence,
+    label)."""
     names: list
     losses: list
     terms: list
@@ -101,7 +102,7 @@ def iteration(students, batch_l, batch_u=None, batch_mix=None, *, stability_weig
 
     weak, pseudo, terms = [], [], []
     for s, partner in zip(students, partners):
-        # 3. Joint forward [x_l; x_w] (FP on the weak part only, one backbone pass), then the strong views.
+        # 3. Joint forward [x_l; x_w] (FP on the weak part only: one backbone pass), strong views.
         n_l = len(x_l)
         if method.fp:
             z, z_fp = s.forward_fp(torch.cat([x_l, x_w]), fp_from=n_l)
@@ -111,36 +112,38 @@ def iteration(students, batch_l, batch_u=None, batch_mix=None, *, stability_weig
         z_strong = s(x_s).chunk(method.strong_views)
         # 4. Pseudo-labels from the student's own detached weak logits; inside box j, the partner's.
         conf_w, label_w = confidence(z_w)
-        conf_p, label_p = partner if partner is not None else (conf_w.roll(1, 0), label_w.roll(1, 0))
+        conf_p, label_p = partner or (conf_w.roll(1, 0), label_w.roll(1, 0))
         # 5. E5, and E6 on each mixed strong view and on the FP branch.
         t = {"sup": supervised_loss(z_l, y_l)}
         for j, (z_sj, (_, box, _)) in enumerate(zip(z_strong, views), 1):
             t[f"s{j}"] = pseudo_label_loss(z_sj, cutmix(label_w, label_p, box), cutmix(conf_w, conf_p, box),
                                            cutmix(valid, ~mix["ignore"], box), method.tau)
-        t["fp"] = (pseudo_label_loss(z_fp, label_w, conf_w, valid, method.tau) if method.fp
-                   else z_w.new_zeros(()))
+        t["fp"] = pseudo_label_loss(z_fp, label_w, conf_w, valid, method.tau) if method.fp else 0 * t["sup"]
         weak.append(z_w)
         pseudo.append((conf_w, label_w))
         terms.append(t)
-
-    losses = []
-    for k, t in enumerate(terms):
-        # E7: (L_sup + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2; without FP the strong views take its half.
-        strong_weight = (0.5 if method.fp else 1.0) / method.strong_views
-        loss_unimatch = (t["sup"] + strong_weight * sum(t[f"s{j}"] for j in range(1, len(views) + 1))
-                         + 0.5 * t["fp"]) / 2
-        # 6-7. E8 between the two students on their clean weak predictions, weighted by E9's lambda(t).
-        loss = loss_unimatch
-        if method.method == "co2s" and method.stability != "off" and len(students) == 2:
-            z_self = weak[k] if method.stability == "grad" else weak[k].detach()
-            t["sta"] = stability_loss(z_self, weak[1 - k], method.tau)
-            loss = loss_unimatch + stability_weight * t["sta"]
-        losses.append(loss)
+    losses = [student_loss(k, terms, weak, stability_weight, method) for k in range(len(students))]
     return Outcome(names, losses, terms, weak, pseudo, stability_weight)
 
 
+def student_loss(k, terms, weak, stability_weight, method):
+    """L_k of student k: E7 on its terms, plus (co2s, two students) lambda(t) E8 towards the other."""
+    t = terms[k]
+    # E7: (L_sup + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2; without FP the strong views take its half.
+    strong_weight = (0.5 if method.fp else 1.0) / method.strong_views
+    strong = sum(t[f"s{j}"] for j in range(1, method.strong_views + 1))
+    loss_unimatch = (t["sup"] + strong_weight * strong + 0.5 * t["fp"]) / 2
+    if method.method != "co2s" or method.stability == "off" or len(weak) != 2:
+        return loss_unimatch
+    # 6-7. E8 between the two students on their clean weak predictions, weighted by E9's lambda(t).
+    z_self = weak[k] if method.stability == "grad" else weak[k].detach()
+    t["sta"] = stability_loss(z_self, weak[1 - k], method.tau)
+    return loss_unimatch + stability_weight * t["sta"]
+
+
 def pseudo_label_quality(conf, label, gt, valid, tau):
-    """Accuracy of confident pseudo-labels against the (never trained on) ground truth, and coverage."""
+    """Accuracy of confident pseudo-labels against the (never trained on) ground truth, and
+    coverage."""
     known = valid & (gt != IGNORE)
     confident = known & (conf >= tau)
     acc = ((label == gt) & confident).sum() / confident.sum().clamp(min=1)
@@ -165,8 +168,10 @@ def diagnostics(out, batch_u, method, fusion="confidence", quality=False):
     for name, (conf, label) in zip(out.names, out.pseudo):
         logs[f"{name}/conf_ratio"] = ((conf >= tau) & valid).sum() / valid.sum().clamp(min=1)
         if quality:
-            logs[f"{name}/pl_acc"], logs[f"{name}/pl_cov"] = pseudo_label_quality(conf, label, gt, valid, tau)
+            logs[f"{name}/pl_acc"], logs[f"{name}/pl_cov"] = pseudo_label_quality(conf, label, gt,
+                                                                                  valid, tau)
     if quality and len(out.weak) == 2:  # the map the fusion head would give
         conf_f, label_f = fuse([z.detach().float().softmax(1) for z in out.weak], fusion).max(1)
-        logs["fused/pl_acc"], logs["fused/pl_cov"] = pseudo_label_quality(conf_f, label_f, gt, valid, tau)
+        logs["fused/pl_acc"], logs["fused/pl_cov"] = pseudo_label_quality(conf_f, label_f, gt,
+                                                                          valid, tau)
     return logs

@@ -4,9 +4,9 @@ The weak and strong augmentations with the CutMix boxes, the datasets and the lo
 lists, the file scan and the reading of images and labels are files.py's; what each dataset is
 (classes, palettes, recipe) is catalog.py's.
 
-No equation is computed here; an unlabelled sample carries what the step needs for them: the weak view
-(pseudo-labels, E6), two strong views with their CutMix boxes (METHOD.md section 4, step 2) and the
-padding mask (the valid pixels V of E6). The label of an unlabelled image is for logging only.
+No equation is computed here; an unlabelled sample carries what the step needs for them: the weak
+view (pseudo-labels, E6), two strong views with their CutMix boxes (METHOD.md section 4, step 2) and
+the padding mask (the valid pixels V of E6). The label of an unlabelled image is for logging only.
 
 Batches are counted in global terms, as the release counts them (its 4 processes x per-GPU batch):
 `BatchLayout` splits a global batch over processes and accumulation steps, and an epoch has as many
@@ -47,10 +47,11 @@ def _sample_seed(seed, epoch, index):  # augmentations are a pure function of (s
     return int.from_bytes(hashlib.sha256(f'{seed}/{epoch}/{index}'.encode()).digest()[:8], 'little')
 
 def weak_augment(img, label, rng, base_size, crop):
-    """Rescale (short side base_size x U(0.5, 2.0), long side capped at 4x base, as mmseg's img_scale
-    (2048, 512) in the released configs; base_size None: the image's own size x U(0.5, 2.0), for custom data
-    evaluated as stored; image bilinear, label nearest), pad right/bottom to the crop (image 0,
-    label 255), random crop, horizontal flip p 0.5. Returns PIL image, (c, c) long label, (c, c) bool padding."""
+    """Rescale (short side base_size x U(0.5, 2.0), long side capped at 4x base, as mmseg's
+    img_scale (2048, 512) in the released configs; base_size None: the image's own size x U(0.5,
+    2.0), for custom data evaluated as stored; image bilinear, label nearest), pad right/bottom to
+    the crop (image 0, label 255), random crop, horizontal flip p 0.5. Returns PIL image, (c, c)
+    long label, (c, c) bool padding."""
     w, h = img.size
     base_size = base_size or min(w, h)
     scale = rng.uniform(0.5, 2.0) * min(base_size / min(w, h), 4 * base_size / max(w, h))
@@ -65,7 +66,8 @@ def weak_augment(img, label, rng, base_size, crop):
     out_im[:ph, :pw], out_lab[:ph, :pw], pad[:ph, :pw] = patch, lab[y:y + crop, x:x + crop], False
     if rng.random() < 0.5:
         out_im, out_lab, pad = out_im[:, ::-1], out_lab[:, ::-1], pad[:, ::-1]
-    return (Image.fromarray(np.ascontiguousarray(out_im)), torch.from_numpy(out_lab.astype(np.int64)),
+    return (Image.fromarray(np.ascontiguousarray(out_im)),
+            torch.from_numpy(out_lab.astype(np.int64)),
             torch.from_numpy(pad.copy()))
 
 def strong_augment(img, rng):
@@ -73,7 +75,8 @@ def strong_augment(img, rng):
     ColorJitter(0.5, 0.5, 0.5, 0.25) p 0.8 (factors and random order drawn like torchvision's),
     grayscale p 0.2, Gaussian blur sigma U(0.1, 2) p 0.5 (PIL's blur, as UniMatch/Co2S)."""
     if rng.random() < 0.8:
-        b, c, s, h = rng.uniform(0.5, 1.5), rng.uniform(0.5, 1.5), rng.uniform(0.5, 1.5), rng.uniform(-0.25, 0.25)
+        b, c, s, h = rng.uniform(0.5, 1.5), rng.uniform(0.5, 1.5), rng.uniform(0.5,
+                                                                               1.5), rng.uniform(-0.25, 0.25)
         ops = [lambda x: TF.adjust_brightness(x, b), lambda x: TF.adjust_contrast(x, c),
                lambda x: TF.adjust_saturation(x, s), lambda x: TF.adjust_hue(x, h)]
         for k in rng.sample(range(4), 4):
@@ -85,9 +88,10 @@ def strong_augment(img, rng):
     return img
 
 def cutmix_box(size, rng, p=0.5, area=(0.02, 0.4), aspect=(0.3, 1 / 0.3)):
-    """(size, size) bool CutMix box, drawn as the release does: with probability p, an area U(0.02, 0.4) of
-    the crop, then (aspect h/w U(0.3, 1/0.3), top-left corner uniform in the crop) redrawn TOGETHER until the
-    box fits inside; else all False. Redrawing both favours squarer boxes (they fit in more places)."""
+    """(size, size) bool CutMix box, drawn as the release does: with probability p, an area U(0.02,
+    0.4) of the crop, then (aspect h/w U(0.3, 1/0.3), top-left corner uniform in the crop) redrawn
+    TOGETHER until the box fits inside; else all False. Redrawing both favours squarer boxes (they
+    fit in more places)."""
     box = np.zeros((size, size), bool)
     if rng.random() >= p:
         return torch.from_numpy(box)
@@ -102,9 +106,10 @@ def cutmix_box(size, rng, p=0.5, area=(0.02, 0.4), aspect=(0.3, 1 / 0.3)):
     return torch.from_numpy(box)
 
 def eval_resize(img, short):
-    """The release's test-time resize (mmseg Resize with keep_ratio, cv2 bilinear on the uint8 image): the
-    short side to `short`, sizes rounded half up, bilinear with half-pixel centres and no antialiasing.
-    short None: the image as stored. Only the image is resized; predictions go back to the label's size."""
+    """The release's test-time resize (mmseg Resize with keep_ratio, cv2 bilinear on the uint8
+    image): the short side to `short`, sizes rounded half up, bilinear with half-pixel centres and
+    no antialiasing. short None: the image as stored. Only the image is resized; predictions go back
+    to the label's size."""
     w, h = img.size
     size = (int(w * short / min(w, h) + 0.5), int(h * short / min(w, h) + 0.5)) if short else (w, h)
     if size == (w, h):
@@ -117,15 +122,17 @@ _MEAN255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
 _STD255 = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
 
 def normalize(img):
-    """PIL RGB -> (3, H, W) float32, ImageNet mean/std (in place on one copy: this is a hot path)."""
+    """PIL RGB -> (3, H, W) float32, ImageNet mean/std (in place on one copy: this is a hot
+    path)."""
     x = torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))).float()
     return x.sub_(_MEAN255).div_(_STD255)
 
 class SemiDataset(Dataset):
-    """One list of (image, label) items in one mode: 'labeled', 'unlabeled' or 'val' (see __getitem__),
-    indexed by (epoch, index) keys (RunSampler's; val_loader's are epoch 0). length > len(items)
-    repeats the list cyclically (the labelled list repeated to match the unlabelled one). The
-    augmentation of item i in epoch e depends only on (seed, e, i): the same whatever num_workers."""
+    """One list of (image, label) items in one mode: 'labeled', 'unlabeled' or 'val' (see
+    __getitem__), indexed by (epoch, index) keys (RunSampler's; val_loader's are epoch 0). length >
+    len(items) repeats the list cyclically (the labelled list repeated to match the unlabelled one).
+    The augmentation of item i in epoch e depends only on (seed, e, i): the same whatever
+    num_workers."""
     def __init__(self, info, items, mode, *, crop=None, seed=0, length=None):
         if mode not in ('labeled', 'unlabeled', 'val'):
             raise ValueError(f"unknown mode '{mode}'; valid: labeled, unlabeled, val")
@@ -148,30 +155,35 @@ class SemiDataset(Dataset):
         if label.shape != (img.height, img.width):
             raise UserError(f'size mismatch: image {img_path} is {img.width}x{img.height}, '
                             f'label {label_path} is {label.shape[1]}x{label.shape[0]}')
-        if self.mode == 'val':  # the full image at the evaluation size, the label as stored (eval.py)
+        # the full image at the evaluation size, the label as stored (eval.py)
+        if self.mode == 'val':
             return {'img': normalize(eval_resize(img, self.info.eval_size)),
                     'label': torch.from_numpy(label.astype(np.int64)), 'name': os.path.basename(img_path)}
         rng = random.Random(_sample_seed(self.seed, epoch, index))
-        img, label, pad = weak_augment(img, label, rng, self.info.base_size, self.crop)  # (c, c) each
+        # (c, c) each
+        img, label, pad = weak_augment(img, label, rng, self.info.base_size, self.crop)
         if self.mode == 'labeled':
             return {'img': normalize(img), 'label': label}
         # two independent strong views of the weak crop, each with its own CutMix box (E6 uses both)
         s1, box1 = strong_augment(img, rng), cutmix_box(self.crop, rng)
         s2, box2 = strong_augment(img, rng), cutmix_box(self.crop, rng)
-        return {'img_w': normalize(img), 'img_s1': normalize(s1), 'img_s2': normalize(s2), 'ignore': pad,
-                'box1': box1, 'box2': box2, 'label': label}  # label: logging of pseudo-label quality only
+        return {'img_w': normalize(img), 'img_s1': normalize(s1), 'img_s2': normalize(s2),
+                'ignore': pad,
+                # label: logging of pseudo-label quality only
+                'box1': box1, 'box2': box2, 'label': label}
 
 # -----------------------------------------------------------------------------
 # batches in global terms, and loaders: one sampler for the whole run, so the workers start once
 
 @dataclass(frozen=True)
 class BatchLayout:
-    """A global batch (labelled images per optimizer step, and as many unlabelled) computed by `world`
-    processes x `accum` micro-batches of `micro` images: world x accum virtual ranks, each exactly one
-    process of a (world x accum)-process run. The release: global 4 = 4 processes x 1 (whdld 8 = 4 x 2).
-    pad: epochs as the release counts them, the unlabelled list padded by repeating its start to a
-    multiple of its 4 processes (and of ours), as its DistributedSampler does. False: the rule of runs
-    made before it (the remainder dropped), kept so that they resume as they were started."""
+    """A global batch (labelled images per optimizer step, and as many unlabelled) computed by
+    `world` processes x `accum` micro-batches of `micro` images: world x accum virtual ranks, each
+    exactly one process of a (world x accum)-process run. The release: global 4 = 4 processes x 1
+    (whdld 8 = 4 x 2). pad: epochs as the release counts them, the unlabelled list padded by
+    repeating its start to a multiple of its 4 processes (and of ours), as its DistributedSampler
+    does. False: the rule of runs made before it (the remainder dropped), kept so that they resume
+    as they were started."""
     global_batch: int
     world: int = 1
     accum: int = 1
@@ -203,7 +215,8 @@ class BatchLayout:
         return (perm * -(-length // max(len(perm), 1)))[:length]
 
     def steps_per_epoch(self, n):
-        """Optimizer steps per pass over n unlabelled images (potsdam 1/16: 1,155; whdld 1/24: 533)."""
+        """Optimizer steps per pass over n unlabelled images (potsdam 1/16: 1,155; whdld 1/24:
+        533)."""
         return len(self.epoch_order(list(range(n)))) // self.global_batch
 
     def describe(self):
@@ -211,11 +224,12 @@ class BatchLayout:
                 f'x accum {self.accum} x micro-batch {self.micro}')
 
 class RunSampler(Sampler):
-    """(epoch, index) keys for the optimizer steps of `steps` (a range), layout.accum micro-batches of
-    layout.micro keys per step on this rank. Epoch e's order is a permutation seeded by seed + e, dealt
-    like DistributedSampler to the layout's virtual ranks: micro-batch j of a step on rank r is what
-    rank r x accum + j of a (world x accum)-process run gets. So --accum 4 on one GPU sees the samples
-    of the 4-GPU recipe in the same order, and one micro-batch of 4 sees the same 4 images per step."""
+    """(epoch, index) keys for the optimizer steps of `steps` (a range), layout.accum micro-batches
+    of layout.micro keys per step on this rank. Epoch e's order is a permutation seeded by seed + e,
+    dealt like DistributedSampler to the layout's virtual ranks: micro-batch j of a step on rank r
+    is what rank r x accum + j of a (world x accum)-process run gets. So --accum 4 on one GPU sees
+    the samples of the 4-GPU recipe in the same order, and one micro-batch of 4 sees the same 4
+    images per step."""
     def __init__(self, n, layout, seed, steps):
         self.n, self.layout, self.seed, self.steps = n, layout, seed, steps
         self.steps_per_epoch = layout.steps_per_epoch(n)
@@ -238,7 +252,8 @@ class RunSampler(Sampler):
 
 @dataclass(frozen=True)
 class Streams:
-    """How the training streams are drawn: crop, seed, CutMix partners (MIX_SOURCES), loader workers."""
+    """How the training streams are drawn: crop, seed, CutMix partners (MIX_SOURCES), loader
+    workers."""
     crop: int
     seed: int = 0
     mix_source: str = 'partner'
@@ -247,16 +262,17 @@ class Streams:
 
 def _ignore_stop_signals(worker_id):
     """A loader worker ignores the stop signals (a cluster sends them to every process of the job):
-    the main process stops after the step in hand (runs.StopSignals), and needs its workers until then."""
+    the main process stops after the step in hand (runs.StopSignals), and needs its workers until
+    then."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 def train_loaders(info, splits, layout, streams, steps):
-    """Loaders of labelled crops, unlabelled weak + strong views and (mix_source) CutMix partners for
-    the optimizer steps of `steps` (a range); each yields layout.accum micro-batches per step. Stream k
-    has its own seed (seed*3 + k) for its order and its augmentations. Partners: 'partner' another
-    unlabelled image (ours), 'same' the same image under another augmentation (the released code
-    iterates one sampler twice), 'rolled' none (co2s.py rolls the batch)."""
+    """Loaders of labelled crops, unlabelled weak + strong views and (mix_source) CutMix partners
+    for the optimizer steps of `steps` (a range); each yields layout.accum micro-batches per step.
+    Stream k has its own seed (seed*3 + k) for its order and its augmentations. Partners: 'partner'
+    another unlabelled image (ours), 'same' the same image under another augmentation (the released
+    code iterates one sampler twice), 'rolled' none (co2s.py rolls the batch)."""
     if streams.mix_source not in MIX_SOURCES:
         raise ValueError(f"unknown mix source '{streams.mix_source}'; valid: {', '.join(MIX_SOURCES)}")
     n, seed = len(splits.unlabeled), streams.seed
@@ -269,7 +285,8 @@ def train_loaders(info, splits, layout, streams, steps):
     for mode, items, order_seed, aug_seed in todo:
         ds = SemiDataset(info, items, mode, crop=streams.crop, seed=aug_seed, length=n)
         # own generator: the loader must not draw from (and so shift) the global torch RNG
-        loaders.append(DataLoader(ds, batch_size=layout.micro, sampler=RunSampler(n, layout, order_seed, steps),
+        loaders.append(DataLoader(ds, batch_size=layout.micro,
+                                  sampler=RunSampler(n, layout, order_seed, steps),
                                   num_workers=streams.workers, pin_memory=streams.pin_memory, drop_last=True,
                                   generator=torch.Generator().manual_seed(order_seed),
                                   worker_init_fn=_ignore_stop_signals))

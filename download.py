@@ -1,16 +1,16 @@
 """download.py: put a dataset on disk where the loader reads it, or say exactly how.
 
-`ensure(info, root, download=...)` is the one place that decides: a dataset already at `root` is used
-as it is; the demo is generated (demo.py); with `--download` a paper dataset is fetched from the
-authors' Hugging Face dataset repository (XavierJiezou/co2s-datasets, one folder per dataset:
+`ensure(info, root, download=...)` is the one place that decides: a dataset already at `root` is
+used as it is; the demo is generated (demo.py); with `--download` a paper dataset is fetched from
+the authors' Hugging Face dataset repository (XavierJiezou/co2s-datasets, one folder per dataset:
 POTSDAM/, LOVEDA/, WHDLD/, GID/, MER/, MSL/, each holding images/ and labels/); anything else is an
 error naming the folder and the command. Nothing is downloaded without asking.
 
     python download.py potsdam [--data-root data/potsdam]
 
 A download goes to `<root>.download/` first (huggingface_hub resumes an interrupted one there), is
-moved into `<root>/images`, `<root>/labels`, and is then checked against every file the paper's split
-lists name.
+moved into `<root>/images`, `<root>/labels`, and is then checked against every file the paper's
+split lists name.
 """
 import argparse
 import os
@@ -38,7 +38,8 @@ def ensure(info, root, *, download=False):
 
 
 def fetch(info, root):
-    """Download info.hub_folder of the authors' dataset repository into root, in the loader's layout, and verify it."""
+    """Download info.hub_folder of the authors' dataset repository into root, in the loader's
+    layout, and verify it."""
     staging = os.path.abspath(root.rstrip("/")) + ".download"
     print(f"downloading {info.hub_folder}/ of {HUB_DATASETS} (Hugging Face, dataset) into {staging}")
     snapshot(info.hub_folder, staging)
@@ -49,11 +50,12 @@ def fetch(info, root):
 
 
 def snapshot(folder, local_dir):
-    """The one call into huggingface_hub: files under `folder/` of the repository, with progress bars,
-    resumable (finished files are skipped, partial ones continued)."""
+    """The one call into huggingface_hub: files under `folder/` of the repository, with progress
+    bars, resumable (finished files are skipped, partial ones continued)."""
     from huggingface_hub import snapshot_download
     try:
-        snapshot_download(repo_id=HUB_DATASETS, repo_type="dataset", allow_patterns=[f"{folder}/*"], local_dir=local_dir)
+        snapshot_download(repo_id=HUB_DATASETS, repo_type="dataset",
+                          allow_patterns=[f"{folder}/*"], local_dir=local_dir)
     except Exception as e:  # offline, no such repository, interrupted: all the user can act on
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(
@@ -64,16 +66,19 @@ def snapshot(folder, local_dir):
 
 
 def arrange(src, root):
-    """Move a downloaded dataset folder (images/ + labels/, or archives holding them) into root/images, root/labels."""
+    """Move a downloaded dataset folder (images/ + labels/, or archives holding them) into
+    root/images, root/labels."""
     if not os.path.isdir(src):
         raise UserError(f"the download has no {src!r}: the repository layout is not the expected <DATASET>/images, labels")
-    if not os.path.isdir(os.path.join(src, "images")):                  # archives: unpack them where they are
+    # archives: unpack them where they are
+    if not os.path.isdir(os.path.join(src, "images")):
         for f in sorted(os.listdir(src)):
             if f.endswith((".zip", ".tar", ".tar.gz", ".tgz")):
                 shutil.unpack_archive(os.path.join(src, f), src)
         inner = [d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d, "images"))]
         src = os.path.join(src, inner[0]) if len(inner) == 1 else src
-    if not (os.path.isdir(os.path.join(src, "images")) and os.path.isdir(os.path.join(src, "labels"))):
+    if not (os.path.isdir(os.path.join(src, "images")) and os.path.isdir(os.path.join(src,
+                                                                                      "labels"))):
         raise UserError(f"the download {src!r} holds {sorted(os.listdir(src))[:8]}, not images/ and labels/")
     os.makedirs(root, exist_ok=True)
     for sub in ("images", "labels"):
@@ -83,7 +88,8 @@ def arrange(src, root):
 
 
 def verify(info, root):
-    """Every file named by the dataset's split lists (every ratio and val) is in root: else the count and the first names."""
+    """Every file named by the dataset's split lists (every ratio and val) is in root: else the
+    count and the first names."""
     folder = os.path.join(PAPER_SPLITS, info.name)
     listed = set()
     for dirpath, _, files in os.walk(folder):

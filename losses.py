@@ -15,10 +15,13 @@ IGNORE = 255
 
 
 def supervised_loss(logits, labels):
-    """E5: cross-entropy over labelled pixels, ignore index 255. logits (B, N, H, W), labels (B, H, W).
+    """E5: cross-entropy over labelled pixels, ignore index 255. logits (B, N, H, W), labels (B, H,
+    W).
 
-    Written as sum / count (count clamped to 1) so a crop with no labelled pixel gives 0, not NaN."""
-    ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="none")  # (B, H, W), 0 on ignore
+    Written as sum / count (count clamped to 1) so a crop with no labelled pixel gives 0, not
+    NaN."""
+    # (B, H, W), 0 on ignore
+    ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="none")
     return ce.sum() / (labels != IGNORE).sum().clamp(min=1)
 
 
@@ -32,15 +35,16 @@ def pseudo_label_loss(logits, pseudo, conf, valid, tau=0.95):
 
 
 def stability_mask(conf_self, conf_other, tau=0.95):
-    """E8 mask for the student owning conf_self: where max(c_self, c_other) >= tau, the LOWER-confidence
-    student learns (both on an exact tie).
-    M_self = (h_other & ~h_self) | (h_self & h_other & c_other >= c_self), with h = (c >= tau)."""
+    """E8 mask for the student owning conf_self: where max(c_self, c_other) >= tau, the
+    LOWER-confidence student learns (both on an exact tie). M_self = (h_other & ~h_self) | (h_self &
+    h_other & c_other >= c_self), with h = (c >= tau)."""
     h_self, h_other = conf_self >= tau, conf_other >= tau
     return (h_other & ~h_self) | (h_self & h_other & (conf_other >= conf_self))
 
 
 def stability_loss(logits_self, logits_other, tau=0.95):
-    """E8: sum over M_self of sum_c (p_self - stopgrad(p_other))^2 / (C * |M_self|); 0 if M_self is empty.
+    """E8: sum over M_self of sum_c (p_self - stopgrad(p_other))^2 / (C * |M_self|); 0 if M_self is
+    empty.
 
     The gradient flows into logits_self only: logits_other is the detached target. (The released
     code detached logits_self too, so the term never trained anything: pass logits_self.detach()
@@ -53,7 +57,8 @@ def stability_loss(logits_self, logits_other, tau=0.95):
 
 
 def stability_weight(step, total_steps, up_ratio=0.2, peak=0.5):
-    """E9: lambda(t) = peak * (1 - cos(pi * t / (T_up - 1))) / 2 for t < T_up = round(up_ratio * T), then peak."""
+    """E9: lambda(t) = peak * (1 - cos(pi * t / (T_up - 1))) / 2 for t < T_up = round(up_ratio *
+    T), then peak."""
     t_up = round(up_ratio * total_steps)
     if step >= t_up or t_up <= 1:
         return peak

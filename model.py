@@ -1,4 +1,5 @@
-"""model.py: the two Co2S students (CLIP and DINOv3 ViT-B/16), their decoder head and the fusion head.
+"""model.py: the two Co2S students (CLIP and DINOv3 ViT-B/16), their decoder head and the fusion
+head.
 
 A student = a backbone (backbones.py) + class embeddings T + the decoder head of METHOD.md section
 3. Implements E1 (CLIP value path), E3 (similarity maps), E4 (feature perturbation) and E10 (fusion
@@ -59,19 +60,24 @@ class ClassAttention(nn.Module):
     def forward(self, x, guide, n):
         # x: (B*N, C, h, w) one map per class; guide: (N, C) projected class embeddings
         bn, c, h, w = x.shape
-        # (B*N, C, h // 4, w // 4): rounds down as released; a map under 4 cells (an input under 64 px, which
+        # (B*N, C, h // 4, w // 4): rounds down as released; a map under 4 cells (an input under 64
+        # px, which
         # the release never sees) keeps one cell instead of none
         p = F.avg_pool2d(x, self.pool, ceil_mode=min(h, w) < self.pool)
         hp, wp = p.shape[-2:]
-        tok = p.view(bn // n, n, c, hp * wp).permute(0, 3, 1, 2).reshape(-1, n, c)   # (B*h'*w', N, C)
+        # (B*h'*w', N, C)
+        tok = p.view(bn // n, n, c, hp * wp).permute(0, 3, 1, 2).reshape(-1, n, c)
         tok = torch.cat([tok, guide.expand(tok.shape[0], n, c)], -1)        # (B*h'*w', N, 2C)
-        tok = self.layer(tok)[..., :c]                                      # keep the first C channels
+        # keep the first C channels
+        tok = self.layer(tok)[..., :c]
         out = tok.view(bn // n, hp * wp, n, c).permute(0, 2, 3, 1).reshape(bn, c, hp, wp)
-        return x + F.interpolate(out, size=(h, w), mode="bilinear", align_corners=True)   # as released
+        # as released
+        return x + F.interpolate(out, size=(h, w), mode="bilinear", align_corners=True)
 
 
 class UpBlock(nn.Module):
-    """Transposed conv x2, concat a skip (Conv3x3+ReLU of a 1/16 map, resized), two Conv3x3-GN-ReLU."""
+    """Transposed conv x2, concat a skip (Conv3x3+ReLU of a 1/16 map, resized), two
+    Conv3x3-GN-ReLU."""
 
     def __init__(self, cin, cup, feat_dim, cskip, cout):
         super().__init__()
@@ -81,8 +87,10 @@ class UpBlock(nn.Module):
 
     def forward(self, x, feat, n):
         x = self.up(x)                                                       # (B*N, cup, 2h, 2w)
-        s = F.interpolate(self.skip(feat), size=x.shape[-2:], mode="bilinear", align_corners=True)  # as released
-        s = s.repeat_interleave(n, dim=0)                                    # one copy per class map
+        # as released
+        s = F.interpolate(self.skip(feat), size=x.shape[-2:], mode="bilinear", align_corners=True)
+        # one copy per class map
+        s = s.repeat_interleave(n, dim=0)
         return self.convs(torch.cat([x, s], 1))
 
 
@@ -91,23 +99,28 @@ class Co2SHead(nn.Module):
 
     def __init__(self, feat_dim=768, embed_dim=512, c=128):
         super().__init__()
-        self.stem = nn.Conv2d(1, c, 7, padding=3)                  # spatial reasoning, per class map
+        # spatial reasoning, per class map
+        self.stem = nn.Conv2d(1, c, 7, padding=3)
         self.aspp = ASPP(c)
-        self.guide = nn.Sequential(nn.Linear(embed_dim, c), nn.ReLU(inplace=True))  # shared by both layers
+        # shared by both layers
+        self.guide = nn.Sequential(nn.Linear(embed_dim, c), nn.ReLU(inplace=True))
         self.class_attn = nn.ModuleList([ClassAttention(c), ClassAttention(c)])
         self.up1 = UpBlock(c, 96, feat_dim, 32, 64)                  # 1/16 -> 1/8, skip from f2
         self.up2 = UpBlock(64, 48, feat_dim, 16, 32)                 # 1/8 -> 1/4, skip from f1
         self.out = nn.Conv2d(32, 1, 3, padding=1)
 
     def forward(self, feats, T):
-        f1, f2, f3 = feats                                           # (B, C, h, w) each, fine to coarse
+        # (B, C, h, w) each, fine to coarse
+        f1, f2, f3 = feats
         b, n = f3.shape[0], T.shape[0]
         # E3: cosine similarity of every pixel embedding with every class embedding
-        T = F.normalize(T, dim=-1)                                   # unit class embeddings, here and for the guide
+        # unit class embeddings, here and for the guide
+        T = F.normalize(T, dim=-1)
         S = torch.einsum("bchw,nc->bnhw", F.normalize(f3, dim=1), T)  # (B, N, h, w)
         x = self.stem(S.reshape(b * n, 1, *S.shape[-2:]))            # (B*N, 128, h, w)
         x = x + self.aspp(x)
-        guide = self.guide(T)                                        # (N, 128), of the NORMALISED T (as released)
+        # (N, 128), of the NORMALISED T (as released)
+        guide = self.guide(T)
         for layer in self.class_attn:
             x = layer(x, guide, n)
         x = self.up2(self.up1(x, f2, n), f1, n)                      # (B*N, 32, 4h, 4w)
@@ -127,7 +140,8 @@ class Student(nn.Module):
         self.grad_checkpoint = False
         width = backbone.config.hidden_size
         f3_dim = backbone.config.projection_dim if kind == "clip" else width
-        if text is not None:    # explicit guidance: fixed text embeddings (E2), a buffer, saved with the model
+        # explicit guidance: fixed text embeddings (E2), a buffer, saved with the model
+        if text is not None:
             self.register_buffer("text", text.float().clone())
             self.queries = None
         else:                   # implicit guidance: learnable class queries
@@ -135,7 +149,8 @@ class Student(nn.Module):
             self.queries = nn.Embedding(num_classes, f3_dim)
             nn.init.normal_(self.queries.weight, std=0.02)
         self.head = Co2SHead(feat_dim=width, embed_dim=f3_dim)
-        if kind == "dinov3":    # RoPE periods (head_dim / 4 of them), in the dtype the rotation runs in
+        # RoPE periods (head_dim / 4 of them), in the dtype the rotation runs in
+        if kind == "dinov3":
             self.register_buffer("rope_periods", rope_periods(backbone.config, numerics))
         self._frozen = {}       # position tables computed once per input size (see _cached)
 
@@ -148,13 +163,15 @@ class Student(nn.Module):
         return fn(*args)
 
     def _cached(self, what, source, h, w, make):
-        """make(source, h, w) once per (what, size, device, dtype) while `source` (a frozen tensor) is unchanged.
-        A trainable source (--train-backbone all) is recomputed every forward, so that it gets its gradient."""
+        """make(source, h, w) once per (what, size, device, dtype) while `source` (a frozen tensor)
+        is unchanged. A trainable source (--train-backbone all) is recomputed every forward, so that
+        it gets its gradient."""
         if source.requires_grad:
             return make(source, h, w)
         key = (what, h, w, source.device, source.dtype, source._version)
         if key not in self._frozen:
-            self._frozen = {k: v for k, v in self._frozen.items() if k[0] != what or k[-1] == source._version}
+            self._frozen = {k: v for k,
+                            v in self._frozen.items() if k[0] != what or k[-1] == source._version}
             with torch.no_grad():
                 self._frozen[key] = make(source, h, w)
         return self._frozen[key]
@@ -163,8 +180,10 @@ class Student(nn.Module):
         vm = self.backbone.vision_model
         emb, (h, w) = vm.embeddings, (x.shape[-2] // 16, x.shape[-1] // 16)
         patches = emb.patch_embedding(x.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
-        tokens = torch.cat([emb.class_embedding.expand(len(x), 1, -1), patches], 1)       # (B, 1+hw, C)
-        h = vm.pre_layrnorm(tokens + self._cached("pos", emb.position_embedding.weight, h, w, resize_positions))
+        # (B, 1+hw, C)
+        tokens = torch.cat([emb.class_embedding.expand(len(x), 1, -1), patches], 1)
+        h = vm.pre_layrnorm(tokens + self._cached("pos", emb.position_embedding.weight, h, w,
+                                                  resize_positions))
         maps = []
         for i, block in enumerate(blocks(self.backbone)):
             if i in self.taps:
@@ -182,8 +201,10 @@ class Student(nn.Module):
 
     def _dinov3_features(self, x):
         bb = self.backbone
-        cos, sin = self._cached("rope", self.rope_periods, x.shape[-2] // 16, x.shape[-1] // 16, rope_tables)
-        h = bb.embeddings(x)                                          # (B, 1+4+hw, C): CLS, registers, patches
+        cos, sin = self._cached("rope", self.rope_periods, x.shape[-2] // 16, x.shape[-1] // 16,
+                                rope_tables)
+        # (B, 1+4+hw, C): CLS, registers, patches
+        h = bb.embeddings(x)
         prefix = 1 + bb.config.num_register_tokens
         maps = []
         for i, block in enumerate(blocks(bb)[: self.taps[-1] + 1]):
@@ -203,9 +224,11 @@ class Student(nn.Module):
         return self._logits(self.features(x), x.shape[-2:])
 
     def forward_fp(self, x, fp_from):
-        """(logits of x, FP logits of x[fp_from:]) from the SAME backbone pass (E4): Dropout2d(0.5) on
-        every tapped map; the clean and the perturbed maps run through the head as one batch."""
-        feats = [torch.cat([f, F.dropout2d(f[fp_from:], 0.5, training=True)]) for f in self.features(x)]
+        """(logits of x, FP logits of x[fp_from:]) from the SAME backbone pass (E4): Dropout2d(0.5)
+        on every tapped map; the clean and the perturbed maps run through the head as one batch."""
+        feats = [torch.cat([f,
+                            F.dropout2d(f[fp_from:], 0.5,
+                                        training=True)]) for f in self.features(x)]
         logits = self._logits(feats, x.shape[-2:])
         return logits[: len(x)], logits[len(x):]
 
@@ -216,8 +239,10 @@ class Student(nn.Module):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What builds a Co2S model, saved in every checkpoint (`model_args`) so that eval.py, --resume and
-    --init rebuild it without a download. size: a preset name or ViTSize fields (a converted release)."""
+    """What builds a Co2S model, saved in every checkpoint (`model_args`) so that eval.py, --resume
+    and
+    --init rebuild it without a download. size: a preset name or ViTSize fields (a converted
+    release)."""
     kinds: tuple                     # e.g. ("clip", "dinov3")
     num_classes: int
     size: object = "base"
@@ -242,8 +267,10 @@ def build_student(kind, spec, *, weights=None, text=None, name=None):
     if guidance == "text" and (text is None or tuple(text.shape) != shape):
         raise ValueError(f"a CLIP student with text guidance needs its {shape} class embeddings, got "
                          f"{None if text is None else tuple(text.shape)}")
-    # The backbone is built (and its pretrained weights loaded) first; the head and the queries created
-    # after it are new modules, so nothing re-initialises the loaded weights (METHOD.md section 7.3).
+    # The backbone is built (and its pretrained weights loaded) first; the head and the queries
+    # created
+    # after it are new modules, so nothing re-initialises the loaded weights (METHOD.md section
+    # 7.3).
     backbone = build_backbone(kind, spec.size, weights, spec.numerics)
     set_trainable(backbone, spec.train_backbone)
     student = Student(kind, backbone, spec.num_classes, text=text if guidance == "text" else None,
@@ -263,7 +290,8 @@ def build_model(spec, weights=None, text=None):
 def student_names(kinds):
     """clip,dinov3 -> clip, dinov3; clip,clip -> clip1, clip2 (names must be unique)."""
     kinds = list(kinds)
-    return [k if kinds.count(k) == 1 else f"{k}{kinds[:i + 1].count(k)}" for i, k in enumerate(kinds)]
+    return [k if kinds.count(k) == 1 else f"{k}{kinds[:i + 1].count(k)}" for i,
+            k in enumerate(kinds)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,14 +305,26 @@ def fuse(probs, mode="confidence"):
     stacked = torch.stack(probs)                                     # (K, B, N, H, W)
     if mode == "mean":
         return stacked.mean(0)
-    winner = stacked.amax(2, keepdim=True).argmax(0, keepdim=True)   # (1, B, 1, H, W): most confident
+    # (1, B, 1, H, W): most confident
+    winner = stacked.amax(2, keepdim=True).argmax(0, keepdim=True)
     return stacked.gather(0, winner.expand(1, *stacked.shape[1:]))[0]
 
 
+def check_names(model, names):
+    """names: which predictions to compute (student names and/or 'fused'); None = all of them."""
+    valid = [s.name for s in model.students] + ["fused"]
+    names = list(names or valid)
+    bad = [n for n in names if n not in valid]
+    if bad:
+        raise ValueError(f"unknown prediction(s) {bad}; valid for this model: {', '.join(valid)}")
+    return names
+
+
+
 class Co2S(nn.Module):
-    """The students and the fusion rule (E10) their predictions are combined with. It has no forward of
-    its own: eval.predict runs each student over the sliding windows and fuses the averaged maps, so
-    both students are judged on the same full-image probabilities."""
+    """The students and the fusion rule (E10) their predictions are combined with. It has no forward
+    of its own: eval.predict runs each student over the sliding windows and fuses the averaged maps,
+    so both students are judged on the same full-image probabilities."""
 
     def __init__(self, students, fusion="confidence"):
         super().__init__()

@@ -1,16 +1,17 @@
 """release.py: the format of the authors' released checkpoints (best_clip.pth / best_dinov3.pth).
 
 Written from their code (XavierJiezou/Co2S @ 26bc087): each file is {'model', 'optimizer', 'epoch'},
-'model' the state dict of a DDP-wrapped student (keys start with 'module.'), tensors saved on the GPU.
-CLIP student (221 keys at ViT-B/16, 512 px): an mmseg VisionTransformer holding the OpenAI weights
-(fused q/k/v `in_proj`, the position table already resized to the crop, `proj` as a 1x1 conv), the
-decode head and `_cached_text`, the class embeddings. DINOv3 student (257 keys): the DINOv3 reference
-ViT (fused `qkv` with a `bias_mask` that zeroes the key bias, `rope_embed.periods` in bf16), the head
-and the learnable queries `text_provider.emb.weight`. `from_release` builds our Student from one file,
-`load_release` a Co2S model from an experiment folder (e.g. POTSDAM/1_32-74.30/).
+'model' the state dict of a DDP-wrapped student (keys start with 'module.'), tensors saved on the
+GPU. CLIP student (221 keys at ViT-B/16, 512 px): an mmseg VisionTransformer holding the OpenAI
+weights (fused q/k/v `in_proj`, the position table already resized to the crop, `proj` as a 1x1
+conv), the decode head and `_cached_text`, the class embeddings. DINOv3 student (257 keys): the
+DINOv3 reference ViT (fused `qkv` with a `bias_mask` that zeroes the key bias, `rope_embed.periods`
+in bf16), the head and the learnable queries `text_provider.emb.weight`. `from_release` builds our
+Student from one file, `load_release` a Co2S model from an experiment folder (e.g.
+POTSDAM/1_32-74.30/).
 
-Each release key is renamed by the rule it matches in full; '{qkv}' marks a fused q, k, v tensor that is
-split in that order, '{blocks}' the DINOv3 block list (its path moved in transformers 5.2).
+Each release key is renamed by the rule it matches in full; '{qkv}' marks a fused q, k, v tensor
+that is split in that order, '{blocks}' the DINOv3 block list (its path moved in transformers 5.2).
 """
 import math
 import os
@@ -25,19 +26,27 @@ from model import Co2S, Student
 from text import load_text_embeddings
 
 _W = r"(weight|bias)"
+DROPPED = "clip_encoder."   # keys a released file may carry that the authors' eval.py deletes
 RULES = {
     "clip": [
         (r"backbone\.cls_token", "backbone.vision_model.embeddings.class_embedding"),
         (r"backbone\.pos_embed", "backbone.vision_model.embeddings.position_embedding.weight"),
-        (r"backbone\.patch_embed\.projection\.weight", "backbone.vision_model.embeddings.patch_embedding.weight"),
+        (r"backbone\.patch_embed\.projection\.weight",
+         "backbone.vision_model.embeddings.patch_embedding.weight"),
         (rf"backbone\.ln0\.{_W}", r"backbone.vision_model.pre_layrnorm.\1"),
-        (rf"backbone\.layers\.(\d+)\.ln([12])\.{_W}", r"backbone.vision_model.encoder.layers.\1.layer_norm\2.\3"),
-        (rf"backbone\.layers\.(\d+)\.attn\.attn\.in_proj_{_W}", r"backbone.vision_model.encoder.layers.\1.self_attn.{qkv}_proj.\2"),
-        (rf"backbone\.layers\.(\d+)\.attn\.attn\.out_proj\.{_W}", r"backbone.vision_model.encoder.layers.\1.self_attn.out_proj.\2"),
-        (rf"backbone\.layers\.(\d+)\.ffn\.layers\.0\.0\.{_W}", r"backbone.vision_model.encoder.layers.\1.mlp.fc1.\2"),
-        (rf"backbone\.layers\.(\d+)\.ffn\.layers\.1\.{_W}", r"backbone.vision_model.encoder.layers.\1.mlp.fc2.\2"),
+        (rf"backbone\.layers\.(\d+)\.ln([12])\.{_W}",
+         r"backbone.vision_model.encoder.layers.\1.layer_norm\2.\3"),
+        (rf"backbone\.layers\.(\d+)\.attn\.attn\.in_proj_{_W}",
+         r"backbone.vision_model.encoder.layers.\1.self_attn.{qkv}_proj.\2"),
+        (rf"backbone\.layers\.(\d+)\.attn\.attn\.out_proj\.{_W}",
+         r"backbone.vision_model.encoder.layers.\1.self_attn.out_proj.\2"),
+        (rf"backbone\.layers\.(\d+)\.ffn\.layers\.0\.0\.{_W}",
+         r"backbone.vision_model.encoder.layers.\1.mlp.fc1.\2"),
+        (rf"backbone\.layers\.(\d+)\.ffn\.layers\.1\.{_W}",
+         r"backbone.vision_model.encoder.layers.\1.mlp.fc2.\2"),
         (rf"backbone\.ln1\.{_W}", r"backbone.vision_model.post_layernorm.\1"),
-        (r"backbone\.proj\.weight", "backbone.visual_projection.weight"),     # a 1x1 conv there, a Linear here
+        # a 1x1 conv there, a Linear here
+        (r"backbone\.proj\.weight", "backbone.visual_projection.weight"),
         (r"_cached_text", "text")],
     "dinov3": [
         (r"backbone\.cls_token", "backbone.embeddings.cls_token"),
@@ -60,15 +69,20 @@ RULES = {
         (rf"decode_head\.aspp\.aspp_convs\.4\.gap\.2\.{_W}", r"head.aspp.pool.1.\1"),
         (r"decode_head\.aspp\.project\.([01])\.(.+)", r"head.aspp.project.\1.\2"),
         (rf"decode_head\.text_proj\.0\.{_W}", r"head.guide.0.\1"),
-        (rf"decode_head\.layers\.(\d)\.transformer\.ln([12])\.{_W}", r"head.class_attn.\1.layer.norm\2.\3"),
+        (rf"decode_head\.layers\.(\d)\.transformer\.ln([12])\.{_W}",
+         r"head.class_attn.\1.layer.norm\2.\3"),
         (r"decode_head\.layers\.(\d)\.transformer\.attn\.attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)",
          r"head.class_attn.\1.layer.self_attn.\2"),
-        (rf"decode_head\.layers\.(\d)\.transformer\.ffn\.layers\.0\.0\.{_W}", r"head.class_attn.\1.layer.linear1.\2"),
-        (rf"decode_head\.layers\.(\d)\.transformer\.ffn\.layers\.1\.{_W}", r"head.class_attn.\1.layer.linear2.\2"),
-        (rf"decode_head\.skip_proj\.0\.0\.{_W}", r"head.up1.skip.0.\1"),     # the deeper skip (f2) feeds up1
+        (rf"decode_head\.layers\.(\d)\.transformer\.ffn\.layers\.0\.0\.{_W}",
+         r"head.class_attn.\1.layer.linear1.\2"),
+        (rf"decode_head\.layers\.(\d)\.transformer\.ffn\.layers\.1\.{_W}",
+         r"head.class_attn.\1.layer.linear2.\2"),
+        # the deeper skip (f2) feeds up1
+        (rf"decode_head\.skip_proj\.0\.0\.{_W}", r"head.up1.skip.0.\1"),
         (rf"decode_head\.skip_proj\.1\.0\.{_W}", r"head.up2.skip.0.\1"),
         (rf"decode_head\.up([12])\.up\.{_W}", r"head.up\1.up.\2"),
-        (r"decode_head\.up([12])\.conv\.([01])\.(.+)", r"head.up\1.convs.0.\2.\3"),   # conv, GN, (ReLU), conv, GN
+        # conv, GN, (ReLU), conv, GN
+        (r"decode_head\.up([12])\.conv\.([01])\.(.+)", r"head.up\1.convs.0.\2.\3"),
         (r"decode_head\.up([12])\.conv\.3\.weight", r"head.up\1.convs.1.0.weight"),
         (rf"decode_head\.up([12])\.conv\.4\.{_W}", r"head.up\1.convs.1.1.\2"),
         (rf"decode_head\.head\.{_W}", r"head.out.\1")],
@@ -78,7 +92,8 @@ RULES = {
 def read(path):
     """The state dict of a released student file, on the CPU, without the DDP 'module.' prefix."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)   # GPU tensors load on a CPU machine too
+        # GPU tensors load on a CPU machine too
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read the released checkpoint {path!r} ({type(e).__name__}: "
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
@@ -86,22 +101,30 @@ def read(path):
     if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
         raise UserError(f"{path!r} holds no state dict (expected {{'model': ..., 'optimizer': ..., 'epoch': ...}} "
                         f"as the authors' Co2S.py saves, or a plain state dict)")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    dropped = [k for k in sd if k.startswith(DROPPED)]
+    # the authors' own eval.py deletes these before loading: the CLIP text tower's weights
+    if dropped:
+        print(f"{path}: dropped {len(dropped)} '{DROPPED}*' keys, as the authors' evaluation does")
+    return {k: v for k, v in sd.items() if not k.startswith(DROPPED)}
 
 
 def kind_and_sizes(path, sd):
-    """Which student a release state dict holds, and its sizes (model.ViTSize fields) read off the tensor
-    shapes, with heads = width / 64 as in every ViT preset."""
+    """Which student a release state dict holds, and its sizes (model.ViTSize fields) read off the
+    tensor shapes, with heads = width / 64 as in every ViT preset."""
     kind = "clip" if "backbone.ln0.weight" in sd else "dinov3" if "backbone.storage_tokens" in sd else None
-    blocks_key, fc1 = ("backbone.layers.", "backbone.layers.0.ffn.layers.0.0.weight") if kind == "clip" else \
+    blocks_key, fc1 = ("backbone.layers.",
+                       "backbone.layers.0.ffn.layers.0.0.weight") if kind == "clip" else \
                       ("backbone.blocks.", "backbone.blocks.0.mlp.fc1.weight")
-    needed = ["backbone.cls_token", fc1] + (["backbone.proj.weight", "backbone.pos_embed"] if kind == "clip" else [])
+    needed = ["backbone.cls_token",
+              fc1] + (["backbone.proj.weight", "backbone.pos_embed"] if kind == "clip" else [])
     if kind is None or any(k not in sd for k in needed):
         raise UserError(f"{path!r} is not a released Co2S student (neither backbone.ln0 of the CLIP student nor "
                         f"backbone.storage_tokens of the DINOv3 one, or missing {[k for k in needed if k not in sd]}); "
                         f"its first keys: {list(sd)[:4]}")
     width = sd["backbone.cls_token"].shape[-1]
-    sizes = dict(width=width, depth=1 + max(int(k.split(".")[2]) for k in sd if k.startswith(blocks_key)),
+    sizes = dict(width=width,
+                 depth=1 + max(int(k.split(".")[2]) for k in sd if k.startswith(blocks_key)),
                  heads=width // 64, mlp=sd[fc1].shape[0])
     if kind == "clip":
         return kind, dict(sizes, proj=sd["backbone.proj.weight"].shape[0],
@@ -110,14 +133,15 @@ def kind_and_sizes(path, sd):
 
 
 def convert(path, sd, kind, ours, blocks_prefix):
-    """Our state dict (keys and shapes of `ours`) from a release state dict of `kind`; every key on both sides
-    is accounted for, or the error names the ones that are not."""
+    """Our state dict (keys and shapes of `ours`) from a release state dict of `kind`; every key on
+    both sides is accounted for, or the error names the ones that are not."""
     rules = [(p, t.replace("{blocks}", blocks_prefix)) for p, t in RULES[kind] + RULES["head"]]
     out, unused = {}, []
     for key, t in sd.items():
         if key.endswith(".bias_mask") and key.removesuffix("_mask") in sd:
             continue                                   # applied with its bias below
-        rule = next(((re.fullmatch(p, key), target) for p, target in rules if re.fullmatch(p, key)), None)
+        rule = next(((re.fullmatch(p, key), target) for p,
+                     target in rules if re.fullmatch(p, key)), None)
         if rule is None:
             unused.append(key)
             continue
@@ -125,11 +149,13 @@ def convert(path, sd, kind, ours, blocks_prefix):
         if "{qkv}" not in name:
             out[name] = t
             continue
-        t = t * sd.get(key + "_mask", 1)               # DINOv3: the effective qkv bias is bias * bias_mask
+        # DINOv3: the effective qkv bias is bias * bias_mask
+        t = t * sd.get(key + "_mask", 1)
         for part, chunk in zip("qkv", t.chunk(3)):
             if name.replace("{qkv}", part) in ours:
                 out[name.replace("{qkv}", part)] = chunk
-            elif chunk.abs().max() > 0:                # transformers' DINOv3 has no key bias: it must be masked to 0
+            # transformers' DINOv3 has no key bias: it must be masked to 0
+            elif chunk.abs().max() > 0:
                 raise UserError(f"{path!r}: {key} has a non-zero {part} part, which our model has no tensor for")
     missing, extra = sorted(set(ours) - set(out)), sorted(set(out) - set(ours))
     if unused or missing or extra:
@@ -143,9 +169,10 @@ def convert(path, sd, kind, ours, blocks_prefix):
 
 
 def from_release(path, text=None):
-    """A Student from one of the authors' released files, in eval mode with the release numerics: the
-    same logits as their network for one window. The kind comes from the keys, the sizes from the
-    shapes. text: the CLIP student's (N, D) class embeddings if the file does not hold them (theirs do)."""
+    """A Student from one of the authors' released files, in eval mode with the release numerics:
+    the same logits as their network for one window. The kind comes from the keys, the sizes from
+    the shapes. text: the CLIP student's (N, D) class embeddings if the file does not hold them
+    (theirs do)."""
     sd = read(path)
     kind, sizes = kind_and_sizes(path, sd)
     if kind == "clip":
@@ -158,7 +185,8 @@ def from_release(path, text=None):
     else:
         text = None                     # class embeddings belong to the CLIP student only
         num_classes = sd["text_provider.emb.weight"].shape[0] if "text_provider.emb.weight" in sd else 0
-    backbone = build_backbone(kind, sizes, None, "release")   # random, then every tensor from the file
+    # random, then every tensor from the file
+    backbone = build_backbone(kind, sizes, None, "release")
     set_trainable(backbone, "attention")
     student = Student(kind, backbone, num_classes, text=text, name=kind, numerics="release")
     prefix = "backbone." + next(n for n, m in backbone.named_modules() if m is blocks(backbone))
@@ -175,7 +203,8 @@ def load_release(folder, dataset, data_root=None, text_embeddings=None):
     if not files:
         raise UserError(f"--release {folder!r} holds neither best_clip.pth nor best_dinov3.pth")
     info = dataset_info(dataset, data_root)
-    text = load_text_embeddings(text_embeddings, len(info.classes), 512) if text_embeddings else None
+    text = load_text_embeddings(text_embeddings, len(info.classes),
+                                512) if text_embeddings else None
     students = [from_release(f, text=text if k == "clip" else None) for k, f in files]
     for s in students:
         n = len(s.class_embeddings())
@@ -184,8 +213,10 @@ def load_release(folder, dataset, data_root=None, text_embeddings=None):
                             f"{len(info.classes)}: check --dataset")
     m = re.search(r"(\d+_\d+)-(\d+(?:\.\d+)?)$", os.path.basename(os.path.normpath(folder)))
     clip = next((s for s in students if s.kind == "clip"), None)
-    cfg = dict(dataset=dataset, data_root=data_root or os.path.join("data", dataset), splits=None, seed=0,
-               ratio=m.group(1) if m else info.ratios[0].replace("/", "_"), release=os.path.abspath(folder),
+    cfg = dict(dataset=dataset, data_root=data_root or os.path.join("data", dataset), splits=None,
+               seed=0,
+               ratio=m.group(1) if m else info.ratios[0].replace("/",
+                                                                 "_"), release=os.path.abspath(folder),
                # a release stores its crop's position grid
                crop=clip.backbone.config.image_size if clip else info.crop)
     return Co2S(students), info, cfg, float(m.group(2)) if m else None

@@ -1,8 +1,9 @@
-"""runs.py: a run's plumbing: the checkpoint format, the run folder, RNG state, DDP and mixed precision.
+"""runs.py: a run's plumbing: the checkpoint format, the run folder, RNG state, DDP and mixed
+precision.
 
-The checkpoint format is defined here once: `save_checkpoint` writes it (train.py's last.pt / best.pt,
-a converted release), `read_checkpoint` reads it (and upgrades files of older versions), and
-`model_from_checkpoint` rebuilds the model without a download (resume, --init, eval.py). A run
+The checkpoint format is defined here once: `save_checkpoint` writes it (train.py's last.pt /
+best.pt, a converted release), `read_checkpoint` reads it (and upgrades files of older versions),
+and `model_from_checkpoint` rebuilds the model without a download (resume, --init, eval.py). A run
 folder holds config.json, splits/, log.jsonl, last.pt, best.pt, metrics.json and curves.png; its
 JSON files are written here too. Every write is atomic: a crash mid-write never leaves a truncated
 file where a good one was.
@@ -32,7 +33,8 @@ from catalog import DatasetInfo, dataset_info
 from errors import UserError
 from model import Co2S, ModelSpec, build_model
 
-FORMAT = 2   # 1: before the format was versioned (cfg["batch"] per process, epochs drop the remainder)
+# 1: before the format was versioned (cfg["batch"] per process, epochs drop the remainder)
+FORMAT = 2
 AMP = ("auto", "bf16", "fp16", "off")
 EXIT_STOPPED = 75   # stopped by a signal with last.pt written (sysexits' EX_TEMPFAIL: run it again)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -74,7 +76,8 @@ def save_atomic(obj, path, keep_previous=False):
     previous = os.path.splitext(path)[0] + ".prev.pt"
     try:
         if keep_previous and os.path.isfile(previous) and os.path.isfile(path):
-            os.remove(previous)          # at most three checkpoints on disk while the new one is written
+            # at most three checkpoints on disk while the new one is written
+            os.remove(previous)
         with replacing(path) as tmp:
             torch.save(obj, tmp)
             if keep_previous and os.path.isfile(path):
@@ -118,9 +121,9 @@ def run_info(world):
 
 def save_checkpoint(run, path, keep_previous=False):
     """Everything to resume or evaluate the run, written atomically; never NaN weights over a good
-    file (returns False then). keep_previous: the file it replaces stays as <name>.prev.pt (last.pt),
-    in case the new one is lost to a failing disk. A failed write (disk full) leaves the previous
-    files intact and is a UserError saying so."""
+    file (returns False then). keep_previous: the file it replaces stays as <name>.prev.pt
+    (last.pt), in case the new one is lost to a failing disk. A failed write (disk full) leaves the
+    previous files intact and is a UserError saying so."""
     if not all(torch.isfinite(p).all() for p in run.model.parameters()):
         return False
     state = dict(format=FORMAT, cfg=run.cfg, model_args=dataclasses.asdict(run.spec),
@@ -152,7 +155,8 @@ def check_room(out, model):
 
 
 def check_writable(out):
-    """The run folder can be created and written (checked before any model is built or downloaded)."""
+    """The run folder can be created and written (checked before any model is built or
+    downloaded)."""
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, ".write-test")
@@ -184,7 +188,8 @@ def read_checkpoint(path):
 
 def _upgrade_from_1(state):
     """Format 1: no train_backbone before it was a choice (attention); --batch counted per process
-    and epochs dropped the remainder: kept as such, so that a resumed run continues as it started."""
+    and epochs dropped the remainder: kept as such, so that a resumed run continues as it
+    started."""
     cfg, args = dict(state["cfg"]), dict(state["model_args"])
     cfg.setdefault("train_backbone", "attention")
     args.setdefault("train_backbone", "attention")
@@ -199,15 +204,16 @@ def spec_of(state):
 
 
 def model_from_checkpoint(state, numerics=None):
-    """The Co2S model of a checkpoint: built from its model_args (random backbones, no download), then
-    every tensor (frozen backbone weights, CLIP text embeddings included) read from its state dict.
-    numerics: run it with other numerics than it was trained with ('hf' | 'release')."""
+    """The Co2S model of a checkpoint: built from its model_args (random backbones, no download),
+    then every tensor (frozen backbone weights, CLIP text embeddings included) read from its state
+    dict. numerics: run it with other numerics than it was trained with ('hf' | 'release')."""
     spec, sd = spec_of(state), state["model"]
     if numerics:
         spec = dataclasses.replace(spec, numerics=numerics)
     text = next((v for k, v in sd.items() if k.endswith(".text")), None)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "random backbone weights": they are overwritten just below
+        # "random backbone weights": they are overwritten just below
+        warnings.simplefilter("ignore")
         try:
             model = build_model(spec, text=text)
         except ValueError as e:
@@ -226,9 +232,9 @@ HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def resolve_checkpoint(path, ckpt=None):
-    """What a command was given -> what read_checkpoint reads: a run folder (its best.pt, else last.pt;
-    or the one `ckpt` names), a .pt file, an exported model folder (config.json + model.safetensors),
-    or the hub id of one (downloaded once into the Hugging Face cache)."""
+    """What a command was given -> what read_checkpoint reads: a run folder (its best.pt, else
+    last.pt; or the one `ckpt` names), a .pt file, an exported model folder (config.json +
+    model.safetensors), or the hub id of one (downloaded once into the Hugging Face cache)."""
     if is_export(path):
         return path
     if os.path.isdir(path):
@@ -247,7 +253,8 @@ def resolve_checkpoint(path, ckpt=None):
 
 
 def run_folder(checkpoint):
-    """The folder holding a checkpoint's run files (splits/, eval JSON): an exported folder itself."""
+    """The folder holding a checkpoint's run files (splits/, eval JSON): an exported folder
+    itself."""
     return checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint)
 
 
@@ -278,9 +285,9 @@ def is_export(path):
 
 
 def export(checkpoint, out_dir, info):
-    """A self-contained model folder from a checkpoint: config.json (what rebuilds the model and how it
-    was trained and evaluated), model.safetensors (the weights: no optimizer, no pickle), the run's
-    split lists, and a README.md model card. `hf upload USER/NAME DIR` publishes it."""
+    """A self-contained model folder from a checkpoint: config.json (what rebuilds the model and how
+    it was trained and evaluated), model.safetensors (the weights: no optimizer, no pickle), the
+    run's split lists, and a README.md model card. `hf upload USER/NAME DIR` publishes it."""
     from safetensors.torch import save_file
     state = read_checkpoint(checkpoint)
     folder = run_folder(checkpoint)
@@ -292,18 +299,21 @@ def export(checkpoint, out_dir, info):
                   dataset_info=dataclasses.asdict(info), step=state["step"], results=results,
                   text_source=source)
     with replacing(os.path.join(out_dir, "model.safetensors")) as tmp:
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state["model"].items()}, tmp,
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state["model"].items()},
+                  tmp,
                   metadata={"format": "pt"})
     write_json(os.path.join(out_dir, "config.json"), config)
     if os.path.isdir(os.path.join(folder, "splits")):
-        shutil.copytree(os.path.join(folder, "splits"), os.path.join(out_dir, "splits"), dirs_exist_ok=True)
+        shutil.copytree(os.path.join(folder, "splits"), os.path.join(out_dir, "splits"),
+                        dirs_exist_ok=True)
     with replacing(os.path.join(out_dir, "README.md")) as tmp, open(tmp, "w") as f:
         f.write(model_card(config))
     return out_dir
 
 
 def _results_of(state, folder):
-    """The evaluation of the checkpoint's own step: best.pt's, or metrics.json's last (None if none)."""
+    """The evaluation of the checkpoint's own step: best.pt's, or metrics.json's last (None if
+    none)."""
     if state["best"].get("step") == state["step"] and "results" in state["best"]:
         return state["best"]["results"]
     metrics = os.path.join(folder, "metrics.json")
@@ -328,7 +338,8 @@ def read_export(folder):
 
 
 def download_export(repo_id):
-    """A hub id -> the local folder of that exported model (downloaded once, then from the cache)."""
+    """A hub id -> the local folder of that exported model (downloaded once, then from the
+    cache)."""
     from huggingface_hub import snapshot_download
     try:
         folder = snapshot_download(repo_id)
@@ -345,11 +356,13 @@ def download_export(repo_id):
 
 LICENCES = {"potsdam": "ISPRS 2D semantic labelling benchmark terms (research use)",
             "loveda": "CC BY-NC-SA 4.0", "demo": "synthetic (generated by demo.py)"}
-WEIGHT_LICENCES = {"clip": "OpenAI CLIP ViT-B/16: MIT", "dinov3": "Meta DINOv3 ViT-B/16: the DINOv3 License"}
+WEIGHT_LICENCES = {"clip": "OpenAI CLIP ViT-B/16: MIT",
+                   "dinov3": "Meta DINOv3 ViT-B/16: the DINOv3 License"}
 
 
 def model_card(config):
-    """README.md of an exported model: what it is, how good, how it was trained, under which terms."""
+    """README.md of an exported model: what it is, how good, how it was trained, under which
+    terms."""
     cfg, args, res = config["cfg"], config["model_args"], config["results"] or {}
     names = list(res) or args["kinds"]
     miou = " | ".join(f"{100 * res[n]['miou']:.2f}" if n in res else "-" for n in names)
@@ -389,7 +402,8 @@ def save_release(model, cfg, run_dir):
     os.makedirs(run_dir, exist_ok=True)
     kinds = tuple(s.kind for s in model.students)
     num_classes = len(model.students[0].class_embeddings())
-    spec = ModelSpec(kinds, num_classes, size=vit_size([(s.kind, s.backbone) for s in model.students]),
+    spec = ModelSpec(kinds, num_classes,
+                     size=vit_size([(s.kind, s.backbone) for s in model.students]),
                      numerics="release", fusion=model.fusion)
     cfg = dict(cfg, students=",".join(kinds), numerics="release", fusion=model.fusion,
                train_backbone=spec.train_backbone)
@@ -414,7 +428,8 @@ def set_rng_state(s):
 
 
 def setup_ddp(device=None):
-    """(rank, world, device): torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without it, one process."""
+    """(rank, world, device): torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without it, one
+    process."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if int(os.environ.get("RANK", -1)) == -1:
         return 0, 1, device
@@ -426,9 +441,9 @@ def setup_ddp(device=None):
 
 
 def amp_dtype(device, amp="auto"):
-    """The one mixed-precision policy (train, eval, bench), amp one of AMP: on CUDA bf16 ('auto'; fp16
-    where the GPU has no bf16, or asked for); fp32 on the CPU (bf16 there is many times slower) and
-    with 'off'."""
+    """The one mixed-precision policy (train, eval, bench), amp one of AMP: on CUDA bf16 ('auto';
+    fp16 where the GPU has no bf16, or asked for); fp32 on the CPU (bf16 there is many times slower)
+    and with 'off'."""
     if amp not in AMP:
         raise UserError(f"unknown amp {amp!r}; valid: {', '.join(AMP)}")
     if device.type != "cuda" or amp == "off":
@@ -446,9 +461,9 @@ def autocast(device, amp="auto"):
 
 class StopSignals:
     """SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 (SLURM's warning before the time limit) ask the loop to
-    stop after the current optimizer step; a second Ctrl-C stops at once. `requested()` is the same on
-    every rank of a DDP run (the flag is all-reduced), so all ranks stop at the same step. A context
-    manager: the previous handlers come back on exit."""
+    stop after the current optimizer step; a second Ctrl-C stops at once. `requested()` is the same
+    on every rank of a DDP run (the flag is all-reduced), so all ranks stop at the same step. A
+    context manager: the previous handlers come back on exit."""
 
     def __init__(self, world=1, device="cpu"):
         self.world, self.device, self.name, self.previous = world, device, None, {}

@@ -26,8 +26,9 @@ PROMPT = "a photo of a {}"
 
 
 def average_concepts(concept_embeds, counts):
-    """E2: average the concept embeddings of each class as the text tower gives them (not normalised first, as
-    the authors' text_embeddings.py does), then L2-normalise. (sum(counts), D) -> (N, D)."""
+    """E2: average the concept embeddings of each class as the text tower gives them (not normalised
+    first, as the authors' text_embeddings.py does), then L2-normalise. (sum(counts), D) -> (N,
+    D)."""
     return F.normalize(torch.stack([c.mean(0) for c in concept_embeds.float().split(list(counts))]), dim=-1)
 
 
@@ -39,20 +40,25 @@ def encode_concepts(concepts, text_model, tokenizer):
     if tokens["input_ids"].shape[1] <= 2:
         raise UserError("the CLIP tokenizer produced empty prompts (an empty tokenizer?): check the CLIP weights folder")
     text_model.eval()
-    embeds = text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).text_embeds
+    embeds = text_model(input_ids=tokens["input_ids"],
+                        attention_mask=tokens["attention_mask"]).text_embeds
     return average_concepts(embeds, [len(c) for c in concepts])
 
 
 def text_embeddings(concepts, weights, cache_dir=None):
-    """E2 class embeddings from the text tower of the CLIP checkpoint `weights` (hub id or folder), cached.
+    """E2 class embeddings from the text tower of the CLIP checkpoint `weights` (hub id or folder),
+    cached.
 
     concepts: per class a list of concepts, class name first."""
     cache_dir = cache_dir or os.environ.get("CO2S_CACHE", os.path.expanduser("~/.cache/co2s"))
     weights = os.path.expanduser(weights)
-    # key: checkpoint (a folder by path and the size/time of its files, so replaced weights are not reused)
+    # key: checkpoint (a folder by path and the size/time of its files, so replaced weights are not
+    # reused)
     ckpt = weights if not os.path.isdir(weights) else [os.path.abspath(weights)] + sorted(
-        (f, os.path.getsize(os.path.join(weights, f)), os.path.getmtime(os.path.join(weights, f))) for f in os.listdir(weights))
-    key_src = json.dumps([ckpt, PROMPT, concepts, "mean of raw embeddings"])   # what E2 computes is part of the key
+        (f, os.path.getsize(os.path.join(weights, f)),
+         os.path.getmtime(os.path.join(weights, f))) for f in os.listdir(weights))
+    # what E2 computes is part of the key
+    key_src = json.dumps([ckpt, PROMPT, concepts, "mean of raw embeddings"])
     path = os.path.join(cache_dir, "text", hashlib.sha1(key_src.encode()).hexdigest()[:16] + ".pt")
     if os.path.isfile(path):
         return torch.load(path)
@@ -72,7 +78,8 @@ def text_embeddings(concepts, weights, cache_dir=None):
 
 
 def load_text_embeddings(path, num_classes, dim):
-    """A precomputed [N, D] .npy / .pt file (e.g. the authors' `*_conceptavg*_single.npy`), unit rows."""
+    """A precomputed [N, D] .npy / .pt file (e.g. the authors' `*_conceptavg*_single.npy`), unit
+    rows."""
     if not os.path.isfile(path):
         raise UserError(f"--text-embeddings: file {path!r} does not exist")
     t = torch.from_numpy(np.load(path)) if path.endswith(".npy") else torch.load(path)
@@ -90,12 +97,13 @@ def stand_in_embeddings(num_classes, dim, seed=0):
 
 
 def class_embeddings(concepts, *, size, clip_weights=None, file=None):
-    """(T, source) for a CLIP student with text guidance: from `file` when given, else E2 with the text
-    tower of `clip_weights`, else (random CLIP weights) the stand-in rows."""
+    """(T, source) for a CLIP student with text guidance: from `file` when given, else E2 with the
+    text tower of `clip_weights`, else (random CLIP weights) the stand-in rows."""
     dim = SIZES[size].proj
     if file:
         return load_text_embeddings(file, len(concepts), dim), f"file {file}"
     if clip_weights:
         return text_embeddings(concepts, clip_weights), f"E2 with the text tower of {clip_weights}"
-    return stand_in_embeddings(len(concepts), dim), ("stand-in: seeded well-separated unit rows (the CLIP student "
+    return stand_in_embeddings(len(concepts),
+                               dim), ("stand-in: seeded well-separated unit rows (the CLIP student "
                                                      "has random weights; a random text tower collapses the prompts)")

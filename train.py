@@ -1,16 +1,18 @@
-"""train.py: one readable Co2S training loop, from `python train.py` (the offline demo) to the paper.
+"""train.py: one readable Co2S training loop, from `python train.py` (the offline demo) to the
+paper.
 
-    python train.py                                    # demo: synthetic data, tiny students, CPU, minutes
+    python train.py                                    # demo: synthetic data, tiny students, CPU,
+    minutes
     python train.py --dataset potsdam --ratio 1/16     # the paper on one GPU (METHOD.md section 5)
     torchrun --nproc_per_node 4 train.py --dataset potsdam --ratio 1/16   # the release's own shape
 
 The loop: set lr (poly) and E9's weight -> the losses of one Co2S iteration (co2s.py) -> backward ->
 one AdamW step per student -> log every N steps -> at each epoch end write last.pt, then evaluate
-(sliding window, eval.py) and keep best.pt. `--batch` is the GLOBAL batch (the release's by default);
-one GPU computes it as one micro-batch, `--accum` splits it as the release's processes did.
-`--resume RUN_DIR` continues the same run: step, lr, optimizer, RNG and data order. Only rank 0
-prints, logs and saves. The run's files and checkpoints are runs.py's.
-Left out on purpose: EMA teachers, schedulers with warmup, multi-crop evaluation (not in the paper).
+(sliding window, eval.py) and keep best.pt. `--batch` is the GLOBAL batch (the release's by
+default); one GPU computes it as one micro-batch, `--accum` splits it as the release's processes
+did. `--resume RUN_DIR` continues the same run: step, lr, optimizer, RNG and data order. Only rank 0
+prints, logs and saves. The run's files and checkpoints are runs.py's. Left out on purpose: EMA
+teachers, schedulers with warmup, multi-crop evaluation (not in the paper).
 """
 import argparse
 import dataclasses
@@ -39,15 +41,18 @@ from losses import stability_weight
 from model import FUSIONS, ModelSpec, build_model, student_names
 from text import class_embeddings
 
-# METHOD.md section 5: the paper fine-tunes PRETRAINED ViTs: only their attention trains, barely (x0.01).
+# METHOD.md section 5: the paper fine-tunes PRETRAINED ViTs: only their attention trains, barely
+# (x0.01).
 PAPER_RECIPE = dict(lr=1e-4, backbone_lr_mult=0.01, head_lr_mult=10.0, train_backbone="attention")
-# Students with random weights (the tiny preset, or 'none' weights) learn the whole backbone from scratch.
+# Students with random weights (the tiny preset, or 'none' weights) learn the whole backbone from
+# scratch.
 SCRATCH_RECIPE = dict(lr=5e-4, backbone_lr_mult=0.5, head_lr_mult=1.0, train_backbone="all")
 HYPER = ("lr", "weight_decay", "backbone_lr_mult", "head_lr_mult")
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # real defaults only; a None default is explained in the help
+    # real defaults only; a None default is explained in the help
+    def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
@@ -58,57 +63,79 @@ def get_args(argv=None):
     a("--dataset", default="demo", help="one of: " + ", ".join(CHOICES))
     a("--ratio", default="1/16", help="labelled ratio, 1/16 or 1_16")
     a("--data-root", default=None, help="dataset folder (default: data/<dataset>)")
-    a("--download", action="store_true", help="fetch a missing paper dataset from the authors' hub repository")
-    a("--splits", default=None, help="split lists: a folder (paper layout or labeled/unlabeled/val.txt), "
+    a("--download", action="store_true",
+      help="fetch a missing paper dataset from the authors' hub repository")
+    a("--splits", default=None,
+      help="split lists: a folder (paper layout or labeled/unlabeled/val.txt), "
       "or 'seeded' for a seeded draw (default: the paper's lists in splits/ for its datasets)")
-    a("--crop", type=int, default=None, help="training crop and eval window (default: the dataset's; "
+    a("--crop", type=int, default=None,
+      help="training crop and eval window (default: the dataset's; "
       "paper 512, whdld 256)")
-    a("--batch", type=int, default=None, help="GLOBAL labelled (and unlabelled) images per optimizer step "
+    a("--batch", type=int, default=None,
+      help="GLOBAL labelled (and unlabelled) images per optimizer step "
       "(default: the release's: 4 = 4 GPUs x 1, whdld 8 = 4 x 2; the demo 2; custom data 4)")
-    a("--accum", type=int, default=1, help="micro-batches per step and process: --accum 4 on one GPU is "
+    a("--accum", type=int, default=1,
+      help="micro-batches per step and process: --accum 4 on one GPU is "
       "exactly the release's 4-process run (slower); 1 computes the batch at once (faster)")
-    a("--workers", type=int, default=None, help="data loader processes per stream (default: a quarter "
+    a("--workers", type=int, default=None,
+      help="data loader processes per stream (default: a quarter "
       "of the CPU cores, 1 to 4; three streams run at once)")
     # students (E1-E4)
-    a("--students", default="clip,dinov3", help="one or two of clip|dinov3, comma separated: clip,dinov3 "
+    a("--students", default="clip,dinov3",
+      help="one or two of clip|dinov3, comma separated: clip,dinov3 "
       "(paper), clip,clip, dinov3,dinov3, clip, dinov3")
-    a("--size", default=None, choices=["base", "tiny"], help="ViT-B/16 (the paper) or the tiny CPU preset "
+    a("--size", default=None, choices=["base", "tiny"],
+      help="ViT-B/16 (the paper) or the tiny CPU preset "
       "(default: the dataset's; tiny for the demo)")
     for kind in KINDS:
         a(f"--{kind}-weights", default=None, help=f"hub id or local folder (base default "
           f"{DEFAULT_WEIGHTS[kind]}); 'none' = random")
-    a("--clip-guidance", default="text", choices=["text", "queries"], help="ablation: CLIP student with "
+    a("--clip-guidance", default="text", choices=["text", "queries"],
+      help="ablation: CLIP student with "
       "learnable queries instead of text (E2)")
-    a("--text-embeddings", default=None, help="precomputed [N, 512] .npy/.pt class embeddings for CLIP")
-    a("--numerics", default="hf", choices=NUMERICS, help="backbone numerics: the transformers checkpoints "
+    a("--text-embeddings", default=None,
+      help="precomputed [N, 512] .npy/.pt class embeddings for CLIP")
+    a("--numerics", default="hf", choices=NUMERICS,
+      help="backbone numerics: the transformers checkpoints "
       "as they are (hf), or as the authors' code ran them (release: exact GELU, eps 1e-6, bf16 RoPE)")
-    a("--init", default=None, help="start from the weights of a checkpoint (ours, or a converted release: "
+    a("--init", default=None,
+      help="start from the weights of a checkpoint (ours, or a converted release: "
       "eval.py --release DIR --save RUN_DIR); its students, size and numerics are used")
-    a("--grad-checkpoint", action="store_true", help="recompute the trainable blocks in backward (memory)")
+    a("--grad-checkpoint", action="store_true",
+      help="recompute the trainable blocks in backward (memory)")
     # method (co2s.Method)
     a("--method", default="co2s", choices=co2s.METHODS, help="co2s (E5-E8) | unimatch (no E8) | "
       "supervised (E5 only)")
-    a("--stability", default="grad", choices=co2s.STABILITY, help="E8: grad (paper) | released (the "
+    a("--stability", default="grad", choices=co2s.STABILITY,
+      help="E8: grad (paper) | released (the "
       "authors' code: no gradient) | off")
-    a("--tau", type=float, default=0.95, help="confidence threshold of pseudo-labels and stability masks")
+    a("--tau", type=float, default=0.95,
+      help="confidence threshold of pseudo-labels and stability masks")
     a("--no-fp", action="store_true", help="ablation: drop the feature-perturbation branch (E4)")
-    a("--strong-views", type=int, default=2, choices=[1, 2], help="ablation: one strong view, not two")
+    a("--strong-views", type=int, default=2, choices=[1, 2],
+      help="ablation: one strong view, not two")
     a("--mix-source", default="partner", choices=data.MIX_SOURCES, help="CutMix partners: another "
       "unlabelled image (ours), the same image augmented again (the release), or the batch rolled by one")
     a("--fusion", default="confidence", choices=FUSIONS, help="E10 fusion rule at inference")
     # optimisation (METHOD.md section 5)
-    a("--lr", type=float, default=None, help="base lr (default: 1e-4 pretrained, 5e-4 from scratch)")
+    a("--lr", type=float, default=None,
+      help="base lr (default: 1e-4 pretrained, 5e-4 from scratch)")
     a("--weight-decay", type=float, default=0.01)
-    a("--backbone-lr-mult", type=float, default=None, help="trainable backbone weights (default: 0.01 "
+    a("--backbone-lr-mult", type=float, default=None,
+      help="trainable backbone weights (default: 0.01 "
       "pretrained, 0.5 scratch)")
-    a("--train-backbone", default=None, choices=TRAIN_BACKBONE, help="which backbone weights train: the "
+    a("--train-backbone", default=None, choices=TRAIN_BACKBONE,
+      help="which backbone weights train: the "
       "attention projections (default for pretrained students, the paper) or all (default from scratch)")
-    a("--head-lr-mult", type=float, default=None, help="decoder head (default: 10 pretrained, 1 scratch); "
+    a("--head-lr-mult", type=float, default=None,
+      help="decoder head (default: 10 pretrained, 1 scratch); "
       "queries x1")
-    a("--epochs", type=int, default=None, help="one epoch = one pass over the unlabelled list (default: "
+    a("--epochs", type=int, default=None,
+      help="one epoch = one pass over the unlabelled list (default: "
       "the dataset's; 80, mer 150)")
     a("--iters", type=int, default=None, help="total optimizer steps (overrides --epochs)")
-    a("--amp", default="auto", choices=runs.AMP, help="CUDA autocast (auto: bf16, else fp16); CPU runs fp32")
+    a("--amp", default="auto", choices=runs.AMP,
+      help="CUDA autocast (auto: bf16, else fp16); CPU runs fp32")
     a("--seed", type=int, default=0)
     # run folder
     a("--out", default=None, help="run folder (default: runs/<dataset>-<ratio>-<time>)")
@@ -117,7 +144,8 @@ def get_args(argv=None):
     a("--eval-every", type=int, default=1, help="epochs between evaluations")
     a("--best-by", default="fused", help="student name (or fused) whose mIoU picks best.pt")
     a("--log-every", type=int, default=10)
-    a("--save-every", type=int, default=0, help="also write last.pt every N steps (0: at epoch ends)")
+    a("--save-every", type=int, default=0,
+      help="also write last.pt every N steps (0: at epoch ends)")
     a("--stop-at", type=int, default=None, help="stop after this step (checkpointed): split a run")
     a("--device", default=None, help="cuda or cpu (default: cuda if available)")
     args = p.parse_args(argv)
@@ -135,7 +163,8 @@ def get_args(argv=None):
 
 
 def resolve(args):
-    """The run's config: every flag, with the dataset's defaults and the recipe filled in (config.json)."""
+    """The run's config: every flag, with the dataset's defaults and the recipe filled in
+    (config.json)."""
     cfg = vars(args).copy()
     info = dataset_info(args.dataset, args.data_root)
     cfg["data_root"] = args.data_root or os.path.join("data", args.dataset)
@@ -149,7 +178,8 @@ def resolve(args):
         cfg[f"{kind}_weights"] = None if w == "none" else w
     if args.init:   # fine-tuning: the checkpoint decides what the students are
         init = runs.read_checkpoint(runs.resolve_checkpoint(args.init))["model_args"]
-        cfg.update(students=",".join(init["kinds"]), size=init["size"], clip_guidance=init["clip_guidance"],
+        cfg.update(students=",".join(init["kinds"]), size=init["size"],
+                   clip_guidance=init["clip_guidance"],
                    numerics=init["numerics"], clip_weights=None, dinov3_weights=None)
     kinds = cfg["students"].split(",")
     random_students = not args.init and all(cfg[f"{k}_weights"] is None for k in kinds)
@@ -158,7 +188,8 @@ def resolve(args):
                      "paper: pretrained students (METHOD.md section 5)")
     for k, v in recipe.items():
         cfg[k] = v if cfg[k] is None else cfg[k]
-    cfg["epoch_rule"] = "release"   # epochs counted as the release's DistributedSampler (data.BatchLayout)
+    # epochs counted as the release's DistributedSampler (data.BatchLayout)
+    cfg["epoch_rule"] = "release"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     cfg["out"] = cfg["out"] or os.path.join("runs", f"{cfg['dataset']}-{cfg['ratio']}-{stamp}")
     return cfg
@@ -178,8 +209,9 @@ def method_of(cfg):
 
 
 def batch_layout(cfg, world, rank):
-    """How the global batch splits over the processes and --accum (data.BatchLayout). A run of format
-    1 counted --batch per process and dropped the remainder of an epoch: it resumes as it started."""
+    """How the global batch splits over the processes and --accum (data.BatchLayout). A run of
+    format 1 counted --batch per process and dropped the remainder of an epoch: it resumes as it
+    started."""
     if "batch_per_process" in cfg:
         cfg["batch"] = cfg.pop("batch_per_process") * world * cfg["accum"]
     return data.BatchLayout(cfg["batch"], world, cfg["accum"], rank,
@@ -199,19 +231,22 @@ def new_model(cfg, info):
         return model, f"the checkpoint {cfg['init']}"
     text, source = None, None
     if "clip" in spec.kinds and cfg["clip_guidance"] == "text":
-        text, source = class_embeddings(info.concepts, size=cfg["size"], clip_weights=cfg["clip_weights"],
+        text, source = class_embeddings(info.concepts, size=cfg["size"],
+                                        clip_weights=cfg["clip_weights"],
                                         file=cfg["text_embeddings"])
     weights = {k: cfg[f"{k}_weights"] for k in KINDS}
     return build_model(spec, weights=weights, text=text), source
 
 
 def param_groups(student, *, lr, weight_decay, backbone_lr_mult, head_lr_mult):
-    """Explicit AdamW groups (METHOD.md section 5). In the paper's recipe the only trainable backbone
-    parameters are the attention projections and every backbone norm is frozen, so 'no decay on norms
-    outside the head' leaves nothing to exempt (from scratch, --train-backbone all, the norms decay too)."""
+    """Explicit AdamW groups (METHOD.md section 5). In the paper's recipe the only trainable
+    backbone parameters are the attention projections and every backbone norm is frozen, so 'no
+    decay on norms outside the head' leaves nothing to exempt (from scratch, --train-backbone all,
+    the norms decay too)."""
     groups = [dict(name=f"{student.name}.backbone", lr=lr * backbone_lr_mult,
                    params=[p for p in student.backbone.parameters() if p.requires_grad]),
-              dict(name=f"{student.name}.head", lr=lr * head_lr_mult, params=list(student.head.parameters()))]
+              dict(name=f"{student.name}.head", lr=lr * head_lr_mult,
+                   params=list(student.head.parameters()))]
     if student.queries is not None:
         groups.append(dict(name=f"{student.name}.queries", lr=lr, params=[student.queries.weight]))
     for g in groups:
@@ -220,8 +255,9 @@ def param_groups(student, *, lr, weight_decay, backbone_lr_mult, head_lr_mult):
 
 
 def poly(step, total):
-    """The lr factor of step `step` (0-based): (1 - t/T)^0.9, no warmup, with t = step - 1 as released
-    (the authors set the lr after each step from the index of the step just taken; step 0: base lr)."""
+    """The lr factor of step `step` (0-based): (1 - t/T)^0.9, no warmup, with t = step - 1 as
+    released (the authors set the lr after each step from the index of the step just taken; step 0:
+    base lr)."""
     return (1 - max(step - 1, 0) / total) ** 0.9
 
 
@@ -247,7 +283,8 @@ class Loop:
     steps_per_epoch: int
     total_steps: int
     device: torch.device
-    window: dict = dataclasses.field(default_factory=dict)    # log key -> (sum, count) since the last record
+    # log key -> (sum, count) since the last record
+    window: dict = dataclasses.field(default_factory=dict)
     t_last: float = dataclasses.field(default_factory=time.time)
 
     @property
@@ -292,19 +329,25 @@ def main(argv=None):
     np.random.seed(cfg["seed"])
     random.seed(cfg["seed"])
     info = dataset_info(cfg["dataset"], cfg["data_root"])
-    splits = prepare_data(cfg, info, os.path.join(cfg["out"], "splits") if state else cfg["splits"], world)
+    splits = prepare_data(cfg, info,
+                          os.path.join(cfg["out"], "splits") if state else cfg["splits"], world)
     loop, text_source = build_loop(cfg, state, info, splits, layout, device)
     if loop.master:
         runs.check_room(cfg["out"], loop.run.model)
         start_run(loop, splits, text_source, fresh=state is None)
     run, method, amp = loop.run, method_of(cfg), runs.autocast(device, cfg["amp"])
-    streams = [iter(loader) for loader in data.train_loaders(  # one iterator per run: workers start once
-        info, splits, loop.layout, data.Streams(cfg["crop"], cfg["seed"], cfg["mix_source"], cfg["workers"],
-                                                device.type == "cuda"), range(run.step, loop.total_steps))]
-    val = data.val_loader(info, splits.val, workers=min(cfg["workers"], 2), rank=rank, world_size=world)
+    # one iterator per run: workers start once
+    streams = [iter(loader) for loader in data.train_loaders(
+        info, splits, loop.layout, data.Streams(cfg["crop"], cfg["seed"], cfg["mix_source"],
+                                                cfg["workers"],
+                                                device.type == "cuda"), range(run.step,
+                                                                              loop.total_steps))]
+    val = data.val_loader(info, splits.val, workers=min(cfg["workers"], 2), rank=rank,
+                          world_size=world)
     params = [p for p in run.model.parameters() if p.requires_grad]
 
-    pbar = tqdm(total=loop.total_steps, initial=run.step, disable=not loop.master, dynamic_ncols=True)
+    pbar = tqdm(total=loop.total_steps, initial=run.step, disable=not loop.master,
+                dynamic_ncols=True)
     run.model.train()
     with runs.StopSignals(world, device) as stop:
         while run.step < loop.total_steps and run.step != cfg["stop_at"]:
@@ -325,11 +368,13 @@ def train_step(loop, streams, method, amp, params):
     lam = stability_weight(run.step, loop.total_steps)                 # E9
     rng = runs.rng_state() if loop.layout.accum > 1 else None
     for micro in range(loop.layout.accum):
-        # Every rank of a DDP run draws the same dropout masks (same seed, same calls); micro-batch j
+        # Every rank of a DDP run draws the same dropout masks (same seed, same calls); micro-batch
+        # j
         # replays the step's RNG state to draw exactly what rank j of the --accum-process run would.
         if micro:
             runs.set_rng_state(rng)
-        batches = [{k: v.to(device, non_blocking=True) for k, v in next(s).items()} for s in streams]
+        batches = [{k: v.to(device, non_blocking=True) for k,
+                    v in next(s).items()} for s in streams]
         with amp:
             out = co2s.iteration(run.model.students, *batches, stability_weight=lam, method=method)
         # The students' graphs are disjoint (E8 targets are detached): one backward of the sum gives
@@ -363,7 +408,8 @@ def stopped(loop, signal_name):
     """A stop signal: every rank stops after the same step; rank 0 writes last.pt of that step."""
     run, out = loop.run, loop.cfg["out"]
     if loop.master:
-        if not loop.saves_after(run.step):          # (already written when the step was a save step)
+        # (already written when the step was a save step)
+        if not loop.saves_after(run.step):
             runs.save_checkpoint(run, os.path.join(out, "last.pt"), keep_previous=True)
         print(f"\nstopped by {signal_name} after step {run.step}; last.pt is written. Continue with: "
               f"python train.py --resume {out} (or the same command with --out {out})", flush=True)
@@ -388,13 +434,16 @@ def build_loop(cfg, state, info, splits, layout, device):
         raise UserError(f"{len(splits.unlabeled)} unlabelled images are fewer than one "
                         f"{layout.describe()}; lower --batch")
     total = cfg["iters"] or cfg["epochs"] * steps_per_epoch
-    model, text_source = (runs.model_from_checkpoint(state), None) if state else new_model(cfg, info)
+    model, text_source = (runs.model_from_checkpoint(state), None) if state else new_model(cfg,
+                                                                                           info)
     model.to(device)
     for t in model.state_dict().values() if world > 1 else []:
         dist.broadcast(t, 0)  # identical start on every rank
-    optimizers = [torch.optim.AdamW(param_groups(s, **{k: cfg[k] for k in HYPER}), fused=device.type == "cuda")
+    optimizers = [torch.optim.AdamW(param_groups(s, **{k: cfg[k] for k in HYPER}),
+                                    fused=device.type == "cuda")
                   for s in model.students]
-    scaler = torch.amp.GradScaler(device.type, enabled=runs.amp_dtype(device, cfg["amp"]) == torch.float16)
+    scaler = torch.amp.GradScaler(device.type,
+                                  enabled=runs.amp_dtype(device, cfg["amp"]) == torch.float16)
     run = runs.Run(cfg, spec_of(cfg, len(info.classes)), model, optimizers, scaler)
     if state:
         for opt, s in zip(optimizers, state["optimizers"]):
@@ -430,7 +479,8 @@ def load_resume(args):
 
 
 # flags that may differ between the runs of one requeued job without changing the run
-REQUEUE_FREE = ("resume", "stop_at", "workers", "device", "download", "log_every", "save_every", "command")
+REQUEUE_FREE = ("resume", "stop_at", "workers", "device", "download", "log_every", "save_every",
+                "command")
 
 
 def requeued(args, cfg):
@@ -450,8 +500,8 @@ def requeued(args, cfg):
 
 
 def prepare_data(cfg, info, splits_dir, world):
-    """The data on disk (generated, downloaded or already there), the split lists (a resumed run reads
-    its own), and a scan of every listed file before the first step."""
+    """The data on disk (generated, downloaded or already there), the split lists (a resumed run
+    reads its own), and a scan of every listed file before the first step."""
     master = int(os.environ.get("RANK", 0)) == 0
     if master:
         ensure(info, cfg["data_root"], download=cfg["download"])
@@ -471,8 +521,8 @@ def accumulate(loop, logs):
 
 
 def log_train(loop, pbar):
-    """Stop on a non-finite loss, else one log.jsonl record (rank 0) of the means over the steps since
-    the last record."""
+    """Stop on a non-finite loss, else one log.jsonl record (rank 0) of the means over the steps
+    since the last record."""
     step, cfg = loop.run.step, loop.cfg
     vals = {k: round(float(v / n), 5) for k, (v, n) in loop.window.items()}
     loop.window = {}
@@ -482,15 +532,18 @@ def log_train(loop, pbar):
     now, steps = time.time(), step - (step - 1) // cfg["log_every"] * cfg["log_every"]
     if loop.master:
         runs.append_jsonl(os.path.join(cfg["out"], "log.jsonl"), dict(
-            type="train", step=step, epoch=round(loop.epoch(step), 4), lr=cfg["lr"] * poly(step - 1, loop.total_steps),
+            type="train", step=step, epoch=round(loop.epoch(step),
+                                                 4), lr=cfg["lr"] * poly(step - 1,
+                                                                         loop.total_steps),
             step_s=round((now - loop.t_last) / steps, 4), **vals))
-        pbar.set_postfix({k: f"{v:.3f}" for k, v in vals.items() if k.endswith("/loss") or k == "lambda"})
+        pbar.set_postfix({k: f"{v:.3f}" for k,
+                          v in vals.items() if k.endswith("/loss") or k == "lambda"})
     loop.t_last = now
 
 
 def run_eval(loop, loader, amp):
-    """Sliding-window mIoU of every student and the fusion (eval.py); under DDP each rank takes its share
-    of the images and the confusion matrices are summed."""
+    """Sliding-window mIoU of every student and the fusion (eval.py); under DDP each rank takes its
+    share of the images and the confusion matrices are summed."""
     run = loop.run
     mats = evaluation.evaluate(run.model, loader, run.cfg["crop"], amp=amp)
     result = {}
@@ -505,17 +558,21 @@ def run_eval(loop, loader, amp):
 
 
 def keep_best(loop, result):
-    """Log an evaluation, keep best.pt by --best-by, write metrics.json (done: the run has ended)."""
+    """Log an evaluation, keep best.pt by --best-by, write metrics.json (done: the run has
+    ended)."""
     run, out, key = loop.run, loop.cfg["out"], loop.cfg["best_by"]
     runs.append_jsonl(os.path.join(out, "log.jsonl"), dict(type="eval", step=run.step,
-                                                           epoch=round(loop.epoch(run.step), 4), **result))
+                                                           epoch=round(loop.epoch(run.step),
+                                                                       4), **result))
     if result[key]["miou"] > run.best["miou"]:
         run.best = dict(miou=result[key]["miou"], step=run.step, by=key, results=result)
         runs.save_checkpoint(run, os.path.join(out, "best.pt"))
     runs.write_json(os.path.join(out, "metrics.json"), dict(
-        last=dict(step=run.step, results=result), best=run.best, best_by=key, total=loop.total_steps,
+        last=dict(step=run.step,
+                  results=result), best=run.best, best_by=key, total=loop.total_steps,
         done=run.step == loop.total_steps))
-    curves.plot([out], os.path.join(out, "curves.png"))       # the drift plot, redrawn at every evaluation
+    # the drift plot, redrawn at every evaluation
+    curves.plot([out], os.path.join(out, "curves.png"))
 
 
 def start_run(loop, splits, text_source, fresh):
@@ -544,7 +601,8 @@ def finish(loop):
     if loop.master:
         if run.step == loop.total_steps:
             last = runs.read_json(os.path.join(out, "metrics.json"))["last"]["results"]
-            print("\nmIoU (%) at the end: " + ", ".join(f"{k} {100 * v['miou']:.2f}" for k, v in last.items()))
+            print("\nmIoU (%) at the end: " + ", ".join(f"{k} {100 * v['miou']:.2f}" for k,
+                                                        v in last.items()))
         print(f"run folder: {out}")
     if loop.layout.world > 1:
         dist.destroy_process_group()

@@ -14,6 +14,7 @@ from PIL import Image
 import catalog
 import data
 import eval as ev
+import scene
 from errors import cli
 from helpers import student as build_student
 from model import Co2S
@@ -216,15 +217,16 @@ def test_predict_folder_writes_palette_masks_of_the_input_size(tmp_path):
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f)
     (folder / "notes.txt").write_text("not an image")
     info = types.SimpleNamespace(classes=CLASSES, palette=PALETTE, eval_size=None)
-    written = ev.predict_folder(_tiny_model(), info, str(folder), str(tmp_path / "out"), crop=64)
-    assert len(written) == 4
+    opts = scene.SceneOptions(64, overlay=True, progress=False)
+    done = scene.predict_path(_tiny_model(), info, str(folder), str(tmp_path / "out"), opts)
+    assert len(done) == 2 and all(len(d["files"]) == 3 for d in done)       # mask, overlay, json
     for f, (h, w) in sizes.items():
         stem = tmp_path / "out" / os.path.splitext(f)[0]
         mask = Image.open(f"{stem}_mask.png")
         assert mask.mode == "P" and mask.size == (w, h)
         assert mask.getpalette()[:12] == [v for c in PALETTE for v in c]
         assert set(np.unique(np.asarray(mask))) <= set(range(4))
-        assert Image.open(f"{stem}_overlay.png").size == (2 * w, h)
+        assert Image.open(f"{stem}_overlay.jpg").size == (w, h)
 
 
 def _fake_run(monkeypatch, model, info, cfg):
@@ -293,5 +295,5 @@ def test_main_evaluates_the_split_and_writes_json(tmp_path, monkeypatch, capsys)
     assert list(labeled["results"]) == ["clip"] and labeled["results"]["clip"]["pixels"] == 40 * 80
 
     out = tmp_path / "pred"
-    files = ev.main([str(run), "--predict", str(root / "images"), "--out", str(out)])
-    assert len(files) == 8 and Image.open(out / "v1_mask.png").size == (80, 48)
+    done = ev.main([str(run), "--predict", str(root / "images"), "--out", str(out)])
+    assert len(done) == 4 and Image.open(out / "v1_mask.png").size == (80, 48)

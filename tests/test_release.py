@@ -234,3 +234,20 @@ def test_cutmix_box_is_the_releases_joint_rejection_sampling():
 
     for seed in range(200):
         assert np.array_equal(data.cutmix_box(64, random.Random(seed)).numpy(), theirs(64, random.Random(seed))), seed
+
+
+def test_clip_encoder_keys_are_dropped_as_the_authors_eval_does_and_others_stay_errors(released, tmp_path,
+                                                                                       capsys):
+    folder, _ = released
+    ckpt = torch.load(folder / "best_clip.pth", weights_only=True)
+    base = release.from_release(str(folder / "best_clip.pth")).state_dict()
+    extra = dict(ckpt["model"], **{"module.clip_encoder.text.weight": torch.ones(3),
+                                   "module.clip_encoder.proj": torch.ones(2)})
+    torch.save(dict(ckpt, model=extra), tmp_path / "with_encoder.pth")
+    s = release.from_release(str(tmp_path / "with_encoder.pth"))
+    assert "dropped 2 'clip_encoder.*' keys" in capsys.readouterr().out
+    assert all(torch.equal(v, s.state_dict()[k]) for k, v in base.items())
+    torch.save(dict(ckpt, model=dict(ckpt["model"], **{"module.other.weight": torch.ones(1)})),
+               tmp_path / "other_key.pth")
+    with pytest.raises(UserError, match="other.weight"):
+        release.from_release(str(tmp_path / "other_key.pth"))
