@@ -222,3 +222,25 @@ def _env(pid):
             return dict(x.split("=", 1) for x in f.read().decode(errors="replace").split("\0") if "=" in x)
     except OSError:
         return {}
+
+
+def test_a_checkpoint_of_the_previous_format_evaluates_and_resumes_as_it_started(micro_root, tmp_path):
+    """Format 1 (before global batches): no "format" key, cfg["batch"] per process, epochs dropping
+    the remainder. It resumes with ITS rule (12 unlabelled tiles here at 1/4 of 16;
+    14 with --ratio 1/8: not a multiple of 4, so the two rules differ) and evaluates."""
+    out = tmp_path / "old"
+    train.main(micro_args(micro_root, out, "--ratio", "1/8", "--iters", "9", "--stop-at", "2"))
+    state = last(out)
+    n = sum(1 for _ in open(out / "splits" / "unlabeled.txt"))
+    cfg = {k: v for k, v in state["cfg"].items() if k not in (
+        "global_batch", "micro_batch", "world_size", "iters_per_epoch", "total_iters", "epoch_rule",
+        "command")}
+    old = {k: v for k, v in state.items() if k != "format"}
+    torch.save(dict(old, cfg=cfg), out / "last.pt")
+    assert n % 4 and n // 2 != -(-n // 4) * 4 // 2                  # the two rules differ here
+    train.main(["--resume", str(out)])
+    resumed = last(out)
+    assert resumed["step"] == 9 and resumed["cfg"]["iters_per_epoch"] == n // 2   # the old rule
+    assert resumed["cfg"]["batch"] == 2 and resumed["format"] == runs.FORMAT
+    model, _, _ = runs.load_run(str(out / "last.pt"))
+    assert len(model.students) == 2
