@@ -108,7 +108,7 @@ DATASETS = {
     "mer": _info("mer", _MARS_PALETTE, False, ["1/8", "1/4"], epochs=150, hub_folder="MER"),
     "msl": _info("msl", _MARS_PALETTE, False, ["1/8", "1/4"], hub_folder="MSL"),
     # demo: Potsdam's classes on synthetic 128 px tiles, two tiny students from scratch on a CPU:
-    # 2 epochs x 120 iterations (240 unlabelled at 1/16, batch 2) = a 240-iteration run of about 2 minutes.
+    # 2 epochs x 120 iterations (240 unlabelled at 1/16, batch 2): 240 iterations, 3-4 minutes on 2 cores.
     "demo": _info("demo", _POTSDAM_PALETTE, False, ["1/16", "1/8", "1/4", "1/2"], crop=128, base_size=128,
                   eval_size=None, epochs=2, batch=2, size="tiny", generated=True),
 }

@@ -1,5 +1,5 @@
-"""eval.py: sliding-window evaluation (mIoU per student and fused) and prediction of a folder of
-images.
+"""eval.py: sliding-window evaluation (mIoU per student and fused); the command line of prediction
+(scene.py), training curves (curves.py) and model export (runs.export).
 
 Evaluation as released (METHOD.md sections 5 and 7.5): the image is resized so its short side is 512
 (all datasets but LoveDA, whose tiles are evaluated as stored; WHDLD's 256 px tiles at 512), a
@@ -14,7 +14,9 @@ experiments are read by runs.py and release.py; this file is the evaluation prot
 
   python eval.py runs/potsdam-1_8-...            # best.pt of a run, val split, all students + fused
   python eval.py runs/x/last.pt --student fused  # one checkpoint file, one prediction
-  python eval.py runs/x --predict photos/ --out masks/   # palette masks + overlays for any images
+  python eval.py runs/x --predict scene.tif --out masks/   # any size, GeoTIFF in and out (scene.py)
+  python eval.py runs/a runs/b --plot --out drift.png     # training curves overlaid (curves.py)
+  python eval.py runs/x --export model/                   # a hub-layout model folder (runs.export)
   python eval.py --release POTSDAM/1_32-74.30 --dataset potsdam   # the authors' checkpoints, their
   way
 

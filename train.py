@@ -365,7 +365,7 @@ def train_step(loop, streams, method, amp, params):
     micro-batches, backward, gradients averaged over the ranks, one AdamW step per student."""
     run, cfg, device = loop.run, loop.cfg, loop.device
     set_lr(run, loop.total_steps)
-    lam = stability_weight(run.step, loop.total_steps)                 # E9
+    weight_e9 = stability_weight(run.step, loop.total_steps)           # E9's lambda(t)
     rng = runs.rng_state() if loop.layout.accum > 1 else None
     for micro in range(loop.layout.accum):
         # Every rank of a DDP run draws the same dropout masks (same seed, same calls); micro-batch
@@ -376,7 +376,7 @@ def train_step(loop, streams, method, amp, params):
         batches = [{k: v.to(device, non_blocking=True) for k,
                     v in next(s).items()} for s in streams]
         with amp:
-            out = co2s.iteration(run.model.students, *batches, stability_weight=lam, method=method)
+            out = co2s.iteration(run.model.students, *batches, stability_weight=weight_e9, method=method)
         # The students' graphs are disjoint (E8 targets are detached): one backward of the sum gives
         # every student the gradient of its own loss; / accum averages micro-batches as DDP ranks.
         run.scaler.scale(sum(out.losses) / loop.layout.accum).backward()

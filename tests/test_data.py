@@ -1,5 +1,6 @@
 """Tests of data.py: class maps, splits, augmentations, loaders, the demo dataset and the errors.
 Real crops and the paper's split lists are read from ../shared/data (never copied into the repo)."""
+import inspect
 import os
 import random
 import sys
@@ -392,19 +393,23 @@ def test_same_image_partners_follow_the_unlabelled_order_with_their_own_augmenta
 # ----------------------------------------------------------------------------- demo
 
 def test_demo_dataset(tmp_path):
+    """A small demo (40 tiles; the real one is 256 + 64, the same generator), its splits and recipe."""
     root = str(tmp_path / 'demo')
-    prepare_demo(root, seed=0)
+    prepare_demo(root, seed=0, n_train=32, n_val=8)
     labels = [np.array(Image.open(os.path.join(root, 'labels', f))) for f in sorted(os.listdir(os.path.join(root, 'labels')))]
-    assert len(labels) == 320 and labels[0].shape == (128, 128)
+    assert len(labels) == 40 and labels[0].shape == (128, 128)
     assert set(np.unique(np.concatenate([l.ravel() for l in labels]))) == set(range(6))  # all six classes
     assert np.mean([len(np.unique(l)) >= 4 for l in labels]) > 0.9     # most tiles hold several classes
     stamp = os.path.getmtime(os.path.join(root, 'images', 'demo_0000.png'))
-    prepare_demo(root, seed=0)                                         # idempotent: nothing rewritten
+    prepare_demo(root, seed=0, n_train=32, n_val=8)                    # idempotent: nothing rewritten
     assert os.path.getmtime(os.path.join(root, 'images', 'demo_0000.png')) == stamp
     info = DATASETS['demo']
     s = make_splits(info, '1/16', root)
-    assert (len(s.labeled), len(s.unlabeled), len(s.val)) == (16, 240, 64)
-    assert BatchLayout(info.batch).steps_per_epoch(len(s.unlabeled)) * info.epochs == 240  # 2 epochs x 120
+    assert (len(s.labeled), len(s.unlabeled), len(s.val)) == (2, 30, 8)      # floor(32 / 16) labelled
+    defaults = inspect.signature(prepare_demo).parameters
+    n_train, n_val = defaults['n_train'].default, defaults['n_val'].default
+    assert (n_train, n_val) == (256, 64)                  # the demo run: 16 / 240 / 64 at 1/16
+    assert BatchLayout(info.batch).steps_per_epoch(n_train - n_train // 16) * info.epochs == 240  # 2 x 120
     small = [str(tmp_path / n) for n in ('a', 'b', 'c')]
     for r, seed in zip(small, (0, 0, 1)):
         prepare_demo(r, seed=seed, n_train=3, n_val=1)
