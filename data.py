@@ -49,15 +49,15 @@ def _sample_seed(seed, epoch, index):  # augmentations are a pure function of (s
 def weak_augment(img, label, rng, base_size, crop):
     """Rescale (short side base_size x U(0.5, 2.0), long side capped at 4x base, as mmseg's
     img_scale (2048, 512) in the released configs; base_size None: the image's own size x U(0.5,
-    2.0), for custom data evaluated as stored; image bilinear, label nearest), pad right/bottom to
+    2.0), for custom data evaluated as stored; image and label as OpenCV resizes them, the release's
+    mmseg Resize: resize_bilinear, resize_nearest), pad right/bottom to
     the crop (image 0, label 255), random crop, horizontal flip p 0.5. Returns PIL image, (c, c)
     long label, (c, c) bool padding."""
     w, h = img.size
     base_size = base_size or min(w, h)
     scale = rng.uniform(0.5, 2.0) * min(base_size / min(w, h), 4 * base_size / max(w, h))
     size = (max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5)))
-    im = np.asarray(img.resize(size, Image.BILINEAR))
-    lab = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+    im, lab = resize_bilinear(np.asarray(img), size), resize_nearest(label, size)
     x, y = rng.randint(0, max(size[0] - crop, 0)), rng.randint(0, max(size[1] - crop, 0))
     out_im, out_lab = np.zeros((crop, crop, 3), np.uint8), np.full((crop, crop), 255, np.uint8)
     pad = np.ones((crop, crop), bool)  # True where the crop window runs past the rescaled image
@@ -112,11 +112,26 @@ def eval_resize(img, short):
     to the label's size."""
     w, h = img.size
     size = (int(w * short / min(w, h) + 0.5), int(h * short / min(w, h) + 0.5)) if short else (w, h)
-    if size == (w, h):
-        return img
-    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float()
-    x = torch.nn.functional.interpolate(x, size=size[::-1], mode='bilinear', align_corners=False)
-    return Image.fromarray(x[0].round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+    return img if size == (w, h) else Image.fromarray(resize_bilinear(np.asarray(img), size))
+
+def resize_bilinear(im, size):
+    """(H, W, 3) uint8 -> size (w, h), as OpenCV's INTER_LINEAR (mmcv.imresize, the release's
+    train and test resize): half-pixel centres, edge pixels repeated, NO antialiasing when shrinking
+    (PIL's bilinear filter widens with the scale). OpenCV rounds its 11-bit fixed-point weights;
+    this float arithmetic is within one grey level of it (tests/test_data.py)."""
+    x = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None].float()
+    x = torch.nn.functional.interpolate(x, size=size[::-1], mode='bilinear', align_corners=False,
+                                        antialias=False)
+    # OpenCV's fixed point rounds halves up (torch.round would round them to even)
+    return x[0].add_(0.5).floor_().clamp_(0, 255).byte().permute(1, 2, 0).numpy()
+
+def resize_nearest(label, size):
+    """(H, W) array -> size (w, h), as OpenCV's INTER_NEAREST: output pixel x reads source pixel
+    floor(x * src / dst) (in OpenCV's double arithmetic), not the pixel under its centre as PIL."""
+    h, w = label.shape
+    ys = np.minimum(np.floor(np.arange(size[1]) * (1.0 / (size[1] / h))).astype(np.int64), h - 1)
+    xs = np.minimum(np.floor(np.arange(size[0]) * (1.0 / (size[0] / w))).astype(np.int64), w - 1)
+    return label[ys[:, None], xs[None, :]]
 
 _MEAN255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
 _STD255 = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255

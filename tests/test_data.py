@@ -13,7 +13,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from catalog import DATASETS, DatasetInfo, dataset_info, parse_ratio  # noqa: E402
 from data import (IMAGENET_MEAN, IMAGENET_STD, BatchLayout, RunSampler, SemiDataset, Streams,  # noqa: E402
-                  cutmix_box, train_loaders, val_loader, weak_augment)
+                  cutmix_box, resize_bilinear, resize_nearest, train_loaders, val_loader,
+                  weak_augment)
 from files import Splits, colorize, load_label, make_splits, write_splits  # noqa: E402
 from demo import prepare_demo  # noqa: E402
 from errors import UserError  # noqa: E402
@@ -72,6 +73,64 @@ def test_real_loveda_crops(name):
     label = load_label(path, DATASETS['loveda'])
     assert set(np.unique(label)) <= set(range(7)) | {255}
     assert (label[raw > 0] == raw[raw > 0] - 1).all()
+
+
+def opencv_linear(src, dw, dh):
+    """OpenCV's INTER_LINEAR on uint8, stated independently from its source (imgproc/resize.cpp):
+    per axis fx = (d + 0.5) * scale - 0.5, sx = floor(fx), clamped at the edges with weight 0;
+    weights rounded to 11 bits (INTER_RESIZE_COEF_SCALE 2048); horizontal sums in int, the
+    vertical pass rounded once by >> 22."""
+    def taps(ssize, dsize):
+        scale = 1.0 / (dsize / ssize)
+        f = (np.arange(dsize) + 0.5) * scale - 0.5
+        s = np.floor(f).astype(np.int64)
+        f = f - s
+        low = s < 0
+        s[low], f[low] = 0, 0.0
+        high = s >= ssize - 1
+        s[high], f[high] = ssize - 1, 0.0
+        a1 = np.round(f * 2048).astype(np.int64)
+        return s, np.minimum(s + 1, ssize - 1), 2048 - a1, a1
+    h, w = src.shape[:2]
+    x0, x1, ax0, ax1 = taps(w, dw)
+    y0, y1, by0, by1 = taps(h, dh)
+    img = src.astype(np.int64)
+    rows = img[:, x0] * ax0[None, :, None] + img[:, x1] * ax1[None, :, None]       # (h, dw, 3)
+    out = rows[y0] * by0[:, None, None] + rows[y1] * by1[:, None, None]
+    return np.clip((out + (1 << 21)) >> 22, 0, 255).astype(np.uint8)
+
+
+def opencv_nearest(src, dw, dh):
+    """OpenCV's INTER_NEAREST, one pixel at a time as its loop: sx = floor(dx * ifx), ifx = 1 /
+    (dsize / ssize) in double."""
+    h, w = src.shape
+    ifx, ify = 1.0 / (dw / w), 1.0 / (dh / h)
+    out = np.empty((dh, dw), src.dtype)
+    for dy in range(dh):
+        sy = min(int(np.floor(dy * ify)), h - 1)
+        for dx in range(dw):
+            out[dy, dx] = src[sy, min(int(np.floor(dx * ifx)), w - 1)]
+    return out
+
+
+@needs_shared
+@pytest.mark.parametrize('scale', [0.5, 0.61, 0.9, 1.37, 2.0])
+def test_training_rescale_gives_opencvs_pixels_on_the_real_potsdam_crop(scale):
+    """The release rescales with mmseg's Resize (OpenCV bilinear, no antialiasing; labels OpenCV
+    nearest): ours gives the same pixels, to OpenCV's fixed-point rounding."""
+    img = np.array(Image.open(os.path.join(REAL, 'potsdam', 'images', '2_10_0_0_512_512.png')))
+    lab = np.array(Image.open(os.path.join(REAL, 'potsdam', 'labels', '2_10_0_0_512_512.png')))
+    dw = dh = int(512 * scale + 0.5)
+    ours, ref = resize_bilinear(img, (dw, dh)).astype(int), opencv_linear(img, dw, dh).astype(int)
+    diff = np.abs(ours - ref)
+    assert ours.shape == (dh, dw, 3) and diff.max() <= 1 and (diff == 0).mean() > 0.95
+    # not PIL's: its bilinear antialiases when shrinking, so it moves pixels by more than 1
+    pil = np.array(Image.fromarray(img).resize((dw, dh), Image.BILINEAR)).astype(int)
+    if scale < 1:
+        assert np.abs(pil - ref).max() > 1
+    assert np.array_equal(resize_nearest(lab, (dw, dh)), opencv_nearest(lab, dw, dh))
+    wide = resize_nearest(lab, (dw, int(384 * scale + 0.5)))                      # non-square
+    assert np.array_equal(wide, opencv_nearest(lab, dw, int(384 * scale + 0.5)))
 
 
 @needs_shared
