@@ -10,8 +10,9 @@ did (CLIP inside an mmseg ViT: exact GELU, eps 1e-6; DINOv3: eps 1e-6, RoPE from
 and k rotated in bf16). Also here the position tables at the crop size (CLIP's resized grid,
 DINOv3's RoPE) and DINOv3's block written out, since transformers has no bf16 rotation.
 
-Deliberately left out: weight re-initialisation after loading (the released code wiped the DINOv3
-weights that way; METHOD.md section 7.3), dropout and drop-path (off in the paper's recipe).
+Deliberately left out: dropout and drop-path (off in the paper's recipe). The released code wiped
+the pretrained DINOv3 weights after loading them (METHOD.md section 7.3): that student is built on
+request (`release_init`, `--dinov3-weights release-init`), never by accident.
 """
 import json
 import math
@@ -27,6 +28,8 @@ from errors import UserError
 KINDS = ("clip", "dinov3")
 NUMERICS = ("hf", "release")
 TRAIN_BACKBONE = ("attention", "all")
+# --dinov3-weights release-init: the DINOv3 student as the release trains it (release_init)
+RELEASE_INIT = "release-init"
 DEFAULT_WEIGHTS = {"clip": "openai/clip-vit-base-patch16",
                    "dinov3": "facebook/dinov3-vitb16-pretrain-lvd1689m"}
 
@@ -151,8 +154,15 @@ def load_pretrained(cls, kind, weights, what="backbone", **overrides):
 
 
 def build_backbone(kind, size="base", weights=None, numerics="hf"):
+    """The backbone of `kind`: random (weights None), loaded (a hub id or folder), or for DINOv3
+    RELEASE_INIT: what the release trains (release_init)."""
     from transformers import CLIPVisionModelWithProjection, DINOv3ViTModel
     cls = CLIPVisionModelWithProjection if kind == "clip" else DINOv3ViTModel
+    if weights == RELEASE_INIT:
+        if kind != "dinov3":
+            raise UserError(f"--{kind}-weights {RELEASE_INIT}: only the DINOv3 student was re-initialised "
+                            f"by the release; the {kind} student keeps its pretrained weights")
+        return release_init(cls(backbone_config(kind, vit_preset(size), numerics)))
     if weights is None:
         if size == "base":
             warnings.warn(f"building the base {kind} student with RANDOM backbone weights (weights=None): "
@@ -167,6 +177,38 @@ def build_backbone(kind, size="base", weights=None, numerics="hf"):
         raise UserError(f"{weights!r} has width {model.config.hidden_size}, but --size {size} expects "
                         f"{vit_preset(size).width}; pick the matching --size or checkpoint")
     return model
+
+
+def release_init(backbone):
+    """A DINOv3 backbone as the release trains it. The authors' wrapper loads the pretrained weights
+    in its constructor, then mmcv's `init_weights` (model/builder.py) re-draws every parameter with
+    their DINOv3 initialisers (third_party/dinov3: init_weights, init_weights_vit, PatchEmbed and
+    LayerScale reset_parameters): linear weights truncated normal std 0.02 and biases 0; LayerNorms
+    1 and 0; the patch embedding's weight and bias uniform +-sqrt(1 / (3 * 16 * 16)); CLS and register
+    tokens normal std 0.02; the mask token 0; layer scale 1e-5. The loaded weights do not survive,
+    so none are loaded here. With the paper's trainable set only attention trains: the layer scale
+    stays 1e-5, so every residual branch is scaled by 1e-5 for the whole run."""
+    with torch.no_grad():
+        emb = backbone.embeddings
+        torch.nn.init.normal_(emb.cls_token, std=0.02)
+        torch.nn.init.normal_(emb.register_tokens, std=0.02)
+        torch.nn.init.zeros_(emb.mask_token)
+        conv = emb.patch_embeddings
+        bound = math.sqrt(1 / (conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]))
+        for p in (conv.weight, conv.bias):
+            torch.nn.init.uniform_(p, -bound, bound)
+        for m in backbone.modules():
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    torch.nn.init.zeros_(m.bias)
+            elif isinstance(m, torch.nn.LayerNorm):
+                torch.nn.init.ones_(m.weight)
+                torch.nn.init.zeros_(m.bias)
+        for block in blocks(backbone):
+            block.layer_scale1.lambda1.fill_(1e-5)
+            block.layer_scale2.lambda1.fill_(1e-5)
+    return backbone
 
 
 def blocks(backbone):

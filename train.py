@@ -89,7 +89,8 @@ def get_args(argv=None):
       "(default: the dataset's; tiny for the demo)")
     for kind in KINDS:
         a(f"--{kind}-weights", default=None, help=f"hub id or local folder (base default "
-          f"{DEFAULT_WEIGHTS[kind]}); 'none' = random")
+          f"{DEFAULT_WEIGHTS[kind]}); 'none' = random" + ("; 'release-init' = re-initialised as the "
+          "release trains it (layer scale 1e-5; only attention trains)" if kind == "dinov3" else ""))
     a("--clip-guidance", default="text", choices=["text", "queries"],
       help="ablation: CLIP student with "
       "learnable queries instead of text (E2)")

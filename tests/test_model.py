@@ -630,3 +630,30 @@ def test_position_tables_follow_the_input_size_and_the_weights():
         s.backbone.vision_model.embeddings.position_embedding.weight.mul_(2)   # new weights (load_state_dict does this)
         b = s.features(x)
     assert not torch.allclose(a[0], b[0], atol=1e-3), "a stale position table was used"
+
+
+def test_dinov3_release_init_is_the_backbone_the_release_trains():
+    """--dinov3-weights release-init: every parameter re-drawn with the authors' DINOv3 initialisers,
+    layer scale 1e-5 and frozen, only attention trains; so each block barely moves its input."""
+    torch.manual_seed(0)
+    spec = model.ModelSpec(("dinov3",), N, size="tiny")
+    s = model.build_student("dinov3", spec, weights=backbones.RELEASE_INIT)
+    bb, blocks = s.backbone, backbones.blocks(s.backbone)
+    for block in blocks:
+        for ls in (block.layer_scale1.lambda1, block.layer_scale2.lambda1):
+            assert torch.all(ls == 1e-5) and not ls.requires_grad
+        assert torch.all(block.norm1.weight == 1) and torch.all(block.norm2.bias == 0)
+        assert torch.all(block.mlp.up_proj.bias == 0) and torch.all(block.attention.o_proj.bias == 0)
+    linear = torch.cat([b.mlp.up_proj.weight.flatten() for b in blocks])
+    assert abs(linear.std().item() - 0.02) < 0.001 and linear.abs().max() < 0.2
+    conv, bound = bb.embeddings.patch_embeddings, (1 / (3 * 16 * 16)) ** 0.5
+    assert conv.weight.abs().max() <= bound and conv.weight.std() > 0.9 * bound / 3 ** 0.5
+    assert torch.all(bb.embeddings.mask_token == 0) and abs(bb.embeddings.register_tokens.std() - 0.02) < 0.006
+    trainable = {n for n, p in bb.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in bb.named_parameters() if ".attention." in n}
+    h = torch.randn(1, 13, bb.config.hidden_size)
+    cos, sin = backbones.rope_tables(s.rope_periods, 2, 4)
+    moved = backbones.dinov3_block(blocks[0], h, cos, sin) - h
+    assert 0 < moved.abs().max() < 1e-3 * h.abs().max()
+    with pytest.raises(UserError, match="only the DINOv3 student"):
+        backbones.build_backbone("clip", "tiny", backbones.RELEASE_INIT)

@@ -138,6 +138,8 @@ def test_param_groups_and_poly_lr():
     paper = train.resolve(train.get_args(["--dataset", "potsdam"]))                    # base: pretrained by default
     assert paper["lr"] == 1e-4 and paper["train_backbone"] == "attention"
     assert train.resolve(train.get_args(["--train-backbone", "attention"]))["train_backbone"] == "attention"
+    released = train.resolve(train.get_args(["--dataset", "potsdam", "--dinov3-weights", "release-init"]))
+    assert released["recipe"].startswith("paper") and released["train_backbone"] == "attention"
     s = helpers.student("dinov3", 6, size="tiny", train_backbone="all")
     assert all(p.requires_grad for p in s.backbone.parameters())
 
