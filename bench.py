@@ -1,9 +1,8 @@
 """bench.py: how fast is one Co2S step, how much arithmetic is it, and where does the time go?
 
     python bench.py --size tiny --crop 128 --batch 2 --train-backbone all   # CPU, the demo's
-    setting
-    python bench.py --size base --crop 256 --batch 1              # CPU, paper students
-    python bench.py --size base --crop 512 --batch 4 --device cuda --amp bf16 [--profile]
+    python bench.py --size base --crop 256 --batch 1                        # CPU, paper students
+    python bench.py --size base --crop 512 --batch 4 --device cuda --amp bf16 [--compile] [--profile]
 
 Runs warm-up and timed steps of the work of one train.py optimizer step with one micro-batch
 (co2s.iteration under autocast, backward, one AdamW step per student, fused on CUDA as in train.py)
@@ -18,6 +17,7 @@ the paper's shapes). Prints one JSON line and a short table:
                [x_s1; x_s2], plus a no-grad forward on the CutMix partners ('partner' mix source)
   ratio        step_s / floor_s: what heads, losses, data movement and bookkeeping add
   peak_mem_mb  CUDA max allocated, else the process's peak RSS
+  compile_s    with --compile: the first step's time over a steady step's (the compilation)
 With --eval: sliding-window inference images/s (all students + fusion) on crop-sized images.
 With --profile: the top operators of one step by device time (CPU time on a CPU).
 """
@@ -35,8 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import co2s
 from backbones import TRAIN_BACKBONE
 from eval import predict
-from model import ModelSpec, build_model
-from runs import amp_dtype, autocast
+from model import ModelSpec, build_model, compile_model, store_frozen
+from runs import amp_dtype, autocast, frozen_dtype
 from text import stand_in_embeddings
 from train import PAPER_RECIPE, param_groups
 
@@ -54,6 +54,10 @@ p.add_argument("--mix-source", default="partner", choices=["partner", "rolled"],
 p.add_argument("--grad-checkpoint", action="store_true")
 p.add_argument("--train-backbone", default="attention", choices=TRAIN_BACKBONE,
                help="the paper's trainable set, or all of it (train.py's default for random students)")
+p.add_argument("--compile", action="store_true",
+               help="torch.compile blocks and heads (train.py --compile); compile time reported apart")
+p.add_argument("--frozen-bf16", action="store_true",
+               help="frozen backbone weights stored in bf16 under bf16 autocast (train.py --frozen-bf16)")
 p.add_argument("--warmup", type=int, default=2)
 p.add_argument("--steps", type=int, default=5)
 p.add_argument("--eval", action="store_true", help="also time sliding-window inference")
@@ -72,6 +76,10 @@ with warnings.catch_warnings():
                      train_backbone=args.train_backbone)
     text = stand_in_embeddings(N, 512 if args.size == "base" else 128)
     model = build_model(spec, text=text).to(device).train()
+if frozen_dtype(device, args.amp, args.frozen_bf16):
+    store_frozen(model, frozen_dtype(device, args.amp, True))
+if args.compile:
+    compile_model(model)
 students = list(model.students)
 hyper = {k: PAPER_RECIPE[k] for k in ("lr", "backbone_lr_mult", "head_lr_mult")}
 optimizers = [torch.optim.AdamW(param_groups(s, weight_decay=0.01, **hyper),
@@ -88,8 +96,8 @@ def unlabelled():
     box[:, C // 4: C // 2, C // 4: 3 * C // 4] = True
     return dict(img_w=torch.randn(B, 3, C, C, device=device),
                 img_s1=torch.randn(B, 3, C, C, device=device),
-                img_s2=torch.randn(B, 3, C, C, device=device), ignore=torch.zeros(B, C, C,
-                                                                                  dtype=torch.bool, device=device),
+                img_s2=torch.randn(B, 3, C, C, device=device),
+                ignore=torch.zeros(B, C, C, dtype=torch.bool, device=device),
                 box1=box, box2=box.flip(-1), label=torch.randint(0, N, (B, C, C), device=device))
 
 
@@ -145,6 +153,7 @@ def floor():
 
 if device.type == "cuda":
     torch.cuda.reset_peak_memory_stats()
+first_s = timed(step, 1)          # with --compile: the compilation of the step's shapes
 timed(step, args.warmup)
 step_s = timed(step, args.steps)
 timed(floor, 1)
@@ -155,14 +164,13 @@ with counter:
 tflop = counter.get_total_flops() / 1e12
 res = dict(size=args.size, crop=C, batch=f"{B}+{B}",
            device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-           amp=str(amp_dtype(device, args.amp) or "fp32").replace("torch.",
-                                                                  ""), mix_source=args.mix_source,
-           grad_checkpoint=args.grad_checkpoint, train_backbone=args.train_backbone, threads=torch.get_num_threads(),
-           torch=torch.__version__, step_s=round(step_s, 4), img_per_s=round(2 * B / step_s,
-                                                                             2), tflop=round(tflop,
-                                                                                             3),
-           tflop_s=round(tflop / step_s, 2), floor_s=round(floor_s,
-                                                           4), ratio=round(step_s / floor_s, 3))
+           amp=str(amp_dtype(device, args.amp) or "fp32").replace("torch.", ""),
+           mix_source=args.mix_source, grad_checkpoint=args.grad_checkpoint,
+           train_backbone=args.train_backbone, compile=args.compile, frozen_bf16=args.frozen_bf16,
+           threads=torch.get_num_threads(), torch=torch.__version__,
+           compile_s=round(first_s - step_s, 2) if args.compile else 0,
+           step_s=round(step_s, 4), img_per_s=round(2 * B / step_s, 2), tflop=round(tflop, 3),
+           tflop_s=round(tflop / step_s, 2), floor_s=round(floor_s, 4), ratio=round(step_s / floor_s, 3))
 if args.eval:
     model.eval()
     imgs = torch.randn(1, 3, C, C, device=device)
@@ -175,7 +183,9 @@ print(json.dumps(res))
 for k, v in res.items():
     print(f"  {k:<15} {v}")
 if args.profile:
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         step()
         sync()

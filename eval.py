@@ -42,7 +42,7 @@ from backbones import NUMERICS
 from catalog import CHOICES
 from errors import UserError, cli
 from losses import IGNORE
-from model import check_names, fuse
+from model import check_names, compile_model, fuse
 from release import load_release
 from scene import SceneOptions, list_scenes, pad16, predict_path, window_starts
 
@@ -242,6 +242,8 @@ def get_args(argv=None):
       help="CUDA autocast of the forwards (default: auto = bf16 "
       "for our runs, off = fp32 for --release, as the authors evaluate); the averaging is fp32 anyway")
     a("--fp32", action="store_true", help="the same as --amp off")
+    a("--compile", action="store_true", help="torch.compile the blocks and heads (model.compile_model): "
+      "one compilation per window batch shape; worth it for long evaluations on a GPU")
     a("--plot", action="store_true",
       help="draw the runs' training curves (curves.py): RUN/curves.png "
       "for one run, an overlay of several into --out FILE (default ./curves.png)")
@@ -334,6 +336,8 @@ def main(argv=None):
         print(f"wrote {out}")
         return out
     model, info, cfg, published = load(args)
+    if args.compile:
+        compile_model(model)
     valid = [s.name for s in model.students] + ["fused", "all"]
     if args.student not in valid:
         raise UserError(f"--student {args.student!r} is not in this run; valid: {', '.join(valid)}")

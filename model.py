@@ -131,6 +131,11 @@ class Co2SHead(nn.Module):
 # The student: backbone + class embeddings + head; one class for both kinds
 
 
+def clip_block(block, h):
+    """One CLIP block (transformers' own forward; no attention mask)."""
+    return block(h, None)
+
+
 class Student(nn.Module):
     def __init__(self, kind, backbone, num_classes, text=None, name=None, numerics="hf"):
         super().__init__()
@@ -138,6 +143,8 @@ class Student(nn.Module):
         self.backbone = backbone
         self.taps = tapped_blocks(kind, backbone.config.num_hidden_layers)
         self.grad_checkpoint = False
+        # one transformer block: (block, h, *position tables) -> h; compile_model compiles it
+        self.run_block = clip_block if kind == "clip" else dinov3_block
         width = backbone.config.hidden_size
         f3_dim = backbone.config.projection_dim if kind == "clip" else width
         # explicit guidance: fixed text embeddings (E2), a buffer, saved with the model
@@ -194,7 +201,7 @@ class Student(nn.Module):
                 maps.append(v)
             if i == self.taps[-1]:
                 break                      # the main path after the last tap is never used
-            h = self._block(block, h, None)
+            h = self._block(self.run_block, block, h)
         # E1, dense embedding: last value path -> post_layernorm -> visual_projection -> unit norm
         maps[-1] = F.normalize(self.backbone.visual_projection(vm.post_layernorm(maps[-1])), dim=-1)
         return [m[:, 1:] for m in maps]    # drop CLS
@@ -208,7 +215,7 @@ class Student(nn.Module):
         prefix = 1 + bb.config.num_register_tokens
         maps = []
         for i, block in enumerate(blocks(bb)[: self.taps[-1] + 1]):
-            h = self._block(dinov3_block, block, h, cos, sin)
+            h = self._block(self.run_block, block, h, cos, sin)
             if i in self.taps:
                 maps.append(bb.norm(h)[:, prefix:])   # final LayerNorm, patch tokens only
         return maps
@@ -308,6 +315,33 @@ def fuse(probs, mode="confidence"):
     # (1, B, 1, H, W): most confident
     winner = stacked.amax(2, keepdim=True).argmax(0, keepdim=True)
     return stacked.gather(0, winner.expand(1, *stacked.shape[1:]))[0]
+
+
+def compile_model(model):
+    """--compile: torch.compile each student's transformer block function (one graph serves all its
+    blocks: their weights are inputs) and its decoder head, with static shapes. So each distinct
+    (batch, height, width, grad mode) compiles once: in training the [labelled; weak] and strong
+    passes (2 x micro-batch images), the CutMix partners (a micro-batch, no grad), and at
+    evaluation the window batch. The rest (embeddings, E1's value path, losses) runs eagerly."""
+    for s in model.students:
+        s.run_block = torch.compile(s.run_block, dynamic=False)
+        s.head.compile(dynamic=False)
+    return model
+
+
+def store_frozen(model, dtype):
+    """--frozen-bf16: the frozen matrix weights of the backbones (every Linear and Conv2d none of
+    whose parameters trains: with the paper's trainable set, the MLPs, the patch embeddings and
+    CLIP's projection) stored in the autocast dtype, so autocast does not cast them at every step.
+    Autocast would round them to the same values, so the arithmetic is unchanged; norms, layer
+    scales, tokens and position tables stay fp32 (autocast runs their ops in fp32). What trains
+    keeps its fp32 master weights."""
+    for s in model.students:
+        for m in s.backbone.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and not any(p.requires_grad
+                                                                 for p in m.parameters()):
+                m.to(dtype)
+    return model
 
 
 def check_names(model, names):

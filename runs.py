@@ -453,6 +453,12 @@ def amp_dtype(device, amp="auto"):
     return torch.bfloat16
 
 
+def frozen_dtype(device, amp, frozen_bf16):
+    """The dtype --frozen-bf16 stores the frozen backbone weights in: bf16 where the run autocasts
+    to bf16, else None (fp32 runs, and fp16, whose GradScaler expects fp32 weights, are unaffected)."""
+    return torch.bfloat16 if frozen_bf16 and amp_dtype(device, amp) == torch.bfloat16 else None
+
+
 def autocast(device, amp="auto"):
     """torch.autocast for amp_dtype(device, amp): disabled (a no-op) where that is fp32."""
     dtype = amp_dtype(device, amp)

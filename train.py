@@ -38,7 +38,7 @@ from catalog import CHOICES, dataset_info, parse_ratio
 from download import ensure
 from errors import UserError, cli
 from losses import stability_weight
-from model import FUSIONS, ModelSpec, build_model, student_names
+from model import FUSIONS, ModelSpec, build_model, compile_model, store_frozen, student_names
 from text import class_embeddings
 
 # METHOD.md section 5: the paper fine-tunes PRETRAINED ViTs: only their attention trains, barely
@@ -104,6 +104,11 @@ def get_args(argv=None):
       "eval.py --release DIR --save RUN_DIR); its students, size and numerics are used")
     a("--grad-checkpoint", action="store_true",
       help="recompute the trainable blocks in backward (memory)")
+    a("--compile", action="store_true", help="torch.compile the backbone blocks and the heads with "
+      "static shapes (model.compile_model): compiles once for the step's shapes (2 x and 1 x the "
+      "micro-batch) and once for evaluation; off by default until measured on a GPU")
+    a("--frozen-bf16", action="store_true", help="under bf16 autocast, store the frozen backbone "
+      "weights in bf16 (no per-step casts; what trains stays fp32); no effect on fp32 runs")
     # method (co2s.Method)
     a("--method", default="co2s", choices=co2s.METHODS, help="co2s (E5-E8) | unimatch (no E8) | "
       "supervised (E5 only)")
@@ -440,6 +445,11 @@ def build_loop(cfg, state, info, splits, layout, device):
     model.to(device)
     for t in model.state_dict().values() if world > 1 else []:
         dist.broadcast(t, 0)  # identical start on every rank
+    frozen = runs.frozen_dtype(device, cfg["amp"], cfg.get("frozen_bf16", False))
+    if frozen:
+        store_frozen(model, frozen)
+    if cfg.get("compile"):
+        compile_model(model)
     optimizers = [torch.optim.AdamW(param_groups(s, **{k: cfg[k] for k in HYPER}),
                                     fused=device.type == "cuda")
                   for s in model.students]
@@ -481,7 +491,7 @@ def load_resume(args):
 
 # flags that may differ between the runs of one requeued job without changing the run
 REQUEUE_FREE = ("resume", "stop_at", "workers", "device", "download", "log_every", "save_every",
-                "command")
+                "command", "compile")
 
 
 def requeued(args, cfg):
