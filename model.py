@@ -8,7 +8,8 @@ ONE class (`Student`) and ONE head; what differs per kind is how the three pyram
 (`_clip_features`, `_dinov3_features`), the width of the coarsest map (CLIP's 512-d joint space,
 DINOv3's 768) and the class embeddings (fixed text or learnable queries).
 
-Deliberately left out: registries, builders by string, weight re-initialisation after loading.
+Deliberately left out: registries, builders by string, weight re-initialisation after loading (the
+release's re-initialised DINOv3 is built only on request: backbones.release_init).
 """
 from dataclasses import dataclass
 
