@@ -75,8 +75,8 @@ def strong_augment(img, rng):
     ColorJitter(0.5, 0.5, 0.5, 0.25) p 0.8 (factors and random order drawn like torchvision's),
     grayscale p 0.2, Gaussian blur sigma U(0.1, 2) p 0.5 (PIL's blur, as UniMatch/Co2S)."""
     if rng.random() < 0.8:
-        b, c, s, h = rng.uniform(0.5, 1.5), rng.uniform(0.5, 1.5), rng.uniform(0.5,
-                                                                               1.5), rng.uniform(-0.25, 0.25)
+        b, c, s = rng.uniform(0.5, 1.5), rng.uniform(0.5, 1.5), rng.uniform(0.5, 1.5)
+        h = rng.uniform(-0.25, 0.25)
         ops = [lambda x: TF.adjust_brightness(x, b), lambda x: TF.adjust_contrast(x, c),
                lambda x: TF.adjust_saturation(x, s), lambda x: TF.adjust_hue(x, h)]
         for k in rng.sample(range(4), 4):
@@ -119,7 +119,7 @@ def resize_bilinear(im, size):
     train and test resize): half-pixel centres, edge pixels repeated, NO antialiasing when shrinking
     (PIL's bilinear filter widens with the scale). OpenCV rounds its 11-bit fixed-point weights;
     this float arithmetic is within one grey level of it (tests/test_data.py)."""
-    x = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None].float()
+    x = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].float()     # a writable copy
     x = torch.nn.functional.interpolate(x, size=size[::-1], mode='bilinear', align_corners=False,
                                         antialias=False)
     # OpenCV's fixed point rounds halves up (torch.round would round them to even)

@@ -1,8 +1,7 @@
 """train.py: one readable Co2S training loop, from `python train.py` (the offline demo) to the
 paper.
 
-    python train.py                                    # demo: synthetic data, tiny students, CPU,
-    minutes
+    python train.py                                    # demo: synthetic data, tiny students, CPU
     python train.py --dataset potsdam --ratio 1/16     # the paper on one GPU (METHOD.md section 5)
     torchrun --nproc_per_node 4 train.py --dataset potsdam --ratio 1/16   # the release's own shape
 
@@ -343,11 +342,10 @@ def main(argv=None):
         start_run(loop, splits, text_source, fresh=state is None)
     run, method, amp = loop.run, method_of(cfg), runs.autocast(device, cfg["amp"])
     # one iterator per run: workers start once
-    streams = [iter(loader) for loader in data.train_loaders(
-        info, splits, loop.layout, data.Streams(cfg["crop"], cfg["seed"], cfg["mix_source"],
-                                                cfg["workers"],
-                                                device.type == "cuda"), range(run.step,
-                                                                              loop.total_steps))]
+    streams = data.Streams(cfg["crop"], cfg["seed"], cfg["mix_source"], cfg["workers"],
+                           pin_memory=device.type == "cuda")
+    steps = range(run.step, loop.total_steps)
+    streams = [iter(loader) for loader in data.train_loaders(info, splits, loop.layout, streams, steps)]
     val = data.val_loader(info, splits.val, workers=min(cfg["workers"], 2), rank=rank,
                           world_size=world)
     params = [p for p in run.model.parameters() if p.requires_grad]
@@ -375,12 +373,10 @@ def train_step(loop, streams, method, amp, params):
     rng = runs.rng_state() if loop.layout.accum > 1 else None
     for micro in range(loop.layout.accum):
         # Every rank of a DDP run draws the same dropout masks (same seed, same calls); micro-batch
-        # j
-        # replays the step's RNG state to draw exactly what rank j of the --accum-process run would.
+        # j replays the step's RNG state to draw exactly what rank j of the --accum-process run would.
         if micro:
             runs.set_rng_state(rng)
-        batches = [{k: v.to(device, non_blocking=True) for k,
-                    v in next(s).items()} for s in streams]
+        batches = [{k: v.to(device, non_blocking=True) for k, v in next(s).items()} for s in streams]
         with amp:
             out = co2s.iteration(run.model.students, *batches, stability_weight=weight_e9, method=method)
         # The students' graphs are disjoint (E8 targets are detached): one backward of the sum gives
@@ -440,8 +436,7 @@ def build_loop(cfg, state, info, splits, layout, device):
         raise UserError(f"{len(splits.unlabeled)} unlabelled images are fewer than one "
                         f"{layout.describe()}; lower --batch")
     total = cfg["iters"] or cfg["epochs"] * steps_per_epoch
-    model, text_source = (runs.model_from_checkpoint(state), None) if state else new_model(cfg,
-                                                                                           info)
+    model, text_source = (runs.model_from_checkpoint(state), None) if state else new_model(cfg, info)
     model.to(device)
     for t in model.state_dict().values() if world > 1 else []:
         dist.broadcast(t, 0)  # identical start on every rank
@@ -542,13 +537,12 @@ def log_train(loop, pbar):
                          f"({cfg['out']}/last.pt) is kept. Try a lower --lr or --amp off.")
     now, steps = time.time(), step - (step - 1) // cfg["log_every"] * cfg["log_every"]
     if loop.master:
+        lr = cfg["lr"] * poly(step - 1, loop.total_steps)
         runs.append_jsonl(os.path.join(cfg["out"], "log.jsonl"), dict(
-            type="train", step=step, epoch=round(loop.epoch(step),
-                                                 4), lr=cfg["lr"] * poly(step - 1,
-                                                                         loop.total_steps),
+            type="train", step=step, epoch=round(loop.epoch(step), 4), lr=lr,
             step_s=round((now - loop.t_last) / steps, 4), **vals))
-        pbar.set_postfix({k: f"{v:.3f}" for k,
-                          v in vals.items() if k.endswith("/loss") or k == "lambda"})
+        pbar.set_postfix({k: f"{v:.3f}" for k, v in vals.items()
+                          if k.endswith("/loss") or k == "lambda"})
     loop.t_last = now
 
 
@@ -572,16 +566,14 @@ def keep_best(loop, result):
     """Log an evaluation, keep best.pt by --best-by, write metrics.json (done: the run has
     ended)."""
     run, out, key = loop.run, loop.cfg["out"], loop.cfg["best_by"]
-    runs.append_jsonl(os.path.join(out, "log.jsonl"), dict(type="eval", step=run.step,
-                                                           epoch=round(loop.epoch(run.step),
-                                                                       4), **result))
+    runs.append_jsonl(os.path.join(out, "log.jsonl"),
+                      dict(type="eval", step=run.step, epoch=round(loop.epoch(run.step), 4), **result))
     if result[key]["miou"] > run.best["miou"]:
         run.best = dict(miou=result[key]["miou"], step=run.step, by=key, results=result)
         runs.save_checkpoint(run, os.path.join(out, "best.pt"))
     runs.write_json(os.path.join(out, "metrics.json"), dict(
-        last=dict(step=run.step,
-                  results=result), best=run.best, best_by=key, total=loop.total_steps,
-        done=run.step == loop.total_steps))
+        last=dict(step=run.step, results=result), best=run.best, best_by=key,
+        total=loop.total_steps, done=run.step == loop.total_steps))
     # the drift plot, redrawn at every evaluation
     curves.plot([out], os.path.join(out, "curves.png"))
 
@@ -612,8 +604,8 @@ def finish(loop):
     if loop.master:
         if run.step == loop.total_steps:
             last = runs.read_json(os.path.join(out, "metrics.json"))["last"]["results"]
-            print("\nmIoU (%) at the end: " + ", ".join(f"{k} {100 * v['miou']:.2f}" for k,
-                                                        v in last.items()))
+            print("\nmIoU (%) at the end: "
+                  + ", ".join(f"{k} {100 * v['miou']:.2f}" for k, v in last.items()))
         print(f"run folder: {out}")
     if loop.layout.world > 1:
         dist.destroy_process_group()
