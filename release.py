@@ -180,6 +180,9 @@ def from_release(path, text=None):
         if text is None:
             raise UserError(f"{path!r} holds no class embeddings (_cached_text): pass the authors' "
                             f"concept-averaged [N, {sizes['proj']}] file with --text-embeddings")
+        if text.shape[1] != sizes["proj"]:
+            raise UserError(f"--text-embeddings: {text.shape[1]}-d rows, but {path!r} projects to "
+                            f"{sizes['proj']} dimensions")
         sd = {**sd, "_cached_text": text}
         num_classes = text.shape[0]
     else:
@@ -197,14 +200,14 @@ def from_release(path, text=None):
 def load_release(folder, dataset, data_root=None, text_embeddings=None):
     """(model, info, cfg, published mIoU or None) of one of the authors' experiment folders (e.g.
     POTSDAM/1_32-74.30/ with best_clip.pth and/or best_dinov3.pth). text_embeddings: a [N, 512] file
-    for a CLIP student whose file lacks them (only the CLIP student reads it)."""
+    for a CLIP student whose file lacks them (only the CLIP student reads it; its width is checked
+    against the file's projection)."""
     files = [(k, os.path.join(folder, f"best_{k}.pth")) for k in ("clip", "dinov3")]
     files = [(k, f) for k, f in files if os.path.isfile(f)]
     if not files:
         raise UserError(f"--release {folder!r} holds neither best_clip.pth nor best_dinov3.pth")
     info = dataset_info(dataset, data_root)
-    text = load_text_embeddings(text_embeddings, len(info.classes),
-                                512) if text_embeddings else None
+    text = load_text_embeddings(text_embeddings, len(info.classes)) if text_embeddings else None
     students = [from_release(f, text=text if k == "clip" else None) for k, f in files]
     for s in students:
         n = len(s.class_embeddings())
@@ -214,9 +217,8 @@ def load_release(folder, dataset, data_root=None, text_embeddings=None):
     m = re.search(r"(\d+_\d+)-(\d+(?:\.\d+)?)$", os.path.basename(os.path.normpath(folder)))
     clip = next((s for s in students if s.kind == "clip"), None)
     cfg = dict(dataset=dataset, data_root=data_root or os.path.join("data", dataset), splits=None,
-               seed=0,
-               ratio=m.group(1) if m else info.ratios[0].replace("/",
-                                                                 "_"), release=os.path.abspath(folder),
+               seed=0, ratio=m.group(1) if m else info.ratios[0].replace("/", "_"),
+               release=os.path.abspath(folder),
                # a release stores its crop's position grid
                crop=clip.backbone.config.image_size if clip else info.crop)
     return Co2S(students), info, cfg, float(m.group(2)) if m else None

@@ -77,15 +77,15 @@ def text_embeddings(concepts, weights, cache_dir=None):
     return embeds
 
 
-def load_text_embeddings(path, num_classes, dim):
+def load_text_embeddings(path, num_classes, dim=None):
     """A precomputed [N, D] .npy / .pt file (e.g. the authors' `*_conceptavg*_single.npy`), unit
-    rows."""
+    rows. dim None: any width (the caller checks it against its model)."""
     if not os.path.isfile(path):
         raise UserError(f"--text-embeddings: file {path!r} does not exist")
     t = torch.from_numpy(np.load(path)) if path.endswith(".npy") else torch.load(path)
-    if t.shape != (num_classes, dim):
-        raise UserError(f"--text-embeddings {path!r} has shape {tuple(t.shape)}, expected ({num_classes}, {dim}): "
-                        f"one row per class")
+    if t.dim() != 2 or t.shape[0] != num_classes or t.shape[1] != (dim or t.shape[1]):
+        raise UserError(f"--text-embeddings {path!r} has shape {tuple(t.shape)}, expected "
+                        f"({num_classes}, {dim or 'D'}): one row per class")
     return F.normalize(t.float(), dim=-1)
 
 

@@ -251,3 +251,28 @@ def test_clip_encoder_keys_are_dropped_as_the_authors_eval_does_and_others_stay_
                tmp_path / "other_key.pth")
     with pytest.raises(UserError, match="other.weight"):
         release.from_release(str(tmp_path / "other_key.pth"))
+
+
+def test_text_embeddings_go_to_the_clip_student_only_and_release_evaluates_in_fp32(released, tmp_path):
+    """eval.py --release DIR --text-embeddings FILE with both students present: the class embeddings
+    are the CLIP student's; the DINOv3 student keeps its own queries. --release evaluates in fp32
+    by default (as the authors), our runs under their own --amp."""
+    folder, _ = released
+    both = tmp_path / "1_8-61.25"
+    both.mkdir()
+    sd = torch.load(folder / "best_clip.pth", weights_only=True)
+    stored = sd["model"].pop("module._cached_text")
+    torch.save(sd, both / "best_clip.pth")
+    (both / "best_dinov3.pth").write_bytes((folder / "best_dinov3.pth").read_bytes())
+    np.save(tmp_path / "text.npy", stored.numpy())
+    root = custom_root(tmp_path / "data", n=10)
+    m, info, cfg, published = release.load_release(str(both), "custom", root, str(tmp_path / "text.npy"))
+    clip, dinov3 = m.students
+    assert torch.allclose(clip.text, torch.nn.functional.normalize(stored.float(), dim=-1))
+    assert dinov3.text is None and dinov3.queries.weight.shape == (N, 128)
+    np.save(tmp_path / "wide.npy", np.zeros((N, 512), np.float32) + 1)
+    with pytest.raises(UserError, match="512-d rows"):
+        release.load_release(str(both), "custom", root, str(tmp_path / "wide.npy"))
+    args = ev.get_args(["--release", str(both), "--dataset", "custom", "--data-root", root])
+    assert args.amp == "off"
+    assert ev.get_args(["--release", str(both), "--dataset", "custom", "--amp", "auto"]).amp == "auto"
