@@ -322,8 +322,9 @@ def compile_model(model):
     """--compile: torch.compile each student's transformer block function (one graph serves all its
     blocks: their weights are inputs) and its decoder head, with static shapes. So each distinct
     (batch, height, width, grad mode) compiles once: in training the [labelled; weak] and strong
-    passes (2 x micro-batch images), the CutMix partners (a micro-batch, no grad), and at
-    evaluation the window batch. The rest (embeddings, E1's value path, losses) runs eagerly."""
+    passes (2 x the micro-batch), the CutMix partners (1 x, no grad) and, for the head, the clean +
+    FP batch (3 x); at evaluation the window batch. The rest (embeddings, E1's value path, the
+    losses) runs eagerly."""
     for s in model.students:
         s.run_block = torch.compile(s.run_block, dynamic=False)
         s.head.compile(dynamic=False)

@@ -104,7 +104,7 @@ def get_args(argv=None):
     a("--grad-checkpoint", action="store_true",
       help="recompute the trainable blocks in backward (memory)")
     a("--compile", action="store_true", help="torch.compile the backbone blocks and the heads with "
-      "static shapes (model.compile_model): compiles once for the step's shapes (2 x and 1 x the "
+      "static shapes (model.compile_model): compiles once for the step's shapes (1, 2 and 3 x the "
       "micro-batch) and once for evaluation; off by default until measured on a GPU")
     a("--frozen-bf16", action="store_true", help="under bf16 autocast, store the frozen backbone "
       "weights in bf16 (no per-step casts; what trains stays fp32); no effect on fp32 runs")
