@@ -68,10 +68,11 @@ def test_compiled_step_gives_the_eager_losses_and_gradients_and_later_steps_do_n
     co2s_step, supervised = co2s.Method(tau=0.0), co2s.Method(method="supervised")
     loss_e, _ = losses_and_grads(eager, 1, co2s_step)
     loss_c, _ = losses_and_grads(compiled, 1, co2s_step)       # compiles here
-    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    # generated kernels reorder fp32 sums (per instruction set): rtol 1e-4, not bitwise
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-6)
     loss_e, grad_e = losses_and_grads(eager, 2, supervised)
     loss_c, grad_c = losses_and_grads(compiled, 2, supervised)
-    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-6)
     assert_same_gradients(grad_c, grad_e)
     optimizers = [torch.optim.AdamW([p for p in s.parameters() if p.requires_grad], lr=1e-3)
                   for s in compiled.students]

@@ -533,7 +533,8 @@ def test_fp_logits_are_the_head_on_dropout2d_of_the_same_features(tiny, kind, mo
     with torch.no_grad():
         torch.manual_seed(123)
         clean, pert = s.forward_fp(x, 0)
-        assert torch.allclose(clean, s(x), atol=1e-6)            # the clean half is the plain forward
+        # the clean half is the plain forward (a batch of 2B rounds its matmuls unlike one of B)
+        assert torch.allclose(clean, s(x), atol=1e-5)
         torch.manual_seed(123)                                     # E4: Dropout2d(0.5) on every map, same RNG draws
         feats = [F.dropout2d(f, 0.5, training=True) for f in s.features(x)]
         ref = F.interpolate(s.head(feats, s.class_embeddings()), size=(64, 64), mode="bilinear", align_corners=False)

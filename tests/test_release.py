@@ -180,14 +180,14 @@ def test_eval_release_end_to_end_then_eval_and_fine_tune_the_saved_run(released,
     folder, refs = released                                            # its name carries a published figure: 61.25
     root = custom_root(tmp_path / "data", n=10)
     run = tmp_path / "converted"
-    result = ev.main(["--release", str(folder), "--dataset", "custom", "--data-root", root, "--save", str(run),
+    result = ev.main(["--release", str(folder), "--dataset", "custom", "--data-root", root, "--device", "cpu", "--save", str(run),
                       "--workers", "0"])
     out = capsys.readouterr().out
     assert "published 61.25 | ours: clip" in out and result["published"] == 61.25
     assert set(result["results"]) == {"clip", "dinov3", "fused"} and result["crop"] == CROP   # the release's crop
     # each student's mIoU is the reference network's, by hand: one 64 px window per val tile, argmax, the release's mIoU
-    # The two networks agree to 1.8e-5 in their logits (test above): a pixel whose top-2 margin is under
-    # twice that may take the other class in ours. k such pixels move at most k counts between cells of
+    # The two networks agree to 1e-4 in their logits (the test above's tolerance; 1.8e-5 measured): a
+    # pixel whose top-2 margin is under twice that may take the other class in ours. k such pixels move at most k counts between cells of
     # the confusion matrix, so each class's IoU moves by at most 2k / U_c (U_c its union): the bound.
     for kind, ref in refs.items():
         cm, ambiguous = ev.ConfusionMatrix(N), 0
@@ -197,14 +197,14 @@ def test_eval_release_end_to_end_then_eval_and_fine_tune_the_saved_run(released,
             with torch.no_grad():
                 logits = ref(img)
             top2 = logits.topk(2, dim=1).values
-            ambiguous += int((top2[:, 0] - top2[:, 1] < 4e-5).sum())
+            ambiguous += int((top2[:, 0] - top2[:, 1] < 2e-4).sum())
             cm.update(logits.argmax(1)[0], label)
         m = cm.mat.double()
         union = m.sum(0) + m.sum(1) - m.diag()
         bound = 2 * ambiguous / union[union > 0].min().item() if ambiguous else 0.0
         assert abs(result["results"][kind]["miou"] - cm.miou()) <= bound, (kind, ambiguous)
     # the converted run: eval.py reads it like any run and gives the same numbers
-    again = ev.main([str(run), "--workers", "0"])
+    again = ev.main([str(run), "--workers", "0", "--device", "cpu"])
     assert again["results"] == result["results"]
     # and train.py fine-tunes from it (--init): its students, sizes and release numerics
     train.main(["--dataset", "custom", "--data-root", root, "--init", str(run), "--out", str(tmp_path / "ft"),
