@@ -76,8 +76,7 @@ with warnings.catch_warnings():
                      train_backbone=args.train_backbone)
     text = stand_in_embeddings(N, 512 if args.size == "base" else 128)
     model = build_model(spec, text=text).to(device).train()
-if frozen_dtype(device, args.amp, args.frozen_bf16):
-    store_frozen(model, frozen_dtype(device, args.amp, True))
+store_frozen(model, frozen_dtype(device, args.amp, args.frozen_bf16))
 if args.compile:
     compile_model(model)
 students = list(model.students)

@@ -337,8 +337,8 @@ def store_frozen(model, dtype):
     CLIP's projection) stored in the autocast dtype, so autocast does not cast them at every step.
     Autocast would round them to the same values, so the arithmetic is unchanged; norms, layer
     scales, tokens and position tables stay fp32 (autocast runs their ops in fp32). What trains
-    keeps its fp32 master weights."""
-    for s in model.students:
+    keeps its fp32 master weights. dtype None (runs.frozen_dtype of an fp32 run): nothing changes."""
+    for s in model.students if dtype is not None else []:
         for m in s.backbone.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)) and not any(p.requires_grad
                                                                  for p in m.parameters()):

@@ -455,7 +455,7 @@ def amp_dtype(device, amp="auto"):
 
 def frozen_dtype(device, amp, frozen_bf16):
     """The dtype --frozen-bf16 stores the frozen backbone weights in: bf16 where the run autocasts
-    to bf16, else None (fp32 runs, and fp16, whose GradScaler expects fp32 weights, are unaffected)."""
+    to bf16, else None: fp32 runs are unaffected, and so are fp16 runs (a lever not built for them)."""
     return torch.bfloat16 if frozen_bf16 and amp_dtype(device, amp) == torch.bfloat16 else None
 
 

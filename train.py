@@ -440,9 +440,7 @@ def build_loop(cfg, state, info, splits, layout, device):
     model.to(device)
     for t in model.state_dict().values() if world > 1 else []:
         dist.broadcast(t, 0)  # identical start on every rank
-    frozen = runs.frozen_dtype(device, cfg["amp"], cfg.get("frozen_bf16", False))
-    if frozen:
-        store_frozen(model, frozen)
+    store_frozen(model, runs.frozen_dtype(device, cfg["amp"], cfg.get("frozen_bf16", False)))
     if cfg.get("compile"):
         compile_model(model)
     optimizers = [torch.optim.AdamW(param_groups(s, **{k: cfg[k] for k in HYPER}),

@@ -48,12 +48,14 @@ def losses_and_grads(model, seed, method, optimizers=()):
 
 
 def assert_same_gradients(grad_c, grad_e):
-    """fp32 reassociation: relative to each gradient, or to the whole gradient where one is zero in
-    exact arithmetic (the head's output bias: the class maps share it, and CE is shift-invariant)."""
+    """fp32 reassociation: relative to each gradient, or to the whole gradient where one is under
+    0.1 % of it: rounding errors scale with the terms summed, not with what is left after they
+    cancel (the head's output bias: zero in exact arithmetic, the class maps share it and CE is
+    shift-invariant)."""
     assert grad_c.keys() == grad_e.keys()
     scale = torch.cat([g.flatten() for g in grad_e.values()]).norm()
     for name in grad_e:
-        err = (grad_c[name] - grad_e[name]).norm() / torch.maximum(grad_e[name].norm(), 1e-4 * scale)
+        err = (grad_c[name] - grad_e[name]).norm() / torch.maximum(grad_e[name].norm(), 1e-3 * scale)
         assert err < 1e-3, (name, err.item())
 
 
