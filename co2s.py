@@ -46,16 +46,38 @@ class Method:
 
 
 @dataclass
+class Batch:
+    """One micro-batch of a step, by name (data.train_loaders' streams): the labelled crops
+    {'img', 'label'}; the unlabelled views {'img_w', 'img_s1', 'img_s2', 'box1', 'box2', 'ignore',
+    'label'} (None for 'supervised'); and the CutMix partners, a second unlabelled batch (None:
+    the unlabelled batch rolled by one, 'rolled')."""
+
+    labeled: dict
+    unlabeled: dict = None
+    partner: dict = None
+
+
+@dataclass
+class StrongView:
+    """A strong view after CutMix (step 2): the image, and the box b_j where the partner's pixels
+    (and so the partner's pseudo-labels and padding) were pasted."""
+
+    img: torch.Tensor  # (B, 3, H, W)
+    box: torch.Tensor  # (B, H, W) bool
+
+
+@dataclass
 class Outcome:
-    """What one iteration computed, per student: its loss L_k (with its graph), its terms (E5, E6 on
-    each strong view and FP, E8), its clean weak logits and their pseudo-labels (confidence,
-    label)."""
+    """What one iteration computed, per student: its loss L_k (with its graph), its terms (E5, E6
+    on each strong view and FP, E7's L_uni, E8, L_k), its clean weak logits and their pseudo-labels
+    (confidence, label). stability_weight: E9's lambda(t) where E8 ran, else None."""
+
     names: list
     losses: list
     terms: list
     weak: list
     pseudo: list
-    stability_weight: float
+    stability_weight: float = None
 
 
 def cutmix(dst, src, box):
@@ -78,30 +100,39 @@ def partner_pseudo_labels(student, x):
     return out
 
 
-def iteration(students, batch_l, batch_u=None, batch_mix=None, *, stability_weight, method=Method()):
-    """One Co2S iteration -> Outcome. stability_weight: lambda(t) of E9 (losses.stability_weight).
-    batch_mix: a second unlabelled batch of CutMix partners, or None: the same batch rolled by one
-    ('rolled'), which reuses the weak predictions and saves a no-grad forward. Run it under the
-    caller's autocast: every mask statistic is computed in fp32 anyway (losses.py)."""
-    x_l, y_l = batch_l["img"], batch_l["label"]
+def uses_stability(method, n_students):
+    """Whether E8 runs: Co2S with its stability term on, between two students."""
+    return method.method == "co2s" and method.stability != "off" and n_students == 2
+
+
+def iteration(students, batch, *, stability_weight, method=Method()):
+    """One Co2S iteration on a Batch -> Outcome. stability_weight: lambda(t) of E9
+    (losses.stability_weight). Run it under the caller's autocast: every mask statistic is
+    computed in fp32 anyway (losses.py)."""
+    x_l, y_l = batch.labeled["img"], batch.labeled["label"]
     names = [s.name for s in students]
-    if method.method == "supervised":  # E5 only: no unlabelled image is even loaded onto the device
-        losses = [supervised_loss(s(x_l), y_l) for s in students]
-        return Outcome(names, losses, [{"sup": loss} for loss in losses], [], [], stability_weight)
+    if method.method == "supervised":  # E5 only (data.train_loaders loads no unlabelled image)
+        terms = [{"sup": supervised_loss(s(x_l), y_l)} for s in students]
+        terms = [dict(t, loss=t["sup"]) for t in terms]
+        return Outcome(names, [t["loss"] for t in terms], terms, [], [])
 
-    x_w, valid = batch_u["img_w"], ~batch_u["ignore"]                       # (B, H, W) non-padding
-    views = [(batch_u["img_s1"], batch_u["box1"], "img_s1"),
-             (batch_u["img_s2"], batch_u["box2"], "img_s2")][:method.strong_views]
-    mix = batch_mix if batch_mix is not None else {k: v.roll(1, 0) for k, v in batch_u.items()}
-
-    # 1. Partner pseudo-labels p'_k (no grad, eval mode); with 'rolled' they come from step 4 below.
-    partners = [partner_pseudo_labels(s, batch_mix["img_w"]) if batch_mix is not None else None
-                for s in students]
+    u = batch.unlabeled
+    x_w, valid = u["img_w"], ~u["ignore"]  # (B, H, W) non-padding
+    # The CutMix partners: a partner batch, or ('rolled', no partner batch) our own batch rolled
+    # by one, whose pseudo-labels are then our own weak ones rolled the same way (step 1 below).
+    rolled = batch.partner is None
+    mix = {k: v.roll(1, 0) for k, v in u.items()} if rolled else batch.partner
     # 2. CutMix: paste the partners' strong views into ours, inside the boxes b1, b2.
-    x_s = torch.cat([cutmix(x, mix[key], box) for x, box, key in views])
+    views = [
+        StrongView(cutmix(u[f"img_s{j}"], mix[f"img_s{j}"], u[f"box{j}"]), u[f"box{j}"])
+        for j in range(1, method.strong_views + 1)
+    ]
+    x_s = torch.cat([v.img for v in views])
 
     weak, pseudo, terms = [], [], []
-    for s, partner in zip(students, partners):
+    for s in students:
+        # 1. Partner pseudo-labels p'_k (no grad, eval mode), or ours rolled.
+        partner = None if rolled else partner_pseudo_labels(s, mix["img_w"])
         # 3. Joint forward [x_l; x_w] (FP on the weak part only: one backbone pass), strong views.
         n_l = len(x_l)
         if method.fp:
@@ -112,33 +143,40 @@ def iteration(students, batch_l, batch_u=None, batch_mix=None, *, stability_weig
         z_strong = s(x_s).chunk(method.strong_views)
         # 4. Pseudo-labels from the student's own detached weak logits; inside box j, the partner's.
         conf_w, label_w = confidence(z_w)
-        conf_p, label_p = partner or (conf_w.roll(1, 0), label_w.roll(1, 0))
+        conf_p, label_p = (conf_w.roll(1, 0), label_w.roll(1, 0)) if rolled else partner
         # 5. E5, and E6 on each mixed strong view and on the FP branch.
         t = {"sup": supervised_loss(z_l, y_l)}
-        for j, (z_sj, (_, box, _)) in enumerate(zip(z_strong, views), 1):
-            t[f"s{j}"] = pseudo_label_loss(z_sj, cutmix(label_w, label_p, box), cutmix(conf_w, conf_p, box),
-                                           cutmix(valid, ~mix["ignore"], box), method.tau)
-        t["fp"] = pseudo_label_loss(z_fp, label_w, conf_w, valid, method.tau) if method.fp else 0 * t["sup"]
+        for j, (z_sj, view) in enumerate(zip(z_strong, views), 1):
+            y_hat, c = cutmix(label_w, label_p, view.box), cutmix(conf_w, conf_p, view.box)
+            v = cutmix(valid, ~mix["ignore"], view.box)
+            t[f"s{j}"] = pseudo_label_loss(z_sj, y_hat, c, v, method.tau)
+        if method.fp:
+            t["fp"] = pseudo_label_loss(z_fp, label_w, conf_w, valid, method.tau)
         weak.append(z_w)
         pseudo.append((conf_w, label_w))
         terms.append(t)
-    losses = [student_loss(k, terms, weak, stability_weight, method) for k in range(len(students))]
-    return Outcome(names, losses, terms, weak, pseudo, stability_weight)
+    # 6-7. E7 per student, and E8 between the two, weighted by E9's lambda(t).
+    e8 = uses_stability(method, len(students))
+    for k, t in enumerate(terms):
+        other = weak[1 - k] if e8 else None
+        t.update(student_loss(t, weak[k], other, stability_weight, method))
+    weight = stability_weight if e8 else None
+    return Outcome(names, [t["loss"] for t in terms], terms, weak, pseudo, weight)
 
 
-def student_loss(k, terms, weak, stability_weight, method):
-    """L_k of student k: E7 on its terms, plus (co2s, two students) lambda(t) E8 towards the other."""
-    t = terms[k]
+def student_loss(t, z_self, z_other, stability_weight, method):
+    """L_k of one student from its terms t (E5, E6): {'uni': E7, 'sta': E8 towards the other
+    student (when z_other is given), 'loss': L_k}. Pure: it edits nothing."""
     # E7: (L_sup + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2; without FP the strong views take its half.
     strong_weight = (0.5 if method.fp else 1.0) / method.strong_views
     strong = sum(t[f"s{j}"] for j in range(1, method.strong_views + 1))
-    loss_unimatch = (t["sup"] + strong_weight * strong + 0.5 * t["fp"]) / 2
-    if method.method != "co2s" or method.stability == "off" or len(weak) != 2:
-        return loss_unimatch
-    # 6-7. E8 between the two students on their clean weak predictions, weighted by E9's lambda(t).
-    z_self = weak[k] if method.stability == "grad" else weak[k].detach()
-    t["sta"] = stability_loss(z_self, weak[1 - k], method.tau)
-    return loss_unimatch + stability_weight * t["sta"]
+    fp = 0.5 * t["fp"] if method.fp else 0
+    uni = (t["sup"] + strong_weight * strong + fp) / 2
+    if z_other is None:
+        return {"uni": uni, "loss": uni}
+    # E8 on the clean weak predictions; 'released': on detached logits, so it trains nothing.
+    sta = stability_loss(z_self if method.stability == "grad" else z_self.detach(), z_other, method.tau)
+    return {"uni": uni, "sta": sta, "loss": uni + stability_weight * sta}
 
 
 def pseudo_label_quality(conf, label, gt, valid, tau):
@@ -151,27 +189,27 @@ def pseudo_label_quality(conf, label, gt, valid, tau):
     return acc, coverage
 
 
-def diagnostics(out, batch_u, method, fusion="confidence", quality=False):
+def diagnostics(out, batch, method, fusion="confidence", quality=False):
     """What a log record holds about one iteration: a flat dict '<student>/<term>' of detached 0-d
-    tensors (no host sync here). Every step: the loss terms, L_k, lambda and the share of confident
-    valid pixels; with quality (log steps): the pseudo-labels' accuracy and coverage against the
-    labels of the unlabelled images, per student and for the fused map (E10) of two students."""
+    tensors (no host sync here). Every step: the loss terms (E5, E6, E7's 'uni', E8's 'sta', the
+    student loss 'loss'), lambda where E8 ran and the share of confident valid pixels; with
+    quality (log steps): the pseudo-labels' accuracy and coverage against the labels of the
+    unlabelled images, per student and for the fused map (E10) of two students."""
     logs = {}
-    for name, terms, loss in zip(out.names, out.terms, out.losses):
+    for name, terms in zip(out.names, out.terms):
         logs.update({f"{name}/{k}": v.detach() for k, v in terms.items()})
-        logs[f"{name}/loss"] = loss.detach()
-    if any("sta" in t for t in out.terms):
+    if out.stability_weight is not None:
         logs["lambda"] = torch.tensor(out.stability_weight)
     if not out.pseudo:
         return logs
-    valid, gt, tau = ~batch_u["ignore"], batch_u["label"], method.tau
+    valid, gt, tau = ~batch.unlabeled["ignore"], batch.unlabeled["label"], method.tau
     for name, (conf, label) in zip(out.names, out.pseudo):
         logs[f"{name}/conf_ratio"] = ((conf >= tau) & valid).sum() / valid.sum().clamp(min=1)
         if quality:
-            logs[f"{name}/pl_acc"], logs[f"{name}/pl_cov"] = pseudo_label_quality(conf, label, gt,
-                                                                                  valid, tau)
+            acc, cov = pseudo_label_quality(conf, label, gt, valid, tau)
+            logs[f"{name}/pl_acc"], logs[f"{name}/pl_cov"] = acc, cov
     if quality and len(out.weak) == 2:  # the map the fusion head would give
         conf_f, label_f = fuse([z.detach().float().softmax(1) for z in out.weak], fusion).max(1)
-        logs["fused/pl_acc"], logs["fused/pl_cov"] = pseudo_label_quality(conf_f, label_f, gt,
-                                                                          valid, tau)
+        acc, cov = pseudo_label_quality(conf_f, label_f, gt, valid, tau)
+        logs["fused/pl_acc"], logs["fused/pl_cov"] = acc, cov
     return logs

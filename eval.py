@@ -1,54 +1,76 @@
-"""eval.py: sliding-window evaluation (mIoU per student and fused); the command line of prediction
-(scene.py), training curves (curves.py) and model export (runs.export).
+"""eval.py: the evaluation protocol (mIoU of each student and of the fusion), and prediction of a
+folder of images to coloured masks.
 
-Evaluation as released (METHOD.md sections 5 and 7.5): the image is resized so its short side is 512
-(all datasets but LoveDA, whose tiles are evaluated as stored; WHDLD's 256 px tiles at 512), a
-window of the training crop slides over it with stride 5/6 of the crop, the window logits are
-averaged per pixel and resized back to the label size (bilinear, align_corners=True), and one
-confusion matrix is accumulated over the WHOLE split (not per image), label 255 ignored. mIoU
-averages I / U over all classes as the release does (a class never seen counts 0; `miou_present`
-leaves such classes out). Fusion (E10) comes AFTER the sliding window: per student averaged logits
--> softmax -> `fuse`, so both students are judged on the same full-image probabilities. We report
-every student and the fused model (METHOD.md section 7.2). Checkpoints and the authors' released
-experiments are read by runs.py and release.py; this file is the evaluation protocol and prediction.
+Evaluation as released (METHOD.md sections 5 and 7.5): the image is resized so its short side is
+512 (all datasets but LoveDA, whose tiles are evaluated as stored; WHDLD's 256 px tiles at 512:
+data.eval_resize), a window of the training crop slides over it with stride 5/6 of the crop, the
+window logits are averaged per pixel and resized back to the label size (bilinear,
+align_corners=True), and one confusion matrix is accumulated over the WHOLE split (not per
+image), label 255 ignored. mIoU averages I / U over all classes as the release does (a class never
+seen counts 0; `miou_present` leaves such classes out). Fusion (E10) comes AFTER the sliding
+window: per student averaged logits -> softmax -> `fuse`, so both students are judged on the same
+full-image probabilities. We report every student and the fused model (METHOD.md section 7.2).
 
-  python eval.py runs/potsdam-1_8-...            # best.pt of a run, val split, all students + fused
-  python eval.py runs/x/last.pt --student fused  # one checkpoint file, one prediction
-  python eval.py runs/x --predict scene.tif --out masks/   # any size, GeoTIFF in and out (scene.py)
-  python eval.py runs/a runs/b --plot --out drift.png     # training curves overlaid (curves.py)
-  python eval.py runs/x --export model/                   # a hub-layout model folder (runs.export)
-  python eval.py --release POTSDAM/1_32-74.30 --dataset potsdam   # the authors' checkpoints, their
-  way
+  python eval.py runs/potsdam-1_8-...                  # best.pt of a run: val split, all + fused
+  python eval.py runs/x/last.pt --student fused        # one checkpoint file, one prediction
+  python eval.py runs/x --predict tiles/ --out masks/  # a folder of images -> palette PNG masks
 
+Whole scenes with their georeferencing, the authors' released checkpoints, export, curves: tools/.
 Deliberately left out: multi-scale and flip test-time augmentation (not in the paper).
 """
+
 import argparse
 import itertools
-import json
 import math
 import os
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-import curves
 import data
-import files
-import runs
-from backbones import NUMERICS
-from catalog import CHOICES
-from errors import UserError, cli
 from losses import IGNORE
-from model import check_names, compile_model, fuse
-from release import load_release
-from scene import SceneOptions, list_scenes, pad16, predict_path, window_starts
-
+from model import FUSED, fuse
+from plumbing import runs
+from plumbing.errors import UserError, cli
+from plumbing.runtime import AMP, autocast, is_master
 
 # --------------------------------------------------------------------------------------------
 # Sliding window (METHOD.md section 5) and the fused prediction (E10)
+
+
+def window_stride(crop, stride=None):
+    """The stride of the sliding window: METHOD.md section 5's 5/6 of the crop unless given."""
+    stride = crop * 5 // 6 if stride is None else stride
+    if not 0 < stride <= crop:
+        raise UserError(f"stride {stride} must be in 1..crop ({crop}), or windows leave gaps")
+    return stride
+
+
+def window_starts(size, crop, stride):
+    """Window offsets along one axis: every `stride`, the last window flush with the border
+    (mmseg's slide)."""
+    if size <= crop:
+        return [0]
+    n = math.ceil((size - crop) / stride) + 1
+    return [min(i * stride, size - crop) for i in range(n)]
+
+
+def pad16(x):
+    """Pad right/bottom to a multiple of 16 (the ViT patch) with black, the padding the students saw
+    in training (data.weak_augment pads raw pixels with 0). Black is -mean/std after ImageNet
+    normalisation."""
+    ph, pw = -x.shape[-2] % 16, -x.shape[-1] % 16
+    if ph == 0 and pw == 0:
+        return x
+    black = torch.tensor([-m / s for m, s in zip(data.IMAGENET_MEAN, data.IMAGENET_STD)],
+                         device=x.device, dtype=x.dtype)
+    black = black.view(1, 3, 1, 1)
+    return F.pad(x - black, (0, pw, 0, ph)) + black
+
 
 
 def sliding_window(student, img, crop, stride=None, num_classes=None):
@@ -57,10 +79,7 @@ def sliding_window(student, img, crop, stride=None, num_classes=None):
 
     An image no larger than the crop is ONE forward (padded to a multiple of 16, cropped back); a
     side smaller than the crop gives windows of that side's length."""
-    # METHOD.md section 5: stride 5/6 of the crop
-    stride = stride or crop * 5 // 6
-    if not 0 < stride <= crop:
-        raise ValueError(f"stride {stride} must be in 1..crop ({crop}), or windows would leave gaps")
+    stride = window_stride(crop, stride)
     B, _, H, W = img.shape
     h, w = min(crop, H), min(crop, W)                     # window size
     logits, count = None, torch.zeros(1, 1, H, W, device=img.device)
@@ -82,8 +101,8 @@ def predict(model, img, crop, stride=None, names=None, out_size=None):
     out_size: the label's (H, W) when the image was resized for evaluation (data.eval_resize): the
     averaged window logits are resized back to it (bilinear, align_corners=True, as the release)
     before the softmax."""
-    names = check_names(model, names)
-    needed = [s.name for s in model.students] if "fused" in names else names
+    names = model.check_names(names)
+    needed = [s.name for s in model.students] if FUSED in names else names
     probs = {}
     for s in model.students:
         if s.name in needed:
@@ -93,8 +112,8 @@ def predict(model, img, crop, stride=None, names=None, out_size=None):
                                        align_corners=True)
             probs[s.name] = logits.softmax(1)
     # E10 after the window averaging: per pixel the more confident student (or the mean)
-    if "fused" in names:
-        probs["fused"] = fuse(list(probs.values()), model.fusion)
+    if FUSED in names:
+        probs[FUSED] = fuse(list(probs.values()), model.fusion)
     return {n: probs[n] for n in names}
 
 
@@ -177,11 +196,11 @@ def evaluate(model, loader, crop, stride=None, names=None, amp=None):
     the model's device. amp: an autocast context (runs.autocast) or None; the window logits are
     averaged in fp32 anyway. Restores the model's train/eval mode. Only rank 0 of a DDP run shows
     progress."""
-    names = check_names(model, names)
+    names = model.check_names(names)
     device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
     num_classes = len(model.students[0].class_embeddings())
     cms = {n: ConfusionMatrix(num_classes, device) for n in names}
-    progress = int(os.environ.get("RANK", 0)) == 0
+    progress = is_master()
     ctx = amp or nullcontext()
     was_training = model.training
     model.eval()
@@ -201,155 +220,122 @@ def evaluate(model, loader, crop, stride=None, names=None, amp=None):
 
 
 # --------------------------------------------------------------------------------------------
+# Prediction of a folder of images to coloured masks
+
+
+def colorize(label, palette):
+    """Class map -> palette PNG (mode 'P'): class k in palette[k], 255 (and anything unknown)
+    black."""
+    flat = [v for colour in palette for v in colour]
+    im = Image.fromarray(np.asarray(label).astype(np.uint8), mode="P")
+    im.putpalette(flat + [0] * (768 - len(flat)))
+    return im
+
+
+MANIFEST = "predictions.json"  # what an --out folder of predictions holds: the files eval.py wrote
+
+
+def predict_folder(model, info, folder, out, crop, amp=None, name=FUSED):
+    """Predict every image of `folder` (or one image file) at its own resolution into
+    `out`/<stem>_mask.png (palette PNG of class indices, info.palette), with the same windows and
+    fusion as the evaluation. `out` never overwrites what eval.py did not write there: a file of
+    that name is replaced only when `out`'s predictions.json lists it. Returns the files written."""
+    paths = [folder] if os.path.isfile(folder) else data.list_images(folder)
+    if os.path.abspath(out) in {os.path.abspath(os.path.dirname(p)) for p in paths}:
+        raise UserError(f"--out {out!r} is the folder of the images: pass another folder")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out!r} exists and is not a folder")
+    manifest = os.path.join(out, MANIFEST)
+    ours = set(runs.read_json(manifest)["files"]) if os.path.isfile(manifest) else set()
+    targets = [os.path.splitext(os.path.basename(p))[0] + "_mask.png" for p in paths]
+    foreign = [t for t in targets if os.path.exists(os.path.join(out, t)) and t not in ours]
+    if foreign:
+        raise UserError(f"--out {out!r} already holds {foreign[:3]}, not written by eval.py: "
+                        f"pass an empty or new folder")
+    device = next(model.parameters()).device
+    runs.check_writable(out, flag="--out")
+    for path, target in zip(tqdm(paths, desc="predict", dynamic_ncols=True), targets):
+        img = data.normalize(data.load_image(path))[None].to(device)
+        with amp or nullcontext():
+            probs = predict(model, img, crop, names=[name])[name]
+        colorize(probs[0].argmax(0).byte().cpu().numpy(), info.palette).save(os.path.join(out, target))
+        ours.add(target)
+        runs.write_json(manifest, dict(model=name, crop=crop, files=sorted(ours)))
+    return [os.path.join(out, t) for t in targets]
+
+
+# --------------------------------------------------------------------------------------------
 # The command line
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a Co2S run or one of the authors' released "
-                                "experiments (mIoU per student and fused), or predict a folder.")
+    p = argparse.ArgumentParser(
+        description="Evaluate a Co2S run (mIoU per student and fused, the authors' protocol), "
+        "or predict a folder of images to coloured masks."
+    )
     a = p.add_argument
-    a("path", nargs="*",
-      help="run folder (best.pt / last.pt) or a .pt checkpoint; with --plot one or "
-      "more run folders")
-    a("--release", metavar="DIR", help="instead: an experiment folder of the authors' release "
-      "(best_clip.pth / best_dinov3.pth, e.g. POTSDAM/1_32-74.30), evaluated their way")
-    a("--dataset", choices=CHOICES, help="with --release: the dataset it was trained on")
-    a("--text-embeddings",
-      help="with --release: [N, 512] CLIP class embeddings, if the file lacks them")
-    a("--save", metavar="RUN_DIR",
-      help="with --release: write the converted model as a run folder of ours")
-    a("--ckpt", choices=["best", "last"], default=None, help="checkpoint of a run folder "
-      "(default: best, else last)")
-    a("--split", default="val", choices=["val", "labeled"],
-      help="split of the run's lists to evaluate")
-    a("--student", default="all",
-      help="a student name of the run, 'fused' (E10) or 'all' (each + fused)")
-    a("--crop", type=int, default=None, help="window size (default: the run's training crop)")
-    a("--stride", type=int, default=None, help="window stride (paper: 5/6 of the crop)")
-    a("--numerics", choices=NUMERICS, default=None, help="forward numerics (default: the run's; a "
-      "release always runs 'release')")
+    a("path", help="run folder (its best.pt, else last.pt), a .pt checkpoint, an exported model "
+      "folder or its hub id")
+    a("--split", default="val", choices=["val", "labeled"], help="split of the run's lists")
+    a("--student", default="all", help="a student name of the run, 'fused' (E10) or 'all'")
     a("--data-root", default=None, help="dataset folder, if it moved since training")
-    a("--predict", default=None, metavar="PATH", help="predict an image of any size, or every image of "
-      "a folder, at native resolution (streamed windows; GeoTIFF in, GeoTIFF out), not evaluate")
-    a("--out", default=None, metavar="DIR", help="where --predict writes masks, class shares, overlays")
-    a("--batch", type=int, default=8, help="with --predict: windows per forward")
-    a("--bands", default="1,2,3", help="with --predict: the three bands the students read, 1-based (GDAL)")
-    a("--scale", type=float, default=None, help="with --predict: non-8-bit inputs as value * 255 / SCALE "
-      "(default: a per-band 2-98 %% stretch over the valid pixels)")
-    a("--overlay", action="store_true", help="with --predict: also the image blended with the colour mask")
+    a("--predict", default=None, metavar="PATH", help="instead: predict this image or folder of "
+      "images at native resolution into --out (palette PNG masks)")
+    a("--out", default=None, metavar="DIR", help="with --predict: where the masks go")
+    a("--amp", choices=AMP, default="auto", help="CUDA autocast of the forwards (auto: bf16); "
+      "the window averaging is fp32 anyway; CPU runs fp32")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--amp", choices=runs.AMP, default=None,
-      help="CUDA autocast of the forwards (default: auto = bf16 "
-      "for our runs, off = fp32 for --release, as the authors evaluate); the averaging is fp32 anyway")
-    a("--fp32", action="store_true", help="the same as --amp off")
-    a("--compile", action="store_true", help="torch.compile the blocks and heads (model.compile_model): "
-      "one compilation per window batch shape; worth it for long evaluations on a GPU")
-    a("--plot", action="store_true",
-      help="draw the runs' training curves (curves.py): RUN/curves.png "
-      "for one run, an overlay of several into --out FILE (default ./curves.png)")
-    a("--export", metavar="DIR",
-      help="write the run's model as a self-contained folder (config.json, "
-      "model.safetensors, README.md model card) that every command takes, as does the hub (hf upload)")
-    a("--workers", type=int, default=2)
+    a("--workers", type=int, default=2, help="data loader processes (0: in this process)")
     args = p.parse_args(argv)
-    if args.plot:
-        if not args.path:
-            p.error("--plot needs one or more run folders")
-        return args
-    if len(args.path) > 1:
-        p.error("give one run folder / checkpoint (several only with --plot)")
-    args.path = args.path[0] if args.path else None
     if bool(args.predict) != bool(args.out):
-        p.error("--predict FOLDER and --out DIR go together")
-    if bool(args.path) == bool(args.release) or bool(args.release) != bool(args.dataset):
-        p.error("give a run folder / checkpoint, or --release DIR with --dataset D")
-    args.amp = "off" if args.fp32 else args.amp or ("off" if args.release else "auto")
-    try:  # check what can be checked before the (slow) model load
-        args.checkpoint = runs.resolve_checkpoint(args.path, args.ckpt) if args.path else None
-        if args.predict:
-            list_scenes(args.predict)
-            if not all(b.strip().isdigit() for b in args.bands.split(",")):
-                raise UserError(f"--bands {args.bands!r}: band numbers, 1-based, e.g. 1,2,3")
-            args.bands = tuple(int(b) for b in args.bands.split(","))
+        p.error("--predict PATH and --out DIR go together")
+    if args.predict and not os.path.exists(args.predict):
+        p.error(f"--predict {args.predict!r} does not exist (an image file or a folder of images)")
+    try:  # what can be checked before the (slow) model load
+        args.checkpoint = runs.resolve_checkpoint(args.path)
     except UserError as e:
         p.error(str(e))
     return args
 
 
-def load(args):
-    """(model on the device, info, cfg, published mIoU or None) of a run or a release."""
-    device = torch.device(args.device)
-    if not args.release:
-        model, info, cfg = runs.load_run(args.checkpoint, device, args.data_root, args.numerics)
-        return model, info, cfg, None
-    model, info, cfg, published = load_release(args.release, args.dataset, args.data_root,
-                                               args.text_embeddings)
-    if args.save:
-        runs.save_release(model, cfg, args.save)
-        print(f"wrote {os.path.join(args.save, 'best.pt')}")
-    return model.to(device), info, cfg, published
-
-
-def evaluate_split(args, model, info, cfg, published):
-    """Evaluate the run's split, print the table, write eval_<split>.json beside the checkpoint."""
-    crop = args.crop or cfg["crop"]
-    # The run's own split lists when train.py wrote them (<run>/splits), else the config's source.
-    run_splits = os.path.join(runs.run_folder(args.checkpoint), "splits") if args.checkpoint else ""
-    splits = files.make_splits(info, cfg["ratio"], args.data_root or cfg["data_root"],
-                               run_splits if os.path.isdir(run_splits) else cfg["splits"], seed=cfg["seed"])
-    loader = data.val_loader(info, getattr(splits, args.split), workers=args.workers)
-    names = None if args.student == "all" else [args.student]
-    amp = runs.autocast(next(model.parameters()).device, args.amp)
-    cms = evaluate(model, loader, crop, args.stride, names, amp)
-    source = args.checkpoint or args.release
-    print(f"{source}: {args.split} split, {len(loader)} images, crop {crop}, fusion {model.fusion}, "
-          f"amp {args.amp}\n{format_table(cms, info.classes)}")
-    # the folder name carries the authors' figure (their students were never fused)
-    if published is not None:
-        print(f"published {published:.2f} | ours: " + ", ".join(f"{n} {100 * cm.miou():.2f}" for n,
-                                                                cm in cms.items()))
-    result = dict(checkpoint=os.path.abspath(source), split=args.split, crop=crop,
-                  stride=args.stride or crop * 5 // 6, fusion=model.fusion, amp=args.amp, published=published,
-                  results={n: cm.to_dict(info.classes) for n, cm in cms.items()})
-    out_dir = args.save if args.release else runs.run_folder(args.checkpoint)
-    if out_dir:
-        stem = "best" if args.release or os.path.isdir(args.checkpoint) else \
-            os.path.splitext(os.path.basename(args.checkpoint))[0]
-        out = os.path.join(out_dir,
-                           f"eval_{args.split}" + ("" if stem == "best" else f"_{stem}") + ".json")
-        runs.write_json(out, result)
-        print(f"wrote {out}")
-    return result
+def split_loader(info, cfg, split, data_root=None, splits_dir=None, workers=2):
+    """The loader of one split of a run's lists: its own (splits_dir, what train.py wrote in the
+    run folder) when present, else what its config names."""
+    source = splits_dir if splits_dir and os.path.isdir(splits_dir) else cfg["splits"]
+    root = data_root or cfg["data_root"]
+    splits = data.make_splits(info, cfg["ratio"], root, source, seed=cfg["seed"])
+    return data.val_loader(info, getattr(splits, split), workers=workers)
 
 
 def main(argv=None):
     args = get_args(argv)
-    if args.export:
-        if not args.checkpoint:
-            raise UserError("--export needs a run folder or checkpoint")
-        info = runs.load_run(args.checkpoint, "cpu", args.data_root)[1]
-        print(f"wrote {runs.export(args.checkpoint, args.export, info)}")
-        return args.export
-    if args.plot:
-        one = os.path.join(args.path[0], "curves.png")
-        out = curves.plot(args.path, args.out or (one if len(args.path) == 1 else "curves.png"))
-        print(f"wrote {out}")
-        return out
-    model, info, cfg, published = load(args)
-    if args.compile:
-        compile_model(model)
-    valid = [s.name for s in model.students] + ["fused", "all"]
+    device = torch.device(args.device)
+    model, info, cfg = runs.load_run(args.checkpoint, device, args.data_root)
+    valid = model.names + ["all"]
     if args.student not in valid:
         raise UserError(f"--student {args.student!r} is not in this run; valid: {', '.join(valid)}")
+    amp = autocast(device, args.amp)
     if args.predict:
-        name = "fused" if args.student == "all" else args.student
-        opts = SceneOptions(args.crop or cfg["crop"], args.stride, args.batch, args.device,
-                            runs.autocast(torch.device(args.device), args.amp), name, args.bands,
-                            args.scale, args.overlay)
-        done = predict_path(model, info, args.predict, args.out, opts)
+        name = FUSED if args.student == "all" else args.student
+        done = predict_folder(model, info, args.predict, args.out, cfg["crop"], amp, name)
         print(f"predicted {len(done)} image(s) ({name} prediction) into {args.out}")
         return done
-    return evaluate_split(args, model, info, cfg, published)
+    folder = runs.run_folder(args.checkpoint)
+    names = None if args.student == "all" else [args.student]
+    splits_dir = os.path.join(folder, "splits")
+    loader = split_loader(info, cfg, args.split, args.data_root, splits_dir, args.workers)
+    cms = evaluate(model, loader, cfg["crop"], names=names, amp=amp)
+    print(f"{args.checkpoint}: {args.split} split, {len(loader)} images, crop {cfg['crop']}, "
+          f"fusion {model.fusion}, amp {args.amp}\n{format_table(cms, info.classes)}")
+    result = dict(checkpoint=os.path.abspath(args.checkpoint), split=args.split, crop=cfg["crop"],
+                  stride=window_stride(cfg["crop"]), fusion=model.fusion, amp=args.amp,
+                  results={n: cm.to_dict(info.classes) for n, cm in cms.items()})
+    stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
+    suffix = "" if os.path.isdir(args.checkpoint) or stem == "best" else f"_{stem}"
+    out = os.path.join(folder, f"eval_{args.split}{suffix}.json")
+    runs.write_json(out, result)
+    print(f"wrote {out}")
+    return result
 
 
 if __name__ == "__main__":

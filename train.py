@@ -1,18 +1,19 @@
-"""train.py: one readable Co2S training loop, from `python train.py` (the offline demo) to the
-paper.
+"""train.py: one readable Co2S training loop, from the offline demo to the paper's runs.
 
     python train.py                                    # demo: synthetic data, tiny students, CPU
     python train.py --dataset potsdam --ratio 1/16     # the paper on one GPU (METHOD.md section 5)
     torchrun --nproc_per_node 4 train.py --dataset potsdam --ratio 1/16   # the release's own shape
 
-The loop: set lr (poly) and E9's weight -> the losses of one Co2S iteration (co2s.py) -> backward ->
-one AdamW step per student -> log every N steps -> at each epoch end write last.pt, then evaluate
-(sliding window, eval.py) and keep best.pt. `--batch` is the GLOBAL batch (the release's by
-default); one GPU computes it as one micro-batch, `--accum` splits it as the release's processes
-did. `--resume RUN_DIR` continues the same run: step, lr, optimizer, RNG and data order. Only rank 0
-prints, logs and saves. The run's files and checkpoints are runs.py's. Left out on purpose: EMA
-teachers, schedulers with warmup, multi-crop evaluation (not in the paper).
+The loop: set lr (poly) and E9's weight -> the losses of one Co2S iteration (co2s.py) ->
+backward -> one AdamW step per student -> log every N steps -> at each epoch end write last.pt,
+then evaluate (sliding window, eval.py) and keep best.pt. `--batch` is the GLOBAL batch (the
+release's by default); one GPU computes it as one micro-batch, `--accum` splits it as the
+release's processes did. `--resume RUN_DIR` continues the same run: step, lr, optimizer, RNG and
+data order. Only rank 0 prints, logs and saves. The run folder and checkpoint format, DDP / AMP /
+signals and the datasets' catalog are plumbing/'s. Left out on purpose: EMA teachers, schedulers
+with warmup, multi-crop evaluation (not in the paper).
 """
+
 import argparse
 import dataclasses
 import os
@@ -27,131 +28,104 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import co2s
-import curves
 import data
 import eval as evaluation
-import files
-import runs
-from backbones import DEFAULT_WEIGHTS, KINDS, NUMERICS, TRAIN_BACKBONE
-from catalog import CHOICES, dataset_info, parse_ratio
-from download import ensure
-from errors import UserError, cli
 from losses import stability_weight
-from model import FUSIONS, ModelSpec, build_model, compile_model, store_frozen, student_names
-from text import class_embeddings
+from model import FUSIONS, KINDS, TRAIN_BACKBONE, ModelSpec, build_model, class_embeddings
+from model import prediction_names
+from plumbing import runs, runtime
+from plumbing.catalog import CHOICES, dataset_info, parse_ratio
+from plumbing.download import ensure
+from plumbing.errors import UserError, cli
+from plumbing.weights import DEFAULT_WEIGHTS, NUMERICS
 
-# METHOD.md section 5: the paper fine-tunes PRETRAINED ViTs: only their attention trains, barely
-# (x0.01).
+# METHOD.md section 5: the paper fine-tunes PRETRAINED ViTs: only their attention trains, barely.
 PAPER_RECIPE = dict(lr=1e-4, backbone_lr_mult=0.01, head_lr_mult=10.0, train_backbone="attention")
-# Students with random weights (the tiny preset, or 'none' weights) learn the whole backbone from
-# scratch.
+# Students with random weights (the tiny preset, or 'none' weights) learn the whole backbone.
 SCRATCH_RECIPE = dict(lr=5e-4, backbone_lr_mult=0.5, head_lr_mult=1.0, train_backbone="all")
 HYPER = ("lr", "weight_decay", "backbone_lr_mult", "head_lr_mult")
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
-    # real defaults only; a None default is explained in the help
-    def _get_help_string(self, action):
+    def _get_help_string(self, action):  # real defaults only; a None default is explained
         return action.help if action.default is None else super()._get_help_string(action)
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=Help)
     a = p.add_argument
-    # data (defaults per dataset come from catalog.DATASETS: crop, epochs, batch, size)
+    # data (the defaults per dataset come from plumbing/catalog.py: crop, epochs, batch, size)
     a("--dataset", default="demo", help="one of: " + ", ".join(CHOICES))
     a("--ratio", default="1/16", help="labelled ratio, 1/16 or 1_16")
     a("--data-root", default=None, help="dataset folder (default: data/<dataset>)")
-    a("--download", action="store_true",
-      help="fetch a missing paper dataset from the authors' hub repository")
-    a("--splits", default=None,
-      help="split lists: a folder (paper layout or labeled/unlabeled/val.txt), "
-      "or 'seeded' for a seeded draw (default: the paper's lists in splits/ for its datasets)")
-    a("--crop", type=int, default=None,
-      help="training crop and eval window (default: the dataset's; "
-      "paper 512, whdld 256)")
-    a("--batch", type=int, default=None,
-      help="GLOBAL labelled (and unlabelled) images per optimizer step "
-      "(default: the release's: 4 = 4 GPUs x 1, whdld 8 = 4 x 2; the demo 2; custom data 4)")
-    a("--accum", type=int, default=1,
-      help="micro-batches per step and process: --accum 4 on one GPU is "
-      "exactly the release's 4-process run (slower); 1 computes the batch at once (faster)")
-    a("--workers", type=int, default=None,
-      help="data loader processes per stream (default: a quarter "
-      "of the CPU cores, 1 to 4; three streams run at once)")
+    a("--download", action="store_true", help="fetch a missing paper dataset from the hub")
+    a("--splits", default=None, help="split lists: a folder (paper layout or labeled/unlabeled/"
+      "val.txt), or 'seeded' for a seeded draw (default: the paper's lists in splits/)")
+    a("--crop", type=int, default=None, help="training crop and eval window (default: the "
+      "dataset's; paper 512, whdld 256)")
+    a("--batch", type=int, default=None, help="GLOBAL labelled (and unlabelled) images per step "
+      "(default: the release's: 4 = 4 GPUs x 1, whdld 8 = 4 x 2; demo 2; custom data 4)")
+    a("--accum", type=int, default=1, help="micro-batches per step and process: --accum 4 on one "
+      "GPU is a 4-process run of this code (slower); 1 computes the batch at once (faster)")
+    a("--workers", type=int, default=None, help="data loader processes per stream (default: a "
+      "quarter of the CPU cores, 1 to 4; up to three streams run at once)")
     # students (E1-E4)
-    a("--students", default="clip,dinov3",
-      help="one or two of clip|dinov3, comma separated: clip,dinov3 "
-      "(paper), clip,clip, dinov3,dinov3, clip, dinov3")
-    a("--size", default=None, choices=["base", "tiny"],
-      help="ViT-B/16 (the paper) or the tiny CPU preset "
-      "(default: the dataset's; tiny for the demo)")
+    a("--students", default="clip,dinov3", help="one or two of clip|dinov3, comma separated: "
+      "clip,dinov3 (paper), clip,clip, dinov3,dinov3, clip, dinov3")
+    a("--size", default=None, choices=["base", "tiny"], help="ViT-B/16 (the paper) or the tiny "
+      "CPU preset (default: the dataset's; tiny for the demo)")
     for kind in KINDS:
+        extra = "; 'release-init': as the release trains it" if kind == "dinov3" else ""
         a(f"--{kind}-weights", default=None, help=f"hub id or local folder (base default "
-          f"{DEFAULT_WEIGHTS[kind]}); 'none' = random" + ("; 'release-init' = re-initialised as the "
-          "release trains it (layer scale 1e-5; only attention trains)" if kind == "dinov3" else ""))
-    a("--clip-guidance", default="text", choices=["text", "queries"],
-      help="ablation: CLIP student with "
-      "learnable queries instead of text (E2)")
-    a("--text-embeddings", default=None,
-      help="precomputed [N, 512] .npy/.pt class embeddings for CLIP")
-    a("--numerics", default="hf", choices=NUMERICS,
-      help="backbone numerics: the transformers checkpoints "
-      "as they are (hf), or as the authors' code ran them (release: exact GELU, eps 1e-6, bf16 RoPE)")
-    a("--init", default=None,
-      help="start from the weights of a checkpoint (ours, or a converted release: "
-      "eval.py --release DIR --save RUN_DIR); its students, size and numerics are used")
-    a("--grad-checkpoint", action="store_true",
-      help="recompute the trainable blocks in backward (memory)")
-    a("--compile", action="store_true", help="torch.compile the backbone blocks and the heads with "
-      "static shapes (model.compile_model): compiles once for the step's shapes (1, 2 and 3 x the "
-      "micro-batch) and once for evaluation; off by default until measured on a GPU")
+          f"{DEFAULT_WEIGHTS[kind]}); 'none' = random{extra}")
+    a("--clip-guidance", default="text", choices=["text", "queries"], help="ablation: the CLIP "
+      "student with learnable queries instead of text (E2)")
+    a("--text-embeddings", default=None, help="precomputed [N, 512] .npy/.pt class embeddings")
+    a("--numerics", default="hf", choices=NUMERICS, help="backbone numerics: the transformers "
+      "checkpoints as they are (hf), or as the authors' code ran them (release)")
+    a("--init", default=None, help="start from the weights of a checkpoint (ours, or a converted "
+      "release: python -m tools.release); its students, size and numerics are used")
+    a("--grad-checkpoint", action="store_true", help="recompute the trainable blocks (memory)")
+    a("--compile", action="store_true", help="torch.compile the backbone blocks and the heads "
+      "with static shapes; off by default until measured on a GPU")
     a("--frozen-bf16", action="store_true", help="under bf16 autocast, store the frozen backbone "
-      "weights in bf16 (no per-step casts; what trains stays fp32); no effect on fp32 runs")
+      "weights in bf16 (what trains stays fp32); no effect on fp32 runs")
     # method (co2s.Method)
-    a("--method", default="co2s", choices=co2s.METHODS, help="co2s (E5-E8) | unimatch (no E8) | "
-      "supervised (E5 only)")
-    a("--stability", default="grad", choices=co2s.STABILITY,
-      help="E8: grad (paper) | released (the "
-      "authors' code: no gradient) | off")
-    a("--tau", type=float, default=0.95,
-      help="confidence threshold of pseudo-labels and stability masks")
+    a("--method", default="co2s", choices=co2s.METHODS, help="co2s (E5-E8) | unimatch (no E8) "
+      "| supervised (E5 only)")
+    a("--stability", default="grad", choices=co2s.STABILITY, help="E8: grad (paper) | released "
+      "(the authors' code: no gradient) | off")
+    a("--tau", type=float, default=0.95, help="confidence threshold of E6 and E8")
     a("--no-fp", action="store_true", help="ablation: drop the feature-perturbation branch (E4)")
-    a("--strong-views", type=int, default=2, choices=[1, 2],
-      help="ablation: one strong view, not two")
-    a("--mix-source", default="partner", choices=data.MIX_SOURCES, help="CutMix partners: another "
-      "unlabelled image (ours), the same image augmented again (the release), or the batch rolled by one")
+    a("--strong-views", type=int, default=2, choices=[1, 2], help="ablation: one strong view")
+    a("--mix-source", default="partner", choices=data.MIX_SOURCES, help="CutMix partners: "
+      "another unlabelled image, the same image augmented again (the release), the batch rolled")
     a("--fusion", default="confidence", choices=FUSIONS, help="E10 fusion rule at inference")
     # optimisation (METHOD.md section 5)
-    a("--lr", type=float, default=None,
-      help="base lr (default: 1e-4 pretrained, 5e-4 from scratch)")
+    a("--lr", type=float, default=None, help="base lr (default: 1e-4 pretrained, 5e-4 scratch)")
     a("--weight-decay", type=float, default=0.01)
-    a("--backbone-lr-mult", type=float, default=None,
-      help="trainable backbone weights (default: 0.01 "
-      "pretrained, 0.5 scratch)")
-    a("--train-backbone", default=None, choices=TRAIN_BACKBONE,
-      help="which backbone weights train: the "
-      "attention projections (default for pretrained students, the paper) or all (default from scratch)")
-    a("--head-lr-mult", type=float, default=None,
-      help="decoder head (default: 10 pretrained, 1 scratch); "
-      "queries x1")
-    a("--epochs", type=int, default=None,
-      help="one epoch = one pass over the unlabelled list (default: "
-      "the dataset's; 80, mer 150)")
+    a("--backbone-lr-mult", type=float, default=None, help="trainable backbone weights "
+      "(default: 0.01 pretrained, 0.5 scratch)")
+    a("--train-backbone", default=None, choices=TRAIN_BACKBONE, help="which backbone weights "
+      "train (default: attention for pretrained students, the paper; all from scratch)")
+    a("--head-lr-mult", type=float, default=None, help="decoder head (default: 10 pretrained, "
+      "1 scratch); queries x1")
+    a("--epochs", type=int, default=None, help="one epoch = one pass over the unlabelled list "
+      "(default: the dataset's; 80, mer 150)")
     a("--iters", type=int, default=None, help="total optimizer steps (overrides --epochs)")
-    a("--amp", default="auto", choices=runs.AMP,
-      help="CUDA autocast (auto: bf16, else fp16); CPU runs fp32")
+    a("--amp", default="auto", choices=runtime.AMP, help="CUDA autocast (auto: bf16, else "
+      "fp16); CPU runs fp32")
     a("--seed", type=int, default=0)
     # run folder
     a("--out", default=None, help="run folder (default: runs/<dataset>-<ratio>-<time>)")
-    a("--resume", default=None, help="run folder to continue with its own config (only --iters / "
-      "--stop-at may change)")
+    a("--resume", default=None, help="run folder to continue with its own config (only --iters "
+      "/ --stop-at may change)")
     a("--eval-every", type=int, default=1, help="epochs between evaluations")
     a("--best-by", default="fused", help="student name (or fused) whose mIoU picks best.pt")
     a("--log-every", type=int, default=10)
-    a("--save-every", type=int, default=0,
-      help="also write last.pt every N steps (0: at epoch ends)")
-    a("--stop-at", type=int, default=None, help="stop after this step (checkpointed): split a run")
+    a("--save-every", type=int, default=0, help="also write last.pt every N steps (0: at epoch "
+      "ends)")
+    a("--stop-at", type=int, default=None, help="stop after this step (checkpointed)")
     a("--device", default=None, help="cuda or cpu (default: cuda if available)")
     args = p.parse_args(argv)
     if args.dataset not in CHOICES:
@@ -159,17 +133,18 @@ def get_args(argv=None):
     kinds = args.students.split(",")
     if not 1 <= len(kinds) <= 2 or any(k not in KINDS for k in kinds):
         p.error(f"--students {args.students!r}: one or two of {', '.join(KINDS)}, comma separated")
-    valid_best = student_names(kinds) + ["fused"]
-    if args.best_by not in valid_best:
-        p.error(f"--best-by {args.best_by!r}; valid for these students: {', '.join(valid_best)}")
+    if args.best_by not in prediction_names(kinds):
+        valid = ", ".join(prediction_names(kinds))
+        p.error(f"--best-by {args.best_by!r}; valid for these students: {valid}")
     if args.accum < 1 or (args.batch is not None and args.batch < 1):
         p.error("--batch and --accum must be >= 1")
     return args
 
 
-def resolve(args):
-    """The run's config: every flag, with the dataset's defaults and the recipe filled in
-    (config.json)."""
+def resolve(args, init=None):
+    """The run's config: every flag, with the dataset's defaults and the recipe filled in. init:
+    the state of the --init checkpoint, whose students it takes. The schedule's figures are added
+    by `schedule` once the data is counted; after that the config never changes (config.json)."""
     cfg = vars(args).copy()
     info = dataset_info(args.dataset, args.data_root)
     cfg["data_root"] = args.data_root or os.path.join("data", args.dataset)
@@ -181,30 +156,46 @@ def resolve(args):
     for kind in KINDS:
         w = cfg[f"{kind}_weights"] or (DEFAULT_WEIGHTS[kind] if cfg["size"] == "base" else "none")
         cfg[f"{kind}_weights"] = None if w == "none" else w
-    if args.init:   # fine-tuning: the checkpoint decides what the students are
-        init = runs.read_checkpoint(runs.resolve_checkpoint(args.init))["model_args"]
-        cfg.update(students=",".join(init["kinds"]), size=init["size"],
-                   clip_guidance=init["clip_guidance"],
-                   numerics=init["numerics"], clip_weights=None, dinov3_weights=None)
+    if init:  # fine-tuning: the checkpoint decides what the students are
+        spec = init["model_args"]
+        cfg.update(students=",".join(spec["kinds"]), size=spec["size"], numerics=spec["numerics"],
+                   clip_guidance=spec["clip_guidance"], clip_weights=None, dinov3_weights=None)
     kinds = cfg["students"].split(",")
-    random_students = not args.init and all(cfg[f"{k}_weights"] is None for k in kinds)
-    recipe = SCRATCH_RECIPE if random_students else PAPER_RECIPE
-    cfg["recipe"] = ("scratch: every student has random weights" if random_students else
-                     "paper: pretrained students (METHOD.md section 5)")
-    for k, v in recipe.items():
+    scratch = not init and all(cfg[f"{k}_weights"] is None for k in kinds)
+    cfg["recipe"] = ("scratch: every student has random weights" if scratch
+                     else "paper: pretrained students (METHOD.md section 5)")
+    for k, v in (SCRATCH_RECIPE if scratch else PAPER_RECIPE).items():
         cfg[k] = v if cfg[k] is None else cfg[k]
-    # epochs counted as the release's DistributedSampler (data.BatchLayout)
-    cfg["epoch_rule"] = "release"
+    cfg["epoch_rule"] = "release"  # epochs counted as the release's DistributedSampler counts them
     stamp = time.strftime("%Y%m%d-%H%M%S")
     cfg["out"] = cfg["out"] or os.path.join("runs", f"{cfg['dataset']}-{cfg['ratio']}-{stamp}")
     return cfg
 
 
+def layout_of(cfg, world, rank):
+    """How the global batch splits over the processes and --accum (data.BatchLayout)."""
+    pad = cfg["epoch_rule"] == "release"
+    return data.BatchLayout(cfg["batch"], world, cfg["accum"], rank, pad=pad)
+
+
+def schedule(cfg, layout, n_unlabeled):
+    """The config with the schedule's figures (config.json records them): the batch layout,
+    steps per epoch (one pass over the unlabelled list) and the total."""
+    steps_per_epoch = layout.steps_per_epoch(n_unlabeled)
+    if steps_per_epoch == 0:
+        raise UserError(f"{n_unlabeled} unlabelled images are fewer than one "
+                        f"{layout.describe()}; lower --batch")
+    return dict(cfg, global_batch=layout.global_batch, micro_batch=layout.micro,
+                world_size=layout.world, iters_per_epoch=steps_per_epoch,
+                total_iters=cfg["iters"] or cfg["epochs"] * steps_per_epoch)
+
+
 def spec_of(cfg, num_classes):
     """What builds the model (saved in every checkpoint, so eval.py and --resume rebuild it)."""
     return ModelSpec(tuple(cfg["students"].split(",")), num_classes, size=cfg["size"],
-                     numerics=cfg["numerics"], clip_guidance=cfg["clip_guidance"], fusion=cfg["fusion"],
-                     grad_checkpoint=cfg["grad_checkpoint"], train_backbone=cfg["train_backbone"])
+                     numerics=cfg["numerics"], clip_guidance=cfg["clip_guidance"],
+                     fusion=cfg["fusion"], grad_checkpoint=cfg["grad_checkpoint"],
+                     train_backbone=cfg["train_backbone"])
 
 
 def method_of(cfg):
@@ -213,27 +204,17 @@ def method_of(cfg):
                        fp=not cfg["no_fp"], strong_views=cfg["strong_views"])
 
 
-def batch_layout(cfg, world, rank):
-    """How the global batch splits over the processes and --accum (data.BatchLayout). A run of
-    format 1 counted --batch per process and dropped the remainder of an epoch: it resumes as it
-    started."""
-    if "batch_per_process" in cfg:
-        cfg["batch"] = cfg.pop("batch_per_process") * world * cfg["accum"]
-    return data.BatchLayout(cfg["batch"], world, cfg["accum"], rank,
-                            pad=cfg.get("epoch_rule", "release") == "release")
-
-
-def new_model(cfg, info):
-    """(model, text source) of a new run: pretrained backbones, and the CLIP student's class
-    embeddings; or (--init) the weights of a checkpoint."""
+def new_model(cfg, info, init=None):
+    """(model, text source) of a new run: pretrained backbones and the CLIP student's class
+    embeddings (E2); or the weights of the --init checkpoint's state `init`."""
     spec = spec_of(cfg, len(info.classes))
-    if cfg["init"]:
-        state = runs.read_checkpoint(runs.resolve_checkpoint(cfg["init"]))
-        if state["model_args"]["num_classes"] != len(info.classes):
-            raise UserError(f"--init {cfg['init']!r} predicts {state['model_args']['num_classes']} classes, "
-                            f"{cfg['dataset']} has {len(info.classes)}")
-        model = runs.model_from_checkpoint(dict(state, model_args=dataclasses.asdict(spec)))
-        return model, f"the checkpoint {cfg['init']}"
+    if init:
+        n = init["model_args"]["num_classes"]
+        if n != len(info.classes):
+            raise UserError(f"--init {cfg['init']!r} predicts {n} classes, {cfg['dataset']} has "
+                            f"{len(info.classes)}")
+        state = dict(init, model_args=dataclasses.asdict(spec))
+        return runs.model_from_checkpoint(state), f"the checkpoint {cfg['init']}"
     text, source = None, None
     if "clip" in spec.kinds and cfg["clip_guidance"] == "text":
         text, source = class_embeddings(info.concepts, size=cfg["size"],
@@ -248,8 +229,8 @@ def param_groups(student, *, lr, weight_decay, backbone_lr_mult, head_lr_mult):
     backbone parameters are the attention projections and every backbone norm is frozen, so 'no
     decay on norms outside the head' leaves nothing to exempt (from scratch, --train-backbone all,
     the norms decay too)."""
-    groups = [dict(name=f"{student.name}.backbone", lr=lr * backbone_lr_mult,
-                   params=[p for p in student.backbone.parameters() if p.requires_grad]),
+    backbone = [p for p in student.backbone.parameters() if p.requires_grad]
+    groups = [dict(name=f"{student.name}.backbone", lr=lr * backbone_lr_mult, params=backbone),
               dict(name=f"{student.name}.head", lr=lr * head_lr_mult,
                    params=list(student.head.parameters()))]
     if student.queries is not None:
@@ -261,16 +242,14 @@ def param_groups(student, *, lr, weight_decay, backbone_lr_mult, head_lr_mult):
 
 def poly(step, total):
     """The lr factor of step `step` (0-based): (1 - t/T)^0.9, no warmup, with t = step - 1 as
-    released (the authors set the lr after each step from the index of the step just taken; step 0:
-    base lr)."""
+    released (the authors set the lr after each step from the index of the step just taken; step
+    0: the base lr)."""
     return (1 - max(step - 1, 0) / total) ** 0.9
 
 
 def average_gradients(params, world):
-    """DDP by hand. Not DistributedDataParallel: each student runs several forwards per step (the
-    partner, [labelled; weak], the strong views) before one backward, and some parameters get no
-    gradient (the last CLIP block's q/k); the wrapper expects one forward per backward and every
-    parameter used. Each gradient is all-reduced in place: no second copy is held."""
+    """DDP by hand: each gradient is all-reduced in place (no second copy is held), then
+    averaged."""
     grads = [p.grad for p in params if p.grad is not None]
     for work in [dist.all_reduce(g, async_op=True) for g in grads]:
         work.wait()
@@ -280,16 +259,14 @@ def average_gradients(params, world):
 
 @dataclasses.dataclass
 class Loop:
-    """The training loop's state: the run (runs.Run: config, model, optimizers, scaler, step, best),
-    its schedule and where it computes."""
+    """The training loop's state: the run (runs.Run: config, model, optimizers, scaler, step,
+    best), its batch layout and where it computes; each rule of the loop written once below."""
+
     run: runs.Run
-    info: object                 # catalog.DatasetInfo
+    info: object  # plumbing.catalog.DatasetInfo
     layout: data.BatchLayout
-    steps_per_epoch: int
-    total_steps: int
     device: torch.device
-    # log key -> (sum, count) since the last record
-    window: dict = dataclasses.field(default_factory=dict)
+    window: dict = dataclasses.field(default_factory=dict)  # log key -> (sum, count)
     t_last: float = dataclasses.field(default_factory=time.time)
 
     @property
@@ -300,52 +277,61 @@ class Loop:
     def cfg(self):
         return self.run.cfg
 
-    def epoch(self, step):
-        return step / self.steps_per_epoch       # epochs completed after `step` steps
+    @property
+    def total_steps(self):
+        return self.cfg["total_iters"]
 
-    def ends_after(self, step):                  # the one rule for when the run ends
+    def epoch(self, step):
+        return step / self.cfg["iters_per_epoch"]  # epochs completed after `step` steps
+
+    def ends_after(self, step):  # the one rule for when the run ends
         return step == self.total_steps or step == self.cfg["stop_at"]
 
-    def logs_after(self, step):                  # the one rule for when a log record is written
+    def logs_after(self, step):  # ... for when a log record is written
         return step % self.cfg["log_every"] == 0 or self.ends_after(step)
 
-    def saves_after(self, step):
-        every = self.cfg["save_every"]
-        return step % self.steps_per_epoch == 0 or self.ends_after(step) or (every and step % every == 0)
+    def saves_after(self, step):  # ... for when last.pt is written
+        every, per_epoch = self.cfg["save_every"], self.cfg["iters_per_epoch"]
+        return step % per_epoch == 0 or self.ends_after(step) or (every and step % every == 0)
 
-    def evaluates_after(self, step):
-        epoch_end = step % self.steps_per_epoch == 0 or step == self.total_steps
-        return epoch_end and ((step // self.steps_per_epoch) % self.cfg["eval_every"] == 0
-                              or step == self.total_steps)
+    def evaluates_after(self, step):  # ... and for when the model is evaluated
+        per_epoch = self.cfg["iters_per_epoch"]
+        if step == self.total_steps:
+            return True
+        return step % per_epoch == 0 and (step // per_epoch) % self.cfg["eval_every"] == 0
 
 
 def main(argv=None):
     args = get_args(argv)
-    rank, world, device = runs.setup_ddp(args.device)
-    cfg, state = load_resume(args) if args.resume else (resolve(args), None)
-    cfg.setdefault("command", " ".join(["python train.py"] + [shlex.quote(a) for a in (
-        sys.argv[1:] if argv is None else argv)]))
-    if state is None and os.path.isfile(os.path.join(cfg["out"], "last.pt")):
-        cfg, state = requeued(args, cfg)        # the same command again (a requeued job): continue
-    layout = batch_layout(cfg, world, rank)      # a --batch that does not split fails here, at once
+    rank, world, device = runtime.setup_ddp(args.device)
+    command = "python train.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    init = None
+    if args.resume:
+        cfg, state = runs.resume(args.resume, args.iters, args.stop_at, world)
+    else:
+        init = runs.read_checkpoint(runs.resolve_checkpoint(args.init)) if args.init else None
+        cfg, state = dict(resolve(args, init), command=command), None
+        if os.path.isfile(os.path.join(cfg["out"], "last.pt")):  # the same command again
+            cfg, state = runs.requeued(cfg, args.iters, args.stop_at, world)
+    layout = layout_of(cfg, world, rank)  # a --batch that does not split fails here, at once
     if rank == 0:
-        runs.check_writable(cfg["out"])         # before any model is built or downloaded
+        runs.check_writable(cfg["out"])  # before any model is built or downloaded
     torch.manual_seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     random.seed(cfg["seed"])
     info = dataset_info(cfg["dataset"], cfg["data_root"])
-    splits = prepare_data(cfg, info,
-                          os.path.join(cfg["out"], "splits") if state else cfg["splits"], world)
-    loop, text_source = build_loop(cfg, state, info, splits, layout, device)
+    splits = prepare_data(cfg, info, os.path.join(cfg["out"], "splits") if state else None, world)
+    cfg = schedule(cfg, layout, len(splits.unlabeled))  # the config is final from here on
+    loop, text_source = build_loop(cfg, state, info, layout, device, init)
     if loop.master:
         runs.check_room(cfg["out"], loop.run.model)
         start_run(loop, splits, text_source, fresh=state is None)
-    run, method, amp = loop.run, method_of(cfg), runs.autocast(device, cfg["amp"])
-    # one iterator per run: workers start once
+    run, method, amp = loop.run, method_of(cfg), runtime.autocast(device, cfg["amp"])
     streams = data.Streams(cfg["crop"], cfg["seed"], cfg["mix_source"], cfg["workers"],
                            pin_memory=device.type == "cuda")
-    steps = range(run.step, loop.total_steps)
-    streams = [iter(loader) for loader in data.train_loaders(info, splits, loop.layout, streams, steps)]
+    steps = range(run.step, loop.total_steps)  # one sampler for the run: workers start once
+    loaders = data.train_loaders(info, splits, layout, streams, steps, method.method)
+    streams = {name: iter(loader) for name, loader in loaders.items()}
     val = data.val_loader(info, splits.val, workers=min(cfg["workers"], 2), rank=rank,
                           world_size=world)
     params = [p for p in run.model.parameters() if p.requires_grad]
@@ -353,7 +339,7 @@ def main(argv=None):
     pbar = tqdm(total=loop.total_steps, initial=run.step, disable=not loop.master,
                 dynamic_ncols=True)
     run.model.train()
-    with runs.StopSignals(world, device) as stop:
+    with runtime.StopSignals(world, device) as stop:
         while run.step < loop.total_steps and run.step != cfg["stop_at"]:
             train_step(loop, streams, method, amp, params)
             pbar.update(1)
@@ -367,23 +353,28 @@ def main(argv=None):
 def train_step(loop, streams, method, amp, params):
     """One optimizer step: lr and E9's weight from the step, the iteration's losses over the
     micro-batches, backward, gradients averaged over the ranks, one AdamW step per student."""
-    run, cfg, device = loop.run, loop.cfg, loop.device
+    run, device = loop.run, loop.device
     set_lr(run, loop.total_steps)
-    weight_e9 = stability_weight(run.step, loop.total_steps)           # E9's lambda(t)
-    rng = runs.rng_state() if loop.layout.accum > 1 else None
+    weight_e9 = stability_weight(run.step, loop.total_steps)  # E9's lambda(t)
+    rng = runtime.rng_state() if loop.layout.accum > 1 else None
     for micro in range(loop.layout.accum):
-        # Every rank of a DDP run draws the same dropout masks (same seed, same calls); micro-batch
-        # j replays the step's RNG state to draw exactly what rank j of the --accum-process run would.
+        # Every rank of a DDP run draws the same dropout masks (same seed, same calls);
+        # micro-batch j replays the step's RNG state to draw what rank j of the --accum-process
+        # run would.
         if micro:
-            runs.set_rng_state(rng)
-        batches = [{k: v.to(device, non_blocking=True) for k, v in next(s).items()} for s in streams]
+            runtime.set_rng_state(rng)
+        named = {n: {k: v.to(device, non_blocking=True) for k, v in next(s).items()}
+                 for n, s in streams.items()}
+        batch = co2s.Batch(**named)
         with amp:
-            out = co2s.iteration(run.model.students, *batches, stability_weight=weight_e9, method=method)
-        # The students' graphs are disjoint (E8 targets are detached): one backward of the sum gives
-        # every student the gradient of its own loss; / accum averages micro-batches as DDP ranks.
+            out = co2s.iteration(run.model.students, batch, stability_weight=weight_e9,
+                                 method=method)
+        # The students' graphs are disjoint (E8 targets are detached): one backward of the sum
+        # gives every student the gradient of its own loss; / accum averages micro-batches as
+        # DDP averages ranks.
         run.scaler.scale(sum(out.losses) / loop.layout.accum).backward()
-        accumulate(loop, co2s.diagnostics(out, batches[1] if len(batches) > 1 else None, method,
-                                          cfg["fusion"], quality=loop.logs_after(run.step + 1)))
+        quality = loop.logs_after(run.step + 1)
+        accumulate(loop, co2s.diagnostics(out, batch, method, loop.cfg["fusion"], quality))
     if loop.layout.world > 1:
         average_gradients(params, loop.layout.world)
     for opt in run.optimizers:
@@ -410,14 +401,14 @@ def stopped(loop, signal_name):
     """A stop signal: every rank stops after the same step; rank 0 writes last.pt of that step."""
     run, out = loop.run, loop.cfg["out"]
     if loop.master:
-        # (already written when the step was a save step)
-        if not loop.saves_after(run.step):
+        if not loop.saves_after(run.step):  # (already written when the step was a save step)
             runs.save_checkpoint(run, os.path.join(out, "last.pt"), keep_previous=True)
-        print(f"\nstopped by {signal_name} after step {run.step}; last.pt is written. Continue with: "
-              f"python train.py --resume {out} (or the same command with --out {out})", flush=True)
+        print(f"\nstopped by {signal_name} after step {run.step}; last.pt is written. Continue "
+              f"with: python train.py --resume {out} (or the same command with --out {out})",
+              flush=True)
     if loop.layout.world > 1:
         dist.destroy_process_group()
-    raise SystemExit(runs.EXIT_STOPPED)
+    raise SystemExit(runtime.EXIT_STOPPED)
 
 
 def set_lr(run, total):
@@ -427,93 +418,43 @@ def set_lr(run, total):
             g["lr"] = g["initial_lr"] * poly(run.step, total)
 
 
-def build_loop(cfg, state, info, splits, layout, device):
-    """The Loop of a new or resumed run: model, one AdamW per student (METHOD.md section 4, step 8),
-    scaler, schedule. Returns (loop, the source of the class embeddings)."""
-    world = layout.world
-    steps_per_epoch = layout.steps_per_epoch(len(splits.unlabeled))
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(splits.unlabeled)} unlabelled images are fewer than one "
-                        f"{layout.describe()}; lower --batch")
-    total = cfg["iters"] or cfg["epochs"] * steps_per_epoch
-    model, text_source = (runs.model_from_checkpoint(state), None) if state else new_model(cfg, info)
+def build_loop(cfg, state, info, layout, device, init=None):
+    """The Loop of a new or resumed run: model, one AdamW per student (METHOD.md section 4, step
+    8), scaler. Returns (loop, the source of the class embeddings)."""
+    model, text_source = (runs.model_from_checkpoint(state), None) if state else new_model(
+        cfg, info, init)
     model.to(device)
-    for t in model.state_dict().values() if world > 1 else []:
-        dist.broadcast(t, 0)  # identical start on every rank
-    store_frozen(model, runs.frozen_dtype(device, cfg["amp"], cfg.get("frozen_bf16", False)))
-    if cfg.get("compile"):
-        compile_model(model)
-    optimizers = [torch.optim.AdamW(param_groups(s, **{k: cfg[k] for k in HYPER}),
-                                    fused=device.type == "cuda")
+    for t in model.state_dict().values() if layout.world > 1 else []:
+        dist.broadcast(t, 0)  # an identical start on every rank
+    runtime.store_frozen(model, runtime.frozen_dtype(device, cfg["amp"], cfg["frozen_bf16"]))
+    if cfg["compile"]:
+        runtime.compile_model(model)
+    hyper = {k: cfg[k] for k in HYPER}
+    optimizers = [torch.optim.AdamW(param_groups(s, **hyper), fused=device.type == "cuda")
                   for s in model.students]
-    scaler = torch.amp.GradScaler(device.type,
-                                  enabled=runs.amp_dtype(device, cfg["amp"]) == torch.float16)
+    fp16 = runtime.amp_dtype(device, cfg["amp"]) == torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     run = runs.Run(cfg, spec_of(cfg, len(info.classes)), model, optimizers, scaler)
     if state:
         for opt, s in zip(optimizers, state["optimizers"]):
             opt.load_state_dict(s)
         scaler.load_state_dict(state["scaler"])
-        runs.set_rng_state(state["rng"])
+        runtime.set_rng_state(state["rng"])
         run.step, run.best = state["step"], state["best"]
-    cfg.update(global_batch=layout.global_batch, micro_batch=layout.micro, world_size=world,
-               iters_per_epoch=steps_per_epoch, total_iters=total)
-    return Loop(run, info, layout, steps_per_epoch, total, device), text_source
-
-
-def load_resume(args):
-    """(config, state) of the run folder to continue: its own config, except --iters / --stop-at."""
-    path = os.path.join(args.resume, "last.pt")
-    previous = os.path.join(args.resume, "last.prev.pt")
-    if not os.path.isfile(path):
-        hint = (f"; {previous} is there: `mv {previous} {path}` to continue from it"
-                if os.path.isfile(previous) else "")
-        raise UserError(f"--resume {args.resume!r}: no last.pt there (a run folder of train.py holds one "
-                        f"after its first epoch, or after --save-every / --stop-at steps){hint}")
-    try:
-        state = runs.read_checkpoint(path)
-    except UserError as e:
-        if not os.path.isfile(previous):
-            raise
-        step = runs.read_checkpoint(previous)["step"]      # itself an error if that one is bad too
-        raise UserError(f"{e}. The previous checkpoint {previous} (step {step}) is readable: "
-                        f"`mv {previous} {path}` and resume again to continue from it") from e
-    cfg = dict(state["cfg"], resume=args.resume, stop_at=args.stop_at)
-    cfg["iters"] = args.iters or cfg["iters"]
-    return cfg, state
-
-
-# flags that may differ between the runs of one requeued job without changing the run
-REQUEUE_FREE = ("resume", "stop_at", "workers", "device", "download", "log_every", "save_every",
-                "command", "compile")
-
-
-def requeued(args, cfg):
-    """The same command again on a run folder with a last.pt (a requeued cluster job): continue it
-    when its config is this command's, else refuse and say what differs."""
-    out = cfg["out"]
-    state = load_resume(argparse.Namespace(resume=out, iters=args.iters, stop_at=args.stop_at))[1]
-    old = state["cfg"]
-    differ = sorted(k for k in cfg if k not in REQUEUE_FREE and k in old and old[k] != cfg[k])
-    if differ:
-        what = ", ".join(f"{k}: {old[k]!r} there, {cfg[k]!r} here" for k in differ[:4])
-        raise UserError(f"--out {out} holds a run with another config ({what}); continue it with "
-                        f"--resume {out}, or pass another --out")
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"{out} holds last.pt of this command's run (step {state['step']}): continuing it")
-    return load_resume(argparse.Namespace(resume=out, iters=args.iters, stop_at=args.stop_at))
+    return Loop(run, info, layout, device), text_source
 
 
 def prepare_data(cfg, info, splits_dir, world):
     """The data on disk (generated, downloaded or already there), the split lists (a resumed run
-    reads its own), and a scan of every listed file before the first step."""
-    master = int(os.environ.get("RANK", 0)) == 0
-    if master:
+    reads its own, splits_dir), and a scan of every listed file before the first step."""
+    if runtime.is_master():
         ensure(info, cfg["data_root"], download=cfg["download"])
     if world > 1:
         dist.barrier()
-    splits = files.make_splits(info, cfg["ratio"], cfg["data_root"], splits_dir, seed=cfg["seed"])
-    if master:
-        files.scan_files(splits, info)
+    splits = data.make_splits(info, cfg["ratio"], cfg["data_root"], splits_dir or cfg["splits"],
+                              seed=cfg["seed"])
+    if runtime.is_master():
+        data.scan_files(splits, info)
     return splits
 
 
@@ -526,27 +467,27 @@ def accumulate(loop, logs):
 
 def log_train(loop, pbar):
     """Stop on a non-finite loss, else one log.jsonl record (rank 0) of the means over the steps
-    since the last record."""
+    since the last record, with the lr each optimizer group stepped with."""
     step, cfg = loop.run.step, loop.cfg
     vals = {k: round(float(v / n), 5) for k, (v, n) in loop.window.items()}
     loop.window = {}
     if not all(np.isfinite(list(vals.values()))):
-        raise SystemExit(f"non-finite loss at step {step}: {vals}\nstopped; the last good checkpoint "
-                         f"({cfg['out']}/last.pt) is kept. Try a lower --lr or --amp off.")
+        raise SystemExit(f"non-finite loss at step {step}: {vals}\nstopped; the last good "
+                         f"checkpoint ({cfg['out']}/last.pt) is kept. Try a lower --lr or --amp off.")
     now, steps = time.time(), step - (step - 1) // cfg["log_every"] * cfg["log_every"]
     if loop.master:
-        lr = cfg["lr"] * poly(step - 1, loop.total_steps)
-        runs.append_jsonl(os.path.join(cfg["out"], "log.jsonl"), dict(
-            type="train", step=step, epoch=round(loop.epoch(step), 4), lr=lr,
-            step_s=round((now - loop.t_last) / steps, 4), **vals))
-        pbar.set_postfix({k: f"{v:.3f}" for k, v in vals.items()
-                          if k.endswith("/loss") or k == "lambda"})
+        lrs = {f"lr/{g['name']}": g["lr"] for opt in loop.run.optimizers for g in opt.param_groups}
+        record = dict(type="train", step=step, epoch=round(loop.epoch(step), 4), **lrs,
+                      step_s=round((now - loop.t_last) / steps, 4), **vals)
+        runs.append_jsonl(os.path.join(cfg["out"], "log.jsonl"), record)
+        shown = {k: f"{v:.3f}" for k, v in vals.items() if k.endswith("/loss") or k == "lambda"}
+        pbar.set_postfix(shown)
     loop.t_last = now
 
 
 def run_eval(loop, loader, amp):
-    """Sliding-window mIoU of every student and the fusion (eval.py); under DDP each rank takes its
-    share of the images and the confusion matrices are summed."""
+    """Sliding-window mIoU of every student and the fusion (eval.py); under DDP each rank takes
+    its share of the images and the confusion matrices are summed."""
     run = loop.run
     mats = evaluation.evaluate(run.model, loader, run.cfg["crop"], amp=amp)
     result = {}
@@ -561,19 +502,17 @@ def run_eval(loop, loader, amp):
 
 
 def keep_best(loop, result):
-    """Log an evaluation, keep best.pt by --best-by, write metrics.json (done: the run has
-    ended)."""
+    """Log an evaluation, keep best.pt by --best-by, write metrics.json (done: the run ended)."""
     run, out, key = loop.run, loop.cfg["out"], loop.cfg["best_by"]
+    epoch = round(loop.epoch(run.step), 4)
     runs.append_jsonl(os.path.join(out, "log.jsonl"),
-                      dict(type="eval", step=run.step, epoch=round(loop.epoch(run.step), 4), **result))
+                      dict(type="eval", step=run.step, epoch=epoch, **result))
     if result[key]["miou"] > run.best["miou"]:
         run.best = dict(miou=result[key]["miou"], step=run.step, by=key, results=result)
         runs.save_checkpoint(run, os.path.join(out, "best.pt"))
     runs.write_json(os.path.join(out, "metrics.json"), dict(
         last=dict(step=run.step, results=result), best=run.best, best_by=key,
         total=loop.total_steps, done=run.step == loop.total_steps))
-    # the drift plot, redrawn at every evaluation
-    curves.plot([out], os.path.join(out, "curves.png"))
 
 
 def start_run(loop, splits, text_source, fresh):
@@ -581,20 +520,22 @@ def start_run(loop, splits, text_source, fresh):
     cfg = loop.cfg
     os.makedirs(cfg["out"], exist_ok=True)
     if fresh:
-        files.write_splits(splits, os.path.join(cfg["out"], "splits"))
-        open(os.path.join(cfg["out"], "log.jsonl"), "w").close()   # a fresh run starts a fresh log
+        data.write_splits(splits, os.path.join(cfg["out"], "splits"))
+        open(os.path.join(cfg["out"], "log.jsonl"), "w").close()  # a fresh run, a fresh log
         runs.write_json(os.path.join(cfg["out"], "config.json"), dict(
-            cfg, splits_source=splits.source, text_source=text_source, **runs.run_info(loop.layout.world)))
+            cfg, splits_source=splits.source, text_source=text_source, **runs.run_info()))
     print(f"run folder: {cfg['out']}\nsplits: {splits.source}: {len(splits.labeled)} labelled / "
-          f"{len(splits.unlabeled)} unlabelled / {len(splits.val)} val\n{loop.layout.describe()}; "
-          f"{loop.steps_per_epoch} iterations per epoch, {loop.total_steps} in all, device {loop.device}"
-          f"\nrecipe: {cfg['recipe']}; backbone weights that train: {cfg['train_backbone']}")
+          f"{len(splits.unlabeled)} unlabelled / {len(splits.val)} val\n"
+          f"{loop.layout.describe()}; {cfg['iters_per_epoch']} iterations per epoch, "
+          f"{loop.total_steps} in all, device {loop.device}\n"
+          f"recipe: {cfg['recipe']}; backbone weights that train: {cfg['train_backbone']}")
     if text_source:
         print(f"CLIP class embeddings: {text_source}")
     for opt in loop.run.optimizers:
         for g in opt.param_groups:
+            n = sum(p.numel() for p in g["params"])
             print(f"  group {g['name']:<28} lr {g['initial_lr']:.2e}  wd {g['weight_decay']}  "
-                  f"params {sum(p.numel() for p in g['params']):,}")
+                  f"params {n:,}")
 
 
 def finish(loop):
@@ -604,7 +545,7 @@ def finish(loop):
             last = runs.read_json(os.path.join(out, "metrics.json"))["last"]["results"]
             print("\nmIoU (%) at the end: "
                   + ", ".join(f"{k} {100 * v['miou']:.2f}" for k, v in last.items()))
-        print(f"run folder: {out}")
+        print(f"run folder: {out}\ncurves: python -m tools.plot {out}")
     if loop.layout.world > 1:
         dist.destroy_process_group()
 

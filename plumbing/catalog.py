@@ -12,9 +12,9 @@ import os
 import re
 from dataclasses import dataclass
 
-from errors import UserError
+from plumbing.errors import UserError
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 PAPER_SPLITS = os.path.join(REPO, "splits")   # the authors' lists (GitHub XavierJiezou/Co2S, splits/)
 HUB_DATASETS = "XavierJiezou/co2s-datasets"  # the authors' prepared datasets (Hugging Face, repo type dataset)
 RELEASE_PROCESSES = 4  # the released runs: 4 GPUs; an epoch is counted as their DistributedSampler counts it

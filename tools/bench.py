@@ -1,8 +1,8 @@
-"""bench.py: how fast is one Co2S step, how much arithmetic is it, and where does the time go?
+"""tools/bench.py: how fast is one Co2S step, how much arithmetic is it, and where does the time go?
 
-    python bench.py --size tiny --crop 128 --batch 2 --train-backbone all   # CPU, the demo's
-    python bench.py --size base --crop 256 --batch 1                        # CPU, paper students
-    python bench.py --size base --crop 512 --batch 4 --device cuda --amp bf16 [--compile] [--profile]
+    python -m tools.bench --size tiny --crop 128 --batch 2 --train-backbone all   # CPU, the demo's
+    python -m tools.bench --size base --crop 256 --batch 1                        # CPU, paper students
+    python -m tools.bench --size base --crop 512 --batch 4 --device cuda --amp bf16 [--compile] [--profile]
 
 Runs warm-up and timed steps of the work of one train.py optimizer step with one micro-batch
 (co2s.iteration under autocast, backward, one AdamW step per student, fused on CUDA as in train.py)
@@ -33,11 +33,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import co2s
-from backbones import TRAIN_BACKBONE
 from eval import predict
-from model import ModelSpec, build_model, compile_model, store_frozen
-from runs import amp_dtype, autocast, frozen_dtype
-from text import stand_in_embeddings
+from model import TRAIN_BACKBONE, ModelSpec, build_model, stand_in_embeddings
+from plumbing.runtime import AMP, amp_dtype, autocast, compile_model, frozen_dtype, store_frozen
 from train import PAPER_RECIPE, param_groups
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -48,7 +46,7 @@ p.add_argument("--batch", type=int, default=4,
 p.add_argument("--classes", type=int, default=6)
 p.add_argument("--students", default="clip,dinov3")
 p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+p.add_argument("--amp", default="auto", choices=AMP)
 p.add_argument("--mix-source", default="partner", choices=["partner", "rolled"],
                help="'same' costs what 'partner' does")
 p.add_argument("--grad-checkpoint", action="store_true")
@@ -103,6 +101,7 @@ def unlabelled():
 batch_l = dict(img=torch.randn(B, 3, C, C, device=device),
                label=torch.randint(0, N, (B, C, C), device=device))
 batch_u, batch_mix = unlabelled(), unlabelled() if args.mix_source == "partner" else None
+batch = co2s.Batch(batch_l, batch_u, batch_mix)
 
 
 def sync():
@@ -127,8 +126,7 @@ def step():
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     with amp:
-        out = co2s.iteration(students, batch_l, batch_u, batch_mix, stability_weight=0.5,
-                             method=co2s.Method(tau=0.0))
+        out = co2s.iteration(students, batch, stability_weight=0.5, method=co2s.Method(tau=0.0))
     scaler.scale(sum(out.losses)).backward()
     for opt in optimizers:
         scaler.step(opt)

@@ -1,15 +1,14 @@
-"""ablate.py: the paper's ablation table on any dataset in one command.
+"""tools/ablate.py: the paper's ablation table on any dataset in one command.
 
-    python ablate.py --dataset demo --ratio 1/16 --iters 480 --seeds 3
-    python ablate.py --dataset potsdam --ratio 1/16 --rows supervised,unimatch,co2s --seeds 1
-    --batch 4
+    python -m tools.ablate --dataset demo --ratio 1/16 --iters 480 --seeds 3
+    python -m tools.ablate --dataset potsdam --ratio 1/16 --rows supervised,unimatch,co2s --seeds 1
 
 Every row is a set of train.py flags (ROWS below, named like the paper's ablations); each row runs
 with every seed through train.py itself (in this process), into <out>/<row>/seed<k>. Then one
 markdown table: per row the mIoU of each student and of the fused prediction (E10) at the end of
 training, and the fused pseudo-labels' accuracy and coverage on the unlabelled images (against their
 never-used labels), as mean +- std over seeds. Written to <out>/table.md, <out>/results.json (every
-run's metrics and folder), <out>/chart.png (the table as bars) and <out>/curves.png (curves.py's
+run's metrics and folder), <out>/chart.png (the table as bars) and <out>/curves.png (tools/plot.py's
 overlay of the training curves of seed 0 of every row, a colour per row: one seed per row keeps the
 picture readable; the table holds the spread over seeds). Flags ablate.py does not know go to
 train.py for every row (e.g. --lr, --batch, --size); a row's own flags win.
@@ -24,12 +23,9 @@ import statistics
 import sys
 import time
 
-from PIL import Image, ImageDraw
-
-import curves
 import train
-from curves import swatch, ytick
-from errors import cli
+from plumbing.errors import cli
+from tools.plot import ablation_chart, plot
 
 # row name -> the train.py flags that make it (the paper's default for everything else)
 ROWS = {
@@ -141,42 +137,6 @@ def markdown(table, seeds):
     return "\n".join(lines)
 
 
-def chart(table, path):
-    """Grouped bars (student 1, student 2, fused) per row, with a whisker of one std; Pillow
-    only."""
-    cols = [("student1", curves.COLOURS[0]), ("student2", curves.COLOURS[1]),
-            ("fused", curves.COLOURS[2])]
-    top = max([t[k][1] + t[k][2] for t in table.values() for k,
-               _ in cols if t[k][1] is not None] + [1.0])
-    W, H, left, bottom, pad = 120 + 110 * len(table), 420, 60, 110, 20
-    img = Image.new("RGB", (W, H), "white")
-    d, font = ImageDraw.Draw(img), curves.font()
-    y = lambda v: H - bottom - (H - bottom - pad) * v / (1.1 * top)
-    d.line([(left, pad), (left, H - bottom), (W - pad, H - bottom)], fill="black")
-    for tick in range(0, int(1.1 * top) + 1, max(1, int(top / 5))):
-        ytick(d, left, y(tick), f"{tick}", font)
-    d.text((8, pad - 12), "mIoU (%)", fill="black", font=font)
-    for i, (row, t) in enumerate(table.items()):
-        x0 = left + 20 + 110 * i
-        for j, (k, colour) in enumerate(cols):
-            m, s = t[k][1], t[k][2]
-            if m is None:
-                continue
-            xa = x0 + 28 * j
-            d.rectangle([xa, y(m), xa + 24, H - bottom], fill=colour)
-            d.line([(xa + 12, y(m + s)), (xa + 12, y(max(m - s, 0)))], fill="black")
-        d.text((x0 + 40, H - bottom + 8), row, fill="black", font=font, anchor="mt")
-    for j, (k, colour) in enumerate(cols):
-        label = {"student1": "student 1", "student2": "student 2"}.get(k, k)
-        swatch(d, left + 10 + 110 * j, H - 34, colour, label, font)
-    img.save(path)
-
-
-def overlay(runs, path):
-    """curves.png: seed 0 of every row (its first run), one colour per row, labelled by the row."""
-    return curves.plot([r[0]["run"] for r in runs.values()], path, labels=list(runs))
-
-
 def main(argv=None):
     args, train_flags = get_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -191,7 +151,7 @@ def main(argv=None):
                                             wall_s=round(time.time() - t, 1)))
             print(f"[ablate] {row} seed {seed}: {how} ({runs[row][-1]['wall_s']} s) -> {out}")
     table = summarise(runs)
-    command = "python ablate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m tools.ablate " + " ".join(argv if argv is not None else sys.argv[1:])
     text = (f"{markdown(table, args.seeds)}\n\nCommand: `{command}`; wall time {time.time() - start:.0f} s "
             f"(runs reused from an earlier call count 0 s).\n")
     with open(os.path.join(args.out, "table.md"), "w") as f:
@@ -201,8 +161,9 @@ def main(argv=None):
                        rows={r: ROWS[r] for r in args.rows}, runs=runs,
                        table={r: {k: v for k, v in t.items()} for r,
                               t in table.items()}), f, indent=2)
-    chart(table, os.path.join(args.out, "chart.png"))
-    overlay(runs, os.path.join(args.out, "curves.png"))
+    ablation_chart(table, os.path.join(args.out, "chart.png"))
+    # curves.png: seed 0 of every row (its first run), one colour per row, labelled by the row
+    plot([r[0]["run"] for r in runs.values()], os.path.join(args.out, "curves.png"), list(runs))
     print(text)
     return table
 

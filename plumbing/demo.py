@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from errors import UserError
+from plumbing.errors import UserError
 
 
 DEMO_VERSION = 1

@@ -1,4 +1,4 @@
-"""download.py: put a dataset on disk where the loader reads it, or say exactly how.
+"""plumbing/download.py: put a dataset on disk where the loader reads it, or say exactly how.
 
 `ensure(info, root, download=...)` is the one place that decides: a dataset already at `root` is
 used as it is; the demo is generated (demo.py); with `--download` a paper dataset is fetched from
@@ -6,19 +6,18 @@ the authors' Hugging Face dataset repository (XavierJiezou/co2s-datasets, one fo
 POTSDAM/, LOVEDA/, WHDLD/, GID/, MER/, MSL/, each holding images/ and labels/); anything else is an
 error naming the folder and the command. Nothing is downloaded without asking.
 
-    python download.py potsdam [--data-root data/potsdam]
+    python -m tools.download potsdam [--data-root data/potsdam]
 
 A download goes to `<root>.download/` first (huggingface_hub resumes an interrupted one there), is
 moved into `<root>/images`, `<root>/labels`, and is then checked against every file the paper's
 split lists name.
 """
-import argparse
 import os
 import shutil
 
-from catalog import DATASETS, HUB_DATASETS, PAPER_SPLITS, dataset_info
-from demo import prepare_demo
-from errors import UserError, cli
+from plumbing.catalog import HUB_DATASETS, PAPER_SPLITS
+from plumbing.demo import prepare_demo
+from plumbing.errors import UserError
 
 
 def ensure(info, root, *, download=False):
@@ -31,7 +30,7 @@ def ensure(info, root, *, download=False):
     if download and info.hub_folder:
         fetch(info, root)
         return
-    how = (f"fetch it with `python download.py {info.name} --data-root {root}` (or add --download to train.py), "
+    how = (f"fetch it with `python -m tools.download {info.name} --data-root {root}` (or add --download to train.py), "
            if info.hub_folder else "")
     raise UserError(f"no {info.name} data at {root!r} (expected {root}/images/<file> and {root}/labels/<file>): "
                     f"{how}or pass --data-root to where it is")
@@ -101,21 +100,3 @@ def verify(info, root):
     if missing:
         raise UserError(f"{len(missing)} of the {len(listed)} files named by splits/{info.name}/ are missing under "
                         f"{root}, e.g. {missing[:5]}; download again (it resumes) or copy them in")
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=f"Download a paper dataset from {HUB_DATASETS} into the loader's layout.")
-    p.add_argument("dataset", choices=[d for d in DATASETS if DATASETS[d].hub_folder])
-    p.add_argument("--data-root", default=None, help="default data/<dataset>")
-    args = p.parse_args(argv)
-    info = dataset_info(args.dataset)
-    root = args.data_root or os.path.join("data", info.name)
-    if os.path.isdir(os.path.join(root, "images")):
-        verify(info, root)
-        print(f"{info.name} is already in {root}: every file the split lists name is there")
-        return
-    ensure(info, root, download=True)
-
-
-if __name__ == "__main__":
-    cli(main)

@@ -1,43 +1,34 @@
-"""runs.py: a run's plumbing: the checkpoint format, the run folder, RNG state, DDP and mixed
-precision.
+"""plumbing/runs.py: the run folder and the checkpoint format, defined once.
 
-The checkpoint format is defined here once: `save_checkpoint` writes it (train.py's last.pt /
-best.pt, a converted release), `read_checkpoint` reads it (and upgrades files of older versions),
-and `model_from_checkpoint` rebuilds the model without a download (resume, --init, eval.py). A run
-folder holds config.json, splits/, log.jsonl, last.pt, best.pt, metrics.json and curves.png; its
-JSON files are written here too. Every write is atomic: a crash mid-write never leaves a truncated
-file where a good one was.
-
-Also here: the state of a run in training (`Run`), the RNG state a resume restores, the DDP setup
-(torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; nothing else is needed) and the one mixed-precision
-policy of train, eval and bench.
+`save_checkpoint` writes a checkpoint (train.py's last.pt / best.pt, a converted release),
+`read_checkpoint` reads it (and upgrades files of older versions), `model_from_checkpoint`
+rebuilds the model without a download (resume, --init, eval.py), and `resolve_checkpoint` /
+`load_run` take whatever a user points at: a run folder, a .pt file, an exported model folder
+(tools/export.py writes it) or the hub id of one. A run folder holds config.json, splits/,
+log.jsonl, last.pt (and last.prev.pt), best.pt and metrics.json. Checkpoints and JSON files are
+written atomically (`replacing`): a crash mid-write never leaves a truncated file where a good one
+was; log.jsonl is appended to, one record per line.
 """
+
 import contextlib
 import dataclasses
 import json
 import os
 import platform
-import random
 import re
 import shutil
-import signal
 import subprocess
 import warnings
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
-from backbones import vit_size
-from catalog import DatasetInfo, dataset_info
-from errors import UserError
 from model import Co2S, ModelSpec, build_model
+from plumbing.catalog import DatasetInfo, dataset_info
+from plumbing.errors import UserError
+from plumbing.runtime import is_master, rng_state
 
 # 1: before the format was versioned (cfg["batch"] per process, epochs drop the remainder)
 FORMAT = 2
-AMP = ("auto", "bf16", "fp16", "off")
-EXIT_STOPPED = 75   # stopped by a signal with last.pt written (sysexits' EX_TEMPFAIL: run it again)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 @dataclasses.dataclass
@@ -103,7 +94,7 @@ def append_jsonl(path, record):
         f.write(json.dumps(record) + "\n")
 
 
-def run_info(world):
+def run_info():
     """Versions and git revision for config.json."""
     try:
         git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -112,7 +103,7 @@ def run_info(world):
         git = None
     versions = dict(python=platform.python_version(), torch=torch.__version__,
                     transformers=__import__("transformers").__version__)
-    return dict(versions=versions, git=git, world_size=world)
+    return dict(versions=versions, git=git)
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,6 +123,51 @@ def save_checkpoint(run, path, keep_previous=False):
                  scaler=run.scaler.state_dict() if run.scaler is not None else None)
     save_atomic(state, path, keep_previous)
     return True
+
+
+def resume(folder, iters=None, stop_at=None, world=1):
+    """(config, state) of the run folder to continue: its own config, but for --iters / --stop-at.
+    One read of last.pt; a missing or unreadable one is an error that says what to do."""
+    path, previous = os.path.join(folder, "last.pt"), os.path.join(folder, "last.prev.pt")
+    if not os.path.isfile(path):
+        hint = (f"; {previous} is there: `mv {previous} {path}` to continue from it"
+                if os.path.isfile(previous) else "")
+        raise UserError(f"--resume {folder!r}: no last.pt there (a run folder of train.py holds "
+                        f"one after its first epoch, or after --save-every / --stop-at steps){hint}")
+    try:
+        state = read_checkpoint(path)
+    except UserError as e:
+        if not os.path.isfile(previous):
+            raise
+        step = read_checkpoint(previous)["step"]  # itself an error if that one is bad too
+        raise UserError(f"{e}. The previous checkpoint {previous} (step {step}) is readable: "
+                        f"`mv {previous} {path}` and resume again to continue from it") from e
+    cfg = dict(state["cfg"], resume=folder, stop_at=stop_at)
+    cfg["iters"] = iters or cfg["iters"]
+    if "batch_per_process" in cfg:  # format 1 counted --batch per process: as a global batch
+        cfg["batch"] = cfg.pop("batch_per_process") * world * cfg["accum"]
+    return cfg, state
+
+
+# flags that may differ between the runs of one requeued job without changing the run
+REQUEUE_FREE = ("resume", "stop_at", "workers", "device", "download", "log_every", "save_every",
+                "command", "compile")
+
+
+def requeued(cfg, iters=None, stop_at=None, world=1):
+    """The same command again on a run folder with a last.pt (a requeued cluster job): continue it
+    (resume) when its config is this command's `cfg`, else refuse and say what differs."""
+    out = cfg["out"]
+    old, state = resume(out, iters, stop_at, world)
+    saved = state["cfg"]
+    differ = sorted(k for k in cfg if k not in REQUEUE_FREE and k in saved and saved[k] != cfg[k])
+    if differ:
+        what = ", ".join(f"{k}: {saved[k]!r} there, {cfg[k]!r} here" for k in differ[:4])
+        raise UserError(f"--out {out} holds a run with another config ({what}); continue it with "
+                        f"--resume {out}, or pass another --out")
+    if is_master():
+        print(f"{out} holds last.pt of this command's run (step {state['step']}): continuing it")
+    return old, state
 
 
 def checkpoint_bytes(model):
@@ -154,8 +190,8 @@ def check_room(out, model):
                         f"GiB); free some space or pass another --out")
 
 
-def check_writable(out):
-    """The run folder can be created and written (checked before any model is built or
+def check_writable(out, what="the run folder", flag="--out"):
+    """A folder can be created and written (a run folder: checked before any model is built or
     downloaded)."""
     try:
         os.makedirs(out, exist_ok=True)
@@ -164,7 +200,7 @@ def check_writable(out):
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise UserError(f"--out {out}: cannot create or write the run folder ({e.strerror or e}); "
+        raise UserError(f"{flag} {out}: cannot create or write {what} ({e.strerror or e}); "
                         f"pass a folder you can write to") from e
 
 
@@ -183,6 +219,8 @@ def read_checkpoint(path):
         raise UserError(f"{path!r} was written by a newer co2s (format {state['format']}); update the code")
     if state.get("format", 1) == 1:
         state = _upgrade_from_1(state)
+    # flags added while the format stayed 2: their defaults, as such runs were trained
+    state["cfg"] = {"compile": False, "frozen_bf16": False, "epoch_rule": "release", **state["cfg"]}
     return state
 
 
@@ -284,43 +322,6 @@ def is_export(path):
     return read_json(config).get("format") == EXPORT
 
 
-def export(checkpoint, out_dir, info):
-    """A self-contained model folder from a checkpoint: config.json (what rebuilds the model and how
-    it was trained and evaluated), model.safetensors (the weights: no optimizer, no pickle), the
-    run's split lists, and a README.md model card. `hf upload USER/NAME DIR` publishes it."""
-    from safetensors.torch import save_file
-    state = read_checkpoint(checkpoint)
-    folder = run_folder(checkpoint)
-    results = _results_of(state, folder)
-    source = read_json(os.path.join(folder, "config.json")).get("text_source") if os.path.isfile(
-        os.path.join(folder, "config.json")) else state.get("text_source")
-    os.makedirs(out_dir, exist_ok=True)
-    config = dict(format=EXPORT, version=1, model_args=state["model_args"], cfg=state["cfg"],
-                  dataset_info=dataclasses.asdict(info), step=state["step"], results=results,
-                  text_source=source)
-    with replacing(os.path.join(out_dir, "model.safetensors")) as tmp:
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state["model"].items()},
-                  tmp,
-                  metadata={"format": "pt"})
-    write_json(os.path.join(out_dir, "config.json"), config)
-    if os.path.isdir(os.path.join(folder, "splits")):
-        shutil.copytree(os.path.join(folder, "splits"), os.path.join(out_dir, "splits"),
-                        dirs_exist_ok=True)
-    with replacing(os.path.join(out_dir, "README.md")) as tmp, open(tmp, "w") as f:
-        f.write(model_card(config))
-    return out_dir
-
-
-def _results_of(state, folder):
-    """The evaluation of the checkpoint's own step: best.pt's, or metrics.json's last (None if
-    none)."""
-    if state["best"].get("step") == state["step"] and "results" in state["best"]:
-        return state["best"]["results"]
-    metrics = os.path.join(folder, "metrics.json")
-    last = read_json(metrics)["last"] if os.path.isfile(metrics) else {}
-    return last.get("results") if last.get("step") == state["step"] else None
-
-
 def read_export(folder):
     """An exported folder as a checkpoint state (read_checkpoint's form)."""
     from safetensors.torch import load_file
@@ -354,143 +355,3 @@ def download_export(repo_id):
     return folder
 
 
-LICENCES = {"potsdam": "ISPRS 2D semantic labelling benchmark terms (research use)",
-            "loveda": "CC BY-NC-SA 4.0", "demo": "synthetic (generated by demo.py)"}
-WEIGHT_LICENCES = {"clip": "OpenAI CLIP ViT-B/16: MIT",
-                   "dinov3": "Meta DINOv3 ViT-B/16: the DINOv3 License"}
-
-
-def model_card(config):
-    """README.md of an exported model: what it is, how good, how it was trained, under which
-    terms."""
-    cfg, args, res = config["cfg"], config["model_args"], config["results"] or {}
-    names = list(res) or args["kinds"]
-    miou = " | ".join(f"{100 * res[n]['miou']:.2f}" if n in res else "-" for n in names)
-    command = cfg.get("command") or (f"python train.py --dataset {cfg['dataset']} --ratio "
-                                     f"{cfg['ratio'].replace('_', '/')}")
-    weights = "; ".join(WEIGHT_LICENCES[k] for k in dict.fromkeys(args["kinds"]))
-    size = args["size"] if isinstance(args["size"], str) else "as released"
-    classes = config["dataset_info"]["classes"]
-    return f"""---
-library_name: co2s
-tags: [semantic-segmentation, remote-sensing, semi-supervised]
----
-# Co2S: {cfg['dataset']} {cfg['ratio'].replace('_', '/')}
-
-Co2S model (students {', '.join(args['kinds'])}, size {size}, {args['numerics']} numerics) for \
-{len(classes)} classes: {', '.join(classes)}. Trained with co2s for {config['step']} steps. Class \
-embeddings of the CLIP student: {config.get('text_source') or 'stored in the weights'}.
-
-| prediction | {' | '.join(names)} |
-|---|{'---|' * len(names)}
-| mIoU (%) at step {config['step']} | {miou} |
-
-Trained with `{command}`.
-
-- predict: `python eval.py FOLDER_OR_HUB_ID --predict scene.tif --out masks/`
-- evaluate: `python eval.py FOLDER_OR_HUB_ID`
-- fine-tune: `python train.py --init FOLDER_OR_HUB_ID ...`
-
-Licences: data: {LICENCES.get(cfg['dataset'], "the dataset's own terms (see its page)")}. Backbone \
-weights: {weights}; the fine-tuned weights inherit these terms.
-"""
-
-
-def save_release(model, cfg, run_dir):
-    """A converted release (release.load_release) as one of our run folders (best.pt): eval.py,
-    --predict and train.py --init read it like any run."""
-    os.makedirs(run_dir, exist_ok=True)
-    kinds = tuple(s.kind for s in model.students)
-    num_classes = len(model.students[0].class_embeddings())
-    spec = ModelSpec(kinds, num_classes,
-                     size=vit_size([(s.kind, s.backbone) for s in model.students]),
-                     numerics="release", fusion=model.fusion)
-    cfg = dict(cfg, students=",".join(kinds), numerics="release", fusion=model.fusion,
-               train_backbone=spec.train_backbone)
-    save_checkpoint(Run(cfg, spec, model), os.path.join(run_dir, "best.pt"))
-
-
-# --------------------------------------------------------------------------------------------
-# RNG state, DDP, mixed precision
-
-
-def rng_state():
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def setup_ddp(device=None):
-    """(rank, world, device): torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without it, one
-    process."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if int(os.environ.get("RANK", -1)) == -1:
-        return 0, 1, device
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def amp_dtype(device, amp="auto"):
-    """The one mixed-precision policy (train, eval, bench), amp one of AMP: on CUDA bf16 ('auto';
-    fp16 where the GPU has no bf16, or asked for); fp32 on the CPU (bf16 there is many times slower)
-    and with 'off'."""
-    if amp not in AMP:
-        raise UserError(f"unknown amp {amp!r}; valid: {', '.join(AMP)}")
-    if device.type != "cuda" or amp == "off":
-        return None
-    if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
-
-
-def frozen_dtype(device, amp, frozen_bf16):
-    """The dtype --frozen-bf16 stores the frozen backbone weights in: bf16 where the run autocasts
-    to bf16, else None: fp32 runs are unaffected, and so are fp16 runs (a lever not built for them)."""
-    return torch.bfloat16 if frozen_bf16 and amp_dtype(device, amp) == torch.bfloat16 else None
-
-
-def autocast(device, amp="auto"):
-    """torch.autocast for amp_dtype(device, amp): disabled (a no-op) where that is fp32."""
-    dtype = amp_dtype(device, amp)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-class StopSignals:
-    """SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 (SLURM's warning before the time limit) ask the loop to
-    stop after the current optimizer step; a second Ctrl-C stops at once. `requested()` is the same
-    on every rank of a DDP run (the flag is all-reduced), so all ranks stop at the same step. A
-    context manager: the previous handlers come back on exit."""
-
-    def __init__(self, world=1, device="cpu"):
-        self.world, self.device, self.name, self.previous = world, device, None, {}
-
-    def __enter__(self):
-        for sig in STOP_SIGNALS:
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.name == "SIGINT" and signum == signal.SIGINT:
-            raise KeyboardInterrupt      # the second Ctrl-C
-        self.name = signal.Signals(signum).name
-
-    def requested(self):
-        if self.world == 1:
-            return self.name is not None
-        flag = torch.tensor([self.name is not None], dtype=torch.int32, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)     # one tiny collective per step
-        return bool(flag.item())

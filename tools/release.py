@@ -1,4 +1,4 @@
-"""release.py: the format of the authors' released checkpoints (best_clip.pth / best_dinov3.pth).
+"""tools/release.py: the format of the authors' released checkpoints (best_clip.pth / best_dinov3.pth).
 
 Written from their code (XavierJiezou/Co2S @ 26bc087): each file is {'model', 'optimizer', 'epoch'},
 'model' the state dict of a DDP-wrapped student (keys start with 'module.'), tensors saved on the
@@ -10,20 +10,26 @@ in bf16), the head and the learnable queries `text_provider.emb.weight`. `from_r
 Student from one file, `load_release` a Co2S model from an experiment folder (e.g.
 POTSDAM/1_32-74.30/).
 
+    python -m tools.release release/POTSDAM/1_32-74.30 --dataset potsdam      # their way: fp32
+    python -m tools.release DIR --dataset potsdam --save runs/release-potsdam-1_32   # a run of ours
+
 Each release key is renamed by the rule it matches in full; '{qkv}' marks a fused q, k, v tensor
 that is split in that order, '{blocks}' the DINOv3 block list (its path moved in transformers 5.2).
 """
+import argparse
 import math
 import os
 import re
 
 import torch
 
-from backbones import blocks, build_backbone, set_trainable
-from catalog import dataset_info
-from errors import UserError
-from model import Co2S, Student
-from text import load_text_embeddings
+import eval as evaluation
+from model import Co2S, ModelSpec, Student, set_trainable
+from plumbing import runs
+from plumbing.catalog import CHOICES, dataset_info
+from plumbing.errors import UserError, cli
+from plumbing.runtime import AMP, autocast
+from plumbing.weights import blocks, build_backbone, load_text_embeddings, vit_size
 
 _W = r"(weight|bias)"
 DROPPED = "clip_encoder."   # keys a released file may carry that the authors' eval.py deletes
@@ -222,3 +228,55 @@ def load_release(folder, dataset, data_root=None, text_embeddings=None):
                # a release stores its crop's position grid
                crop=clip.backbone.config.image_size if clip else info.crop)
     return Co2S(students), info, cfg, float(m.group(2)) if m else None
+
+
+def save_release(model, cfg, run_dir):
+    """A converted release (release.load_release) as one of our run folders (best.pt): eval.py,
+    --predict and train.py --init read it like any run."""
+    os.makedirs(run_dir, exist_ok=True)
+    kinds = tuple(s.kind for s in model.students)
+    num_classes = len(model.students[0].class_embeddings())
+    spec = ModelSpec(kinds, num_classes,
+                     size=vit_size([(s.kind, s.backbone) for s in model.students]),
+                     numerics="release", fusion=model.fusion)
+    cfg = dict(cfg, students=",".join(kinds), numerics="release", fusion=model.fusion,
+               train_backbone=spec.train_backbone)
+    runs.save_checkpoint(runs.Run(cfg, spec, model), os.path.join(run_dir, "best.pt"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate one of the authors' released experiments "
+                                "their way (fp32, their numerics), or convert it to a run of ours.")
+    p.add_argument("release", metavar="DIR", help="an experiment folder of the release "
+                   "(best_clip.pth / best_dinov3.pth, e.g. POTSDAM/1_32-74.30)")
+    p.add_argument("--dataset", required=True, choices=CHOICES, help="the dataset it was trained on")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: data/<dataset>)")
+    p.add_argument("--text-embeddings", help="[N, 512] CLIP class embeddings, if the file lacks them")
+    p.add_argument("--save", metavar="RUN_DIR", help="write the converted model as a run folder")
+    p.add_argument("--amp", choices=AMP, default="off", help="autocast (off: fp32, as the authors)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes")
+    args = p.parse_args(argv)
+    model, info, cfg, published = load_release(args.release, args.dataset, args.data_root,
+                                               args.text_embeddings)
+    if args.save:
+        save_release(model, cfg, args.save)
+        print(f"wrote {os.path.join(args.save, 'best.pt')}")
+    device = torch.device(args.device)
+    model.to(device)
+    loader = evaluation.split_loader(info, cfg, "val", workers=args.workers)
+    cms = evaluation.evaluate(model, loader, cfg["crop"], amp=autocast(device, args.amp))
+    print(f"{args.release}: val split, {len(loader)} images, crop {cfg['crop']}, amp {args.amp}\n"
+          f"{evaluation.format_table(cms, info.classes)}")
+    if published is not None:  # the folder name carries the authors' figure (never fused)
+        ours = ", ".join(f"{n} {100 * cm.miou():.2f}" for n, cm in cms.items())
+        print(f"published {published:.2f} | ours: {ours}")
+    result = dict(release=os.path.abspath(args.release), crop=cfg["crop"], amp=args.amp,
+                  published=published, results={n: cm.to_dict(info.classes) for n, cm in cms.items()})
+    if args.save:
+        runs.write_json(os.path.join(args.save, "eval_val.json"), result)
+    return result
+
+
+if __name__ == "__main__":
+    cli(main)

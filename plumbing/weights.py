@@ -1,33 +1,33 @@
-"""backbones.py: the two ViT-B/16 backbones as transformers modules: sizes, configs, loading,
-numerics.
+"""plumbing/weights.py: where the students' backbone weights and class embeddings come from.
 
-What a student's backbone is before model.py taps it: the transformers config of each kind (or a
-pretrained checkpoint loaded with `from_pretrained`, from the hub or a local folder, with errors
-that say how to fix a failed load), which weights train (the paper: only the attention projections),
-and the numerics the authors ran them with. 'hf' runs the transformers checkpoints as they are
-(CLIP: QuickGELU, LayerNorm eps 1e-5; DINOv3: fp32 RoPE); 'release' runs them as the authors' code
-did (CLIP inside an mmseg ViT: exact GELU, eps 1e-6; DINOv3: eps 1e-6, RoPE from bf16 periods with q
-and k rotated in bf16). Also here the position tables at the crop size (CLIP's resized grid,
-DINOv3's RoPE) and DINOv3's block written out, since transformers has no bf16 rotation.
+The architecture is model.py's; this file builds the transformers backbone under it: at random
+from a size preset (`SIZES`: ViT-B/16 for the paper, "tiny" for the CPU demo and tests), or loaded
+with from_pretrained from a hub id or a local folder (with errors that say how to fix a missing,
+gated or wrong checkpoint), with the numerics the run asked for: 'hf' runs the transformers
+checkpoints as they are (CLIP: QuickGELU, LayerNorm eps 1e-5; DINOv3: fp32 RoPE), 'release' as
+the authors' code ran them (CLIP inside an mmseg ViT: exact GELU, eps 1e-6; DINOv3: eps 1e-6, RoPE
+from bf16 periods, rotated in bf16). Also the CLIP text tower that E2 runs (model.encode_concepts),
+its on-disk cache, and precomputed class-embedding files.
 
-Deliberately left out: dropout and drop-path (off in the paper's recipe). The released code wiped
-the pretrained DINOv3 weights after loading them (METHOD.md section 7.3): that student is built on
-request (`release_init`, `--dinov3-weights release-init`), never by accident.
+The released code wiped the pretrained DINOv3 weights after loading them (METHOD.md section 7.3):
+that student is built on request (`release_init`, `--dinov3-weights release-init`), never by
+accident. Dropout and drop-path are off (as in the paper's recipe).
 """
+
+import hashlib
 import json
 import math
 import os
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from errors import UserError
+from plumbing.errors import UserError
 
-KINDS = ("clip", "dinov3")
 NUMERICS = ("hf", "release")
-TRAIN_BACKBONE = ("attention", "all")
 # --dinov3-weights release-init: the DINOv3 student as the release trains it (release_init)
 RELEASE_INIT = "release-init"
 DEFAULT_WEIGHTS = {"clip": "openai/clip-vit-base-patch16",
@@ -51,14 +51,6 @@ SIZES = {
     "base": ViTSize(),
     "tiny": ViTSize(width=192, depth=4, heads=3, mlp=768, proj=128),
 }
-# Tapped blocks (0-based) at ViT-B depth 12; other depths scale the index by (depth-1)/11.
-TAPS = {"clip": (0, 4, 11), "dinov3": (2, 7, 11)}
-
-
-def tapped_blocks(kind, depth):
-    return tuple(round(k * (depth - 1) / 11) for k in TAPS[kind])
-
-
 def vit_preset(size):
     """A preset name, or the ViTSize fields themselves (a converted release: vit_size)."""
     if isinstance(size, dict):
@@ -219,86 +211,64 @@ def blocks(backbone):
     return backbone.model.layer if hasattr(backbone, "model") else backbone.layer
 
 
-def attention_projections(block):
-    """q, k, v, out projections of one block: the only backbone parameters that train (the
-    paper's recipe)."""
-    attn = block.self_attn if hasattr(block, "self_attn") else block.attention
-    out = attn.out_proj if hasattr(attn, "out_proj") else attn.o_proj
-    return [attn.q_proj, attn.k_proj, attn.v_proj, out]
+# --------------------------------------------------------------------------------------------
+# Class embeddings: E2's text tower (cached on disk) or a precomputed file
 
 
+def text_embeddings(concepts, weights, encode, prompt, cache_dir=None):
+    """E2 class embeddings `encode(concepts, text_model, tokenizer)` (model.encode_concepts) with
+    the text tower of the CLIP checkpoint `weights` (hub id or folder), cached on disk by what
+    they depend on: the checkpoint (a folder by path and the size and time of its files, so
+    replaced weights are not reused), the prompt and the concept lists."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-def set_trainable(backbone, train_backbone="attention"):
-    """'attention': only the attention projections train, all else stays frozen (the paper;
-    pretrained weights). 'all': every backbone weight trains (students from scratch: frozen RANDOM
-    patch embeddings and MLPs leave a tiny student unable to fit even 6 labelled tiles of real
-    imagery)."""
-    if train_backbone not in TRAIN_BACKBONE:
-        raise UserError(f"unknown train_backbone {train_backbone!r}; valid: {', '.join(TRAIN_BACKBONE)}")
-    backbone.requires_grad_(train_backbone == "all")
-    for block in blocks(backbone):
-        for proj in attention_projections(block):
-            proj.requires_grad_(True)
+    from plumbing.runs import save_atomic
 
-
-
-def resize_positions(table, h, w):
-    """CLIP's (1 + g*g, C) position table for an h x w patch grid: the CLS entry, then the g x g
-    grid resized bicubically (align_corners False, as transformers and the release do). The same
-    table every forward."""
-    g = math.isqrt(table.shape[0] - 1)
-    if (h, w) == (g, g):
-        return table
-    grid = table[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic",
-                         align_corners=False).to(table.dtype)
-    return torch.cat([table[:1], grid.permute(0, 2, 3, 1).reshape(h * w, -1)])
-
-
-def rope_periods(config, numerics):
-    """DINOv3 RoPE periods base^(2j / (head_dim / 2)), j < head_dim / 4: fp32 ('hf'), or bf16 as the
-    release computes and stores them ('release'; the whole rotation then runs in bf16)."""
-    n = config.hidden_size // config.num_attention_heads // 4
-    dtype = torch.bfloat16 if numerics == "release" else torch.float32
-    return config.rope_theta ** (2 * torch.arange(n, dtype=dtype) / (2 * n))
-
-
-def rope_tables(periods, h, w):
-    """cos, sin (h*w, head_dim) of an h x w patch grid, in the dtype of `periods` (each step rounded
-    to it, as the release computes them): patch centres in [-1, 1] per axis, angles 2 pi coord /
-    period, [y | x] x 2."""
-    ys = torch.arange(0.5, h, dtype=periods.dtype, device=periods.device) / h
-    xs = torch.arange(0.5, w, dtype=periods.dtype, device=periods.device) / w
-    # (hw, 2): y, x
-    coords = 2.0 * torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).flatten(0, 1) - 1.0
-    # (hw, head_dim)
-    angles = (2 * math.pi * coords[:, :, None] / periods[None, None, :]).flatten(1, 2).tile(2)
-    return torch.cos(angles), torch.sin(angles)
+    cache_dir = cache_dir or os.environ.get("CO2S_CACHE", os.path.expanduser("~/.cache/co2s"))
+    weights = os.path.expanduser(weights)
+    ckpt = weights
+    if os.path.isdir(weights):
+        files = [os.path.join(weights, f) for f in sorted(os.listdir(weights))]
+        ckpt = [os.path.abspath(weights)] + [
+            (os.path.basename(f), os.path.getsize(f), os.path.getmtime(f)) for f in files
+        ]
+    key = json.dumps([ckpt, prompt, concepts, "mean of raw embeddings"])
+    path = os.path.join(cache_dir, "text", hashlib.sha1(key.encode()).hexdigest()[:16] + ".pt")
+    if os.path.isfile(path):
+        return torch.load(path, weights_only=True)
+    text_model = load_pretrained(CLIPTextModelWithProjection, "clip", weights, what="text tower")
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(weights)
+    except OSError as e:
+        raise UserError(
+            f"no CLIP tokenizer in {weights!r} ({e}); the folder needs vocab.json/merges.txt "
+            "or tokenizer.json next to the weights"
+        ) from e
+    if len(tokenizer) < 1000:
+        raise UserError(
+            f"the CLIP tokenizer of {weights!r} has only {len(tokenizer)} tokens: "
+            "not the real vocabulary"
+        )
+    embeds = encode(concepts, text_model, tokenizer)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_atomic(embeds, path)
+    return embeds
 
 
-def rotate(x, cos, sin):
-    """RoPE on the patch tokens (the last len(cos) of x (B, heads, T, d)), computed in the dtype of
-    cos: x is cast to it whole (prefix tokens too, as the release does) and cast back afterwards."""
-    dtype, n = x.dtype, cos.shape[0]
-    x = x.to(cos.dtype)
-    patches = x[..., -n:, :]
-    half = patches.shape[-1] // 2
-    patches = patches * cos + torch.cat([-patches[..., half:], patches[..., :half]], -1) * sin
-    return torch.cat([x[..., :-n, :], patches], -2).to(dtype)
-
-
-def dinov3_block(block, h, cos, sin):
-    """One DINOv3 block with the weights of the transformers module `block`: pre-norm attention with
-    RoPE on the patch tokens and layer scale, then pre-norm MLP and layer scale. Written out rather
-    than calling block.forward because the release rotates q and k in bf16, which transformers does
-    not."""
-    attn, (b, t, c) = block.attention, h.shape
-    x = block.norm1(h)
-    q, k, v = (p(x).view(b, t, attn.num_heads, -1).transpose(1, 2) for p in (attn.q_proj,
-                                                                             attn.k_proj, attn.v_proj))
-    # (B, heads, T, d)
-    x = F.scaled_dot_product_attention(rotate(q, cos, sin), rotate(k, cos, sin), v)
-    h = h + block.layer_scale1(attn.o_proj(x.transpose(1, 2).reshape(b, t, c)))
-    return h + block.layer_scale2(block.mlp(block.norm2(h)))
-
-
+def load_text_embeddings(path, num_classes, dim=None):
+    """A precomputed [N, D] .npy / .pt file (e.g. the authors' `*_conceptavg*_single.npy`), unit
+    rows. dim None: any width (the caller checks it against its model)."""
+    if not os.path.isfile(path):
+        raise UserError(f"--text-embeddings: file {path!r} does not exist")
+    try:
+        t = torch.from_numpy(np.load(path)) if path.endswith(".npy") else torch.load(
+            path, weights_only=True
+        )
+    except Exception as e:
+        raise UserError(f"--text-embeddings {path!r}: cannot read it ({type(e).__name__})") from e
+    if t.dim() != 2 or t.shape[0] != num_classes or t.shape[1] != (dim or t.shape[1]):
+        raise UserError(
+            f"--text-embeddings {path!r} has shape {tuple(t.shape)}, expected "
+            f"({num_classes}, {dim or 'D'}): one row per class"
+        )
+    return F.normalize(t.float(), dim=-1)

@@ -1,0 +1,138 @@
+"""plumbing/runtime.py: where and how a run computes: RNG state, DDP, mixed precision, signals.
+
+One process or many: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (`setup_ddp`), and `is_master`
+is the one test of "am I rank 0". The one mixed-precision policy of train, eval and the tools
+(`amp_dtype`, `autocast`), the two speed levers that leave the arithmetic alone (`compile_model`,
+`store_frozen`), the RNG state a resume restores, and the stop signals a cluster sends
+(`StopSignals`): the loop stops after the step in hand with last.pt written and exits 75.
+"""
+
+import os
+import random
+import signal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from plumbing.errors import UserError
+
+AMP = ("auto", "bf16", "fp16", "off")
+EXIT_STOPPED = 75  # stopped by a signal with last.pt written (sysexits' EX_TEMPFAIL: run it again)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def is_master():
+    """Rank 0 of a torchrun job, or a single process: the one that prints, logs and saves."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def rng_state():
+    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def setup_ddp(device=None):
+    """(rank, world, device): torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without it, one
+    process."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if int(os.environ.get("RANK", -1)) == -1:
+        return 0, 1, device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def amp_dtype(device, amp="auto"):
+    """The one mixed-precision policy (train, eval, bench), amp one of AMP: on CUDA bf16 ('auto';
+    fp16 where the GPU has no bf16, or asked for); fp32 on the CPU (bf16 there is many times slower)
+    and with 'off'."""
+    if amp not in AMP:
+        raise UserError(f"unknown amp {amp!r}; valid: {', '.join(AMP)}")
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def frozen_dtype(device, amp, frozen_bf16):
+    """The dtype --frozen-bf16 stores the frozen backbone weights in: bf16 where the run autocasts
+    to bf16, else None: fp32 runs are unaffected, and so are fp16 runs (a lever not built for them)."""
+    return torch.bfloat16 if frozen_bf16 and amp_dtype(device, amp) == torch.bfloat16 else None
+
+
+def autocast(device, amp="auto"):
+    """torch.autocast for amp_dtype(device, amp): disabled (a no-op) where that is fp32."""
+    dtype = amp_dtype(device, amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+class StopSignals:
+    """SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 (SLURM's warning before the time limit) ask the loop to
+    stop after the current optimizer step; a second Ctrl-C stops at once. `requested()` is the same
+    on every rank of a DDP run (the flag is all-reduced), so all ranks stop at the same step. A
+    context manager: the previous handlers come back on exit."""
+
+    def __init__(self, world=1, device="cpu"):
+        self.world, self.device, self.name, self.previous = world, device, None, {}
+
+    def __enter__(self):
+        for sig in STOP_SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.name == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt      # the second Ctrl-C
+        self.name = signal.Signals(signum).name
+
+    def requested(self):
+        if self.world == 1:
+            return self.name is not None
+        flag = torch.tensor([self.name is not None], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)     # one tiny collective per step
+        return bool(flag.item())
+
+
+def compile_model(model):
+    """--compile: torch.compile each student's transformer block function (one graph serves all its
+    blocks: their weights are inputs) and its decoder head, with static shapes. So each distinct
+    (batch, height, width, grad mode) compiles once: in training the [labelled; weak] and strong
+    passes (2 x the micro-batch), the CutMix partners (1 x, no grad) and, for the head, the clean +
+    FP batch (3 x); at evaluation the window batch. The rest (embeddings, E1's value path, the
+    losses) runs eagerly."""
+    for s in model.students:
+        s.run_block = torch.compile(s.run_block, dynamic=False)
+        s.head.compile(dynamic=False)
+    return model
+
+
+def store_frozen(model, dtype):
+    """--frozen-bf16: the frozen matrix weights of the backbones (every Linear and Conv2d none of
+    whose parameters trains: with the paper's trainable set, the MLPs, the patch embeddings and
+    CLIP's projection) stored in the autocast dtype, so autocast does not cast them at every step.
+    Autocast would round them to the same values, so the arithmetic is unchanged; norms, layer
+    scales, tokens and position tables stay fp32 (autocast runs their ops in fp32). What trains
+    keeps its fp32 master weights. dtype None (runs.frozen_dtype of an fp32 run): nothing changes."""
+    for s in model.students if dtype is not None else []:
+        for m in s.backbone.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and not any(p.requires_grad
+                                                                 for p in m.parameters()):
+                m.to(dtype)
+    return model

@@ -1,0 +1,182 @@
+"""tools/export.py: a run's model as a self-contained folder the Hugging Face hub understands.
+
+    python -m tools.export runs/potsdam-1_16-... co2s-potsdam-1_16   # config.json, weights, card
+    hf upload USER/co2s-potsdam-1_16 co2s-potsdam-1_16                # publish it
+    python eval.py USER/co2s-potsdam-1_16 --predict tiles/ --out masks/   # anyone: cached once
+
+    from model import Co2S; model = Co2S.from_pretrained("USER/co2s-potsdam-1_16")   # in Python
+
+The folder: config.json (what rebuilds the model: model_args, the dataset's classes and palette
+with id2label / label2id, the run's settings WITHOUT the paths of the machine that trained it, the
+results of the exported step), model.safetensors (the weights: no optimizer, no pickle), the run's
+split lists (relative paths) and README.md, a model card whose metadata is written through
+huggingface_hub's ModelCardData: the licence of the weights actually used, base_model when
+pretrained backbones were used, pipeline_tag image-segmentation, the dataset, and the mIoU of each
+student and of the fusion as results the hub indexes. Every file is readable by all (0644). Every
+command that takes a run folder takes the exported folder or its hub id (plumbing/runs.py reads it).
+An --out that holds anything but a previous export of this tool is refused.
+"""
+
+import argparse
+import dataclasses
+import os
+import shutil
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from plumbing.runs import (EXPORT, is_export, read_checkpoint, read_json, replacing,
+                           resolve_checkpoint, run_folder, write_json)
+from plumbing.catalog import DatasetInfo, dataset_info
+from plumbing.errors import UserError, cli
+from plumbing.weights import DEFAULT_WEIGHTS
+
+# the settings of a run that are paths of the machine that trained it (dropped from config.json)
+PATHS = ("out", "resume", "data_root", "splits", "init", "text_embeddings", "command")
+DATA_LICENCES = {"potsdam": "ISPRS 2D semantic labelling benchmark terms (research use)",
+                 "loveda": "CC BY-NC-SA 4.0", "demo": "synthetic (plumbing/demo.py)"}
+# (hub licence id, name, link) of the pretrained weights a student starts from
+WEIGHT_LICENCES = {
+    "clip": ("mit", "MIT (OpenAI CLIP)", "https://github.com/openai/CLIP/blob/main/LICENSE"),
+    "dinov3": ("other", "DINOv3 License (Meta)", "https://ai.meta.com/resources/models-and-libraries/dinov3-license/"),
+}
+
+
+def export(checkpoint, out_dir):
+    """Write the export of `checkpoint` (a run folder or .pt file) into out_dir; returns out_dir."""
+    state = read_checkpoint(checkpoint)
+    folder = run_folder(checkpoint)
+    if "dataset_info" in state:
+        info = DatasetInfo(**state["dataset_info"])
+    else:
+        info = dataset_info(state["cfg"]["dataset"], state["cfg"].get("data_root"))
+    check_target(out_dir, folder)
+    run_config = os.path.join(folder, "config.json")
+    saved = read_json(run_config) if os.path.isfile(run_config) else {}
+    cfg = {k: v for k, v in state["cfg"].items() if k not in PATHS}
+    for kind in DEFAULT_WEIGHTS:  # a hub id says what the weights are; a local folder says nothing
+        w = cfg.get(f"{kind}_weights")
+        cfg[f"{kind}_weights"] = w if w is None or not os.path.exists(w) else "a local folder"
+    classes = list(info.classes)
+    config = dict(format=EXPORT, version=2, model_args=state["model_args"], cfg=cfg,
+                  dataset_info=dataclasses.asdict(info), step=state["step"],
+                  total_steps=saved.get("total_iters"), chosen_by=state["best"].get("by"),
+                  results=results_of(state, folder),
+                  text_source=public(saved.get("text_source") or state.get("text_source")),
+                  id2label={str(i): c for i, c in enumerate(classes)},
+                  label2id={c: i for i, c in enumerate(classes)})
+    os.makedirs(out_dir, exist_ok=True)
+    write_weights(state["model"], os.path.join(out_dir, "model.safetensors"))
+    write_json(os.path.join(out_dir, "config.json"), config)
+    if os.path.isdir(os.path.join(folder, "splits")):
+        shutil.copytree(os.path.join(folder, "splits"), os.path.join(out_dir, "splits"),
+                        dirs_exist_ok=True)
+    with replacing(os.path.join(out_dir, "README.md")) as tmp:
+        model_card(config).save(tmp)
+    for dirpath, _, names in os.walk(out_dir):  # readable by all, whatever wrote them
+        for name in names:
+            os.chmod(os.path.join(dirpath, name), 0o644)
+    return out_dir
+
+
+def check_target(out_dir, run_dir):
+    """An export never overwrites what it did not write: out_dir is new, empty or a previous
+    export, and not the run folder itself."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"export target {out_dir!r} is a file: pass a new folder")
+    if os.path.abspath(out_dir) == os.path.abspath(run_dir):
+        raise UserError(f"export target {out_dir!r} is the run folder itself: pass a new folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not is_export(out_dir):
+        raise UserError(f"export target {out_dir!r} holds files that are not an export: "
+                        f"{sorted(os.listdir(out_dir))[:4]}; pass a new or empty folder")
+
+
+def write_weights(tensors, path):
+    from safetensors.torch import save_file
+
+    with replacing(path) as tmp:
+        cpu = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+        save_file(cpu, tmp, metadata={"format": "pt"})
+
+
+def public(text):
+    """A text_source without the machine's paths: 'file /home/x/t.npy' -> 'file t.npy'."""
+    if not text:
+        return text
+    return " ".join(os.path.basename(w) if os.path.isabs(w) else w for w in text.split(" "))
+
+
+def results_of(state, folder):
+    """The evaluation of the checkpoint's own step: best.pt's, or metrics.json's last (None if
+    none)."""
+    if state["best"].get("step") == state["step"] and "results" in state["best"]:
+        return state["best"]["results"]
+    metrics = os.path.join(folder, "metrics.json")
+    last = read_json(metrics)["last"] if os.path.isfile(metrics) else {}
+    return last.get("results") if last.get("step") == state["step"] else None
+
+
+def model_card(config):
+    """The README.md of an export: metadata the hub indexes (ModelCardData), then what the model
+    is, how good, how it was trained and under which terms; every sentence true of this model."""
+    cfg, args, res = config["cfg"], config["model_args"], config["results"] or {}
+    dataset, ratio = cfg["dataset"], cfg["ratio"].replace("_", "/")
+    pretrained = {k: cfg.get(f"{k}_weights") for k in dict.fromkeys(args["kinds"])}
+    pretrained = {k: w for k, w in pretrained.items() if w and w != "release-init"}
+    base = [w for w in pretrained.values() if w != "a local folder"]
+    licences = [WEIGHT_LICENCES[k] for k in pretrained]
+    hub_licence = ("other" if any(lic[0] == "other" for lic in licences) else
+                   licences[0][0] if licences else "unknown")
+    other = next((lic for lic in licences if lic[0] == "other"), None)
+    results = [EvalResult(task_type="image-segmentation", dataset_type=dataset, dataset_name=dataset,
+                          dataset_split="val", metric_type="mean_iou", metric_name=f"mIoU ({name})",
+                          metric_value=round(100 * r["miou"], 2)) for name, r in res.items()]
+    data = ModelCardData(
+        license=hub_licence, license_name="dinov3-license" if other else None,
+        license_link=other[2] if other else None, library_name="co2s",
+        pipeline_tag="image-segmentation", base_model=base or None, datasets=[dataset],
+        tags=["semantic-segmentation", "remote-sensing", "semi-supervised"],
+        model_name=f"co2s-{dataset}-{cfg['ratio']}", eval_results=results or None)
+    names = list(res) or args["kinds"]
+    miou = " | ".join(f"{100 * res[n]['miou']:.2f}" if n in res else "-" for n in names)
+    step, total = config["step"], config.get("total_steps")
+    when = f"the checkpoint of step {step}" + (f" of a {total}-step run" if total else "")
+    if config.get("chosen_by"):
+        when += f" (the best by {config['chosen_by']} mIoU)"
+    weights = ("; ".join(f"{k}: {w} ({WEIGHT_LICENCES[k][1]})" for k, w in pretrained.items())
+               or "none: every backbone started from random weights")
+    size = args["size"] if isinstance(args["size"], str) else "as released"
+    body = f"""
+# Co2S: {dataset} {ratio}
+
+Co2S model (students {", ".join(args["kinds"])}, size {size}, {args["numerics"]} numerics) for
+{len(config["id2label"])} classes: {", ".join(config["id2label"].values())}. This is {when}.
+Class embeddings of the CLIP student: {config.get("text_source") or "none (no CLIP student)"}.
+
+| prediction | {" | ".join(names)} |
+|---|{"---|" * len(names)}
+| mIoU (%), {dataset} val, step {step} | {miou} |
+
+- in Python: `from model import Co2S; model = Co2S.from_pretrained("FOLDER_OR_HUB_ID")`
+- predict: `python eval.py FOLDER_OR_HUB_ID --predict tiles/ --out masks/`
+- evaluate: `python eval.py FOLDER_OR_HUB_ID`
+- fine-tune: `python train.py --init FOLDER_OR_HUB_ID ...`
+
+Pretrained weights it started from: {weights}. Data: {DATA_LICENCES.get(dataset, "the dataset's own terms")}.
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Export a run's model as a hub-layout folder.")
+    p.add_argument("path", help="run folder (its best.pt, else last.pt) or a .pt checkpoint")
+    p.add_argument("out", help="the folder to write (new, empty, or a previous export)")
+    args = p.parse_args(argv)
+    checkpoint = resolve_checkpoint(args.path)
+    if is_export(checkpoint):
+        raise UserError(f"{args.path!r} is an export already: copy the folder instead")
+    print(f"wrote {export(checkpoint, args.out)}")
+    return args.out
+
+
+if __name__ == "__main__":
+    cli(main)
