@@ -1,0 +1,1 @@
+"""tools/: helper scripts, run from the repository root as `python -m tools.<name>`."""
