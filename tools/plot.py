@@ -1,0 +1,450 @@
+"""tools/plot.py: the training curves of a run (its drift plot), an overlay of several runs, and
+ablate.py's bar chart, drawn with matplotlib.
+
+    python -m tools.plot runs/co2s                                 # -> runs/co2s/curves.png
+    python -m tools.plot runs/supervised runs/co2s --out drift.svg --labels sup,co2s
+
+Co2S exists to curb pseudo-label drift, so this is the picture of it: nine panels over the training
+steps, read from the records train.py appends to <run>/log.jsonl ("type": "train" records carry
+flat "<student>/<term>" keys, "type": "eval" records a {"miou": ...} dict per prediction):
+  (a) pseudo-label accuracy, "<student>/pl_acc" and "fused/pl_acc": the share of confident weak
+      predictions (E6 at tau; E10 for the fused map) that match the unlabelled images' hidden
+      labels. A point whose coverage is 0 is left out (the accuracy of no pixels is undefined; it
+      is logged as 0). The y axis ends at 100 % and starts at a round value below the lowest point,
+      so that a drift of a few points shows.
+  (b) pseudo-label coverage, "<student>/pl_cov" and "fused/pl_cov": the share of labelled pixels
+      that are confident.
+  (c) confident share, "<student>/conf_ratio": the share of valid unlabelled pixels at tau, the
+      mean over every step (not only the quality steps of (a) and (b)).
+  (d) validation mIoU, eval records' "<student>"["miou"] and "fused"["miou"]: a marker per eval.
+  (e) stability loss "<student>/sta" (E8, before the ramp) and (f) its weight "lambda" (E9).
+  (g) supervised loss "<student>/sup" (E5), (h) "<student>/uni", L_uni as the training loop
+      computed it (E7), (i) the student's loss "<student>/loss" = L_uni + lambda L_sta.
+L_uni is drawn only where the log holds it: it is never re-derived from the E6 terms, whose weights
+depend on the run's flags (--no-fp, --strong-views); an older run's panel (h) says "no data".
+One run: a colour per series (student 1 blue, student 2 orange, fused green). Several runs: a
+colour per run, a line style per series (solid student 1, dashed student 2, dotted fused). A key a
+run did not log is not drawn; a panel with nothing to draw says so. A line that is not a JSON
+record (a run killed mid-write, a torn last line while training still writes) and a value that is
+missing, null or not finite are skipped. Left out on purpose: smoothing (a record is already the
+mean of --log-every steps), per-class IoU, lr and step time.
+"""
+
+import argparse
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+# The Agg canvas is attached to each figure explicitly rather than through pyplot: no global
+# backend switch for whoever imports this (train.py, a notebook), no pyplot figure registry that
+# would keep every redrawn figure alive, and it renders without a display.
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+from errors import UserError, cli
+
+# (log key, title, y axis): "acc" zoomed percent ending at 100 %, "share" percent 0..100 %,
+# "pct" percent from 0 up to the data, "num" a number from 0 up to the data
+PANELS = [
+    (
+        "pl_acc",
+        "(a) pseudo-label accuracy (%): confident pixels vs. hidden labels",
+        "acc",
+    ),
+    (
+        "pl_cov",
+        "(b) pseudo-label coverage (%): labelled pixels confident at tau",
+        "share",
+    ),
+    ("conf_ratio", "(c) confident share (%): valid unlabelled pixels at tau", "share"),
+    ("miou", "(d) validation mIoU (%), a marker per evaluation", "pct"),
+    ("sta", "(e) stability loss L_sta (E8), before the lambda ramp", "num"),
+    ("lambda", "(f) stability weight lambda (E9 ramp)", "num"),
+    ("sup", "(g) supervised loss L_sup (E5)", "num"),
+    ("uni", "(h) UniMatch loss L_uni (E7), as logged", "num"),
+    ("loss", "(i) student loss L_k = L_uni + lambda L_sta", "num"),
+]
+NO_DATA = {"uni": "no data\n(<student>/uni is not in the log)"}
+STYLES = ["-", "--", ":"]  # overlay: student 1, student 2, fused
+LAMBDA_COLOUR = "0.25"  # one run: lambda is the run's, no series colour
+# ablate.summarise's columns, in ablate.chart's colours and order
+COLUMNS = [("student1", "student 1"), ("student2", "student 2"), ("fused", "fused")]
+
+
+# ----------------------------------------------------------------------------------------------
+# reading a log
+
+
+@dataclass
+class Log:
+    """One run folder's log.jsonl: train and eval records in file order, the students in logging
+    order, and the numbers (1-based) of the lines skipped as unreadable."""
+
+    path: str
+    train: list = field(default_factory=list)
+    evals: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    label: str = ""
+
+    @property
+    def students(self):
+        """Named by the '<student>/loss' keys, then by the evals' result dicts (not 'fused')."""
+        names = [
+            k[: -len("/loss")] for r in self.train for k in r if k.endswith("/loss")
+        ]
+        names += [
+            k for r in self.evals for k, v in r.items() if _result(v) and k != "fused"
+        ]
+        return list(dict.fromkeys(names))
+
+
+def read_log(run_dir):
+    """The records of <run_dir>/log.jsonl. A line that is not UTF-8, not JSON, not an object or
+    has no finite step is skipped (its number kept in .skipped): the log is read while a training
+    appends to it, and a killed run can leave a torn line anywhere."""
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file; pass a run folder written by train.py")
+    try:
+        # bytes: a line that is not UTF-8 must not fail the decoding of the others
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from e
+    log = Log(path)
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            log.skipped.append(i)
+            continue
+        kind = record.get("type") if isinstance(record, dict) else None
+        if kind not in ("train", "eval") or _number(record.get("step")) is None:
+            log.skipped.append(i)
+            continue
+        (log.train if kind == "train" else log.evals).append(record)
+    return log
+
+
+def _number(v):
+    """v if it is a finite number, else None (null, NaN, a string, a bool)."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return v if ok else None
+
+
+def _result(v):
+    return isinstance(v, dict) and "miou" in v
+
+
+def series(log, name, key):
+    """[(step, value)] of one quantity: 'miou' of prediction `name` from the evals, 'lambda' of the
+    run (name ignored), else the train records' '<name>/<key>'; missing values left out."""
+    if key == "miou":
+        pts = [(r["step"], r.get(name)) for r in log.evals]
+        pts = [
+            (s, _number(v.get("miou")) if isinstance(v, dict) else None) for s, v in pts
+        ]
+    elif key == "lambda":
+        pts = [(r["step"], _number(r.get("lambda"))) for r in log.train]
+    else:
+        pts = [(r["step"], _value(r, name, key)) for r in log.train]
+    return [(s, v) for s, v in pts if v is not None]
+
+
+def _value(record, name, key):
+    v = _number(record.get(f"{name}/{key}"))
+    if key == "pl_acc" and _number(record.get(f"{name}/pl_cov")) == 0:
+        return None  # nothing confident: train.py logs 0, but no accuracy exists
+    return v
+
+
+def default_labels(run_dirs):
+    """Each run's folder name; parent/name where two names clash (ablate's <row>/seed0)."""
+    names = [os.path.basename(os.path.normpath(p)) for p in run_dirs]
+    if len(set(names)) == len(names):
+        return names
+    return ["/".join(os.path.normpath(p).split(os.sep)[-2:]) for p in run_dirs]
+
+
+# ----------------------------------------------------------------------------------------------
+# the drift plot
+
+
+def _slots(log, key):
+    """[(slot, name)] of the series a panel draws for one run: slot 0, 1 the students, 2 fused;
+    lambda is one series per run."""
+    if key == "lambda":
+        return [(0, "lambda")]
+    names = log.students[:2] + ["fused"]
+    return [(2 if n == "fused" else j, n) for j, n in enumerate(names)]
+
+
+def _pen(i_run, n_runs, slot, key):
+    """(colour, line style): one run a colour per series; several a colour per run, a style per
+    series."""
+    if n_runs == 1:
+        return (LAMBDA_COLOUR if key == "lambda" else f"C{slot}"), "-"
+    return f"C{i_run % 10}", STYLES[slot]
+
+
+def y_limits(kind, values):
+    """The y range of a panel. Accuracy lives near 100 %, where a drift of a few points would be
+    flat on 0..100 %: its axis starts at a round value below the lowest point and ends at 100 %.
+    A small margin keeps a line on 0 or 100 % off the frame."""
+    if kind == "share":
+        return -0.02, 1.02
+    if kind == "acc":
+        lowest = min(values)
+        span = max(1.0 - lowest, 0.05)  # all at 100 %: still an axis
+        lo = min(MaxNLocator(5).tick_values(1.0 - span, 1.0)[0], lowest)
+        pad = 0.03 * (1.0 - lo)
+        return lo - pad, 1.0 + pad
+    lo, hi = min(min(values), 0.0), max(max(values), 0.0)
+    hi = hi if hi > lo else lo + 1.0
+    return lo - 0.03 * (hi - lo), hi + 0.08 * (hi - lo)
+
+
+def _draw_panel(ax, panel, logs):
+    """One panel: every run's series of one log key, or 'no data'."""
+    key, title, kind = panel
+    ax.set_title(title, loc="left", fontsize=10)
+    # the tests (and any reader of the figure object) find a panel by its log key
+    ax.set_label(key)
+    ax.grid(True, color="0.9")
+    ax.spines[["top", "right"]].set_visible(False)
+    values = []
+    for i, log in enumerate(logs):
+        for slot, name in _slots(log, key):
+            pts = series(log, name, key)
+            if not pts:
+                continue
+            colour, style = _pen(i, len(logs), slot, key)
+            steps, ys = [s for s, _ in pts], [v for _, v in pts]
+            # a marker per evaluation; a series of one point would be no line at all
+            marker = "o" if key == "miou" or len(pts) == 1 else None
+            ax.plot(
+                steps,
+                ys,
+                color=colour,
+                linestyle=style,
+                linewidth=1.6,
+                marker=marker,
+                markersize=5,
+                markeredgecolor="black",
+                markeredgewidth=0.5,
+                label=f"{log.label}/{name}",
+            )
+            values += ys
+    if not values:
+        ax.text(
+            0.5,
+            0.5,
+            NO_DATA.get(key, "no data"),
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            color="0.4",
+        )
+        ax.set_yticks([])
+        return
+    ax.set_ylim(*y_limits(kind, values))
+    if kind != "num":
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+
+
+def _legend(fig, logs):
+    """One run: a line per series. Several: a patch per run, then a line per style (students
+    named when every run has the same ones, else 'student 1', 'student 2')."""
+    has_fused = any(
+        series(g, "fused", k) for g in logs for k in ("pl_acc", "pl_cov", "miou")
+    )
+    if len(logs) == 1:
+        names = logs[0].students[:2] + (["fused"] if has_fused else [])
+        slots = [2 if n == "fused" else j for j, n in enumerate(names)]
+        handles = [Line2D([], [], color=f"C{s}", label=n) for s, n in zip(slots, names)]
+    else:
+        same = all(g.students == logs[0].students for g in logs)
+        handles = [
+            Patch(color=f"C{i % 10}", label=g.label + ("" if same else _students(g)))
+            for i, g in enumerate(logs)
+        ]
+        names = logs[0].students[:2] if same else ["student 1", "student 2"]
+        names = [(n, STYLES[j]) for j, n in enumerate(names)]
+        names += [("fused", STYLES[2])] if has_fused else []
+        handles += [
+            Line2D([], [], color="black", linestyle=s, label=n) for n, s in names
+        ]
+    if handles:
+        fig.legend(
+            handles=handles,
+            loc="outside lower center",
+            ncols=min(len(handles), 8),
+            frameon=False,
+        )
+
+
+def _students(log):
+    return f" ({', '.join(log.students)})" if log.students else ""
+
+
+def _new_figure(size):
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)  # attaches itself as fig.canvas
+    return fig
+
+
+def drift_figure(run_dirs, labels=None):
+    """The figure of the runs' curves: one run its drift plot, several their overlay. labels name
+    the runs in the legend (default: their folder names)."""
+    labels = labels or default_labels(run_dirs)
+    if len(labels) != len(run_dirs):
+        raise UserError(f"labels: {len(labels)} names for {len(run_dirs)} runs")
+    logs = [read_log(d) for d in run_dirs]
+    for log, label in zip(logs, labels):
+        log.label = label
+    fig = _new_figure((16, 12))
+    grid = fig.subplots(3, 3, sharex=True)
+    for ax, panel in zip(grid.flat, PANELS):
+        _draw_panel(ax, panel, logs)
+        ax.tick_params(labelbottom=True)  # every panel keeps its step numbers
+    for ax in grid[-1]:
+        ax.set_xlabel("step")
+    steps = [r["step"] for g in logs for r in g.train + g.evals]
+    grid[0, 0].set_xlim(0, 1.02 * max(steps + [1]))  # shared by all panels
+    if len(logs) == 1:
+        title = f"{labels[0]}: training curves ({logs[0].path})"
+    else:
+        title = f"training curves of {len(logs)} runs: {', '.join(labels)}"
+    fig.suptitle(title, fontsize=12)
+    _legend(fig, logs)
+    return fig
+
+
+def plot(run_dirs, out_path, labels=None):
+    """Draw the runs' curves (one run: its drift plot; several: their overlay) to out_path, in the
+    format its suffix names (PNG without one); returns out_path."""
+    return save(drift_figure(run_dirs, labels), out_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# the ablation chart
+
+
+def ablation_figure(table):
+    """Grouped bars per ablate.py row (student 1, student 2, fused): the mean mIoU over seeds with
+    a whisker of one std. table: ablate.summarise's {row: {students, student1: (text, mean, std),
+    student2, fused, ...}}, means in %; a column without a mean (one student) has no bar."""
+    rows = list(table)
+    fig = _new_figure((max(6.0, 2.0 + 1.4 * len(rows)), 4.8))
+    ax = fig.add_subplot()
+    ax.set_label("ablation")
+    width, drawn = 0.27, False
+    for j, (key, name) in enumerate(COLUMNS):
+        xs, means, whiskers = [], [], ([], [])
+        for i, row in enumerate(rows):
+            _, mean, std = table[row][key]
+            if mean is None:
+                continue
+            xs.append(i + (j - 1) * width)
+            means.append(mean)
+            whiskers[0].append(min(std or 0.0, mean))  # an mIoU below 0 is no whisker
+            whiskers[1].append(std or 0.0)
+        if xs:
+            drawn = True
+            ax.bar(
+                xs,
+                means,
+                0.92 * width,
+                yerr=whiskers,
+                capsize=3,
+                color=f"C{j}",
+                label=name,
+                error_kw={"ecolor": "black", "elinewidth": 1},
+            )
+    ax.set_xticks(
+        range(len(rows)), [f"{r}\n{', '.join(table[r]['students'])}" for r in rows]
+    )
+    ax.set_ylabel("mIoU (%) at the end of training")
+    ax.set_title(
+        "ablation: mIoU per row, mean ± std over seeds", loc="left", fontsize=11
+    )
+    ax.grid(True, axis="y", color="0.9")
+    ax.set_axisbelow(True)
+    ax.spines[["top", "right"]].set_visible(False)
+    if not drawn:
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", color="0.4")
+    else:
+        ax.set_ylim(bottom=0)
+        ax.legend(frameon=False)
+    return fig
+
+
+def ablation_chart(table, path):
+    """ablation_figure(table) saved to path (format from its suffix); returns path."""
+    return save(ablation_figure(table), path)
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+def save(fig, path):
+    """fig to path, in the format its suffix names (PNG without one), atomically: a temporary file
+    beside it renamed over it, so a crash never leaves half a picture and a reader (a browser
+    refreshing curves.png) sees the old one or the new one. Unwritable: a UserError naming path."""
+    suffix = os.path.splitext(path)[1].lower()
+    fmt = suffix[1:] or "png"
+    formats = fig.canvas.get_supported_filetypes()
+    if fmt not in formats:
+        valid = ", ".join(f".{k}" for k in sorted(formats))
+        raise UserError(
+            f"{path}: matplotlib cannot write a {suffix} picture; use one of {valid}"
+        )
+    # the process id in the name: train.py redrawing RUN/curves.png at an evaluation and this CLI
+    # drawing it at the same moment must not share a temporary file
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(tmp, format=fmt)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write it ({e.strerror or e})") from e
+    finally:
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m tools.plot", description=__doc__.split("\n")[0]
+    )
+    p.add_argument(
+        "runs", nargs="+", help="run folders written by train.py (each holds log.jsonl)"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="picture to write, its format from the suffix: .png, .svg, .pdf, ... "
+        "(default: RUN/curves.png for one run, ./curves.png for several)",
+    )
+    p.add_argument(
+        "--labels", default=None, help="comma list naming the runs (default: folders)"
+    )
+    args = p.parse_args(argv)
+    labels = args.labels.split(",") if args.labels else None
+    if labels and len(labels) != len(args.runs):
+        p.error(f"--labels: {len(labels)} names for {len(args.runs)} runs")
+    one = os.path.join(args.runs[0], "curves.png")
+    out = args.out or (one if len(args.runs) == 1 else "curves.png")
+    print(plot(args.runs, out, labels))
+
+
+if __name__ == "__main__":
+    cli(main)
