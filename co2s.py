@@ -12,6 +12,7 @@ The method's switches are one small frozen dataclass, `Method` (paper defaults; 
 each as a flag). Left out on purpose: backward, optimizers, mixed precision and DDP (train.py), the
 schedules of lr and of E9's weight (train.py computes both from the step), data (data.py).
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ class Method:
     detached logits, so it is logged but trains nothing) | 'off'. tau: confidence threshold of the
     pseudo-labels (E6) and the stability masks (E8). fp: the feature-perturbation branch (E4) and
     its loss. strong_views: 2 (paper) or 1."""
+
     method: str = "co2s"
     stability: str = "grad"
     tau: float = 0.95
@@ -40,7 +42,9 @@ class Method:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
         if self.stability not in STABILITY:
-            raise ValueError(f"unknown stability mode {self.stability!r}; valid: {', '.join(STABILITY)}")
+            raise ValueError(
+                f"unknown stability mode {self.stability!r}; valid: {', '.join(STABILITY)}"
+            )
         if self.strong_views not in (1, 2):
             raise ValueError(f"strong_views must be 1 or 2, got {self.strong_views}")
 
@@ -175,7 +179,9 @@ def student_loss(t, z_self, z_other, stability_weight, method):
     if z_other is None:
         return {"uni": uni, "loss": uni}
     # E8 on the clean weak predictions; 'released': on detached logits, so it trains nothing.
-    sta = stability_loss(z_self if method.stability == "grad" else z_self.detach(), z_other, method.tau)
+    sta = stability_loss(
+        z_self if method.stability == "grad" else z_self.detach(), z_other, method.tau
+    )
     return {"uni": uni, "sta": sta, "loss": uni + stability_weight * sta}
 
 

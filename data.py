@@ -38,9 +38,9 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from plumbing.atomic import replacing
 from plumbing.catalog import PAPER_SPLITS, RELEASE_PROCESSES, parse_ratio
 from plumbing.errors import UserError
-from plumbing.runs import replacing
 from plumbing.runtime import STOP_SIGNALS
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
@@ -49,6 +49,7 @@ SEEDED = "seeded"
 
 # -----------------------------------------------------------------------------
 # reading files
+
 
 def list_images(folder):
     """The images of a folder (extensions IMAGE_EXTS), sorted; two formats of one stem would give
@@ -70,13 +71,14 @@ def load_image(path):
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode not in ('RGB', 'RGBA', 'L', 'P'):
-                raise ValueError(f'unsupported image mode {im.mode} (expected RGB)')
-            return im if im.mode == 'RGB' else im.convert('RGB')
+            if im.mode not in ("RGB", "RGBA", "L", "P"):
+                raise ValueError(f"unsupported image mode {im.mode} (expected RGB)")
+            return im if im.mode == "RGB" else im.convert("RGB")
     except FileNotFoundError:
-        raise UserError(f'image not found: {path}') from None
+        raise UserError(f"image not found: {path}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f'cannot read image {path}: {e}') from e
+        raise UserError(f"cannot read image {path}: {e}") from e
+
 
 def load_label(path, info):
     """(H, W) uint8 class map: 0..N-1, 255 = ignore. Index labels get reduce_zero_label when the
@@ -85,33 +87,42 @@ def load_label(path, info):
     try:
         with Image.open(path) as im:
             im.load()
-            mode, raw = im.mode, np.asarray(im.convert('RGB') if im.mode in ('RGB', 'RGBA') else im)
+            mode, raw = im.mode, np.asarray(im.convert("RGB") if im.mode in ("RGB", "RGBA") else im)
     except FileNotFoundError:
-        raise UserError(f'label not found: {path}') from None
+        raise UserError(f"label not found: {path}") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise UserError(f'cannot read label {path}: {e}') from e
+        raise UserError(f"cannot read label {path}: {e}") from e
     n = len(info.classes)
-    if mode in ('RGB', 'RGBA'):  # colour-coded label (e.g. raw ISPRS): exact palette colours only
-        code = (raw[..., 0].astype(np.int64) << 16) | (raw[...,
-                                                           1].astype(np.int64) << 8) | raw[..., 2]
+    if mode in ("RGB", "RGBA"):  # colour-coded label (e.g. raw ISPRS): exact palette colours only
+        code = (
+            (raw[..., 0].astype(np.int64) << 16) | (raw[..., 1].astype(np.int64) << 8) | raw[..., 2]
+        )
         lut = {0: 255} | {(r << 16) | (g << 8) | b: k for k, (r, g, b) in enumerate(info.palette)}
         colours, inverse = np.unique(code, return_inverse=True)
-        bad = [(int(c) >> 16, (int(c) >> 8) & 255,
-                int(c) & 255) for c in colours if int(c) not in lut]
+        bad = [
+            (int(c) >> 16, (int(c) >> 8) & 255, int(c) & 255) for c in colours if int(c) not in lut
+        ]
         if bad:
-            raise UserError(f'label {path} has colour(s) {bad[:5]} that are not in the {info.name} palette '
-                             f'{info.palette} (black = ignore)')
+            raise UserError(
+                f"label {path} has colour(s) {bad[:5]} that are not in the {info.name} palette "
+                f"{info.palette} (black = ignore)"
+            )
         return np.array([lut[int(c)] for c in colours], np.uint8)[inverse.reshape(code.shape)]
-    if mode not in ('L', 'P', 'I', 'I;16'):
-        raise UserError(f'label {path} has mode {mode}; expected an 8-bit index PNG (mode L or P)')
+    if mode not in ("L", "P", "I", "I;16"):
+        raise UserError(f"label {path} has mode {mode}; expected an 8-bit index PNG (mode L or P)")
     top = n + 1 if info.reduce_zero_label else n  # raw values 0..top-1 are valid, plus 255
-    values = np.flatnonzero(np.bincount(raw.ravel(),
-                                        minlength=256)) if raw.dtype == np.uint8 else np.unique(raw)
+    values = (
+        np.flatnonzero(np.bincount(raw.ravel(), minlength=256))
+        if raw.dtype == np.uint8
+        else np.unique(raw)
+    )
     bad = values[((values >= top) & (values != 255)) | (values < 0)]
     if bad.size:
-        zero = ', raw 0 = ignore too' if info.reduce_zero_label else ''
-        raise UserError(f'label {path} has value(s) {bad[:10].tolist()} outside the {n} classes of {info.name} '
-                         f'(valid: 0..{top - 1} and 255 = ignore{zero})')
+        zero = ", raw 0 = ignore too" if info.reduce_zero_label else ""
+        raise UserError(
+            f"label {path} has value(s) {bad[:10].tolist()} outside the {n} classes of {info.name} "
+            f"(valid: 0..{top - 1} and 255 = ignore{zero})"
+        )
     lut = np.arange(256, dtype=np.uint8)  # raw value -> class, in one pass
     if info.reduce_zero_label:
         lut = np.array([255] + list(range(254)) + [255], np.uint8)  # 0 -> 255, k -> k-1, 255 stays
@@ -121,15 +132,17 @@ def load_label(path, info):
 # -----------------------------------------------------------------------------
 # splits (METHOD.md section 6)
 
+
 @dataclass
 class Splits:
-    labeled: list    # [(image_path, label_path)], absolute paths
+    labeled: list  # [(image_path, label_path)], absolute paths
     # [(image_path, label_path or None)]: the label, when one exists, is only for logging
     unlabeled: list
-    val: list        # [(image_path, label_path)]
-    root: str = ''   # data root the lists are relative to when written (write_splits)
+    val: list  # [(image_path, label_path)]
+    root: str = ""  # data root the lists are relative to when written (write_splits)
     # where the lists came from (recorded in config.json)
-    source: str = field(default='', compare=False)
+    source: str = field(default="", compare=False)
+
 
 def _read_list(path, root):
     """Read one split file; lines `images/x labels/x` (or `images/x` for an image without a
@@ -142,18 +155,26 @@ def _read_list(path, root):
         if not parts:
             continue
         if len(parts) > 2:
-            raise UserError(f"{path}:{n}: expected 'images/<file> labels/<file>', got '{line.strip()}'")
-        items.append((os.path.abspath(os.path.join(root, parts[0])),
-                      os.path.abspath(os.path.join(root, parts[1])) if len(parts) == 2 else None))
+            raise UserError(
+                f"{path}:{n}: expected 'images/<file> labels/<file>', got '{line.strip()}'"
+            )
+        items.append(
+            (
+                os.path.abspath(os.path.join(root, parts[0])),
+                os.path.abspath(os.path.join(root, parts[1])) if len(parts) == 2 else None,
+            )
+        )
     return items
+
 
 # labels/<same name>, else labels/<stem>.png (e.g. mer: .jpg images)
 def _find_label(root, image_name):
-    for name in (image_name, os.path.splitext(image_name)[0] + '.png'):
-        path = os.path.join(root, 'labels', name)
+    for name in (image_name, os.path.splitext(image_name)[0] + ".png"):
+        path = os.path.join(root, "labels", name)
         if os.path.isfile(path):
             return os.path.abspath(path)
     return None
+
 
 def default_splits_dir(info, root):
     """Where the lists come from without --splits: the paper's (shipped) for its six datasets; for
@@ -161,7 +182,8 @@ def default_splits_dir(info, root):
     draw)."""
     if os.path.isdir(os.path.join(PAPER_SPLITS, info.name)):
         return PAPER_SPLITS
-    return root if os.path.isfile(os.path.join(root, 'labeled.txt')) else None
+    return root if os.path.isfile(os.path.join(root, "labeled.txt")) else None
+
 
 def make_splits(info, ratio, data_root=None, splits_dir=None, seed=0, check=True):
     """Labelled / unlabelled / val lists. splits_dir:
@@ -176,108 +198,158 @@ def make_splits(info, ratio, data_root=None, splits_dir=None, seed=0, check=True
       labelled.
     check=True verifies that every listed file exists (check=False: lists only)."""
     ratio = parse_ratio(ratio)
-    root = data_root or os.path.join('data', info.name)
+    root = data_root or os.path.join("data", info.name)
     if check and not os.path.isdir(root):
-        raise UserError(f"data root '{root}' not found: expected {root}/images/<file> and {root}/labels/<file>; pass "
-                        f"--data-root{f', or fetch it with `python -m tools.download {info.name}`' if info.hub_folder else ''}")
+        raise UserError(
+            f"data root '{root}' not found: expected {root}/images/<file> and {root}/labels/<file>; pass "
+            f"--data-root{f', or fetch it with `python -m tools.download {info.name}`' if info.hub_folder else ''}"
+        )
     if splits_dir is None:
         splits_dir = default_splits_dir(info, root)
     if splits_dir in (None, SEEDED):
-        if not os.path.isdir(os.path.join(root, 'images')):
-            raise UserError(f"data root '{root}' has no images/ folder to draw a {ratio.replace('_', '/')} split from "
-                            f"(expected {root}/images/<file>, {root}/labels/<file>); pass --data-root")
+        if not os.path.isdir(os.path.join(root, "images")):
+            raise UserError(
+                f"data root '{root}' has no images/ folder to draw a {ratio.replace('_', '/')} split from "
+                f"(expected {root}/images/<file>, {root}/labels/<file>); pass --data-root"
+            )
         splits = _generate_splits(root, ratio, seed)
     else:
         splits = _read_splits(info, ratio, root, splits_dir)
-    # the same checks whatever the source: no empty set, labels where needed, no image in two sets,
-    # files exist
-    for name, items in (('labelled', splits.labeled), ('unlabelled', splits.unlabeled),
-                        ('val', splits.val)):
-        if not items:
-            raise UserError(f'the {name} set of {info.name} (ratio {ratio.replace("_", "/")}) is empty; '
-                            f'use another ratio or more images')
-    no_label = [img for img, lab in splits.labeled + splits.val if lab is None]
-    if no_label:
-        raise UserError(f'labelled / val entry {no_label[0]} has no label path')
-    labeled, unlabeled, val = ({img for img, _ in x} for x in (splits.labeled, splits.unlabeled,
-                                                               splits.val))
-    overlap = (labeled & unlabeled) | ((labeled | unlabeled) & val)
-    if overlap:
-        raise UserError(f'{len(overlap)} image(s) are in two split lists, e.g. {sorted(overlap)[0]}')
-    if check:
-        missing = missing_files(splits)
-        if missing:
-            raise UserError(f'{len(missing)} file(s) listed in the splits ({splits.source}) are missing under '
-                            f'{root}, e.g. {missing[:3]}; check --data-root')
+    check_splits(splits, info, ratio, root, files=check)
     return splits
 
+
+def check_splits(splits, info, ratio, root, files=True):
+    """The same checks whatever the source: no empty set, labels where needed, no image in two
+    sets, and (files) every listed file exists."""
+    for name, items in (
+        ("labelled", splits.labeled),
+        ("unlabelled", splits.unlabeled),
+        ("val", splits.val),
+    ):
+        if not items:
+            raise UserError(
+                f"the {name} set of {info.name} (ratio {ratio.replace('_', '/')}) is "
+                f"empty; use another ratio or more images"
+            )
+    no_label = [img for img, lab in splits.labeled + splits.val if lab is None]
+    if no_label:
+        raise UserError(f"labelled / val entry {no_label[0]} has no label path")
+    labeled, unlabeled, val = (
+        {img for img, _ in x} for x in (splits.labeled, splits.unlabeled, splits.val)
+    )
+    overlap = (labeled & unlabeled) | ((labeled | unlabeled) & val)
+    if overlap:
+        raise UserError(
+            f"{len(overlap)} image(s) are in two split lists, e.g. {sorted(overlap)[0]}"
+        )
+    missing = missing_files(splits) if files else []
+    if missing:
+        raise UserError(
+            f"{len(missing)} file(s) listed in the splits ({splits.source}) are missing "
+            f"under {root}, e.g. {missing[:3]}; check --data-root"
+        )
+
+
 def missing_files(splits):
-    return [p for img, lab in splits.labeled + splits.unlabeled + splits.val for p in (img, lab)
-            if p and not os.path.isfile(p)]
+    return [
+        p
+        for img, lab in splits.labeled + splits.unlabeled + splits.val
+        for p in (img, lab)
+        if p and not os.path.isfile(p)
+    ]
+
 
 def _read_splits(info, ratio, root, splits_dir):
     """Split files: flat <dir>/{labeled,unlabeled,val}.txt, or the paper's
     <dir>/<name>/<ratio>/..."""
     if not os.path.isdir(splits_dir):
-        raise UserError(f"split folder '{splits_dir}' not found (--splits takes a folder, or '{SEEDED}')")
+        raise UserError(
+            f"split folder '{splits_dir}' not found (--splits takes a folder, or '{SEEDED}')"
+        )
     subdirs = lambda d: sorted(x for x in os.listdir(d) if os.path.isdir(os.path.join(d, x)))
     # flat: written by write_splits, or a user's own
-    if os.path.isfile(os.path.join(splits_dir, 'labeled.txt')):
+    if os.path.isfile(os.path.join(splits_dir, "labeled.txt")):
         ratio_dir = val_dir = splits_dir
         source = os.path.abspath(splits_dir)
     else:
-        val_dir, ratio_dir = os.path.join(splits_dir, info.name), os.path.join(splits_dir,
-                                                                               info.name, ratio)
+        val_dir, ratio_dir = (
+            os.path.join(splits_dir, info.name),
+            os.path.join(splits_dir, info.name, ratio),
+        )
         if not os.path.isdir(val_dir):
-            raise UserError(f"no split folder for '{info.name}' in {splits_dir}; "
-                            f"it has: {', '.join(subdirs(splits_dir)) or 'nothing'}")
+            raise UserError(
+                f"no split folder for '{info.name}' in {splits_dir}; "
+                f"it has: {', '.join(subdirs(splits_dir)) or 'nothing'}"
+            )
         if not os.path.isdir(ratio_dir):
-            ratios = sorted((d for d in subdirs(val_dir) if d != 'all'), key=parse_fraction)
-            raise UserError(f"no ratio {ratio.replace('_', '/')} in the {info.name} split lists ({val_dir}); "
-                            f"they have: {', '.join(d.replace('_', '/') for d in ratios) or 'none'}")
+            ratios = sorted((d for d in subdirs(val_dir) if d != "all"), key=parse_fraction)
+            raise UserError(
+                f"no ratio {ratio.replace('_', '/')} in the {info.name} split lists ({val_dir}); "
+                f"they have: {', '.join(d.replace('_', '/') for d in ratios) or 'none'}"
+            )
         paper = os.path.abspath(splits_dir) == os.path.abspath(PAPER_SPLITS)
-        source = f"the paper's lists (splits/{info.name}/{ratio})" if paper else os.path.abspath(ratio_dir)
-    files = [os.path.join(ratio_dir, 'labeled.txt'), os.path.join(ratio_dir, 'unlabeled.txt'),
-             os.path.join(val_dir, 'val.txt')]
+        source = (
+            f"the paper's lists (splits/{info.name}/{ratio})"
+            if paper
+            else os.path.abspath(ratio_dir)
+        )
+    files = [
+        os.path.join(ratio_dir, "labeled.txt"),
+        os.path.join(ratio_dir, "unlabeled.txt"),
+        os.path.join(val_dir, "val.txt"),
+    ]
     for f in files:
         if not os.path.isfile(f):
-            raise UserError(f'split file {f} not found')
+            raise UserError(f"split file {f} not found")
     return Splits(*(_read_list(f, root) for f in files), os.path.abspath(root), source)
 
+
 def parse_fraction(ratio):
-    num, den = ratio.split('_')
+    num, den = ratio.split("_")
     return int(num) / int(den)
 
+
 def _generate_splits(root, ratio, seed):
-    names = sorted(f for f in os.listdir(os.path.join(root,
-                                                      'images')) if f.lower().endswith(IMAGE_EXTS))
+    names = sorted(
+        f for f in os.listdir(os.path.join(root, "images")) if f.lower().endswith(IMAGE_EXTS)
+    )
     if not names:
-        raise UserError(f'no images ({" ".join(IMAGE_EXTS)}) in {root}/images')
-    pairs = [(os.path.abspath(os.path.join(root, 'images', f)),
-              _find_label(root, f)) for f in names]
+        raise UserError(f"no images ({' '.join(IMAGE_EXTS)}) in {root}/images")
+    pairs = [
+        (os.path.abspath(os.path.join(root, "images", f)), _find_label(root, f)) for f in names
+    ]
     with_label = [p for p in pairs if p[1]]
-    if os.path.isfile(os.path.join(root, 'val.txt')):
-        val = _read_list(os.path.join(root, 'val.txt'), root)
+    if os.path.isfile(os.path.join(root, "val.txt")):
+        val = _read_list(os.path.join(root, "val.txt"), root)
     else:  # held-out val: 10% of the labelled images, drawn with a fixed seed
         held = with_label[:]
         random.Random(0).shuffle(held)
-        val = sorted(held[:max(1, len(held) // 10)]) if held else []
+        val = sorted(held[: max(1, len(held) // 10)]) if held else []
     val_images = {img for img, _ in val}
     pool = [p for p in pairs if p[0] not in val_images]
     candidates = [p for p in pool if p[1]]
-    if ratio == '1':
+    if ratio == "1":
         n_labeled = len(candidates)
     else:
-        num, den = map(int, ratio.split('_'))
+        num, den = map(int, ratio.split("_"))
         n_labeled = len(pool) * num // den  # floor(N_pool x ratio), METHOD.md section 6
     if n_labeled > len(candidates):
-        raise UserError(f'ratio {ratio.replace("_", "/")} asks for {n_labeled} labelled images but only '
-                        f'{len(candidates)} pool images in {root} have a label; use a smaller ratio or --ratio 1')
+        raise UserError(
+            f"ratio {ratio.replace('_', '/')} asks for {n_labeled} labelled images but only "
+            f"{len(candidates)} pool images in {root} have a label; use a smaller ratio or --ratio 1"
+        )
     random.Random(seed).shuffle(candidates)
     labeled = sorted(candidates[:n_labeled])
     chosen = {img for img, _ in labeled}
-    return Splits(labeled, [p for p in pool if p[0] not in chosen], val, os.path.abspath(root),
-                  f'seeded draw of {ratio.replace("_", "/")} (seed {seed})')
+    return Splits(
+        labeled,
+        [p for p in pool if p[0] not in chosen],
+        val,
+        os.path.abspath(root),
+        f"seeded draw of {ratio.replace('_', '/')} (seed {seed})",
+    )
+
 
 def write_splits(splits, folder):
     """Write labeled.txt / unlabeled.txt / val.txt (the paper's line format, relative to
@@ -285,27 +357,36 @@ def write_splits(splits, folder):
     repeats the run exactly."""
     os.makedirs(folder, exist_ok=True)
     rel = lambda p: os.path.relpath(p, splits.root) if splits.root else p  # noqa: E731
-    for name, items in (("labeled", splits.labeled), ("unlabeled", splits.unlabeled), ("val", splits.val)):
+    for name, items in (
+        ("labeled", splits.labeled),
+        ("unlabeled", splits.unlabeled),
+        ("val", splits.val),
+    ):
         lines = [f"{rel(img)} {rel(lab)}\n" if lab else f"{rel(img)}\n" for img, lab in items]
         with replacing(os.path.join(folder, f"{name}.txt")) as tmp, open(tmp, "w") as f:
             f.writelines(lines)
+
+
 def _check_pair(item, info):
     """'' if an (image, label) pair opens and agrees in size, else what is wrong with it."""
     img_path, label_path = item
     try:
         with Image.open(img_path) as im:
             size = im.size
-            im.load()                   # decodes every pixel: catches truncated and corrupt files
+            im.load()  # decodes every pixel: catches truncated and corrupt files
         if label_path:
             label = load_label(label_path, info)
             if label.shape != size[::-1]:
-                return f'size mismatch: image {img_path} is {size[0]}x{size[1]}, label {label_path} is ' \
-                       f'{label.shape[1]}x{label.shape[0]}'
+                return (
+                    f"size mismatch: image {img_path} is {size[0]}x{size[1]}, label {label_path} is "
+                    f"{label.shape[1]}x{label.shape[0]}"
+                )
     except UserError as e:
         return str(e)
     except Exception as e:  # PIL raises many types for a bad file
-        return f'cannot read image {img_path}: {type(e).__name__}: {e}'
-    return ''
+        return f"cannot read image {img_path}: {type(e).__name__}: {e}"
+    return ""
+
 
 def scan_files(splits, info, threads=8, progress=True):
     """Before the first step: every listed image opens, every label decodes to valid classes, and
@@ -313,23 +394,34 @@ def scan_files(splits, info, threads=8, progress=True):
     epoch later."""
     items = splits.labeled + splits.unlabeled + splits.val
     with ThreadPoolExecutor(threads) as pool:
-        problems = [p for p in tqdm(pool.map(lambda it: _check_pair(it, info), items),
-                                    total=len(items),
-                                    desc='scan files', disable=not progress, leave=False, dynamic_ncols=True) if p]
+        problems = [
+            p
+            for p in tqdm(
+                pool.map(lambda it: _check_pair(it, info), items),
+                total=len(items),
+                desc="scan files",
+                disable=not progress,
+                leave=False,
+                dynamic_ncols=True,
+            )
+            if p
+        ]
     if problems:
-        more = f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''
-        raise UserError(f'{problems[0]}{more}; fix or remove the file(s) from the split lists')
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"{problems[0]}{more}; fix or remove the file(s) from the split lists")
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # both students take ImageNet-normalised images (METHOD.md 2)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MIX_SOURCES = ('partner', 'same', 'rolled')
+MIX_SOURCES = ("partner", "same", "rolled")
 
 # -----------------------------------------------------------------------------
 # augmentations (METHOD.md section 5); every random draw comes from `rng`, a random.Random
 
+
 def _sample_seed(seed, epoch, index):  # augmentations are a pure function of (seed, epoch, index)
-    return int.from_bytes(hashlib.sha256(f'{seed}/{epoch}/{index}'.encode()).digest()[:8], 'little')
+    return int.from_bytes(hashlib.sha256(f"{seed}/{epoch}/{index}".encode()).digest()[:8], "little")
+
 
 def weak_augment(img, label, rng, base_size, crop):
     """Rescale (short side base_size x U(0.5, 2.0), long side capped at 4x base, as mmseg's
@@ -346,14 +438,21 @@ def weak_augment(img, label, rng, base_size, crop):
     x, y = rng.randint(0, max(size[0] - crop, 0)), rng.randint(0, max(size[1] - crop, 0))
     out_im, out_lab = np.zeros((crop, crop, 3), np.uint8), np.full((crop, crop), 255, np.uint8)
     pad = np.ones((crop, crop), bool)  # True where the crop window runs past the rescaled image
-    patch = im[y:y + crop, x:x + crop]
+    patch = im[y : y + crop, x : x + crop]
     ph, pw = patch.shape[:2]
-    out_im[:ph, :pw], out_lab[:ph, :pw], pad[:ph, :pw] = patch, lab[y:y + crop, x:x + crop], False
+    out_im[:ph, :pw], out_lab[:ph, :pw], pad[:ph, :pw] = (
+        patch,
+        lab[y : y + crop, x : x + crop],
+        False,
+    )
     if rng.random() < 0.5:
         out_im, out_lab, pad = out_im[:, ::-1], out_lab[:, ::-1], pad[:, ::-1]
-    return (Image.fromarray(np.ascontiguousarray(out_im)),
-            torch.from_numpy(out_lab.astype(np.int64)),
-            torch.from_numpy(pad.copy()))
+    return (
+        Image.fromarray(np.ascontiguousarray(out_im)),
+        torch.from_numpy(out_lab.astype(np.int64)),
+        torch.from_numpy(pad.copy()),
+    )
+
 
 def strong_augment(img, rng):
     """Strong view of a PIL image: photometric only, so the label and the padding mask stay valid.
@@ -362,8 +461,12 @@ def strong_augment(img, rng):
     if rng.random() < 0.8:
         b, c, s = rng.uniform(0.5, 1.5), rng.uniform(0.5, 1.5), rng.uniform(0.5, 1.5)
         h = rng.uniform(-0.25, 0.25)
-        ops = [lambda x: TF.adjust_brightness(x, b), lambda x: TF.adjust_contrast(x, c),
-               lambda x: TF.adjust_saturation(x, s), lambda x: TF.adjust_hue(x, h)]
+        ops = [
+            lambda x: TF.adjust_brightness(x, b),
+            lambda x: TF.adjust_contrast(x, c),
+            lambda x: TF.adjust_saturation(x, s),
+            lambda x: TF.adjust_hue(x, h),
+        ]
         for k in rng.sample(range(4), 4):
             img = ops[k](img)
     if rng.random() < 0.2:
@@ -371,6 +474,7 @@ def strong_augment(img, rng):
     if rng.random() < 0.5:
         img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
     return img
+
 
 def cutmix_box(size, rng, p=0.5, area=(0.02, 0.4), aspect=(0.3, 1 / 0.3)):
     """(size, size) bool CutMix box, drawn as the release does: with probability p, an area U(0.02,
@@ -387,8 +491,9 @@ def cutmix_box(size, rng, p=0.5, area=(0.02, 0.4), aspect=(0.3, 1 / 0.3)):
         x, y = rng.randint(0, size - 1), rng.randint(0, size - 1)
         if x + w <= size and y + h <= size:
             break
-    box[y:y + h, x:x + w] = True
+    box[y : y + h, x : x + w] = True
     return torch.from_numpy(box)
+
 
 def eval_resize(img, short):
     """The release's test-time resize (mmseg Resize with keep_ratio, cv2 bilinear on the uint8
@@ -399,16 +504,19 @@ def eval_resize(img, short):
     size = (int(w * short / min(w, h) + 0.5), int(h * short / min(w, h) + 0.5)) if short else (w, h)
     return img if size == (w, h) else Image.fromarray(resize_bilinear(np.asarray(img), size))
 
+
 def resize_bilinear(im, size):
     """(H, W, 3) uint8 -> size (w, h), as OpenCV's INTER_LINEAR (mmcv.imresize, the release's
     train and test resize): half-pixel centres, edge pixels repeated, NO antialiasing when shrinking
     (PIL's bilinear filter widens with the scale). OpenCV rounds its 11-bit fixed-point weights;
     this float arithmetic is within one grey level of it (tests/test_data.py)."""
-    x = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].float()     # a writable copy
-    x = torch.nn.functional.interpolate(x, size=size[::-1], mode='bilinear', align_corners=False,
-                                        antialias=False)
+    x = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].float()  # a writable copy
+    x = torch.nn.functional.interpolate(
+        x, size=size[::-1], mode="bilinear", align_corners=False, antialias=False
+    )
     # OpenCV's fixed point rounds halves up (torch.round would round them to even)
     return x[0].add_(0.5).floor_().clamp_(0, 255).byte().permute(1, 2, 0).numpy()
+
 
 def resize_nearest(label, size):
     """(H, W) array -> size (w, h), as OpenCV's INTER_NEAREST: output pixel x reads source pixel
@@ -418,8 +526,10 @@ def resize_nearest(label, size):
     xs = np.minimum(np.floor(np.arange(size[0]) * (1.0 / (size[0] / w))).astype(np.int64), w - 1)
     return label[ys[:, None], xs[None, :]]
 
+
 _MEAN255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
 _STD255 = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
+
 
 def normalize(img):
     """PIL RGB -> (3, H, W) float32, ImageNet mean/std (in place on one copy: this is a hot
@@ -427,17 +537,19 @@ def normalize(img):
     x = torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))).float()
     return x.sub_(_MEAN255).div_(_STD255)
 
+
 class SemiDataset(Dataset):
     """One list of (image, label) items in one mode: 'labeled', 'unlabeled' or 'val' (see
     __getitem__), indexed by (epoch, index) keys (RunSampler's; val_loader's are epoch 0). length >
     len(items) repeats the list cyclically (the labelled list repeated to match the unlabelled one).
     The augmentation of item i in epoch e depends only on (seed, e, i): the same whatever
     num_workers."""
+
     def __init__(self, info, items, mode, *, crop=None, seed=0, length=None):
-        if mode not in ('labeled', 'unlabeled', 'val'):
+        if mode not in ("labeled", "unlabeled", "val"):
             raise ValueError(f"unknown mode '{mode}'; valid: labeled, unlabeled, val")
         if not items:
-            raise UserError(f'empty {mode} list for {info.name}')
+            raise UserError(f"empty {mode} list for {info.name}")
         self.info, self.items, self.mode = info, list(items), mode
         self.crop, self.seed, self.length = crop or info.crop, seed, length or len(items)
 
@@ -448,32 +560,48 @@ class SemiDataset(Dataset):
         epoch, index = key
         img_path, label_path = self.items[index % len(self.items)]
         img = load_image(img_path)
-        if label_path is None and self.mode != 'unlabeled':
-            raise UserError(f'{self.mode} item {img_path} has no label')
-        label = (load_label(label_path, self.info) if label_path else
-                 np.full((img.height, img.width), 255, np.uint8))
+        if label_path is None and self.mode != "unlabeled":
+            raise UserError(f"{self.mode} item {img_path} has no label")
+        label = (
+            load_label(label_path, self.info)
+            if label_path
+            else np.full((img.height, img.width), 255, np.uint8)
+        )
         if label.shape != (img.height, img.width):
-            raise UserError(f'size mismatch: image {img_path} is {img.width}x{img.height}, '
-                            f'label {label_path} is {label.shape[1]}x{label.shape[0]}')
+            raise UserError(
+                f"size mismatch: image {img_path} is {img.width}x{img.height}, "
+                f"label {label_path} is {label.shape[1]}x{label.shape[0]}"
+            )
         # the full image at the evaluation size, the label as stored (eval.py)
-        if self.mode == 'val':
-            return {'img': normalize(eval_resize(img, self.info.eval_size)),
-                    'label': torch.from_numpy(label.astype(np.int64)), 'name': os.path.basename(img_path)}
+        if self.mode == "val":
+            return {
+                "img": normalize(eval_resize(img, self.info.eval_size)),
+                "label": torch.from_numpy(label.astype(np.int64)),
+                "name": os.path.basename(img_path),
+            }
         rng = random.Random(_sample_seed(self.seed, epoch, index))
         # (c, c) each
         img, label, pad = weak_augment(img, label, rng, self.info.base_size, self.crop)
-        if self.mode == 'labeled':
-            return {'img': normalize(img), 'label': label}
+        if self.mode == "labeled":
+            return {"img": normalize(img), "label": label}
         # two independent strong views of the weak crop, each with its own CutMix box (E6 uses both)
         s1, box1 = strong_augment(img, rng), cutmix_box(self.crop, rng)
         s2, box2 = strong_augment(img, rng), cutmix_box(self.crop, rng)
-        return {'img_w': normalize(img), 'img_s1': normalize(s1), 'img_s2': normalize(s2),
-                'ignore': pad,
-                # label: logging of pseudo-label quality only
-                'box1': box1, 'box2': box2, 'label': label}
+        return {
+            "img_w": normalize(img),
+            "img_s1": normalize(s1),
+            "img_s2": normalize(s2),
+            "ignore": pad,
+            # label: logging of pseudo-label quality only
+            "box1": box1,
+            "box2": box2,
+            "label": label,
+        }
+
 
 # -----------------------------------------------------------------------------
 # batches in global terms, and loaders: one sampler for the whole run, so the workers start once
+
 
 @dataclass(frozen=True)
 class BatchLayout:
@@ -484,6 +612,7 @@ class BatchLayout:
     repeating its start to a multiple of its 4 processes (and of ours), as its DistributedSampler
     does. False: the rule of runs made before it (the remainder dropped), kept so that they resume
     as they were started."""
+
     global_batch: int
     world: int = 1
     accum: int = 1
@@ -494,9 +623,11 @@ class BatchLayout:
         if self.global_batch < 1 or self.accum < 1 or self.global_batch % (self.world * self.accum):
             per = self.global_batch // self.world if self.global_batch % self.world == 0 else 0
             valid = [str(a) for a in range(1, per + 1) if per % a == 0]
-            raise UserError(f'--batch {self.global_batch} (global) does not split into {self.world} '
-                            f'process(es) x --accum {self.accum} micro-batches; valid --accum: '
-                            f'{", ".join(valid) or "none (make --batch a multiple of the processes)"}')
+            raise UserError(
+                f"--batch {self.global_batch} (global) does not split into {self.world} "
+                f"process(es) x --accum {self.accum} micro-batches; valid --accum: "
+                f"{', '.join(valid) or 'none (make --batch a multiple of the processes)'}"
+            )
 
     @property
     def ranks(self):
@@ -509,9 +640,9 @@ class BatchLayout:
     def epoch_order(self, perm):
         """An epoch's permutation of the unlabelled list as it is dealt to the virtual ranks."""
         if not self.pad:
-            return perm[:len(perm) // self.ranks * self.ranks]
+            return perm[: len(perm) // self.ranks * self.ranks]
         multiple = math.lcm(RELEASE_PROCESSES, self.ranks)
-        length = -(-len(perm) // multiple) * multiple        # ceil(n / multiple) * multiple
+        length = -(-len(perm) // multiple) * multiple  # ceil(n / multiple) * multiple
         return (perm * -(-length // max(len(perm), 1)))[:length]
 
     def steps_per_epoch(self, n):
@@ -520,8 +651,11 @@ class BatchLayout:
         return len(self.epoch_order(list(range(n)))) // self.global_batch
 
     def describe(self):
-        return (f'global batch {self.global_batch} = {self.world} process{"es" if self.world > 1 else ""} '
-                f'x accum {self.accum} x micro-batch {self.micro}')
+        return (
+            f"global batch {self.global_batch} = {self.world} process{'es' if self.world > 1 else ''} "
+            f"x accum {self.accum} x micro-batch {self.micro}"
+        )
+
 
 class RunSampler(Sampler):
     """(epoch, index) keys for the optimizer steps of `steps` (a range), layout.accum micro-batches
@@ -530,6 +664,7 @@ class RunSampler(Sampler):
     is what rank r x accum + j of a (world x accum)-process run gets. So --accum 4 on one GPU sees
     the samples of the 4-GPU recipe in the same order, and one micro-batch of 4 sees the same 4
     images per step."""
+
     def __init__(self, n, layout, seed, steps):
         self.n, self.layout, self.seed, self.steps = n, layout, seed, steps
         self.steps_per_epoch = layout.steps_per_epoch(n)  # train.py refuses a layout with none
@@ -542,21 +677,24 @@ class RunSampler(Sampler):
                 gen = torch.Generator().manual_seed(self.seed + epoch)
                 order = (epoch, lay.epoch_order(torch.randperm(self.n, generator=gen).tolist()))
             for j in range(lay.accum):
-                mine = order[1][lay.rank * lay.accum + j::lay.ranks]
-                yield from ((epoch, i) for i in mine[it * lay.micro:(it + 1) * lay.micro])
+                mine = order[1][lay.rank * lay.accum + j :: lay.ranks]
+                yield from ((epoch, i) for i in mine[it * lay.micro : (it + 1) * lay.micro])
 
     def __len__(self):
         return len(self.steps) * self.layout.accum * self.layout.micro
+
 
 @dataclass(frozen=True)
 class Streams:
     """How the training streams are drawn: crop, seed, CutMix partners (MIX_SOURCES), loader
     workers."""
+
     crop: int
     seed: int = 0
-    mix_source: str = 'partner'
+    mix_source: str = "partner"
     workers: int = 2
     pin_memory: bool = False
+
 
 def _ignore_stop_signals(worker_id):
     """A loader worker ignores the stop signals (a cluster sends them to every process of the job):
@@ -564,6 +702,7 @@ def _ignore_stop_signals(worker_id):
     then."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
 
 def train_loaders(info, splits, layout, streams, steps, method="co2s"):
     """The loaders of one run's optimizer steps `steps` (a range), by name: 'labeled' crops, and
@@ -605,6 +744,11 @@ def val_loader(info, items, *, workers=2, rank=0, world_size=1):
     duplicates). Its workers persist, so evaluating every epoch does not restart them."""
     items = items[rank::world_size]
     keys = [(0, i) for i in range(len(items))]
-    return DataLoader(SemiDataset(info, items, 'val') if items else [], batch_size=1, sampler=keys,
-                      num_workers=workers, persistent_workers=workers > 0 and bool(items),
-                      worker_init_fn=_ignore_stop_signals)
+    return DataLoader(
+        SemiDataset(info, items, "val") if items else [],
+        batch_size=1,
+        sampler=keys,
+        num_workers=workers,
+        persistent_workers=workers > 0 and bool(items),
+        worker_init_fn=_ignore_stop_signals,
+    )

@@ -34,7 +34,7 @@ from tqdm import tqdm
 import data
 from losses import IGNORE
 from model import FUSED, fuse
-from plumbing import runs
+from plumbing import atomic, runs
 from plumbing.errors import UserError, cli
 from plumbing.runtime import AMP, autocast, is_master
 
@@ -66,11 +66,13 @@ def pad16(x):
     ph, pw = -x.shape[-2] % 16, -x.shape[-1] % 16
     if ph == 0 and pw == 0:
         return x
-    black = torch.tensor([-m / s for m, s in zip(data.IMAGENET_MEAN, data.IMAGENET_STD)],
-                         device=x.device, dtype=x.dtype)
+    black = torch.tensor(
+        [-m / s for m, s in zip(data.IMAGENET_MEAN, data.IMAGENET_STD)],
+        device=x.device,
+        dtype=x.dtype,
+    )
     black = black.view(1, 3, 1, 1)
     return F.pad(x - black, (0, pw, 0, ph)) + black
-
 
 
 def sliding_window(student, img, crop, stride=None, num_classes=None):
@@ -81,18 +83,22 @@ def sliding_window(student, img, crop, stride=None, num_classes=None):
     side smaller than the crop gives windows of that side's length."""
     stride = window_stride(crop, stride)
     B, _, H, W = img.shape
-    h, w = min(crop, H), min(crop, W)                     # window size
+    h, w = min(crop, H), min(crop, W)  # window size
     logits, count = None, torch.zeros(1, 1, H, W, device=img.device)
     for y in window_starts(H, crop, stride):
         for x in window_starts(W, crop, stride):
-            out = student(pad16(img[:, :, y:y + h, x:x + w]))[:, :, :h, :w].float()   # (B, N, h, w)
+            out = student(pad16(img[:, :, y : y + h, x : x + w]))[
+                :, :, :h, :w
+            ].float()  # (B, N, h, w)
             if logits is None:
                 logits = torch.zeros(B, out.shape[1], H, W, device=img.device)
-            logits[:, :, y:y + h, x:x + w] += out
-            count[:, :, y:y + h, x:x + w] += 1
+            logits[:, :, y : y + h, x : x + w] += out
+            count[:, :, y : y + h, x : x + w] += 1
     if num_classes is not None and logits.shape[1] != num_classes:
-        raise ValueError(f"the student predicts {logits.shape[1]} classes, the dataset has {num_classes}")
-    return logits / count                                 # every pixel is in >= 1 window
+        raise ValueError(
+            f"the student predicts {logits.shape[1]} classes, the dataset has {num_classes}"
+        )
+    return logits / count  # every pixel is in >= 1 window
 
 
 @torch.no_grad()
@@ -108,8 +114,9 @@ def predict(model, img, crop, stride=None, names=None, out_size=None):
         if s.name in needed:
             logits = sliding_window(s, img, crop, stride)
             if out_size is not None and tuple(out_size) != tuple(logits.shape[-2:]):
-                logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear",
-                                       align_corners=True)
+                logits = F.interpolate(
+                    logits, size=tuple(out_size), mode="bilinear", align_corners=True
+                )
             probs[s.name] = logits.softmax(1)
     # E10 after the window averaging: per pixel the more confident student (or the mean)
     if FUSED in names:
@@ -144,7 +151,7 @@ class ConfusionMatrix:
         AND predictions."""
         m = self.mat.double().cpu()
         tp = m.diag()
-        return tp / (m.sum(0) + m.sum(1) - tp)            # 0 / 0 = NaN
+        return tp / (m.sum(0) + m.sum(1) - tp)  # 0 / 0 = NaN
 
     def miou(self):
         """mIoU as the release computes it: I / (U + 1e-10) averaged over ALL classes, so a class
@@ -159,16 +166,20 @@ class ConfusionMatrix:
         return torch.nanmean(self.iou()).item()
 
     def acc(self):
-        return (self.mat.diag().sum() / self.mat.sum()).item()   # pixel accuracy (aAcc)
+        return (self.mat.diag().sum() / self.mat.sum()).item()  # pixel accuracy (aAcc)
 
     def to_dict(self, class_names):
         """Fractions 0..1 (as mmseg; tables print %): {'miou' (the release's), 'miou_present',
         'acc', 'iou': {class: IoU, None if absent}, 'pixels': labelled pixels}. None, not NaN:
         standard JSON."""
         iou = [None if math.isnan(v) else v for v in self.iou().tolist()]
-        return dict(miou=self.miou(), miou_present=self.miou_present(), acc=self.acc(),
-                    iou=dict(zip(class_names, iou)),
-                    pixels=int(self.mat.sum()))
+        return dict(
+            miou=self.miou(),
+            miou_present=self.miou_present(),
+            acc=self.acc(),
+            iou=dict(zip(class_names, iou)),
+            pixels=int(self.mat.sum()),
+        )
 
     def table(self, class_names):
         return format_table({"IoU": self}, class_names)
@@ -181,12 +192,15 @@ def format_table(cms, class_names):
     cell = lambda v: f"{'-' if math.isnan(v) else f'{100 * v:.2f}':>9}"
     lines = [f"{'class':<{width}}" + "".join(f"{n:>9}" for n in cms)]
     ious = {n: cm.iou().tolist() for n, cm in cms.items()}
-    lines += [f"{c:<{width}}" + "".join(cell(ious[n][k]) for n in cms) for k,
-              c in enumerate(class_names)]
+    lines += [
+        f"{c:<{width}}" + "".join(cell(ious[n][k]) for n in cms) for k, c in enumerate(class_names)
+    ]
     lines.append(f"{'mIoU':<{width}}" + "".join(cell(cm.miou()) for cm in cms.values()))
     # some class never appears
     if any(abs(cm.miou() - cm.miou_present()) > 1e-9 for cm in cms.values()):
-        lines.append(f"{'mIoU present':<{width}}" + "".join(cell(cm.miou_present()) for cm in cms.values()))
+        lines.append(
+            f"{'mIoU present':<{width}}" + "".join(cell(cm.miou_present()) for cm in cms.values())
+        )
     lines.append(f"{'aAcc':<{width}}" + "".join(cell(cm.acc()) for cm in cms.values()))
     return "\n".join(lines)
 
@@ -207,8 +221,9 @@ def evaluate(model, loader, crop, stride=None, names=None, amp=None):
     # no_grad rather than inference_mode: cm.mat must stay a normal tensor that train.py can
     # all_reduce in place.
     with torch.no_grad():
-        for batch in tqdm(loader, desc="eval", disable=not progress, leave=False,
-                          dynamic_ncols=True):
+        for batch in tqdm(
+            loader, desc="eval", disable=not progress, leave=False, dynamic_ncols=True
+        ):
             # (1, 3, H, W), (1, H, W)
             img, label = batch["img"].to(device), batch["label"].to(device)
             with ctx:
@@ -235,10 +250,10 @@ def colorize(label, palette):
 MANIFEST = "predictions.json"  # what an --out folder of predictions holds: the files eval.py wrote
 
 
-def predict_folder(model, info, folder, out, crop, amp=None, name=FUSED):
+def predict_folder(model, palette, folder, out, crop, name=FUSED):
     """Predict every image of `folder` (or one image file) at its own resolution into
-    `out`/<stem>_mask.png (palette PNG of class indices, info.palette), with the same windows and
-    fusion as the evaluation. `out` never overwrites what eval.py did not write there: a file of
+    `out`/<stem>_mask.png (palette PNG of class indices), with the same windows and fusion as the
+    evaluation, under the caller's autocast. `out` never overwrites what eval.py did not write there: a file of
     that name is replaced only when `out`'s predictions.json lists it. Returns the files written."""
     paths = [folder] if os.path.isfile(folder) else data.list_images(folder)
     if os.path.abspath(out) in {os.path.abspath(os.path.dirname(p)) for p in paths}:
@@ -246,21 +261,23 @@ def predict_folder(model, info, folder, out, crop, amp=None, name=FUSED):
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out!r} exists and is not a folder")
     manifest = os.path.join(out, MANIFEST)
-    ours = set(runs.read_json(manifest)["files"]) if os.path.isfile(manifest) else set()
+    ours = set(atomic.read_json(manifest)["files"]) if os.path.isfile(manifest) else set()
     targets = [os.path.splitext(os.path.basename(p))[0] + "_mask.png" for p in paths]
     foreign = [t for t in targets if os.path.exists(os.path.join(out, t)) and t not in ours]
     if foreign:
-        raise UserError(f"--out {out!r} already holds {foreign[:3]}, not written by eval.py: "
-                        f"pass an empty or new folder")
+        raise UserError(
+            f"--out {out!r} already holds {foreign[:3]}, not written by eval.py: "
+            f"pass an empty or new folder"
+        )
     device = next(model.parameters()).device
-    runs.check_writable(out, flag="--out")
+    runs.check_writable(out, what="the prediction folder")
     for path, target in zip(tqdm(paths, desc="predict", dynamic_ncols=True), targets):
         img = data.normalize(data.load_image(path))[None].to(device)
-        with amp or nullcontext():
-            probs = predict(model, img, crop, names=[name])[name]
-        colorize(probs[0].argmax(0).byte().cpu().numpy(), info.palette).save(os.path.join(out, target))
+        probs = predict(model, img, crop, names=[name])[name]
+        mask = probs[0].argmax(0).byte().cpu().numpy()
+        colorize(mask, palette).save(os.path.join(out, target))
         ours.add(target)
-        runs.write_json(manifest, dict(model=name, crop=crop, files=sorted(ours)))
+        atomic.write_json(manifest, dict(model=name, crop=crop, files=sorted(ours)))
     return [os.path.join(out, t) for t in targets]
 
 
@@ -274,16 +291,29 @@ def get_args(argv=None):
         "or predict a folder of images to coloured masks."
     )
     a = p.add_argument
-    a("path", help="run folder (its best.pt, else last.pt), a .pt checkpoint, an exported model "
-      "folder or its hub id")
+    a(
+        "path",
+        help="run folder (its best.pt, else last.pt), a .pt checkpoint, an exported model "
+        "folder or its hub id",
+    )
     a("--split", default="val", choices=["val", "labeled"], help="split of the run's lists")
     a("--student", default="all", help="a student name of the run, 'fused' (E10) or 'all'")
     a("--data-root", default=None, help="dataset folder, if it moved since training")
-    a("--predict", default=None, metavar="PATH", help="instead: predict this image or folder of "
-      "images at native resolution into --out (palette PNG masks)")
+    a(
+        "--predict",
+        default=None,
+        metavar="PATH",
+        help="instead: predict this image or folder of "
+        "images at native resolution into --out (palette PNG masks)",
+    )
     a("--out", default=None, metavar="DIR", help="with --predict: where the masks go")
-    a("--amp", choices=AMP, default="auto", help="CUDA autocast of the forwards (auto: bf16); "
-      "the window averaging is fp32 anyway; CPU runs fp32")
+    a(
+        "--amp",
+        choices=AMP,
+        default="auto",
+        help="CUDA autocast of the forwards (auto: bf16); "
+        "the window averaging is fp32 anyway; CPU runs fp32",
+    )
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--workers", type=int, default=2, help="data loader processes (0: in this process)")
     args = p.parse_args(argv)
@@ -317,7 +347,8 @@ def main(argv=None):
     amp = autocast(device, args.amp)
     if args.predict:
         name = FUSED if args.student == "all" else args.student
-        done = predict_folder(model, info, args.predict, args.out, cfg["crop"], amp, name)
+        with amp:
+            done = predict_folder(model, info.palette, args.predict, args.out, cfg["crop"], name)
         print(f"predicted {len(done)} image(s) ({name} prediction) into {args.out}")
         return done
     folder = runs.run_folder(args.checkpoint)
@@ -325,15 +356,23 @@ def main(argv=None):
     splits_dir = os.path.join(folder, "splits")
     loader = split_loader(info, cfg, args.split, args.data_root, splits_dir, args.workers)
     cms = evaluate(model, loader, cfg["crop"], names=names, amp=amp)
-    print(f"{args.checkpoint}: {args.split} split, {len(loader)} images, crop {cfg['crop']}, "
-          f"fusion {model.fusion}, amp {args.amp}\n{format_table(cms, info.classes)}")
-    result = dict(checkpoint=os.path.abspath(args.checkpoint), split=args.split, crop=cfg["crop"],
-                  stride=window_stride(cfg["crop"]), fusion=model.fusion, amp=args.amp,
-                  results={n: cm.to_dict(info.classes) for n, cm in cms.items()})
+    print(
+        f"{args.checkpoint}: {args.split} split, {len(loader)} images, crop {cfg['crop']}, "
+        f"fusion {model.fusion}, amp {args.amp}\n{format_table(cms, info.classes)}"
+    )
+    result = dict(
+        checkpoint=os.path.abspath(args.checkpoint),
+        split=args.split,
+        crop=cfg["crop"],
+        stride=window_stride(cfg["crop"]),
+        fusion=model.fusion,
+        amp=args.amp,
+        results={n: cm.to_dict(info.classes) for n, cm in cms.items()},
+    )
     stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
     suffix = "" if os.path.isdir(args.checkpoint) or stem == "best" else f"_{stem}"
     out = os.path.join(folder, f"eval_{args.split}{suffix}.json")
-    runs.write_json(out, result)
+    atomic.write_json(out, result)
     print(f"wrote {out}")
     return result
 

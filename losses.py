@@ -7,6 +7,7 @@ weighting of E5/E6, lives in co2s.py next to the forward passes it weights.
 Every statistic that decides a mask (softmax, confidence, thresholds) is computed in fp32, whatever
 autocast the caller runs under. No function here syncs with the host.
 """
+
 import math
 
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ def pseudo_label_loss(logits, pseudo, conf, valid, tau=0.95):
 
     The denominator counts ALL valid (non-padding) pixels, not the confident ones: as confidence
     grows during training, the unlabelled loss grows with it (UniMatch's choice)."""
-    ce = F.cross_entropy(logits.float(), pseudo, reduction="none")                  # (B, H, W)
+    ce = F.cross_entropy(logits.float(), pseudo, reduction="none")  # (B, H, W)
     return (ce * ((conf >= tau) & valid)).sum() / valid.sum().clamp(min=1)
 
 
@@ -49,10 +50,10 @@ def stability_loss(logits_self, logits_other, tau=0.95):
     The gradient flows into logits_self only: logits_other is the detached target. (The released
     code detached logits_self too, so the term never trained anything: pass logits_self.detach()
     to reproduce that.)"""
-    p_self = logits_self.float().softmax(1)                                         # (B, C, H, W)
+    p_self = logits_self.float().softmax(1)  # (B, C, H, W)
     p_other = logits_other.detach().float().softmax(1)
-    mask = stability_mask(p_self.detach().amax(1), p_other.amax(1), tau)            # (B, H, W)
-    sq = (p_self - p_other).pow(2).sum(1)                                           # (B, H, W)
+    mask = stability_mask(p_self.detach().amax(1), p_other.amax(1), tau)  # (B, H, W)
+    sq = (p_self - p_other).pow(2).sum(1)  # (B, H, W)
     return (sq * mask).sum() / (p_self.shape[1] * mask.sum().clamp(min=1))
 
 

@@ -412,14 +412,18 @@ def build_student(kind, spec, *, weights=None, text=None, name=None):
     shape = (spec.num_classes, vit_preset(spec.size).proj)
     if guidance == "text" and (text is None or tuple(text.shape) != shape):
         got = None if text is None else tuple(text.shape)
-        raise ValueError(f"a CLIP student with text guidance needs {shape} class embeddings: {got}")
+        raise ValueError(
+            f"a CLIP student with text guidance needs its {shape} class embeddings, got {got}"
+        )
     # The backbone is built (and its pretrained weights loaded) first; the head and the queries
     # created after it are new modules, so nothing re-initialises the loaded weights (METHOD.md
     # section 7.3).
     backbone = build_backbone(kind, spec.size, weights, spec.numerics)
     set_trainable(backbone, spec.train_backbone)
     text = text if guidance == "text" else None
-    student = Student(kind, backbone, spec.num_classes, text=text, name=name, numerics=spec.numerics)
+    student = Student(
+        kind, backbone, spec.num_classes, text=text, name=name, numerics=spec.numerics
+    )
     student.grad_checkpoint = spec.grad_checkpoint
     return student
 
@@ -437,7 +441,9 @@ def build_model(spec, weights=None, text=None):
 def student_names(kinds):
     """clip,dinov3 -> clip, dinov3; clip,clip -> clip1, clip2 (names must be unique)."""
     kinds = list(kinds)
-    return [k if kinds.count(k) == 1 else f"{k}{kinds[: i + 1].count(k)}" for i, k in enumerate(kinds)]
+    return [
+        k if kinds.count(k) == 1 else f"{k}{kinds[: i + 1].count(k)}" for i, k in enumerate(kinds)
+    ]
 
 
 def prediction_names(kinds):
@@ -449,13 +455,22 @@ def prediction_names(kinds):
 # E10: the fusion head
 
 
+def check_fusion(mode):
+    if mode not in FUSIONS:
+        raise UserError(f"unknown fusion mode {mode!r}; valid: {', '.join(FUSIONS)}")
+    return mode
+
+
 def fuse(probs, mode="confidence"):
     """E10: per pixel the more confident student's probabilities ('confidence'), or their mean.
-    probs: one (B, N, H, W) map per student; mode: one of FUSIONS (Co2S checks the model's)."""
+    probs: one (B, N, H, W) map per student; mode: one of FUSIONS."""
+    check_fusion(mode)
     stacked = torch.stack(probs)  # (K, B, N, H, W)
     if mode == "mean":
         return stacked.mean(0)
-    winner = stacked.amax(2, keepdim=True).argmax(0, keepdim=True)  # (1, B, 1, H, W): most confident
+    winner = stacked.amax(2, keepdim=True).argmax(
+        0, keepdim=True
+    )  # (1, B, 1, H, W): most confident
     return stacked.gather(0, winner.expand(1, *stacked.shape[1:]))[0]
 
 
@@ -466,19 +481,9 @@ class Co2S(nn.Module):
 
     def __init__(self, students, fusion="confidence"):
         super().__init__()
-        if fusion not in FUSIONS:
-            raise UserError(f"unknown fusion mode {fusion!r}; valid: {', '.join(FUSIONS)}")
         self.students = nn.ModuleList(students)
-        self.fusion = fusion
+        self.fusion = check_fusion(fusion)
         self.names = [s.name for s in students] + [FUSED]  # prediction_names of its students
-
-    @classmethod
-    def from_pretrained(cls, path, device="cpu"):
-        """A trained model in one line, in eval mode: a run folder, a .pt checkpoint, an exported
-        folder or its hub id (downloaded once into the hub's cache)."""
-        from plumbing.runs import load_run  # the checkpoint format builds this class: import late
-
-        return load_run(path, device)[0]
 
     def check_names(self, names):
         """names: which predictions to compute (student names and/or 'fused'); None = all."""

@@ -31,9 +31,16 @@ import co2s
 import data
 import eval as evaluation
 from losses import stability_weight
-from model import FUSIONS, KINDS, TRAIN_BACKBONE, ModelSpec, build_model, class_embeddings
-from model import prediction_names
-from plumbing import runs, runtime
+from model import (
+    FUSIONS,
+    KINDS,
+    TRAIN_BACKBONE,
+    ModelSpec,
+    build_model,
+    class_embeddings,
+    prediction_names,
+)
+from plumbing import atomic, runs, runtime
 from plumbing.catalog import CHOICES, dataset_info, parse_ratio
 from plumbing.download import ensure
 from plumbing.errors import UserError, cli
@@ -51,6 +58,7 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+# fmt: off
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=Help)
     a = p.add_argument
@@ -139,6 +147,7 @@ def get_args(argv=None):
     if args.accum < 1 or (args.batch is not None and args.batch < 1):
         p.error("--batch and --accum must be >= 1")
     return args
+# fmt: on
 
 
 def resolve(args, init=None):
@@ -158,12 +167,21 @@ def resolve(args, init=None):
         cfg[f"{kind}_weights"] = None if w == "none" else w
     if init:  # fine-tuning: the checkpoint decides what the students are
         spec = init["model_args"]
-        cfg.update(students=",".join(spec["kinds"]), size=spec["size"], numerics=spec["numerics"],
-                   clip_guidance=spec["clip_guidance"], clip_weights=None, dinov3_weights=None)
+        cfg.update(
+            students=",".join(spec["kinds"]),
+            size=spec["size"],
+            numerics=spec["numerics"],
+            clip_guidance=spec["clip_guidance"],
+            clip_weights=None,
+            dinov3_weights=None,
+        )
     kinds = cfg["students"].split(",")
     scratch = not init and all(cfg[f"{k}_weights"] is None for k in kinds)
-    cfg["recipe"] = ("scratch: every student has random weights" if scratch
-                     else "paper: pretrained students (METHOD.md section 5)")
+    cfg["recipe"] = (
+        "scratch: every student has random weights"
+        if scratch
+        else "paper: pretrained students (METHOD.md section 5)"
+    )
     for k, v in (SCRATCH_RECIPE if scratch else PAPER_RECIPE).items():
         cfg[k] = v if cfg[k] is None else cfg[k]
     cfg["epoch_rule"] = "release"  # epochs counted as the release's DistributedSampler counts them
@@ -183,25 +201,42 @@ def schedule(cfg, layout, n_unlabeled):
     steps per epoch (one pass over the unlabelled list) and the total."""
     steps_per_epoch = layout.steps_per_epoch(n_unlabeled)
     if steps_per_epoch == 0:
-        raise UserError(f"{n_unlabeled} unlabelled images are fewer than one "
-                        f"{layout.describe()}; lower --batch")
-    return dict(cfg, global_batch=layout.global_batch, micro_batch=layout.micro,
-                world_size=layout.world, iters_per_epoch=steps_per_epoch,
-                total_iters=cfg["iters"] or cfg["epochs"] * steps_per_epoch)
+        raise UserError(
+            f"{n_unlabeled} unlabelled images are fewer than one {layout.describe()}; lower --batch"
+        )
+    return dict(
+        cfg,
+        global_batch=layout.global_batch,
+        micro_batch=layout.micro,
+        world_size=layout.world,
+        iters_per_epoch=steps_per_epoch,
+        total_iters=cfg["iters"] or cfg["epochs"] * steps_per_epoch,
+    )
 
 
 def spec_of(cfg, num_classes):
     """What builds the model (saved in every checkpoint, so eval.py and --resume rebuild it)."""
-    return ModelSpec(tuple(cfg["students"].split(",")), num_classes, size=cfg["size"],
-                     numerics=cfg["numerics"], clip_guidance=cfg["clip_guidance"],
-                     fusion=cfg["fusion"], grad_checkpoint=cfg["grad_checkpoint"],
-                     train_backbone=cfg["train_backbone"])
+    return ModelSpec(
+        tuple(cfg["students"].split(",")),
+        num_classes,
+        size=cfg["size"],
+        numerics=cfg["numerics"],
+        clip_guidance=cfg["clip_guidance"],
+        fusion=cfg["fusion"],
+        grad_checkpoint=cfg["grad_checkpoint"],
+        train_backbone=cfg["train_backbone"],
+    )
 
 
 def method_of(cfg):
     """The co2s.iteration switches of this run."""
-    return co2s.Method(method=cfg["method"], stability=cfg["stability"], tau=cfg["tau"],
-                       fp=not cfg["no_fp"], strong_views=cfg["strong_views"])
+    return co2s.Method(
+        method=cfg["method"],
+        stability=cfg["stability"],
+        tau=cfg["tau"],
+        fp=not cfg["no_fp"],
+        strong_views=cfg["strong_views"],
+    )
 
 
 def new_model(cfg, info, init=None):
@@ -211,15 +246,20 @@ def new_model(cfg, info, init=None):
     if init:
         n = init["model_args"]["num_classes"]
         if n != len(info.classes):
-            raise UserError(f"--init {cfg['init']!r} predicts {n} classes, {cfg['dataset']} has "
-                            f"{len(info.classes)}")
+            raise UserError(
+                f"--init {cfg['init']!r} predicts {n} classes, {cfg['dataset']} has "
+                f"{len(info.classes)}"
+            )
         state = dict(init, model_args=dataclasses.asdict(spec))
         return runs.model_from_checkpoint(state), f"the checkpoint {cfg['init']}"
     text, source = None, None
     if "clip" in spec.kinds and cfg["clip_guidance"] == "text":
-        text, source = class_embeddings(info.concepts, size=cfg["size"],
-                                        clip_weights=cfg["clip_weights"],
-                                        file=cfg["text_embeddings"])
+        text, source = class_embeddings(
+            info.concepts,
+            size=cfg["size"],
+            clip_weights=cfg["clip_weights"],
+            file=cfg["text_embeddings"],
+        )
     weights = {k: cfg[f"{k}_weights"] for k in KINDS}
     return build_model(spec, weights=weights, text=text), source
 
@@ -230,9 +270,14 @@ def param_groups(student, *, lr, weight_decay, backbone_lr_mult, head_lr_mult):
     decay on norms outside the head' leaves nothing to exempt (from scratch, --train-backbone all,
     the norms decay too)."""
     backbone = [p for p in student.backbone.parameters() if p.requires_grad]
-    groups = [dict(name=f"{student.name}.backbone", lr=lr * backbone_lr_mult, params=backbone),
-              dict(name=f"{student.name}.head", lr=lr * head_lr_mult,
-                   params=list(student.head.parameters()))]
+    groups = [
+        dict(name=f"{student.name}.backbone", lr=lr * backbone_lr_mult, params=backbone),
+        dict(
+            name=f"{student.name}.head",
+            lr=lr * head_lr_mult,
+            params=list(student.head.parameters()),
+        ),
+    ]
     if student.queries is not None:
         groups.append(dict(name=f"{student.name}.queries", lr=lr, params=[student.queries.weight]))
     for g in groups:
@@ -327,17 +372,24 @@ def main(argv=None):
         runs.check_room(cfg["out"], loop.run.model)
         start_run(loop, splits, text_source, fresh=state is None)
     run, method, amp = loop.run, method_of(cfg), runtime.autocast(device, cfg["amp"])
-    streams = data.Streams(cfg["crop"], cfg["seed"], cfg["mix_source"], cfg["workers"],
-                           pin_memory=device.type == "cuda")
+    streams = data.Streams(
+        cfg["crop"],
+        cfg["seed"],
+        cfg["mix_source"],
+        cfg["workers"],
+        pin_memory=device.type == "cuda",
+    )
     steps = range(run.step, loop.total_steps)  # one sampler for the run: workers start once
     loaders = data.train_loaders(info, splits, layout, streams, steps, method.method)
     streams = {name: iter(loader) for name, loader in loaders.items()}
-    val = data.val_loader(info, splits.val, workers=min(cfg["workers"], 2), rank=rank,
-                          world_size=world)
+    val = data.val_loader(
+        info, splits.val, workers=min(cfg["workers"], 2), rank=rank, world_size=world
+    )
     params = [p for p in run.model.parameters() if p.requires_grad]
 
-    pbar = tqdm(total=loop.total_steps, initial=run.step, disable=not loop.master,
-                dynamic_ncols=True)
+    pbar = tqdm(
+        total=loop.total_steps, initial=run.step, disable=not loop.master, dynamic_ncols=True
+    )
     run.model.train()
     with runtime.StopSignals(world, device) as stop:
         while run.step < loop.total_steps and run.step != cfg["stop_at"]:
@@ -363,12 +415,15 @@ def train_step(loop, streams, method, amp, params):
         # run would.
         if micro:
             runtime.set_rng_state(rng)
-        named = {n: {k: v.to(device, non_blocking=True) for k, v in next(s).items()}
-                 for n, s in streams.items()}
+        named = {
+            n: {k: v.to(device, non_blocking=True) for k, v in next(s).items()}
+            for n, s in streams.items()
+        }
         batch = co2s.Batch(**named)
         with amp:
-            out = co2s.iteration(run.model.students, batch, stability_weight=weight_e9,
-                                 method=method)
+            out = co2s.iteration(
+                run.model.students, batch, stability_weight=weight_e9, method=method
+            )
         # The students' graphs are disjoint (E8 targets are detached): one backward of the sum
         # gives every student the gradient of its own loss; / accum averages micro-batches as
         # DDP averages ranks.
@@ -403,9 +458,11 @@ def stopped(loop, signal_name):
     if loop.master:
         if not loop.saves_after(run.step):  # (already written when the step was a save step)
             runs.save_checkpoint(run, os.path.join(out, "last.pt"), keep_previous=True)
-        print(f"\nstopped by {signal_name} after step {run.step}; last.pt is written. Continue "
-              f"with: python train.py --resume {out} (or the same command with --out {out})",
-              flush=True)
+        print(
+            f"\nstopped by {signal_name} after step {run.step}; last.pt is written. Continue "
+            f"with: python train.py --resume {out} (or the same command with --out {out})",
+            flush=True,
+        )
     if loop.layout.world > 1:
         dist.destroy_process_group()
     raise SystemExit(runtime.EXIT_STOPPED)
@@ -421,8 +478,9 @@ def set_lr(run, total):
 def build_loop(cfg, state, info, layout, device, init=None):
     """The Loop of a new or resumed run: model, one AdamW per student (METHOD.md section 4, step
     8), scaler. Returns (loop, the source of the class embeddings)."""
-    model, text_source = (runs.model_from_checkpoint(state), None) if state else new_model(
-        cfg, info, init)
+    model, text_source = (
+        (runs.model_from_checkpoint(state), None) if state else new_model(cfg, info, init)
+    )
     model.to(device)
     for t in model.state_dict().values() if layout.world > 1 else []:
         dist.broadcast(t, 0)  # an identical start on every rank
@@ -430,8 +488,10 @@ def build_loop(cfg, state, info, layout, device, init=None):
     if cfg["compile"]:
         runtime.compile_model(model)
     hyper = {k: cfg[k] for k in HYPER}
-    optimizers = [torch.optim.AdamW(param_groups(s, **hyper), fused=device.type == "cuda")
-                  for s in model.students]
+    optimizers = [
+        torch.optim.AdamW(param_groups(s, **hyper), fused=device.type == "cuda")
+        for s in model.students
+    ]
     fp16 = runtime.amp_dtype(device, cfg["amp"]) == torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     run = runs.Run(cfg, spec_of(cfg, len(info.classes)), model, optimizers, scaler)
@@ -451,8 +511,9 @@ def prepare_data(cfg, info, splits_dir, world):
         ensure(info, cfg["data_root"], download=cfg["download"])
     if world > 1:
         dist.barrier()
-    splits = data.make_splits(info, cfg["ratio"], cfg["data_root"], splits_dir or cfg["splits"],
-                              seed=cfg["seed"])
+    splits = data.make_splits(
+        info, cfg["ratio"], cfg["data_root"], splits_dir or cfg["splits"], seed=cfg["seed"]
+    )
     if runtime.is_master():
         data.scan_files(splits, info)
     return splits
@@ -472,14 +533,22 @@ def log_train(loop, pbar):
     vals = {k: round(float(v / n), 5) for k, (v, n) in loop.window.items()}
     loop.window = {}
     if not all(np.isfinite(list(vals.values()))):
-        raise SystemExit(f"non-finite loss at step {step}: {vals}\nstopped; the last good "
-                         f"checkpoint ({cfg['out']}/last.pt) is kept. Try a lower --lr or --amp off.")
+        raise SystemExit(
+            f"non-finite loss at step {step}: {vals}\nstopped; the last good "
+            f"checkpoint ({cfg['out']}/last.pt) is kept. Try a lower --lr or --amp off."
+        )
     now, steps = time.time(), step - (step - 1) // cfg["log_every"] * cfg["log_every"]
     if loop.master:
         lrs = {f"lr/{g['name']}": g["lr"] for opt in loop.run.optimizers for g in opt.param_groups}
-        record = dict(type="train", step=step, epoch=round(loop.epoch(step), 4), **lrs,
-                      step_s=round((now - loop.t_last) / steps, 4), **vals)
-        runs.append_jsonl(os.path.join(cfg["out"], "log.jsonl"), record)
+        record = dict(
+            type="train",
+            step=step,
+            epoch=round(loop.epoch(step), 4),
+            **lrs,
+            step_s=round((now - loop.t_last) / steps, 4),
+            **vals,
+        )
+        atomic.append_jsonl(os.path.join(cfg["out"], "log.jsonl"), record)
         shown = {k: f"{v:.3f}" for k, v in vals.items() if k.endswith("/loss") or k == "lambda"}
         pbar.set_postfix(shown)
     loop.t_last = now
@@ -505,14 +574,22 @@ def keep_best(loop, result):
     """Log an evaluation, keep best.pt by --best-by, write metrics.json (done: the run ended)."""
     run, out, key = loop.run, loop.cfg["out"], loop.cfg["best_by"]
     epoch = round(loop.epoch(run.step), 4)
-    runs.append_jsonl(os.path.join(out, "log.jsonl"),
-                      dict(type="eval", step=run.step, epoch=epoch, **result))
+    atomic.append_jsonl(
+        os.path.join(out, "log.jsonl"), dict(type="eval", step=run.step, epoch=epoch, **result)
+    )
     if result[key]["miou"] > run.best["miou"]:
         run.best = dict(miou=result[key]["miou"], step=run.step, by=key, results=result)
         runs.save_checkpoint(run, os.path.join(out, "best.pt"))
-    runs.write_json(os.path.join(out, "metrics.json"), dict(
-        last=dict(step=run.step, results=result), best=run.best, best_by=key,
-        total=loop.total_steps, done=run.step == loop.total_steps))
+    atomic.write_json(
+        os.path.join(out, "metrics.json"),
+        dict(
+            last=dict(step=run.step, results=result),
+            best=run.best,
+            best_by=key,
+            total=loop.total_steps,
+            done=run.step == loop.total_steps,
+        ),
+    )
 
 
 def start_run(loop, splits, text_source, fresh):
@@ -522,29 +599,37 @@ def start_run(loop, splits, text_source, fresh):
     if fresh:
         data.write_splits(splits, os.path.join(cfg["out"], "splits"))
         open(os.path.join(cfg["out"], "log.jsonl"), "w").close()  # a fresh run, a fresh log
-        runs.write_json(os.path.join(cfg["out"], "config.json"), dict(
-            cfg, splits_source=splits.source, text_source=text_source, **runs.run_info()))
-    print(f"run folder: {cfg['out']}\nsplits: {splits.source}: {len(splits.labeled)} labelled / "
-          f"{len(splits.unlabeled)} unlabelled / {len(splits.val)} val\n"
-          f"{loop.layout.describe()}; {cfg['iters_per_epoch']} iterations per epoch, "
-          f"{loop.total_steps} in all, device {loop.device}\n"
-          f"recipe: {cfg['recipe']}; backbone weights that train: {cfg['train_backbone']}")
+        atomic.write_json(
+            os.path.join(cfg["out"], "config.json"),
+            dict(cfg, splits_source=splits.source, text_source=text_source, **runs.run_info()),
+        )
+    print(
+        f"run folder: {cfg['out']}\nsplits: {splits.source}: {len(splits.labeled)} labelled / "
+        f"{len(splits.unlabeled)} unlabelled / {len(splits.val)} val\n"
+        f"{loop.layout.describe()}; {cfg['iters_per_epoch']} iterations per epoch, "
+        f"{loop.total_steps} in all, device {loop.device}\n"
+        f"recipe: {cfg['recipe']}; backbone weights that train: {cfg['train_backbone']}"
+    )
     if text_source:
         print(f"CLIP class embeddings: {text_source}")
     for opt in loop.run.optimizers:
         for g in opt.param_groups:
             n = sum(p.numel() for p in g["params"])
-            print(f"  group {g['name']:<28} lr {g['initial_lr']:.2e}  wd {g['weight_decay']}  "
-                  f"params {n:,}")
+            print(
+                f"  group {g['name']:<28} lr {g['initial_lr']:.2e}  wd {g['weight_decay']}  "
+                f"params {n:,}"
+            )
 
 
 def finish(loop):
     run, out = loop.run, loop.cfg["out"]
     if loop.master:
         if run.step == loop.total_steps:
-            last = runs.read_json(os.path.join(out, "metrics.json"))["last"]["results"]
-            print("\nmIoU (%) at the end: "
-                  + ", ".join(f"{k} {100 * v['miou']:.2f}" for k, v in last.items()))
+            last = atomic.read_json(os.path.join(out, "metrics.json"))["last"]["results"]
+            print(
+                "\nmIoU (%) at the end: "
+                + ", ".join(f"{k} {100 * v['miou']:.2f}" for k, v in last.items())
+            )
         print(f"run folder: {out}\ncurves: python -m tools.plot {out}")
     if loop.layout.world > 1:
         dist.destroy_process_group()

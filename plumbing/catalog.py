@@ -8,6 +8,7 @@ evaluation size, epochs, batch, student size). The paper's six datasets, the syn
 
 Nothing here reads images; data.py does.
 """
+
 import os
 import re
 from dataclasses import dataclass
@@ -15,107 +16,365 @@ from dataclasses import dataclass
 from plumbing.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
-PAPER_SPLITS = os.path.join(REPO, "splits")   # the authors' lists (GitHub XavierJiezou/Co2S, splits/)
-HUB_DATASETS = "XavierJiezou/co2s-datasets"  # the authors' prepared datasets (Hugging Face, repo type dataset)
-RELEASE_PROCESSES = 4  # the released runs: 4 GPUs; an epoch is counted as their DistributedSampler counts it
+PAPER_SPLITS = os.path.join(
+    REPO, "splits"
+)  # the authors' lists (GitHub XavierJiezou/Co2S, splits/)
+HUB_DATASETS = (
+    "XavierJiezou/co2s-datasets"  # the authors' prepared datasets (Hugging Face, repo type dataset)
+)
+RELEASE_PROCESSES = (
+    4  # the released runs: 4 GPUs; an epoch is counted as their DistributedSampler counts it
+)
 
 
 @dataclass
 class DatasetInfo:
     name: str
-    classes: list            # class names, index order
-    concepts: list           # per class: [class name, concept, ...] (E2 prompts "a photo of a {concept}")
-    palette: list            # per class: (r, g, b) display colour
+    classes: list  # class names, index order
+    concepts: list  # per class: [class name, concept, ...] (E2 prompts "a photo of a {concept}")
+    palette: list  # per class: (r, g, b) display colour
     reduce_zero_label: bool  # raw label 0 = ignore, raw k = class k-1 (mmseg's reduce_zero_label)
-    ratios: list             # the paper's labelled ratios
-    crop: int = 512          # training crop and evaluation window (released config)
-    base_size: int = 512     # training rescale: the short side goes to base_size x U(0.5, 2.0) (None: own size)
-    eval_size: int = 512     # evaluation: the image's short side is resized to this first (None: as stored)
-    epochs: int = 80         # one epoch = one pass over the unlabelled list
-    batch: int = 4           # released GLOBAL batch per step: 4 GPUs x 1 labelled (+ as many unlabelled)
-    size: str = "base"       # student size: ViT-B/16 (the paper) or the tiny CPU preset
-    hub_folder: str = None   # folder of the dataset in HUB_DATASETS (None: not published there)
+    ratios: list  # the paper's labelled ratios
+    crop: int = 512  # training crop and evaluation window (released config)
+    base_size: int = (
+        512  # training rescale: the short side goes to base_size x U(0.5, 2.0) (None: own size)
+    )
+    eval_size: int = (
+        512  # evaluation: the image's short side is resized to this first (None: as stored)
+    )
+    epochs: int = 80  # one epoch = one pass over the unlabelled list
+    batch: int = 4  # released GLOBAL batch per step: 4 GPUs x 1 labelled (+ as many unlabelled)
+    size: str = "base"  # student size: ViT-B/16 (the paper) or the tiny CPU preset
+    hub_folder: str = None  # folder of the dataset in HUB_DATASETS (None: not published there)
     generated: bool = False  # written by demo.py on first use instead of downloaded
 
 
 # Concept lists as used by the paper (METHOD.md section 2): class name first, then its concepts.
-_MARS = [["Martian Soil", "mars soil", "red soil", "martian regolith", "planetary soil", "extraterrestrial soil"],
-         ["Sands", "martian sand", "fine grains", "loose sand", "desert sand", "silica sand"],
-         ["Gravel", "martian gravel", "coarse gravel", "pebbles", "stone fragments", "rocky gravel"],
-         ["Bedrock", "martian bedrock", "solid rock", "bedrock layer", "parent rock", "foundation rock"],
-         ["Rocks", "martian rocks", "boulders", "stone blocks", "rock formations", "large rocks"],
-         ["Tracks", "rover tracks", "vehicle tracks", "wheel tracks", "trail marks", "path imprints"],
-         ["Shadows", "martian shadows", "rock shadows", "shadow regions", "dark areas", "sun shadows"],
-         ["Unknown", "unidentified object", "unknown material", "ambiguous feature", "unclassified", "mysterious object"],
-         ["Background", "martian background", "scene background", "context area", "surroundings", "environment background"]]
-_MARS_PALETTE = [(128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128), (0, 128, 128),
-                 (128, 128, 128), (64, 0, 0), (192, 0, 0)]
+_MARS = [
+    [
+        "Martian Soil",
+        "mars soil",
+        "red soil",
+        "martian regolith",
+        "planetary soil",
+        "extraterrestrial soil",
+    ],
+    ["Sands", "martian sand", "fine grains", "loose sand", "desert sand", "silica sand"],
+    ["Gravel", "martian gravel", "coarse gravel", "pebbles", "stone fragments", "rocky gravel"],
+    ["Bedrock", "martian bedrock", "solid rock", "bedrock layer", "parent rock", "foundation rock"],
+    ["Rocks", "martian rocks", "boulders", "stone blocks", "rock formations", "large rocks"],
+    ["Tracks", "rover tracks", "vehicle tracks", "wheel tracks", "trail marks", "path imprints"],
+    ["Shadows", "martian shadows", "rock shadows", "shadow regions", "dark areas", "sun shadows"],
+    [
+        "Unknown",
+        "unidentified object",
+        "unknown material",
+        "ambiguous feature",
+        "unclassified",
+        "mysterious object",
+    ],
+    [
+        "Background",
+        "martian background",
+        "scene background",
+        "context area",
+        "surroundings",
+        "environment background",
+    ],
+]
+_MARS_PALETTE = [
+    (128, 0, 0),
+    (0, 128, 0),
+    (128, 128, 0),
+    (0, 0, 128),
+    (128, 0, 128),
+    (0, 128, 128),
+    (128, 128, 128),
+    (64, 0, 0),
+    (192, 0, 0),
+]
 _CONCEPTS = {
-    "potsdam": [["impervious_surface", "asphalt", "concrete", "pavement", "roof", "sidewalk"],
-                ["building", "residential building", "commercial building", "church", "factory", "historical building"],
-                ["low_vegetation", "grass", "lawn", "meadow", "pasture", "flower bed"],
-                ["tree", "deciduous tree", "evergreen tree", "tree row", "park tree", "forest edge"],
-                ["car", "passenger car", "truck", "van", "bus", "parked vehicle"],
-                ["clutter", "fence", "wall", "railway", "construction site", "unclassified object"]],
-    "loveda": [["background", "undeveloped land", "open space", "background area", "unclassified region"],
-               ["building", "residential building", "commercial building", "industrial building", "public building", "high-rise"],
-               ["road", "highway", "urban road", "rural road", "asphalt road", "concrete road"],
-               ["water", "lake", "river", "pond", "reservoir", "water body"],
-               ["barren", "bare soil", "desert", "construction site", "mining area", "exposed rock"],
-               ["forest", "deciduous forest", "evergreen forest", "mixed forest", "woodland", "tree canopy"],
-               ["agriculture", "farmland", "cropland", "orchard", "vineyard", "greenhouse"]],
-    "whdld": [["building", "residential building", "commercial building", "industrial building", "high-rise", "low-rise"],
-              ["road", "highway", "arterial road", "residential road", "asphalt road", "concrete road"],
-              ["pavement", "sidewalk", "pedestrian path", "concrete pavement", "brick pavement", "stone pavement"],
-              ["vegetation", "tree", "shrub", "grassland", "farmland", "vegetation patch"],
-              ["bare soil", "unvegetated land", "soil exposure", "construction site", "quarry", "desert area"],
-              ["water", "lake", "river", "pond", "water body", "water surface", "reservoir"]],
-    "gid": [["industrial_land", "factory area", "industrial park", "workshop zone", "warehouse area", "industrial facility"],
-            ["urban_residential", "apartment area", "high-density housing", "urban housing", "residential block", "city community"],
-            ["rural_residential", "village housing", "countryside settlement", "rural homestead", "low-rise rural house", "scattered village"],
-            ["traffic_land", "road network", "highway", "urban road", "transport corridor", "parking and driveway"],
-            ["paddy_field", "rice field", "paddy rice farmland", "flooded field", "irrigated paddy", "cultivated paddy"],
-            ["irrigated_land", "irrigated farmland", "canal-irrigated field", "well-irrigated cropland", "watered field", "intensive irrigated land"],
-            ["dry_cropland", "rainfed cropland", "dry farming field", "non-irrigated farmland", "upland crop field", "seasonal cropland"],
-            ["garden_plot", "orchard", "vegetable garden", "economic crop field", "plantation", "horticultural land"],
-            ["arbor_woodland", "forest land", "tree plantation", "tall woodland", "closed canopy forest", "tree-covered area"],
-            ["shrub_land", "bushland", "scrub vegetation", "low shrub area", "shrub-covered slope", "sparse shrub"],
-            ["natural_grassland", "native grassland", "pasture", "meadow", "natural herbaceous area", "grazing land"],
-            ["artificial_grassland", "man-made grassland", "artificial lawn", "urban green grass", "reclaimed grassland", "managed grass field"],
-            ["river", "river channel", "stream", "watercourse", "flowing water", "river system"],
-            ["lake", "water lake", "inland lake", "large water body", "open water surface", "natural lake"],
-            ["pond", "fish pond", "small water pond", "artificial pond", "storage pond", "still water body"]],
-    "mer": _MARS, "msl": _MARS}
+    "potsdam": [
+        ["impervious_surface", "asphalt", "concrete", "pavement", "roof", "sidewalk"],
+        [
+            "building",
+            "residential building",
+            "commercial building",
+            "church",
+            "factory",
+            "historical building",
+        ],
+        ["low_vegetation", "grass", "lawn", "meadow", "pasture", "flower bed"],
+        ["tree", "deciduous tree", "evergreen tree", "tree row", "park tree", "forest edge"],
+        ["car", "passenger car", "truck", "van", "bus", "parked vehicle"],
+        ["clutter", "fence", "wall", "railway", "construction site", "unclassified object"],
+    ],
+    "loveda": [
+        ["background", "undeveloped land", "open space", "background area", "unclassified region"],
+        [
+            "building",
+            "residential building",
+            "commercial building",
+            "industrial building",
+            "public building",
+            "high-rise",
+        ],
+        ["road", "highway", "urban road", "rural road", "asphalt road", "concrete road"],
+        ["water", "lake", "river", "pond", "reservoir", "water body"],
+        ["barren", "bare soil", "desert", "construction site", "mining area", "exposed rock"],
+        [
+            "forest",
+            "deciduous forest",
+            "evergreen forest",
+            "mixed forest",
+            "woodland",
+            "tree canopy",
+        ],
+        ["agriculture", "farmland", "cropland", "orchard", "vineyard", "greenhouse"],
+    ],
+    "whdld": [
+        [
+            "building",
+            "residential building",
+            "commercial building",
+            "industrial building",
+            "high-rise",
+            "low-rise",
+        ],
+        ["road", "highway", "arterial road", "residential road", "asphalt road", "concrete road"],
+        [
+            "pavement",
+            "sidewalk",
+            "pedestrian path",
+            "concrete pavement",
+            "brick pavement",
+            "stone pavement",
+        ],
+        ["vegetation", "tree", "shrub", "grassland", "farmland", "vegetation patch"],
+        [
+            "bare soil",
+            "unvegetated land",
+            "soil exposure",
+            "construction site",
+            "quarry",
+            "desert area",
+        ],
+        ["water", "lake", "river", "pond", "water body", "water surface", "reservoir"],
+    ],
+    "gid": [
+        [
+            "industrial_land",
+            "factory area",
+            "industrial park",
+            "workshop zone",
+            "warehouse area",
+            "industrial facility",
+        ],
+        [
+            "urban_residential",
+            "apartment area",
+            "high-density housing",
+            "urban housing",
+            "residential block",
+            "city community",
+        ],
+        [
+            "rural_residential",
+            "village housing",
+            "countryside settlement",
+            "rural homestead",
+            "low-rise rural house",
+            "scattered village",
+        ],
+        [
+            "traffic_land",
+            "road network",
+            "highway",
+            "urban road",
+            "transport corridor",
+            "parking and driveway",
+        ],
+        [
+            "paddy_field",
+            "rice field",
+            "paddy rice farmland",
+            "flooded field",
+            "irrigated paddy",
+            "cultivated paddy",
+        ],
+        [
+            "irrigated_land",
+            "irrigated farmland",
+            "canal-irrigated field",
+            "well-irrigated cropland",
+            "watered field",
+            "intensive irrigated land",
+        ],
+        [
+            "dry_cropland",
+            "rainfed cropland",
+            "dry farming field",
+            "non-irrigated farmland",
+            "upland crop field",
+            "seasonal cropland",
+        ],
+        [
+            "garden_plot",
+            "orchard",
+            "vegetable garden",
+            "economic crop field",
+            "plantation",
+            "horticultural land",
+        ],
+        [
+            "arbor_woodland",
+            "forest land",
+            "tree plantation",
+            "tall woodland",
+            "closed canopy forest",
+            "tree-covered area",
+        ],
+        [
+            "shrub_land",
+            "bushland",
+            "scrub vegetation",
+            "low shrub area",
+            "shrub-covered slope",
+            "sparse shrub",
+        ],
+        [
+            "natural_grassland",
+            "native grassland",
+            "pasture",
+            "meadow",
+            "natural herbaceous area",
+            "grazing land",
+        ],
+        [
+            "artificial_grassland",
+            "man-made grassland",
+            "artificial lawn",
+            "urban green grass",
+            "reclaimed grassland",
+            "managed grass field",
+        ],
+        ["river", "river channel", "stream", "watercourse", "flowing water", "river system"],
+        [
+            "lake",
+            "water lake",
+            "inland lake",
+            "large water body",
+            "open water surface",
+            "natural lake",
+        ],
+        [
+            "pond",
+            "fish pond",
+            "small water pond",
+            "artificial pond",
+            "storage pond",
+            "still water body",
+        ],
+    ],
+    "mer": _MARS,
+    "msl": _MARS,
+}
+
 
 def _info(name, palette, reduce_zero_label, ratios, **kw):
     concepts = _CONCEPTS[name if name != "demo" else "potsdam"]
-    return DatasetInfo(name, [c[0] for c in concepts], concepts, palette, reduce_zero_label, ratios, **kw)
+    return DatasetInfo(
+        name, [c[0] for c in concepts], concepts, palette, reduce_zero_label, ratios, **kw
+    )
 
 
-_POTSDAM_PALETTE = [(255, 255, 255), (0, 0, 255), (0, 255, 255), (0, 255, 0), (255, 255, 0), (255, 0, 0)]
+_POTSDAM_PALETTE = [
+    (255, 255, 255),
+    (0, 0, 255),
+    (0, 255, 255),
+    (0, 255, 0),
+    (255, 255, 0),
+    (255, 0, 0),
+]
 # base_size and eval_size follow the released configs: mmseg's img_scale (2048, 512), i.e. short side 512
 # (whdld's 256 px tiles included, so whdld is evaluated at 512), except loveda (img_scale None: as stored).
 DATASETS = {
-    "potsdam": _info("potsdam", _POTSDAM_PALETTE, True, ["1/32", "1/16", "1/8", "1/4"], hub_folder="POTSDAM"),
-    "loveda": _info("loveda", [(255, 255, 255), (255, 0, 0), (255, 255, 0), (0, 0, 255), (159, 129, 183),
-                               (0, 255, 0), (255, 195, 128)], True, ["1/40", "1/16", "1/8", "1/4"],
-                    base_size=1024, eval_size=None, hub_folder="LOVEDA"),
-    "whdld": _info("whdld", [(255, 0, 0), (255, 255, 0), (192, 192, 0), (0, 255, 0), (128, 128, 128), (0, 0, 255)],
-                   True, ["1/24", "1/16", "1/8", "1/4"], crop=256, batch=8, hub_folder="WHDLD"),
-    "gid": _info("gid", [(200, 0, 0), (250, 0, 150), (200, 150, 150), (250, 150, 150), (0, 200, 0), (150, 250, 0),
-                         (150, 200, 150), (200, 0, 200), (150, 0, 250), (150, 150, 250), (250, 200, 0), (200, 200, 0),
-                         (0, 0, 200), (0, 150, 200), (0, 200, 250)], False, ["1/8", "1/4"], hub_folder="GID"),
+    "potsdam": _info(
+        "potsdam", _POTSDAM_PALETTE, True, ["1/32", "1/16", "1/8", "1/4"], hub_folder="POTSDAM"
+    ),
+    "loveda": _info(
+        "loveda",
+        [
+            (255, 255, 255),
+            (255, 0, 0),
+            (255, 255, 0),
+            (0, 0, 255),
+            (159, 129, 183),
+            (0, 255, 0),
+            (255, 195, 128),
+        ],
+        True,
+        ["1/40", "1/16", "1/8", "1/4"],
+        base_size=1024,
+        eval_size=None,
+        hub_folder="LOVEDA",
+    ),
+    "whdld": _info(
+        "whdld",
+        [(255, 0, 0), (255, 255, 0), (192, 192, 0), (0, 255, 0), (128, 128, 128), (0, 0, 255)],
+        True,
+        ["1/24", "1/16", "1/8", "1/4"],
+        crop=256,
+        batch=8,
+        hub_folder="WHDLD",
+    ),
+    "gid": _info(
+        "gid",
+        [
+            (200, 0, 0),
+            (250, 0, 150),
+            (200, 150, 150),
+            (250, 150, 150),
+            (0, 200, 0),
+            (150, 250, 0),
+            (150, 200, 150),
+            (200, 0, 200),
+            (150, 0, 250),
+            (150, 150, 250),
+            (250, 200, 0),
+            (200, 200, 0),
+            (0, 0, 200),
+            (0, 150, 200),
+            (0, 200, 250),
+        ],
+        False,
+        ["1/8", "1/4"],
+        hub_folder="GID",
+    ),
     "mer": _info("mer", _MARS_PALETTE, False, ["1/8", "1/4"], epochs=150, hub_folder="MER"),
     "msl": _info("msl", _MARS_PALETTE, False, ["1/8", "1/4"], hub_folder="MSL"),
     # demo: Potsdam's classes on synthetic 128 px tiles, two tiny students from scratch on a CPU:
     # 2 epochs x 120 iterations (240 unlabelled at 1/16, batch 2): 240 iterations, 3-4 minutes on 2 cores.
-    "demo": _info("demo", _POTSDAM_PALETTE, False, ["1/16", "1/8", "1/4", "1/2"], crop=128, base_size=128,
-                  eval_size=None, epochs=2, batch=2, size="tiny", generated=True),
+    "demo": _info(
+        "demo",
+        _POTSDAM_PALETTE,
+        False,
+        ["1/16", "1/8", "1/4", "1/2"],
+        crop=128,
+        base_size=128,
+        eval_size=None,
+        epochs=2,
+        batch=2,
+        size="tiny",
+        generated=True,
+    ),
 }
 CHOICES = list(DATASETS) + ["custom"]
 
 
-def _default_palette(k):  # distinct colours for custom classes without one (Pascal VOC's bit pattern, skipping black)
+def _default_palette(
+    k,
+):  # distinct colours for custom classes without one (Pascal VOC's bit pattern, skipping black)
     i, c = k + 1, [0, 0, 0]
     for shift in range(7, -1, -1):
         for ch in range(3):
@@ -135,8 +394,10 @@ def dataset_info(name, data_root=None):
         raise UserError(f"unknown dataset '{name}'; valid: {', '.join(CHOICES)}")
     path = os.path.join(data_root or "data/custom", "classes.txt")
     if not os.path.isfile(path):
-        raise UserError(f"custom dataset needs {path}: one class per line, 'name' or 'name r,g,b' "
-                        f"or 'name r,g,b | concept a, concept b' (pass the folder with --data-root)")
+        raise UserError(
+            f"custom dataset needs {path}: one class per line, 'name' or 'name r,g,b' "
+            f"or 'name r,g,b | concept a, concept b' (pass the folder with --data-root)"
+        )
     classes, concepts, palette = [], [], []
     with open(path) as f:
         lines = f.read().splitlines()
@@ -154,8 +415,12 @@ def dataset_info(name, data_root=None):
         concepts.append([cname] + [c.strip() for c in extra.split(",") if c.strip()])
         palette.append(colour)
     if not 1 <= len(classes) <= 255:
-        raise UserError(f"{path} lists {len(classes)} classes; need 1..255 (255 is the ignore index)")
-    return DatasetInfo("custom", classes, concepts, palette, False, [], base_size=None, eval_size=None)
+        raise UserError(
+            f"{path} lists {len(classes)} classes; need 1..255 (255 is the ignore index)"
+        )
+    return DatasetInfo(
+        "custom", classes, concepts, palette, False, [], base_size=None, eval_size=None
+    )
 
 
 def parse_ratio(ratio):
@@ -164,6 +429,8 @@ def parse_ratio(ratio):
         return "1"
     m = re.fullmatch(r"\s*(\d+)\s*[/_]\s*(\d+)\s*", str(ratio))
     if not m or int(m.group(2)) == 0 or not 0 < int(m.group(1)) < int(m.group(2)):
-        raise UserError(f"invalid ratio '{ratio}'; write a fraction below 1 as '1/16' or '1_16' "
-                        f"(paper ratios: 1/32 1/24 1/16 1/8 1/4 1/40), or '1' for every labelled image")
+        raise UserError(
+            f"invalid ratio '{ratio}'; write a fraction below 1 as '1/16' or '1_16' "
+            f"(paper ratios: 1/32 1/24 1/16 1/8 1/4 1/40), or '1' for every labelled image"
+        )
     return f"{int(m.group(1))}_{int(m.group(2))}"

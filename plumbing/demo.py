@@ -7,6 +7,7 @@ roofs vs asphalt, green roofs vs grass), so that colour alone does not solve it.
 seed. Written to disk once (images/, labels/ index PNGs, val.txt) and then read like any dataset;
 its recipe (crop, epochs, batch, tiny students) is its entry in catalog.py.
 """
+
 import json
 import math
 import os
@@ -17,14 +18,28 @@ from PIL import Image
 
 from plumbing.errors import UserError
 
-
 DEMO_VERSION = 1
-_GRASS = [(95, 140, 60), (120, 150, 70), (140, 140, 80), (80, 120, 55)]         # lush ... dry
-_ROOFS = [(175, 85, 60), (150, 70, 55), (120, 120, 125), (75, 75, 80),         # tiles, grey (like asphalt)
-          (95, 135, 70), (215, 215, 210), (150, 120, 90)]                      # green (like grass), white, soil-brown
-_TREES = [(45, 85, 40), (60, 100, 45), (85, 125, 60)]                           # the lightest overlaps grass
-_CARS = [(230, 230, 230), (30, 30, 35), (125, 125, 130), (170, 30, 30), (40, 60, 150), (190, 190, 200)]
+_GRASS = [(95, 140, 60), (120, 150, 70), (140, 140, 80), (80, 120, 55)]  # lush ... dry
+_ROOFS = [
+    (175, 85, 60),
+    (150, 70, 55),
+    (120, 120, 125),
+    (75, 75, 80),  # tiles, grey (like asphalt)
+    (95, 135, 70),
+    (215, 215, 210),
+    (150, 120, 90),
+]  # green (like grass), white, soil-brown
+_TREES = [(45, 85, 40), (60, 100, 45), (85, 125, 60)]  # the lightest overlaps grass
+_CARS = [
+    (230, 230, 230),
+    (30, 30, 35),
+    (125, 125, 130),
+    (170, 30, 30),
+    (40, 60, 150),
+    (190, 190, 200),
+]
 _SOIL = (150, 120, 90)
+
 
 class _Canvas:
     """One tile being painted: the image, its label, the shared texture field and the drawing tools.
@@ -33,8 +48,10 @@ class _Canvas:
     def __init__(self, rng, size):
         self.rng, self.size = rng, size
         self.yy, self.xx = np.mgrid[0:size, 0:size].astype(np.float32)
-        self.s = rng.uniform(0.6, 1.5)  # scene scale: the same objects at a different ground resolution
-        self.noise = rng.standard_normal((size, size, 1)).astype(np.float32)   # one texture for all
+        self.s = rng.uniform(
+            0.6, 1.5
+        )  # scene scale: the same objects at a different ground resolution
+        self.noise = rng.standard_normal((size, size, 1)).astype(np.float32)  # one texture for all
         grass = np.asarray(_GRASS[rng.integers(len(_GRASS))], np.float32)
         self.img = grass + 18 * self.smooth(12)[..., None] + 8 * self.noise
         self.lab = np.full((size, size), 2, np.uint8)
@@ -50,10 +67,14 @@ class _Canvas:
         return (np.abs(u) <= w / 2) & (np.abs(v) <= h / 2)
 
     def paint(self, mask, colour, cls, tex=6.0):  # fill with a noisy colour and set the class
-        self.img[mask] = np.asarray(colour, np.float32) * self.rng.uniform(0.9, 1.1) + tex * self.noise[mask]
+        self.img[mask] = (
+            np.asarray(colour, np.float32) * self.rng.uniform(0.9, 1.1) + tex * self.noise[mask]
+        )
         self.lab[mask] = cls
 
-    def shadow(self, mask, d):  # darken what lies to the bottom-right of an object (the label stays)
+    def shadow(
+        self, mask, d
+    ):  # darken what lies to the bottom-right of an object (the label stays)
         d = max(1, int(d))
         cast = np.zeros_like(mask)
         cast[d:, d:] = mask[:-d, :-d]
@@ -95,8 +116,13 @@ def _parking_lots(c):  # paved lots (impervious) with rows of parked cars
         for t in np.arange(-w / 2 + 3 * s, w / 2 - 3 * s, 5 * s):
             if rng.random() < 0.5:
                 v = rng.choice([-1, 1]) * h / 4
-                car = c.rect(cy + t * math.sin(a) + v * math.cos(a), cx + t * math.cos(a) - v * math.sin(a),
-                             8 * s, 3.8 * s, a)
+                car = c.rect(
+                    cy + t * math.sin(a) + v * math.cos(a),
+                    cx + t * math.cos(a) - v * math.sin(a),
+                    8 * s,
+                    3.8 * s,
+                    a,
+                )
                 c.paint(car, _CARS[rng.integers(len(_CARS))], 4, tex=4)
 
 
@@ -105,23 +131,35 @@ def _buildings(c):  # rectangles, L-shapes, rotated; gable roofs, shadows
     for _ in range(rng.integers(2, 7)):
         cy, cx = rng.uniform(0, c.size), rng.uniform(0, c.size)
         h, w = rng.uniform(12, 26) * s, rng.uniform(16, 36) * s
-        a = rng.choice([0.0, math.pi / 2]) + (rng.uniform(0, math.pi) if rng.random() < 0.3 else 0.0)
+        a = rng.choice([0.0, math.pi / 2]) + (
+            rng.uniform(0, math.pi) if rng.random() < 0.3 else 0.0
+        )
         m = c.rect(cy, cx, h, w, a)
         if rng.random() < 0.4:  # L-shape: a wing at one end of the long side
             h2 = rng.uniform(0.8, 1.6) * h
             u, v = w / 2 - h * 0.4, h / 2 + h2 / 2 - 1
-            m |= c.rect(cy + u * math.sin(a) + v * math.cos(a), cx + u * math.cos(a) - v * math.sin(a),
-                        h2, 0.8 * h, a)
+            m |= c.rect(
+                cy + u * math.sin(a) + v * math.cos(a),
+                cx + u * math.cos(a) - v * math.sin(a),
+                h2,
+                0.8 * h,
+                a,
+            )
         c.shadow(m, rng.uniform(3, 6) * s)
         c.paint(m, _ROOFS[rng.integers(len(_ROOFS))], 1, tex=5)
-        c.img[m & (-(c.xx - cx) * math.sin(a) + (c.yy - cy) * math.cos(a) > 0)] *= 0.8   # the ridge
+        c.img[m & (-(c.xx - cx) * math.sin(a) + (c.yy - cy) * math.cos(a) > 0)] *= 0.8  # the ridge
 
 
 def _clutter_objects(c):  # containers, heaps in random colours
     rng, s = c.rng, c.s
     for _ in range(rng.integers(0, 4)):
-        box = c.rect(rng.uniform(0, c.size), rng.uniform(0, c.size), rng.uniform(3, 7) * s,
-                     rng.uniform(4, 12) * s, rng.uniform(0, math.pi))
+        box = c.rect(
+            rng.uniform(0, c.size),
+            rng.uniform(0, c.size),
+            rng.uniform(3, 7) * s,
+            rng.uniform(4, 12) * s,
+            rng.uniform(0, math.pi),
+        )
         c.paint(box, rng.uniform(40, 220, 3), 5, tex=10)
 
 
@@ -136,7 +174,9 @@ def _trees(c):  # clusters of textured, shaded, shadow-casting crowns
             d2 = ((c.yy - ty) ** 2 + (c.xx - tx) ** 2) / (r * r)
             m = d2 < 1
             c.shadow(m, r * 0.6)
-            crown = np.asarray(_TREES[rng.integers(len(_TREES))], np.float32) * (1 - 0.35 * d2[m][:, None])
+            crown = np.asarray(_TREES[rng.integers(len(_TREES))], np.float32) * (
+                1 - 0.35 * d2[m][:, None]
+            )
             c.img[m] = crown + leaves[m]  # darker towards the crown's edge, leafy texture
             c.lab[m] = 3
 
@@ -153,30 +193,34 @@ def _demo_scene(rng, size=128):
     img = img + 4 * rng.standard_normal(img.shape)
     return np.clip(img, 0, 255).astype(np.uint8), c.lab
 
+
 def prepare_demo(root, seed=0, n_train=256, n_val=64):
     """Write the demo dataset to root (images/, labels/, val.txt listing the last n_val images, demo.json).
     Deterministic by seed; does nothing if demo.json already records the same settings."""
-    marker = {'seed': seed, 'n_train': n_train, 'n_val': n_val, 'version': DEMO_VERSION}
-    marker_path = os.path.join(root, 'demo.json')
+    marker = {"seed": seed, "n_train": n_train, "n_val": n_val, "version": DEMO_VERSION}
+    marker_path = os.path.join(root, "demo.json")
     if os.path.isfile(marker_path):
         with open(marker_path) as f:
             if json.load(f) == marker:
                 return
     elif os.path.isdir(root) and os.listdir(root):
-        raise UserError(f'{root} exists and is not a demo folder (no demo.json); refusing to overwrite it')
-    tmp = f'{root}.tmp{os.getpid()}'  # write aside, then move into place: no half-written demo folder
-    os.makedirs(os.path.join(tmp, 'images'), exist_ok=True)
-    os.makedirs(os.path.join(tmp, 'labels'), exist_ok=True)
-    names = [f'demo_{i:04d}.png' for i in range(n_train + n_val)]
+        raise UserError(
+            f"{root} exists and is not a demo folder (no demo.json); refusing to overwrite it"
+        )
+    tmp = (
+        f"{root}.tmp{os.getpid()}"  # write aside, then move into place: no half-written demo folder
+    )
+    os.makedirs(os.path.join(tmp, "images"), exist_ok=True)
+    os.makedirs(os.path.join(tmp, "labels"), exist_ok=True)
+    names = [f"demo_{i:04d}.png" for i in range(n_train + n_val)]
     for i, name in enumerate(names):
         img, lab = _demo_scene(np.random.default_rng([seed, i]))
-        Image.fromarray(img).save(os.path.join(tmp, 'images', name), compress_level=1)
-        Image.fromarray(lab).save(os.path.join(tmp, 'labels', name), compress_level=1)
-    with open(os.path.join(tmp, 'val.txt'), 'w') as f:
-        f.writelines(f'images/{n} labels/{n}\n' for n in names[n_train:])
-    with open(os.path.join(tmp, 'demo.json'), 'w') as f:
+        Image.fromarray(img).save(os.path.join(tmp, "images", name), compress_level=1)
+        Image.fromarray(lab).save(os.path.join(tmp, "labels", name), compress_level=1)
+    with open(os.path.join(tmp, "val.txt"), "w") as f:
+        f.writelines(f"images/{n} labels/{n}\n" for n in names[n_train:])
+    with open(os.path.join(tmp, "demo.json"), "w") as f:
         json.dump(marker, f)
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
     os.replace(tmp, root)
-

@@ -12,6 +12,7 @@ A download goes to `<root>.download/` first (huggingface_hub resumes an interrup
 moved into `<root>/images`, `<root>/labels`, and is then checked against every file the paper's
 split lists name.
 """
+
 import os
 import shutil
 
@@ -30,45 +31,62 @@ def ensure(info, root, *, download=False):
     if download and info.hub_folder:
         fetch(info, root)
         return
-    how = (f"fetch it with `python -m tools.download {info.name} --data-root {root}` (or add --download to train.py), "
-           if info.hub_folder else "")
-    raise UserError(f"no {info.name} data at {root!r} (expected {root}/images/<file> and {root}/labels/<file>): "
-                    f"{how}or pass --data-root to where it is")
+    how = (
+        f"fetch it with `python -m tools.download {info.name} --data-root {root}` (or add --download to train.py), "
+        if info.hub_folder
+        else ""
+    )
+    raise UserError(
+        f"no {info.name} data at {root!r} (expected {root}/images/<file> and {root}/labels/<file>): "
+        f"{how}or pass --data-root to where it is"
+    )
 
 
 def fetch(info, root):
     """Download info.hub_folder of the authors' dataset repository into root, in the loader's
     layout, and verify it."""
     staging = os.path.abspath(root.rstrip("/")) + ".download"
-    print(f"downloading {info.hub_folder}/ of {HUB_DATASETS} (Hugging Face, dataset) into {staging}")
+    print(
+        f"downloading {info.hub_folder}/ of {HUB_DATASETS} (Hugging Face, dataset) into {staging}"
+    )
     snapshot(info.hub_folder, staging)
     arrange(os.path.join(staging, info.hub_folder), root)
     shutil.rmtree(staging, ignore_errors=True)
     verify(info, root)
-    print(f"{info.name}: {len(os.listdir(os.path.join(root, 'images')))} images in {root}, every listed file present")
+    print(
+        f"{info.name}: {len(os.listdir(os.path.join(root, 'images')))} images in {root}, every listed file present"
+    )
 
 
 def snapshot(folder, local_dir):
     """The one call into huggingface_hub: files under `folder/` of the repository, with progress
     bars, resumable (finished files are skipped, partial ones continued)."""
     from huggingface_hub import snapshot_download
+
     try:
-        snapshot_download(repo_id=HUB_DATASETS, repo_type="dataset",
-                          allow_patterns=[f"{folder}/*"], local_dir=local_dir)
+        snapshot_download(
+            repo_id=HUB_DATASETS,
+            repo_type="dataset",
+            allow_patterns=[f"{folder}/*"],
+            local_dir=local_dir,
+        )
     except Exception as e:  # offline, no such repository, interrupted: all the user can act on
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(
             f"could not download {folder}/ of {HUB_DATASETS} ({type(e).__name__}: {reason}). Without network access, "
             f"fetch it on another machine (`hf download {HUB_DATASETS} --repo-type dataset --include '{folder}/*' "
             f"--local-dir DIR`) and copy DIR/{folder}/images and DIR/{folder}/labels to the data root; run again to "
-            f"resume an interrupted download") from e
+            f"resume an interrupted download"
+        ) from e
 
 
 def arrange(src, root):
     """Move a downloaded dataset folder (images/ + labels/, or archives holding them) into
     root/images, root/labels."""
     if not os.path.isdir(src):
-        raise UserError(f"the download has no {src!r}: the repository layout is not the expected <DATASET>/images, labels")
+        raise UserError(
+            f"the download has no {src!r}: the repository layout is not the expected <DATASET>/images, labels"
+        )
     # archives: unpack them where they are
     if not os.path.isdir(os.path.join(src, "images")):
         for f in sorted(os.listdir(src)):
@@ -76,9 +94,12 @@ def arrange(src, root):
                 shutil.unpack_archive(os.path.join(src, f), src)
         inner = [d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d, "images"))]
         src = os.path.join(src, inner[0]) if len(inner) == 1 else src
-    if not (os.path.isdir(os.path.join(src, "images")) and os.path.isdir(os.path.join(src,
-                                                                                      "labels"))):
-        raise UserError(f"the download {src!r} holds {sorted(os.listdir(src))[:8]}, not images/ and labels/")
+    if not (
+        os.path.isdir(os.path.join(src, "images")) and os.path.isdir(os.path.join(src, "labels"))
+    ):
+        raise UserError(
+            f"the download {src!r} holds {sorted(os.listdir(src))[:8]}, not images/ and labels/"
+        )
     os.makedirs(root, exist_ok=True)
     for sub in ("images", "labels"):
         if os.path.exists(os.path.join(root, sub)):
@@ -98,5 +119,7 @@ def verify(info, root):
                     listed.update(p for line in fh for p in line.split())
     missing = sorted(p for p in listed if not os.path.isfile(os.path.join(root, p)))
     if missing:
-        raise UserError(f"{len(missing)} of the {len(listed)} files named by splits/{info.name}/ are missing under "
-                        f"{root}, e.g. {missing[:5]}; download again (it resumes) or copy them in")
+        raise UserError(
+            f"{len(missing)} of the {len(listed)} files named by splits/{info.name}/ are missing under "
+            f"{root}, e.g. {missing[:5]}; download again (it resumes) or copy them in"
+        )

@@ -5,6 +5,7 @@ A missing data root, a bad flag value, a corrupt image, a checkpoint that is not
 under `cli()`, which prints that message and exits with status 2, without a traceback. Any other
 exception is a bug and keeps its traceback.
 """
+
 import sys
 
 

@@ -10,9 +10,7 @@ written atomically (`replacing`): a crash mid-write never leaves a truncated fil
 was; log.jsonl is appended to, one record per line.
 """
 
-import contextlib
 import dataclasses
-import json
 import os
 import platform
 import re
@@ -23,6 +21,7 @@ import warnings
 import torch
 
 from model import Co2S, ModelSpec, build_model
+from plumbing.atomic import read_json, save_atomic
 from plumbing.catalog import DatasetInfo, dataset_info
 from plumbing.errors import UserError
 from plumbing.runtime import is_master, rng_state
@@ -35,6 +34,7 @@ FORMAT = 2
 class Run:
     """What a checkpoint holds: the config, what builds the model, the model, and (training) the
     optimizers, the scaler, the step reached and the best evaluation so far."""
+
     cfg: dict
     spec: ModelSpec
     model: Co2S
@@ -48,61 +48,25 @@ class Run:
 # Files, written atomically
 
 
-@contextlib.contextmanager
-def replacing(path):
-    """The one atomic write of the project: yields a temporary path beside `path`, renamed over it
-    when the block succeeds and removed when it fails, so a reader never sees half a file."""
-    tmp = f"{path}.tmp"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_atomic(obj, path, keep_previous=False):
-    """torch.save through `replacing`. keep_previous: the file it replaces stays as <name>.prev.pt.
-    A failed write (disk full) leaves the previous files intact and is a UserError naming them."""
-    previous = os.path.splitext(path)[0] + ".prev.pt"
-    try:
-        if keep_previous and os.path.isfile(previous) and os.path.isfile(path):
-            # at most three checkpoints on disk while the new one is written
-            os.remove(previous)
-        with replacing(path) as tmp:
-            torch.save(obj, tmp)
-            if keep_previous and os.path.isfile(path):
-                os.replace(path, previous)
-    except OSError as e:
-        kept = [f for f in (path, previous) if os.path.isfile(f)]
-        raise UserError(f"could not write {path} ({e.strerror or e}); kept: {', '.join(kept) or 'nothing'}; "
-                        f"free some space, then continue with --resume {os.path.dirname(path) or '.'}") from e
-
-
-def write_json(path, obj):
-    with replacing(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def run_info():
     """Versions and git revision for config.json."""
     try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+        git = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=os.path.dirname(os.path.abspath(__file__)),
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         git = None
-    versions = dict(python=platform.python_version(), torch=torch.__version__,
-                    transformers=__import__("transformers").__version__)
+    versions = dict(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=__import__("transformers").__version__,
+    )
     return dict(versions=versions, git=git)
 
 
@@ -117,10 +81,17 @@ def save_checkpoint(run, path, keep_previous=False):
     previous files intact and is a UserError saying so."""
     if not all(torch.isfinite(p).all() for p in run.model.parameters()):
         return False
-    state = dict(format=FORMAT, cfg=run.cfg, model_args=dataclasses.asdict(run.spec),
-                 model=run.model.state_dict(), step=run.step, best=run.best, rng=rng_state(),
-                 optimizers=[o.state_dict() for o in run.optimizers],
-                 scaler=run.scaler.state_dict() if run.scaler is not None else None)
+    state = dict(
+        format=FORMAT,
+        cfg=run.cfg,
+        model_args=dataclasses.asdict(run.spec),
+        model=run.model.state_dict(),
+        step=run.step,
+        best=run.best,
+        rng=rng_state(),
+        optimizers=[o.state_dict() for o in run.optimizers],
+        scaler=run.scaler.state_dict() if run.scaler is not None else None,
+    )
     save_atomic(state, path, keep_previous)
     return True
 
@@ -130,18 +101,25 @@ def resume(folder, iters=None, stop_at=None, world=1):
     One read of last.pt; a missing or unreadable one is an error that says what to do."""
     path, previous = os.path.join(folder, "last.pt"), os.path.join(folder, "last.prev.pt")
     if not os.path.isfile(path):
-        hint = (f"; {previous} is there: `mv {previous} {path}` to continue from it"
-                if os.path.isfile(previous) else "")
-        raise UserError(f"--resume {folder!r}: no last.pt there (a run folder of train.py holds "
-                        f"one after its first epoch, or after --save-every / --stop-at steps){hint}")
+        hint = (
+            f"; {previous} is there: `mv {previous} {path}` to continue from it"
+            if os.path.isfile(previous)
+            else ""
+        )
+        raise UserError(
+            f"--resume {folder!r}: no last.pt there (a run folder of train.py holds "
+            f"one after its first epoch, or after --save-every / --stop-at steps){hint}"
+        )
     try:
         state = read_checkpoint(path)
     except UserError as e:
         if not os.path.isfile(previous):
             raise
         step = read_checkpoint(previous)["step"]  # itself an error if that one is bad too
-        raise UserError(f"{e}. The previous checkpoint {previous} (step {step}) is readable: "
-                        f"`mv {previous} {path}` and resume again to continue from it") from e
+        raise UserError(
+            f"{e}. The previous checkpoint {previous} (step {step}) is readable: "
+            f"`mv {previous} {path}` and resume again to continue from it"
+        ) from e
     cfg = dict(state["cfg"], resume=folder, stop_at=stop_at)
     cfg["iters"] = iters or cfg["iters"]
     if "batch_per_process" in cfg:  # format 1 counted --batch per process: as a global batch
@@ -150,8 +128,17 @@ def resume(folder, iters=None, stop_at=None, world=1):
 
 
 # flags that may differ between the runs of one requeued job without changing the run
-REQUEUE_FREE = ("resume", "stop_at", "workers", "device", "download", "log_every", "save_every",
-                "command", "compile")
+REQUEUE_FREE = (
+    "resume",
+    "stop_at",
+    "workers",
+    "device",
+    "download",
+    "log_every",
+    "save_every",
+    "command",
+    "compile",
+)
 
 
 def requeued(cfg, iters=None, stop_at=None, world=1):
@@ -163,8 +150,10 @@ def requeued(cfg, iters=None, stop_at=None, world=1):
     differ = sorted(k for k in cfg if k not in REQUEUE_FREE and k in saved and saved[k] != cfg[k])
     if differ:
         what = ", ".join(f"{k}: {saved[k]!r} there, {cfg[k]!r} here" for k in differ[:4])
-        raise UserError(f"--out {out} holds a run with another config ({what}); continue it with "
-                        f"--resume {out}, or pass another --out")
+        raise UserError(
+            f"--out {out} holds a run with another config ({what}); continue it with "
+            f"--resume {out}, or pass another --out"
+        )
     if is_master():
         print(f"{out} holds last.pt of this command's run (step {state['step']}): continuing it")
     return old, state
@@ -181,13 +170,17 @@ def check_room(out, model):
     """Before the first step: room in the run folder for three checkpoints (last.pt, last.prev.pt,
     best.pt), counting those already there (a resumed run replaces them)."""
     need = 3 * checkpoint_bytes(model) - sum(
-        os.path.getsize(os.path.join(out, f)) for f in ("last.pt", "last.prev.pt", "best.pt")
-        if os.path.isfile(os.path.join(out, f)))
+        os.path.getsize(os.path.join(out, f))
+        for f in ("last.pt", "last.prev.pt", "best.pt")
+        if os.path.isfile(os.path.join(out, f))
+    )
     free = shutil.disk_usage(out).free
     if free < need:
-        raise UserError(f"--out {out}: {free / 2**30:.2f} GiB free, a run of this model needs "
-                        f"{need / 2**30:.2f} GiB (three checkpoints of {checkpoint_bytes(model) / 2**30:.2f} "
-                        f"GiB); free some space or pass another --out")
+        raise UserError(
+            f"--out {out}: {free / 2**30:.2f} GiB free, a run of this model needs "
+            f"{need / 2**30:.2f} GiB (three checkpoints of {checkpoint_bytes(model) / 2**30:.2f} "
+            f"GiB); free some space or pass another --out"
+        )
 
 
 def check_writable(out, what="the run folder", flag="--out"):
@@ -200,8 +193,10 @@ def check_writable(out, what="the run folder", flag="--out"):
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise UserError(f"{flag} {out}: cannot create or write {what} ({e.strerror or e}); "
-                        f"pass a folder you can write to") from e
+        raise UserError(
+            f"{flag} {out}: cannot create or write {what} ({e.strerror or e}); "
+            f"pass a folder you can write to"
+        ) from e
 
 
 def read_checkpoint(path):
@@ -216,7 +211,9 @@ def read_checkpoint(path):
     if not isinstance(state, dict) or not {"cfg", "model", "model_args"} <= set(state):
         raise UserError(f"{path!r} is not a checkpoint of train.py (no cfg / model / model_args)")
     if state.get("format", 1) > FORMAT:
-        raise UserError(f"{path!r} was written by a newer co2s (format {state['format']}); update the code")
+        raise UserError(
+            f"{path!r} was written by a newer co2s (format {state['format']}); update the code"
+        )
     if state.get("format", 1) == 1:
         state = _upgrade_from_1(state)
     # flags added while the format stayed 2: their defaults, as such runs were trained
@@ -260,8 +257,10 @@ def model_from_checkpoint(state, numerics=None):
     missing, extra = sorted(set(mine) - set(sd)), sorted(set(sd) - set(mine))
     wrong = [k for k in sd if k in mine and sd[k].shape != mine[k].shape]
     if missing or extra or wrong:
-        raise UserError(f"the checkpoint's weights do not fit the model its model_args describe: missing "
-                        f"{missing[:3]}, unexpected {extra[:3]}, other shapes {wrong[:3]}")
+        raise UserError(
+            f"the checkpoint's weights do not fit the model its model_args describe: missing "
+            f"{missing[:3]}, unexpected {extra[:3]}, other shapes {wrong[:3]}"
+        )
     model.load_state_dict(sd)
     return model
 
@@ -280,14 +279,18 @@ def resolve_checkpoint(path, ckpt=None):
         for f in wanted:
             if os.path.isfile(os.path.join(path, f)):
                 return os.path.join(path, f)
-        raise UserError(f"run folder {path!r} holds no {' or '.join(wanted)}; expected a folder "
-                        f"written by train.py, an exported model folder or a .pt checkpoint file")
+        raise UserError(
+            f"run folder {path!r} holds no {' or '.join(wanted)}; expected a folder "
+            f"written by train.py, an exported model folder or a .pt checkpoint file"
+        )
     if os.path.isfile(path) and path.endswith(".pt"):
         return path
     if not os.path.exists(path) and HUB_ID.fullmatch(path):
         return download_export(path)
-    raise UserError(f"{path!r} is neither a run folder (with best.pt / last.pt), a .pt checkpoint, an "
-                    f"exported model folder (config.json + model.safetensors) nor a hub id (user/name)")
+    raise UserError(
+        f"{path!r} is neither a run folder (with best.pt / last.pt), a .pt checkpoint, an "
+        f"exported model folder (config.json + model.safetensors) nor a hub id (user/name)"
+    )
 
 
 def run_folder(checkpoint):
@@ -300,24 +303,33 @@ def load_run(path, device="cpu", data_root=None, numerics=None):
     """(model in eval mode, dataset info, cfg) of anything resolve_checkpoint takes."""
     state = read_checkpoint(resolve_checkpoint(path))
     cfg = state["cfg"]
-    if "dataset_info" in state:      # an exported model carries its classes and palette
+    if "dataset_info" in state:  # an exported model carries its classes and palette
         info = DatasetInfo(**state["dataset_info"])
     else:
         info = dataset_info(cfg["dataset"], data_root or cfg["data_root"])
     return model_from_checkpoint(state, numerics).to(device).eval(), info, cfg
 
 
+def load_model(path, device="cpu"):
+    """A trained Co2S model in one line, in eval mode: a run folder, a .pt checkpoint, an exported
+    folder or its hub id (downloaded once into the hub's cache)."""
+    return load_run(path, device)[0]
+
+
 # --------------------------------------------------------------------------------------------
 # An exported model: the layout of the Hugging Face hub (config.json, model.safetensors, README.md)
 
 
-EXPORT = "co2s-model"   # config.json's "format": what tells an exported folder from others
+EXPORT = "co2s-model"  # config.json's "format": what tells an exported folder from others
 
 
 def is_export(path):
     config = os.path.join(path, "config.json")
-    if not (os.path.isdir(path) and os.path.isfile(config) and
-            os.path.isfile(os.path.join(path, "model.safetensors"))):
+    if not (
+        os.path.isdir(path)
+        and os.path.isfile(config)
+        and os.path.isfile(os.path.join(path, "model.safetensors"))
+    ):
         return False
     return read_json(config).get("format") == EXPORT
 
@@ -325,33 +337,47 @@ def is_export(path):
 def read_export(folder):
     """An exported folder as a checkpoint state (read_checkpoint's form)."""
     from safetensors.torch import load_file
+
     config = read_json(os.path.join(folder, "config.json"))
     try:
         weights = load_file(os.path.join(folder, "model.safetensors"))
     except Exception as e:
         raise UserError(f"cannot read {folder}/model.safetensors ({type(e).__name__}: {e})") from e
     results = config.get("results") or {}
-    best = dict(miou=max((r["miou"] for r in results.values()), default=-1.0), step=config["step"],
-                results=results)
-    return dict(format=FORMAT, cfg=config["cfg"], model_args=config["model_args"], model=weights,
-                step=config["step"], best=best, dataset_info=config["dataset_info"],
-                text_source=config.get("text_source"))
+    best = dict(
+        miou=max((r["miou"] for r in results.values()), default=-1.0),
+        step=config["step"],
+        results=results,
+    )
+    return dict(
+        format=FORMAT,
+        cfg=config["cfg"],
+        model_args=config["model_args"],
+        model=weights,
+        step=config["step"],
+        best=best,
+        dataset_info=config["dataset_info"],
+        text_source=config.get("text_source"),
+    )
 
 
 def download_export(repo_id):
     """A hub id -> the local folder of that exported model (downloaded once, then from the
     cache)."""
     from huggingface_hub import snapshot_download
+
     try:
         folder = snapshot_download(repo_id)
     except Exception as e:  # offline, no such repository, gated, ...
-        raise UserError(f"could not fetch the model {repo_id!r} from the Hugging Face hub "
-                        f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
-                        f"offline, download it elsewhere (`hf download {repo_id} --local-dir DIR`) and "
-                        f"pass DIR") from e
+        raise UserError(
+            f"could not fetch the model {repo_id!r} from the Hugging Face hub "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+            f"offline, download it elsewhere (`hf download {repo_id} --local-dir DIR`) and "
+            f"pass DIR"
+        ) from e
     if not is_export(folder):
-        raise UserError(f"the hub repository {repo_id!r} is not a model exported by eval.py --export "
-                        f"(no config.json of format {EXPORT!r} with model.safetensors)")
+        raise UserError(
+            f"the hub repository {repo_id!r} is not a model exported by eval.py --export "
+            f"(no config.json of format {EXPORT!r} with model.safetensors)"
+        )
     return folder
-
-

@@ -29,8 +29,12 @@ def is_master():
 
 
 def rng_state():
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    return dict(
+        torch=torch.get_rng_state(),
+        numpy=np.random.get_state(),
+        python=random.getstate(),
+        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    )
 
 
 def set_rng_state(s):
@@ -99,14 +103,14 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         if self.name == "SIGINT" and signum == signal.SIGINT:
-            raise KeyboardInterrupt      # the second Ctrl-C
+            raise KeyboardInterrupt  # the second Ctrl-C
         self.name = signal.Signals(signum).name
 
     def requested(self):
         if self.world == 1:
             return self.name is not None
         flag = torch.tensor([self.name is not None], dtype=torch.int32, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)     # one tiny collective per step
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one tiny collective per step
         return bool(flag.item())
 
 
@@ -132,7 +136,8 @@ def store_frozen(model, dtype):
     keeps its fp32 master weights. dtype None (runs.frozen_dtype of an fp32 run): nothing changes."""
     for s in model.students if dtype is not None else []:
         for m in s.backbone.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and not any(p.requires_grad
-                                                                 for p in m.parameters()):
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and not any(
+                p.requires_grad for p in m.parameters()
+            ):
                 m.to(dtype)
     return model

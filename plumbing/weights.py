@@ -25,32 +25,34 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from plumbing.atomic import save_atomic
 from plumbing.errors import UserError
 
 NUMERICS = ("hf", "release")
 # --dinov3-weights release-init: the DINOv3 student as the release trains it (release_init)
 RELEASE_INIT = "release-init"
-DEFAULT_WEIGHTS = {"clip": "openai/clip-vit-base-patch16",
-                   "dinov3": "facebook/dinov3-vitb16-pretrain-lvd1689m"}
+DEFAULT_WEIGHTS = {
+    "clip": "openai/clip-vit-base-patch16",
+    "dinov3": "facebook/dinov3-vitb16-pretrain-lvd1689m",
+}
 
 
 @dataclass
 class ViTSize:
-    width: int = 768        # ViT-B/16
+    width: int = 768  # ViT-B/16
     depth: int = 12
     heads: int = 12
     mlp: int = 3072
-    proj: int = 512         # CLIP joint image-text space (the dense embedding and text embeddings)
-    registers: int = 4      # DINOv3 register tokens
+    proj: int = 512  # CLIP joint image-text space (the dense embedding and text embeddings)
+    registers: int = 4  # DINOv3 register tokens
     # CLIP: position grid image_size / 16 a side (a release stores it at the crop)
     image_size: int = 224
 
 
 # "tiny" is the same code with smaller numbers: a CPU preset for tests and the demo.
-SIZES = {
-    "base": ViTSize(),
-    "tiny": ViTSize(width=192, depth=4, heads=3, mlp=768, proj=128),
-}
+SIZES = {"base": ViTSize(), "tiny": ViTSize(width=192, depth=4, heads=3, mlp=768, proj=128)}
+
+
 def vit_preset(size):
     """A preset name, or the ViTSize fields themselves (a converted release: vit_size)."""
     if isinstance(size, dict):
@@ -66,10 +68,17 @@ def vit_size(backbones):
     size = {}
     for kind, bb in backbones:
         c = bb.config
-        size.update(width=c.hidden_size, depth=c.num_hidden_layers, heads=c.num_attention_heads,
-                    mlp=c.intermediate_size)
-        size.update(dict(proj=c.projection_dim, image_size=c.image_size) if kind == "clip" else
-                    dict(registers=c.num_register_tokens))
+        size.update(
+            width=c.hidden_size,
+            depth=c.num_hidden_layers,
+            heads=c.num_attention_heads,
+            mlp=c.intermediate_size,
+        )
+        size.update(
+            dict(proj=c.projection_dim, image_size=c.image_size)
+            if kind == "clip"
+            else dict(registers=c.num_register_tokens)
+        )
     return size
 
 
@@ -84,24 +93,40 @@ def numerics_config(kind, numerics):
         raise UserError(f"unknown numerics {numerics!r}; valid: {', '.join(NUMERICS)}")
     if numerics == "hf":
         return {}
-    return dict(hidden_act="gelu",
-                layer_norm_eps=1e-6) if kind == "clip" else dict(layer_norm_eps=1e-6)
+    return (
+        dict(hidden_act="gelu", layer_norm_eps=1e-6)
+        if kind == "clip"
+        else dict(layer_norm_eps=1e-6)
+    )
 
 
 def backbone_config(kind, s, numerics="hf"):
     """The transformers config of a random-init backbone of ViTSize s (dropout and drop-path
     off)."""
     from transformers import CLIPVisionConfig, DINOv3ViTConfig
-    common = dict(hidden_size=s.width, num_hidden_layers=s.depth, num_attention_heads=s.heads,
-                  intermediate_size=s.mlp, patch_size=16, attention_dropout=0.0)
+
+    common = dict(
+        hidden_size=s.width,
+        num_hidden_layers=s.depth,
+        num_attention_heads=s.heads,
+        intermediate_size=s.mlp,
+        patch_size=16,
+        attention_dropout=0.0,
+    )
     if kind == "clip":
         cfg = dict(common, projection_dim=s.proj, image_size=s.image_size, hidden_act="quick_gelu")
         return CLIPVisionConfig(**{**cfg, **numerics_config(kind, numerics)})
     # RoPE coordinate augmentation off so train mode is deterministic.
-    return DINOv3ViTConfig(**common, num_register_tokens=s.registers, layerscale_value=1.0,
-                           drop_path_rate=0.0,
-                           pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None,
-                           **numerics_config(kind, numerics))
+    return DINOv3ViTConfig(
+        **common,
+        num_register_tokens=s.registers,
+        layerscale_value=1.0,
+        drop_path_rate=0.0,
+        pos_embed_shift=None,
+        pos_embed_jitter=None,
+        pos_embed_rescale=None,
+        **numerics_config(kind, numerics),
+    )
 
 
 def _model_types(kind):
@@ -119,13 +144,17 @@ def load_pretrained(cls, kind, weights, what="backbone", **overrides):
     if local:
         cfg_path = os.path.join(weights, "config.json")
         if not os.path.isfile(cfg_path):
-            raise UserError(f"{weights!r} is not a transformers checkpoint folder (no config.json); "
-                             f"pass a folder written by save_pretrained or `hf download` to {flag}")
+            raise UserError(
+                f"{weights!r} is not a transformers checkpoint folder (no config.json); "
+                f"pass a folder written by save_pretrained or `hf download` to {flag}"
+            )
         with open(cfg_path) as f:
             model_type = json.load(f).get("model_type")
         if model_type not in _model_types(kind):
-            raise UserError(f"{weights!r} holds a {model_type!r} checkpoint, not a {kind} one "
-                             f"(expected model_type in {_model_types(kind)}); check {flag}")
+            raise UserError(
+                f"{weights!r} holds a {model_type!r} checkpoint, not a {kind} one "
+                f"(expected model_type in {_model_types(kind)}); check {flag}"
+            )
     elif weights.startswith((".", "/", "~")) or weights.count("/") > 1:
         raise UserError(f"{flag}: local folder {weights!r} does not exist")
     try:
@@ -133,15 +162,22 @@ def load_pretrained(cls, kind, weights, what="backbone", **overrides):
     except (OSError, ValueError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         gated = any(w in str(e).lower() for w in ("gated", "401", "403", "access to model"))
-        hint = (" This repository is gated: accept Meta's DINOv3 licence on its hub page, run `hf auth "
-                "login`, or download it elsewhere and pass the folder." if gated else "")
+        hint = (
+            " This repository is gated: accept Meta's DINOv3 licence on its hub page, run `hf auth "
+            "login`, or download it elsewhere and pass the folder."
+            if gated
+            else ""
+        )
         raise UserError(
             f"could not load the {kind} {what} from {weights!r} ({type(e).__name__}: {reason}).{hint} "
             f"Without network access, download it once (`hf download {DEFAULT_WEIGHTS[kind]} --local-dir DIR`) "
-            f"and pass {flag} DIR, or set HF_HUB_OFFLINE=1 with a filled hub cache.") from e
+            f"and pass {flag} DIR, or set HF_HUB_OFFLINE=1 with a filled hub cache."
+        ) from e
     if info["missing_keys"] or info["mismatched_keys"]:
-        raise UserError(f"{weights!r} is not a complete {kind} {what}: missing "
-                           f"{sorted(info['missing_keys'])[:5]} mismatched {info['mismatched_keys'][:5]}")
+        raise UserError(
+            f"{weights!r} is not a complete {kind} {what}: missing "
+            f"{sorted(info['missing_keys'])[:5]} mismatched {info['mismatched_keys'][:5]}"
+        )
     return model
 
 
@@ -149,25 +185,33 @@ def build_backbone(kind, size="base", weights=None, numerics="hf"):
     """The backbone of `kind`: random (weights None), loaded (a hub id or folder), or for DINOv3
     RELEASE_INIT: what the release trains (release_init)."""
     from transformers import CLIPVisionModelWithProjection, DINOv3ViTModel
+
     cls = CLIPVisionModelWithProjection if kind == "clip" else DINOv3ViTModel
     if weights == RELEASE_INIT:
         if kind != "dinov3":
-            raise UserError(f"--{kind}-weights {RELEASE_INIT}: only the DINOv3 student was re-initialised "
-                            f"by the release; the {kind} student keeps its pretrained weights")
+            raise UserError(
+                f"--{kind}-weights {RELEASE_INIT}: only the DINOv3 student was re-initialised "
+                f"by the release; the {kind} student keeps its pretrained weights"
+            )
         return release_init(cls(backbone_config(kind, vit_preset(size), numerics)))
     if weights is None:
         if size == "base":
-            warnings.warn(f"building the base {kind} student with RANDOM backbone weights (weights=None): "
-                          f"fine for tests, useless for reproducing the paper (default {DEFAULT_WEIGHTS[kind]})")
+            warnings.warn(
+                f"building the base {kind} student with RANDOM backbone weights (weights=None): "
+                f"fine for tests, useless for reproducing the paper (default {DEFAULT_WEIGHTS[kind]})"
+            )
         return cls(backbone_config(kind, vit_preset(size), numerics))
     overrides = dict(attention_dropout=0.0, **numerics_config(kind, numerics))
     if kind == "dinov3":
-        overrides.update(drop_path_rate=0.0, pos_embed_shift=None, pos_embed_jitter=None,
-                         pos_embed_rescale=None)
+        overrides.update(
+            drop_path_rate=0.0, pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None
+        )
     model = load_pretrained(cls, kind, weights, **overrides)
     if model.config.hidden_size != vit_preset(size).width:
-        raise UserError(f"{weights!r} has width {model.config.hidden_size}, but --size {size} expects "
-                        f"{vit_preset(size).width}; pick the matching --size or checkpoint")
+        raise UserError(
+            f"{weights!r} has width {model.config.hidden_size}, but --size {size} expects "
+            f"{vit_preset(size).width}; pick the matching --size or checkpoint"
+        )
     return model
 
 
@@ -222,8 +266,6 @@ def text_embeddings(concepts, weights, encode, prompt, cache_dir=None):
     replaced weights are not reused), the prompt and the concept lists."""
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-    from plumbing.runs import save_atomic
-
     cache_dir = cache_dir or os.environ.get("CO2S_CACHE", os.path.expanduser("~/.cache/co2s"))
     weights = os.path.expanduser(weights)
     ckpt = weights
@@ -261,8 +303,10 @@ def load_text_embeddings(path, num_classes, dim=None):
     if not os.path.isfile(path):
         raise UserError(f"--text-embeddings: file {path!r} does not exist")
     try:
-        t = torch.from_numpy(np.load(path)) if path.endswith(".npy") else torch.load(
-            path, weights_only=True
+        t = (
+            torch.from_numpy(np.load(path))
+            if path.endswith(".npy")
+            else torch.load(path, weights_only=True)
         )
     except Exception as e:
         raise UserError(f"--text-embeddings {path!r}: cannot read it ({type(e).__name__})") from e

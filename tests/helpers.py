@@ -1,10 +1,26 @@
 """Short builders for tests: one student or a two-student model from a few keywords."""
+
 import model
 
 
-def student(kind, num_classes, *, size="tiny", weights=None, text=None, guidance="text", numerics="hf",
-            train_backbone="attention"):
+def student(
+    kind,
+    num_classes,
+    *,
+    size="tiny",
+    weights=None,
+    text=None,
+    guidance="text",
+    numerics="hf",
+    train_backbone="attention",
+):
     """model.build_student with a ModelSpec of one student (guidance: the CLIP student's)."""
-    spec = model.ModelSpec((kind,), num_classes, size=size, numerics=numerics, clip_guidance=guidance,
-                           train_backbone=train_backbone)
+    spec = model.ModelSpec(
+        (kind,),
+        num_classes,
+        size=size,
+        numerics=numerics,
+        clip_guidance=guidance,
+        train_backbone=train_backbone,
+    )
     return model.build_student(kind, spec, weights=weights, text=text)

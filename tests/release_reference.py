@@ -13,6 +13,7 @@ forward numerics, at any width (written from XavierJiezou/Co2S @ 26bc087 and mmc
   to the input.
 `save_like_the_authors` writes {'model': DDP state dict ('module.' keys), 'optimizer', 'epoch'}.
 """
+
 import math
 
 import torch
@@ -37,8 +38,11 @@ class MMCVFFN(nn.Module):
 
     def __init__(self, dim, hidden):
         super().__init__()
-        self.layers = nn.Sequential(nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.0)),
-                                    nn.Linear(hidden, dim), nn.Dropout(0.0))
+        self.layers = nn.Sequential(
+            nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.0)),
+            nn.Linear(hidden, dim),
+            nn.Dropout(0.0),
+        )
 
     def forward(self, x, identity):
         return identity + self.layers(x)
@@ -59,7 +63,11 @@ class EncoderLayer(nn.Module):
     def value_path(self, x):
         """maskclip forward_qkv's v: x + out_proj(v-projection of ln1(x)), then the FFN with its residual."""
         d = x.shape[-1]
-        v = F.linear(self.ln1(x), self.attn.attn.in_proj_weight[2 * d:], self.attn.attn.in_proj_bias[2 * d:])
+        v = F.linear(
+            self.ln1(x),
+            self.attn.attn.in_proj_weight[2 * d :],
+            self.attn.attn.in_proj_bias[2 * d :],
+        )
         v = x + self.attn.attn.out_proj(v)
         return self.ffn(self.ln2(v), identity=v)
 
@@ -72,7 +80,9 @@ class MaskClipViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, width))
         self.ln0 = nn.LayerNorm(width, eps=1e-6)
-        self.layers = nn.ModuleList([EncoderLayer(width, heads, 4 * width, 1e-6) for _ in range(depth)])
+        self.layers = nn.ModuleList(
+            [EncoderLayer(width, heads, 4 * width, 1e-6) for _ in range(depth)]
+        )
         self.ln1 = nn.LayerNorm(width, eps=1e-6)
         self.proj = nn.Conv2d(width, proj, 1, bias=False)
 
@@ -82,9 +92,17 @@ class MaskClipViT(nn.Module):
         x = self.patch_embed.projection(img).flatten(2).transpose(1, 2)
         pos = self.pos_embed
         g = math.isqrt(pos.shape[1] - 1)
-        if (h, w) != (g, g):     # resize_pos_embed: cls kept apart, the grid resized bicubically
-            grid = F.interpolate(pos[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2), size=(h, w), mode="bicubic",
-                                 align_corners=False).flatten(2).transpose(1, 2)
+        if (h, w) != (g, g):  # resize_pos_embed: cls kept apart, the grid resized bicubically
+            grid = (
+                F.interpolate(
+                    pos[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2),
+                    size=(h, w),
+                    mode="bicubic",
+                    align_corners=False,
+                )
+                .flatten(2)
+                .transpose(1, 2)
+            )
             pos = torch.cat([pos[:, :1], grid], 1)
         x = self.ln0(torch.cat([self.cls_token.expand(b, -1, -1), x], 1) + pos)
         outs = []
@@ -103,12 +121,16 @@ class DinoAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.qkv.register_buffer("bias_mask", torch.cat([torch.ones(dim), torch.zeros(dim), torch.ones(dim)]))
+        self.qkv.register_buffer(
+            "bias_mask", torch.cat([torch.ones(dim), torch.zeros(dim), torch.ones(dim)])
+        )
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, rope):
         b, n, c = x.shape
-        qkv = F.linear(x, self.qkv.weight, self.qkv.bias * self.qkv.bias_mask).reshape(b, n, 3, self.heads, -1)
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias * self.qkv.bias_mask).reshape(
+            b, n, 3, self.heads, -1
+        )
         q, k, v = qkv.unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         q, k = apply_rope(q, rope), apply_rope(k, rope)
@@ -149,8 +171,16 @@ class Mlp(nn.Module):
 class DinoBlock(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
-        self.norm1, self.attn, self.ls1 = nn.LayerNorm(dim, eps=1e-6), DinoAttention(dim, heads), LayerScale(dim)
-        self.norm2, self.mlp, self.ls2 = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, 4 * dim), LayerScale(dim)
+        self.norm1, self.attn, self.ls1 = (
+            nn.LayerNorm(dim, eps=1e-6),
+            DinoAttention(dim, heads),
+            LayerScale(dim),
+        )
+        self.norm2, self.mlp, self.ls2 = (
+            nn.LayerNorm(dim, eps=1e-6),
+            Mlp(dim, 4 * dim),
+            LayerScale(dim),
+        )
 
     def forward(self, x, rope):
         x = x + self.ls1(self.attn(self.norm1(x), rope))
@@ -161,12 +191,18 @@ class RopeEmbed(nn.Module):
     def __init__(self, dim, heads, base=100.0):
         super().__init__()
         d_head = dim // heads
-        self.register_buffer("periods", base ** (2 * torch.arange(d_head // 4, dtype=torch.bfloat16) / (d_head // 2)))
+        self.register_buffer(
+            "periods", base ** (2 * torch.arange(d_head // 4, dtype=torch.bfloat16) / (d_head // 2))
+        )
 
     def forward(self, H, W):
         dd = dict(dtype=self.periods.dtype)
-        coords = torch.stack(torch.meshgrid(torch.arange(0.5, H, **dd) / H, torch.arange(0.5, W, **dd) / W,
-                                            indexing="ij"), dim=-1).flatten(0, 1)
+        coords = torch.stack(
+            torch.meshgrid(
+                torch.arange(0.5, H, **dd) / H, torch.arange(0.5, W, **dd) / W, indexing="ij"
+            ),
+            dim=-1,
+        ).flatten(0, 1)
         coords = 2.0 * coords - 1.0
         angles = 2 * math.pi * coords[:, :, None] / self.periods[None, None, :]
         angles = angles.flatten(1, 2).tile(2)
@@ -195,26 +231,41 @@ class DinoViT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, rope)
             if i in (2, 7, 11):
-                outs.append(self.norm(x)[:, 1 + self.storage_tokens.shape[1]:].transpose(1, 2).reshape(b, -1, h, w))
+                outs.append(
+                    self.norm(x)[:, 1 + self.storage_tokens.shape[1] :]
+                    .transpose(1, 2)
+                    .reshape(b, -1, h, w)
+                )
         return outs
 
 
 def gn_relu_conv(cin, cout, k, dilation=1):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=dilation * (k // 2), dilation=dilation, bias=False),
-                         nn.GroupNorm(cout // 16, cout), nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, padding=dilation * (k // 2), dilation=dilation, bias=False),
+        nn.GroupNorm(cout // 16, cout),
+        nn.ReLU(),
+    )
 
 
 class ASPPModule(nn.Module):
     def __init__(self, c=128):
         super().__init__()
         pool = nn.Module()
-        pool.gap = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c, 1, bias=False), nn.GroupNorm(8, c), nn.ReLU())
-        self.aspp_convs = nn.ModuleList([gn_relu_conv(c, c, 1)] + [gn_relu_conv(c, c, 3, r) for r in (6, 12, 18)] + [pool])
+        pool.gap = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c, 1, bias=False), nn.GroupNorm(8, c), nn.ReLU()
+        )
+        self.aspp_convs = nn.ModuleList(
+            [gn_relu_conv(c, c, 1)] + [gn_relu_conv(c, c, 3, r) for r in (6, 12, 18)] + [pool]
+        )
         self.project = gn_relu_conv(5 * c, c, 1)
 
     def forward(self, x):
         outs = [m(x) for m in self.aspp_convs[:4]]
-        outs.append(F.interpolate(self.aspp_convs[4].gap(x), size=x.shape[-2:], mode="bilinear", align_corners=True))
+        outs.append(
+            F.interpolate(
+                self.aspp_convs[4].gap(x), size=x.shape[-2:], mode="bilinear", align_corners=True
+            )
+        )
         return self.project(torch.cat(outs, 1))
 
 
@@ -224,7 +275,7 @@ class SemanticTransformer(nn.Module):
         self.pool = nn.AvgPool2d(4)
         self.transformer = EncoderLayer(2 * c, 4, 4 * c, 1e-5)
 
-    def forward(self, x, text, n):   # x (B*N, C, h, w), text (B, N, C)
+    def forward(self, x, text, n):  # x (B*N, C, h, w), text (B, N, C)
         bn, c, h, w = x.shape
         b = bn // n
         p = self.pool(x)
@@ -240,12 +291,20 @@ class Up(nn.Module):
     def __init__(self, cin, cskip, cout):
         super().__init__()
         self.up = nn.ConvTranspose2d(cin, cin - cskip, 2, stride=2)
-        self.conv = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(cout // 16, cout), nn.ReLU(),
-                                  nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.GroupNorm(cout // 16, cout), nn.ReLU())
+        self.conv = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.GroupNorm(cout // 16, cout),
+            nn.ReLU(),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.GroupNorm(cout // 16, cout),
+            nn.ReLU(),
+        )
 
     def forward(self, x, skip, n):
         x = self.up(x)
-        skip = F.interpolate(skip, size=x.shape[-2:], mode="bilinear", align_corners=True).repeat_interleave(n, 0)
+        skip = F.interpolate(
+            skip, size=x.shape[-2:], mode="bilinear", align_corners=True
+        ).repeat_interleave(n, 0)
         return self.conv(torch.cat([x, skip], 1))
 
 
@@ -257,12 +316,16 @@ class VLGHead(nn.Module):
         self.aspp = ASPPModule(c)
         self.text_proj = nn.Sequential(nn.Linear(text_dim, c), nn.ReLU())
         self.layers = nn.ModuleList([SemanticTransformer(c), SemanticTransformer(c)])
-        self.skip_proj = nn.ModuleList([nn.Sequential(nn.Conv2d(feat_dim, 32, 3, padding=1), nn.ReLU()),
-                                        nn.Sequential(nn.Conv2d(feat_dim, 16, 3, padding=1), nn.ReLU())])
+        self.skip_proj = nn.ModuleList(
+            [
+                nn.Sequential(nn.Conv2d(feat_dim, 32, 3, padding=1), nn.ReLU()),
+                nn.Sequential(nn.Conv2d(feat_dim, 16, 3, padding=1), nn.ReLU()),
+            ]
+        )
         self.up1, self.up2 = Up(c, 32, 64), Up(64, 16, 32)
         self.head = nn.Conv2d(32, 1, 3, padding=1)
 
-    def forward(self, feats, text):   # feats: [shallow, deeper, image embedding]; text (B, N, D)
+    def forward(self, feats, text):  # feats: [shallow, deeper, image embedding]; text (B, N, D)
         img, (deep, shallow) = feats[-1], feats[:-1][::-1]
         b, n, (h, w) = img.shape[0], text.shape[1], img.shape[-2:]
         t = F.normalize(text, dim=-1)
@@ -285,7 +348,9 @@ class ReleasedStudent(nn.Module):
         heads = width // 64
         if kind == "clip":
             self.backbone = MaskClipViT(width, depth, heads, proj, crop // 16)
-            self._cached_text = nn.Parameter(F.normalize(torch.randn(num_classes, proj), dim=-1), requires_grad=False)
+            self._cached_text = nn.Parameter(
+                F.normalize(torch.randn(num_classes, proj), dim=-1), requires_grad=False
+            )
         else:
             self.backbone = DinoViT(width, depth, heads)
             self.text_provider = nn.Module()
@@ -305,9 +370,11 @@ def randomise(model, seed=0):
     weights at 1/sqrt(fan-in) so that every block visibly changes the features."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        if p.dim() == 1 and name.endswith(("weight", "gamma")):          # LayerNorm / GroupNorm / LayerScale
+        if p.dim() == 1 and name.endswith(
+            ("weight", "gamma")
+        ):  # LayerNorm / GroupNorm / LayerScale
             p.copy_(0.5 + torch.rand(p.shape, generator=g))
-        elif p.dim() == 1 or "token" in name or "pos_embed" in name:      # biases, tokens, positions
+        elif p.dim() == 1 or "token" in name or "pos_embed" in name:  # biases, tokens, positions
             p.copy_(0.2 * torch.randn(p.shape, generator=g))
         else:
             p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
@@ -319,4 +386,11 @@ def randomise(model, seed=0):
 def save_like_the_authors(model, path, epoch=7):
     """Co2S.py: torch.save({'model': DDP(model).state_dict(), 'optimizer': ..., 'epoch': ...})."""
     sd = {"module." + k: v for k, v in model.state_dict().items()}
-    torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0]}]}, "epoch": epoch}, path)
+    torch.save(
+        {
+            "model": sd,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0]}]},
+            "epoch": epoch,
+        },
+        path,
+    )

@@ -1,6 +1,7 @@
 """--compile and --frozen-bf16 (issue 18), on the CPU at tiny size: the compiled step computes the
 eager step's losses and gradients, its later steps compile nothing new, and frozen weights stored
 in bf16 give autocast's own arithmetic."""
+
 import copy
 
 import pytest
@@ -8,9 +9,9 @@ import torch
 import torch._dynamo
 
 import co2s
-import runs
-from model import ModelSpec, build_model, compile_model, store_frozen
-from text import stand_in_embeddings
+from model import ModelSpec, build_model, stand_in_embeddings
+from plumbing import runtime
+from plumbing.runtime import compile_model, store_frozen
 
 N, B, C = 4, 2, 64
 
@@ -27,19 +28,33 @@ def batches(seed):
     box[:, 16:40, 8:48] = True
 
     def unlabelled():
-        return dict(img_w=torch.randn(B, 3, C, C, generator=g), img_s1=torch.randn(B, 3, C, C, generator=g),
-                    img_s2=torch.randn(B, 3, C, C, generator=g), ignore=torch.zeros(B, C, C, dtype=torch.bool),
-                    box1=box, box2=box.flip(-1), label=torch.randint(0, N, (B, C, C), generator=g))
+        return dict(
+            img_w=torch.randn(B, 3, C, C, generator=g),
+            img_s1=torch.randn(B, 3, C, C, generator=g),
+            img_s2=torch.randn(B, 3, C, C, generator=g),
+            ignore=torch.zeros(B, C, C, dtype=torch.bool),
+            box1=box,
+            box2=box.flip(-1),
+            label=torch.randint(0, N, (B, C, C), generator=g),
+        )
+
     # 2 x B labelled: a supervised step runs the shapes of the [labelled; weak] and strong passes
-    return (dict(img=torch.randn(2 * B, 3, C, C, generator=g),
-                 label=torch.randint(0, N, (2 * B, C, C), generator=g)), unlabelled())
+    return (
+        dict(
+            img=torch.randn(2 * B, 3, C, C, generator=g),
+            label=torch.randint(0, N, (2 * B, C, C), generator=g),
+        ),
+        unlabelled(),
+    )
 
 
 def losses_and_grads(model, seed, method, optimizers=()):
     """One train.py step on fixed batches (CutMix partners 'rolled': fewer graphs to compile)."""
-    torch.manual_seed(seed)                      # the same FP dropout masks on both sides
+    torch.manual_seed(seed)  # the same FP dropout masks on both sides
     model.zero_grad(set_to_none=True)
-    out = co2s.iteration(list(model.students), *batches(seed), stability_weight=0.5, method=method)
+    out = co2s.iteration(
+        list(model.students), co2s.Batch(*batches(seed)), stability_weight=0.5, method=method
+    )
     sum(out.losses).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     for opt in optimizers:
@@ -55,7 +70,9 @@ def assert_same_gradients(grad_c, grad_e):
     assert grad_c.keys() == grad_e.keys()
     scale = torch.cat([g.flatten() for g in grad_e.values()]).norm()
     for name in grad_e:
-        err = (grad_c[name] - grad_e[name]).norm() / torch.maximum(grad_e[name].norm(), 1e-3 * scale)
+        err = (grad_c[name] - grad_e[name]).norm() / torch.maximum(
+            grad_e[name].norm(), 1e-3 * scale
+        )
         assert err < 1e-3, (name, err.item())
 
 
@@ -69,18 +86,20 @@ def test_compiled_step_gives_the_eager_losses_and_gradients_and_later_steps_do_n
     compiled = compile_model(copy.deepcopy(eager))
     co2s_step, supervised = co2s.Method(tau=0.0), co2s.Method(method="supervised")
     loss_e, _ = losses_and_grads(eager, 1, co2s_step)
-    loss_c, _ = losses_and_grads(compiled, 1, co2s_step)       # compiles here
+    loss_c, _ = losses_and_grads(compiled, 1, co2s_step)  # compiles here
     # generated kernels reorder fp32 sums (per instruction set): rtol 1e-4, not bitwise
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-6)
     loss_e, grad_e = losses_and_grads(eager, 2, supervised)
     loss_c, grad_c = losses_and_grads(compiled, 2, supervised)
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-6)
     assert_same_gradients(grad_c, grad_e)
-    optimizers = [torch.optim.AdamW([p for p in s.parameters() if p.requires_grad], lr=1e-3)
-                  for s in compiled.students]
+    optimizers = [
+        torch.optim.AdamW([p for p in s.parameters() if p.requires_grad], lr=1e-3)
+        for s in compiled.students
+    ]
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    with torch._dynamo.config.patch(error_on_recompile=True):   # any recompilation raises
-        for seed in (3, 4, 5):                                  # new data, new weights, same shapes
+    with torch._dynamo.config.patch(error_on_recompile=True):  # any recompilation raises
+        for seed in (3, 4, 5):  # new data, new weights, same shapes
             losses_and_grads(compiled, seed, co2s_step, optimizers)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
@@ -89,20 +108,22 @@ def test_frozen_weights_in_bf16_give_autocasts_arithmetic_and_keep_fp32_masters(
     fp32 = tiny_model()
     lean = store_frozen(copy.deepcopy(fp32), torch.bfloat16)
     for name, p in lean.named_parameters():
-        frozen_matrix = not p.requires_grad and (".mlp." in name or "patch_embed" in name
-                                                 or "visual_projection" in name)
+        frozen_matrix = not p.requires_grad and (
+            ".mlp." in name or "patch_embed" in name or "visual_projection" in name
+        )
         assert p.dtype == (torch.bfloat16 if frozen_matrix else torch.float32), name
     assert any(p.dtype == torch.bfloat16 for p in lean.parameters())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss_a, _ = losses_and_grads(fp32, 1, co2s.Method(tau=0.0))
         loss_b, grad_b = losses_and_grads(lean, 1, co2s.Method(tau=0.0))
-    torch.testing.assert_close(loss_b, loss_a, rtol=1e-2, atol=1e-2)     # bf16 tolerance
-    assert all(g.dtype == torch.float32 for g in grad_b.values())       # masters stay fp32
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-2, atol=1e-2)  # bf16 tolerance
+    assert all(g.dtype == torch.float32 for g in grad_b.values())  # masters stay fp32
 
 
-@pytest.mark.parametrize("device,amp,dtype", [("cpu", "auto", None), ("cpu", "bf16", None),
-                                              ("cuda", "off", None)])
+@pytest.mark.parametrize(
+    "device,amp,dtype", [("cpu", "auto", None), ("cpu", "bf16", None), ("cuda", "off", None)]
+)
 def test_frozen_bf16_is_off_wherever_the_run_is_fp32(device, amp, dtype):
     """--frozen-bf16 only applies under bf16 autocast; --amp off and CPU runs keep fp32 weights."""
-    assert runs.frozen_dtype(torch.device(device), amp, True) is dtype
-    assert runs.frozen_dtype(torch.device("cpu"), "auto", False) is None
+    assert runtime.frozen_dtype(torch.device(device), amp, True) is dtype
+    assert runtime.frozen_dtype(torch.device("cpu"), "auto", False) is None

@@ -1,4 +1,5 @@
 """eval.py: confusion-matrix mIoU, the sliding window, E10 fusion after it, folder prediction, CLI errors."""
+
 import json
 import math
 import os
@@ -9,16 +10,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import student as build_student
 from PIL import Image
 
-import catalog
 import data
 import eval as ev
-import scene
-from errors import cli
-from helpers import student as build_student
-from model import Co2S
-from text import stand_in_embeddings
+from model import Co2S, stand_in_embeddings
+from plumbing import catalog
+from plumbing.errors import UserError, cli
 
 CLASSES = ["a", "b", "c", "d"]
 PALETTE = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
@@ -36,7 +35,9 @@ class Local(nn.Module):
 
     def forward(self, x):
         self.calls.append(tuple(x.shape[-2:]))
-        return torch.stack([x[:, 0] * (k + 1) + x[:, 1].sin() * k - x[:, 2] for k in range(self.n)], 1)
+        return torch.stack(
+            [x[:, 0] * (k + 1) + x[:, 1].sin() * k - x[:, 2] for k in range(self.n)], 1
+        )
 
 
 class Fixed(nn.Module):
@@ -83,20 +84,32 @@ def test_confusion_matrix_hand_computed_miou():
     assert cm.acc() == pytest.approx(4 / 6)
     d = cm.to_dict(CLASSES)
     assert d["iou"]["d"] is None and d["iou"]["a"] == pytest.approx(2 / 3) and d["pixels"] == 6
-    assert d["miou"] == pytest.approx(0.375) and d["miou_present"] == pytest.approx(0.5)  # fractions (train prints %)
+    assert d["miou"] == pytest.approx(0.375) and d["miou_present"] == pytest.approx(
+        0.5
+    )  # fractions (train prints %)
     json.dumps(d)  # JSON-safe (no NaN for the absent class)
     table = cm.table(CLASSES)
-    assert "37.50" in table and "66.67" in table and "mIoU present" in table and "50.00" in table and "aAcc" in table
+    assert (
+        "37.50" in table
+        and "66.67" in table
+        and "mIoU present" in table
+        and "50.00" in table
+        and "aAcc" in table
+    )
     full = ev.ConfusionMatrix(2)
     full.update(torch.tensor([0, 1]), torch.tensor([0, 1]))
-    assert "mIoU present" not in full.table(["a", "b"])                  # shown only when it differs
+    assert "mIoU present" not in full.table(["a", "b"])  # shown only when it differs
 
 
 def test_confusion_matrix_predicted_but_absent_class_counts_zero():
     cm = ev.ConfusionMatrix(3)
-    cm.update(torch.tensor([0, 2]), torch.tensor([0, 0]))  # class 2 predicted, never labelled: a false positive
-    assert cm.iou()[2] == 0 and cm.miou_present() == pytest.approx((0.5 + 0) / 2)  # class 1 NaN, class 2 counts as 0
-    assert cm.miou() == pytest.approx((0.5 + 0 + 0) / 3)                              # the release: class 1 counts 0 too
+    cm.update(
+        torch.tensor([0, 2]), torch.tensor([0, 0])
+    )  # class 2 predicted, never labelled: a false positive
+    assert cm.iou()[2] == 0 and cm.miou_present() == pytest.approx(
+        (0.5 + 0) / 2
+    )  # class 1 NaN, class 2 counts as 0
+    assert cm.miou() == pytest.approx((0.5 + 0 + 0) / 3)  # the release: class 1 counts 0 too
 
 
 def test_confusion_matrix_rejects_out_of_range_labels():
@@ -116,7 +129,9 @@ def test_sliding_window_small_image_is_one_forward(tiny):
 
 def test_sliding_window_pads_to_16_with_black_and_crops_back(tiny):
     img = torch.randn(1, 3, 100, 120)  # not a multiple of 16: one forward on 112x128, black padding
-    black = torch.tensor([-m / s for m, s in zip(data.IMAGENET_MEAN, data.IMAGENET_STD)]).view(1, 3, 1, 1)
+    black = torch.tensor([-m / s for m, s in zip(data.IMAGENET_MEAN, data.IMAGENET_STD)]).view(
+        1, 3, 1, 1
+    )
     padded = black.expand(1, 3, 112, 128).clone()
     padded[..., :100, :120] = img
     with torch.no_grad():
@@ -154,9 +169,9 @@ def test_predict_fused_takes_the_more_confident_student_per_pixel():
     H = W = 32
     a = torch.zeros(3, H, W)
     b = torch.zeros(3, H, W)
-    a[0, :, :16] = 5.0   # student a: confident class 0 on the left, unsure on the right
+    a[0, :, :16] = 5.0  # student a: confident class 0 on the left, unsure on the right
     a[1, :, 16:] = 0.5
-    b[2, :, 16:] = 5.0   # student b: confident class 2 on the right, unsure on the left
+    b[2, :, 16:] = 5.0  # student b: confident class 2 on the right, unsure on the left
     b[1, :, :16] = 0.5
     model = Co2S([Fixed("a", a), Fixed("b", b)], fusion="confidence")
     probs = ev.predict(model, torch.zeros(1, 3, H, W), crop=64)
@@ -167,35 +182,52 @@ def test_predict_fused_takes_the_more_confident_student_per_pixel():
     model.fusion = "mean"
     assert torch.allclose(ev.predict(model, torch.zeros(1, 3, H, W), 64)["fused"], (pa + pb) / 2)
     assert list(ev.predict(model, torch.zeros(1, 3, H, W), 64, names=["b"])) == ["b"]
-    with pytest.raises(ValueError, match="valid for this model: a, b, fused"):
+    with pytest.raises(ValueError, match="valid here: a, b, fused"):
         ev.predict(model, torch.zeros(1, 3, H, W), 64, names=["clip"])
 
 
 def test_evaluate_accumulates_each_prediction_over_the_split():
     logits = torch.zeros(2, 8, 8)
-    logits[1, :, 4:] = 1.0                  # predicts class 0 left, class 1 right
+    logits[1, :, 4:] = 1.0  # predicts class 0 left, class 1 right
     model = Co2S([Fixed("s", logits), Fixed("t", logits.flip(0))])
     label = torch.zeros(1, 8, 8, dtype=torch.long)
     label[:, :2] = 255
     loader = [dict(img=torch.zeros(1, 3, 8, 8), label=label)] * 3
     cms = ev.evaluate(model, loader, crop=8)
     assert set(cms) == {"s", "t", "fused"}
-    assert cms["s"].mat.tolist() == [[3 * 24, 3 * 24], [0, 0]]   # 48 valid pixels per image, half right
-    assert cms["s"].miou() == pytest.approx(0.25)   # class 0 IoU 1/2; class 1 predicted, never labelled: IoU 0
+    assert cms["s"].mat.tolist() == [
+        [3 * 24, 3 * 24],
+        [0, 0],
+    ]  # 48 valid pixels per image, half right
+    assert cms["s"].miou() == pytest.approx(
+        0.25
+    )  # class 0 IoU 1/2; class 1 predicted, never labelled: IoU 0
     # the protocol: a 256 px image evaluated at 512 (windows of 256, stride 213 -> 3 x 3), logits back at 256
     seen, grid = [], torch.arange(256.0).view(1, 1, 1, 256).expand(1, 1, 256, 256)
     probe = Local("p", 2)
-    probe.forward = lambda x: seen.append(tuple(x.shape[-2:])) or torch.cat([x[:, :1], -x[:, :1]], 1)
-    img = data.normalize(data.eval_resize(Image.fromarray(np.zeros((256, 256, 3), np.uint8)), 512))[None]
+    probe.forward = lambda x: (
+        seen.append(tuple(x.shape[-2:])) or torch.cat([x[:, :1], -x[:, :1]], 1)
+    )
+    img = data.normalize(data.eval_resize(Image.fromarray(np.zeros((256, 256, 3), np.uint8)), 512))[
+        None
+    ]
     assert img.shape[-2:] == (512, 512)
     out = ev.predict(Co2S([probe]), img, 256, names=["p"], out_size=(256, 256))["p"]
     assert out.shape == (1, 2, 256, 256) and seen == [(256, 256)] * 9
-    logits = ev.sliding_window(lambda x: x.mean(1, keepdim=True).expand(-1, 2, -1, -1), grid.expand(1, 3, -1, -1), 256)
+    logits = ev.sliding_window(
+        lambda x: x.mean(1, keepdim=True).expand(-1, 2, -1, -1), grid.expand(1, 3, -1, -1), 256
+    )
     assert torch.equal(logits, grid.expand(1, 2, -1, -1))
-    back = F.interpolate(torch.arange(512.0).view(1, 1, 1, 512).expand(1, 2, 512, 512), size=(256, 256),
-                         mode="bilinear", align_corners=True)
-    assert torch.allclose(back[0, 0, 0, [0, -1]], torch.tensor([0.0, 511.0]))    # align_corners: the corners map
-    assert model.training                                         # train mode restored
+    back = F.interpolate(
+        torch.arange(512.0).view(1, 1, 1, 512).expand(1, 2, 512, 512),
+        size=(256, 256),
+        mode="bilinear",
+        align_corners=True,
+    )
+    assert torch.allclose(
+        back[0, 0, 0, [0, -1]], torch.tensor([0.0, 511.0])
+    )  # align_corners: the corners map
+    assert model.training  # train mode restored
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,29 +236,37 @@ def test_evaluate_accumulates_each_prediction_over_the_split():
 
 def _tiny_model():
     torch.manual_seed(0)
-    return Co2S([build_student("dinov3", 4, size="tiny"),
-                 build_student("clip", 4, size="tiny", text=stand_in_embeddings(4, 128))]).eval()
+    return Co2S(
+        [
+            build_student("dinov3", 4, size="tiny"),
+            build_student("clip", 4, size="tiny", text=stand_in_embeddings(4, 128)),
+        ]
+    ).eval()
 
 
 def test_predict_folder_writes_palette_masks_of_the_input_size(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
     rng = np.random.default_rng(0)
-    sizes = {"wide.png": (100, 140), "small.jpg": (64, 64)}    # (H, W)
+    sizes = {"wide.png": (100, 140), "small.jpg": (64, 64)}  # (H, W)
     for f, (h, w) in sizes.items():
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f)
     (folder / "notes.txt").write_text("not an image")
-    info = types.SimpleNamespace(classes=CLASSES, palette=PALETTE, eval_size=None)
-    opts = scene.SceneOptions(64, overlay=True, progress=False)
-    done = scene.predict_path(_tiny_model(), info, str(folder), str(tmp_path / "out"), opts)
-    assert len(done) == 2 and all(len(d["files"]) == 3 for d in done)       # mask, overlay, json
+    out = tmp_path / "out"
+    done = ev.predict_folder(_tiny_model(), PALETTE, str(folder), str(out), 64)
+    assert sorted(os.path.basename(d) for d in done) == ["small_mask.png", "wide_mask.png"]
     for f, (h, w) in sizes.items():
-        stem = tmp_path / "out" / os.path.splitext(f)[0]
-        mask = Image.open(f"{stem}_mask.png")
+        mask = Image.open(out / (os.path.splitext(f)[0] + "_mask.png"))
         assert mask.mode == "P" and mask.size == (w, h)
         assert mask.getpalette()[:12] == [v for c in PALETTE for v in c]
         assert set(np.unique(np.asarray(mask))) <= set(range(4))
-        assert Image.open(f"{stem}_overlay.jpg").size == (w, h)
+    # again into the same folder: its own masks are replaced; a file it did not write is not
+    ev.predict_folder(_tiny_model(), PALETTE, str(folder), str(out), 64)
+    (out / "predictions.json").unlink()
+    with pytest.raises(UserError, match="not written by eval.py"):
+        ev.predict_folder(_tiny_model(), PALETTE, str(folder), str(out), 64)
+    with pytest.raises(UserError, match="folder of the images"):
+        ev.predict_folder(_tiny_model(), PALETTE, str(folder), str(folder), 64)
 
 
 def _fake_run(monkeypatch, model, info, cfg):
@@ -247,13 +287,15 @@ def test_main_errors_name_the_bad_input(tmp_path, capsys, monkeypatch):
     run.mkdir()
     assert "holds no best.pt or last.pt" in error([str(run)])
     (run / "best.pt").write_bytes(b"")
-    assert "holds no last.pt" in error([str(run), "--ckpt", "last"])
     assert "go together" in error([str(run), "--out", str(tmp_path)])
     empty = tmp_path / "empty"
     empty.mkdir()
-    err = error([str(run), "--predict", str(empty), "--out", str(tmp_path / "o")])
-    assert str(empty) in err and ".png" in err and ".jpg" in err
-    _fake_run(monkeypatch, _tiny_model(), types.SimpleNamespace(classes=CLASSES, palette=PALETTE, crop=64, eval_size=None), {"crop": 64})
+    _fake_run(
+        monkeypatch,
+        _tiny_model(),
+        types.SimpleNamespace(classes=CLASSES, palette=PALETTE, crop=64, eval_size=None),
+        {"crop": 64},
+    )
     err = error([str(run), "--student", "dino"])
     assert "'dino'" in err and "dinov3, clip, fused, all" in err
 
@@ -264,7 +306,9 @@ def test_main_evaluates_the_split_and_writes_json(tmp_path, monkeypatch, capsys)
     (root / "labels").mkdir()
     rng = np.random.default_rng(0)
     for n in ("l", "u", "v1", "v2"):
-        Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(root / "images" / f"{n}.png")
+        Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(
+            root / "images" / f"{n}.png"
+        )
         lab = rng.integers(0, 4, (48, 80)).astype(np.uint8)
         lab[:8] = 255
         Image.fromarray(lab).save(root / "labels" / f"{n}.png")
@@ -282,9 +326,11 @@ def test_main_evaluates_the_split_and_writes_json(tmp_path, monkeypatch, capsys)
     result = ev.main([str(run), "--device", "cpu", "--workers", "0"])
     saved = json.load(open(run / "eval_val.json"))
     assert saved == json.loads(json.dumps(result))
-    assert set(saved["results"]) == {"dinov3", "clip", "fused"} and saved["stride"] == 64 * 5 // 6
+    assert set(saved["results"]) == {"dinov3", "clip", "fused"} and saved[
+        "stride"
+    ] == ev.window_stride(64)
     for r in saved["results"].values():
-        assert r["pixels"] == 2 * 40 * 80        # both val images, ignore rows excluded
+        assert r["pixels"] == 2 * 40 * 80  # both val images, ignore rows excluded
         present = [v for v in r["iou"].values() if v is not None]
         assert r["miou_present"] == pytest.approx(sum(present) / len(present))
         assert r["miou"] == pytest.approx(sum(present) / len(CLASSES))

@@ -1,5 +1,6 @@
 """An exported model (eval.py --export): a hub-layout folder that evaluates, predicts and fine-tunes
 like the run it came from; a hub id of one is downloaded, and offline is a clear error."""
+
 import json
 import os
 
@@ -9,10 +10,10 @@ import torch
 from PIL import Image
 
 import eval as ev
-import runs
 import train
-from demo import prepare_demo
-from errors import cli
+from plumbing import runs
+from plumbing.demo import prepare_demo
+from plumbing.errors import cli
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +21,24 @@ def run(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("demo"))
     prepare_demo(root, seed=0, n_train=16, n_val=2)
     out = tmp_path_factory.mktemp("runs") / "run"
-    train.main(["--data-root", root, "--out", str(out), "--ratio", "1/4", "--crop", "64", "--batch", "2",
-                "--workers", "0", "--iters", "2"])
+    train.main(
+        [
+            "--data-root",
+            root,
+            "--out",
+            str(out),
+            "--ratio",
+            "1/4",
+            "--crop",
+            "64",
+            "--batch",
+            "2",
+            "--workers",
+            "0",
+            "--iters",
+            "2",
+        ]
+    )
     return root, out
 
 
@@ -42,14 +59,38 @@ def test_an_exported_folder_evaluates_predicts_and_fine_tunes_like_its_run(run, 
     # the same masks
     image = tmp_path / "in" / "x.png"
     image.parent.mkdir()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(image)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(
+        image
+    )
     ev.main([str(out), "--predict", str(image), "--out", str(tmp_path / "m1")])
     ev.main([str(folder), "--predict", str(image), "--out", str(tmp_path / "m2")])
-    assert np.array_equal(np.array(Image.open(tmp_path / "m1" / "x_mask.png")),
-                          np.array(Image.open(tmp_path / "m2" / "x_mask.png")))
+    assert np.array_equal(
+        np.array(Image.open(tmp_path / "m1" / "x_mask.png")),
+        np.array(Image.open(tmp_path / "m2" / "x_mask.png")),
+    )
     # and train.py starts from its weights
-    train.main(["--data-root", root, "--init", str(folder), "--out", str(tmp_path / "ft"), "--ratio", "1/4",
-                "--crop", "64", "--batch", "2", "--workers", "0", "--iters", "1", "--eval-every", "100"])
+    train.main(
+        [
+            "--data-root",
+            root,
+            "--init",
+            str(folder),
+            "--out",
+            str(tmp_path / "ft"),
+            "--ratio",
+            "1/4",
+            "--crop",
+            "64",
+            "--batch",
+            "2",
+            "--workers",
+            "0",
+            "--iters",
+            "1",
+            "--eval-every",
+            "100",
+        ]
+    )
     assert runs.read_checkpoint(str(tmp_path / "ft" / "last.pt"))["step"] == 1
     weights = runs.read_checkpoint(str(folder))["model"]
     best = runs.read_checkpoint(str(out / "best.pt"))["model"]
@@ -69,6 +110,7 @@ def test_a_hub_id_resolves_to_its_downloaded_folder(run, tmp_path, monkeypatch):
     folder = tmp_path / "snapshot"
     ev.main([str(out), "--export", str(folder)])
     import huggingface_hub
+
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id: str(folder))
     model, info, cfg = runs.load_run("someone/co2s-demo")
     assert info.classes[0] == "impervious_surface" and len(model.students) == 2

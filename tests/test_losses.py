@@ -1,10 +1,18 @@
 """losses.py: every loss term (E5, E6, E8, E9) against a hand computation on a few pixels."""
+
 import math
 
 import pytest
 import torch
 
-from losses import IGNORE, pseudo_label_loss, stability_loss, stability_mask, stability_weight, supervised_loss
+from losses import (
+    IGNORE,
+    pseudo_label_loss,
+    stability_loss,
+    stability_mask,
+    stability_weight,
+    supervised_loss,
+)
 
 TAU = 0.95
 
@@ -48,22 +56,36 @@ def test_supervised_loss_without_labelled_pixels_is_zero_not_nan():
 def test_pseudo_label_loss_divides_by_all_valid_pixels_not_the_confident_ones():
     pixels = [[2.0, 0.5, -1.0], [0.0, 3.0, 1.0], [1.0, 1.0, 4.0], [5.0, 0.0, 0.0]]
     pseudo = torch.tensor([[[0, 1, 1, 2]]])
-    conf = torch.tensor([[[0.99, 0.50, TAU, 0.99]]])           # pixel 2 sits exactly on tau: confident
-    valid = torch.tensor([[[True, True, True, False]]])        # pixel 3 is crop padding: out, however confident
+    conf = torch.tensor([[[0.99, 0.50, TAU, 0.99]]])  # pixel 2 sits exactly on tau: confident
+    valid = torch.tensor(
+        [[[True, True, True, False]]]
+    )  # pixel 3 is crop padding: out, however confident
     loss = pseudo_label_loss(as_logits(pixels), pseudo, conf, valid, TAU)
-    assert loss.item() == pytest.approx((ce(pixels[0], 0) + ce(pixels[2], 1)) / 3, rel=1e-6)   # / |V| = 3, not 2
+    assert loss.item() == pytest.approx(
+        (ce(pixels[0], 0) + ce(pixels[2], 1)) / 3, rel=1e-6
+    )  # / |V| = 3, not 2
 
 
 def test_pseudo_label_loss_below_tau_everywhere_is_zero_finite_and_differentiable():
     logits = torch.randn(2, 4, 3, 3, requires_grad=True)
-    loss = pseudo_label_loss(logits, torch.randint(0, 4, (2, 3, 3)), torch.full((2, 3, 3), 0.9),
-                             torch.ones(2, 3, 3, dtype=torch.bool), TAU)
+    loss = pseudo_label_loss(
+        logits,
+        torch.randint(0, 4, (2, 3, 3)),
+        torch.full((2, 3, 3), 0.9),
+        torch.ones(2, 3, 3, dtype=torch.bool),
+        TAU,
+    )
     assert torch.isfinite(loss) and loss.item() == 0.0 and loss.grad_fn is not None
     loss.backward()
     assert torch.equal(logits.grad, torch.zeros_like(logits))
     # no valid pixel at all: still 0, not NaN
-    empty = pseudo_label_loss(logits, torch.zeros(2, 3, 3, dtype=torch.long), torch.ones(2, 3, 3),
-                              torch.zeros(2, 3, 3, dtype=torch.bool), TAU)
+    empty = pseudo_label_loss(
+        logits,
+        torch.zeros(2, 3, 3, dtype=torch.long),
+        torch.ones(2, 3, 3),
+        torch.zeros(2, 3, 3, dtype=torch.bool),
+        TAU,
+    )
     assert torch.isfinite(empty) and empty.item() == 0.0
 
 
@@ -79,15 +101,18 @@ def test_mask_statistics_are_fp32_under_low_precision_logits():
 # E8
 
 
-@pytest.mark.parametrize("c_self,c_other,self_learns,other_learns", [
-    (0.97, 0.50, False, True),    # only self confident: the other student learns from it
-    (0.50, 0.97, True, False),    # only the other confident: self learns
-    (0.96, 0.98, True, False),    # both confident, other more: self learns
-    (0.98, 0.96, False, True),    # both confident, self more: the other learns
-    (0.97, 0.97, True, True),     # exact tie, both confident: both learn
-    (0.50, 0.60, False, False),   # neither confident: nobody learns
-    (TAU, 0.50, False, True),     # confidence exactly tau counts as confident
-])
+@pytest.mark.parametrize(
+    "c_self,c_other,self_learns,other_learns",
+    [
+        (0.97, 0.50, False, True),  # only self confident: the other student learns from it
+        (0.50, 0.97, True, False),  # only the other confident: self learns
+        (0.96, 0.98, True, False),  # both confident, other more: self learns
+        (0.98, 0.96, False, True),  # both confident, self more: the other learns
+        (0.97, 0.97, True, True),  # exact tie, both confident: both learn
+        (0.50, 0.60, False, False),  # neither confident: nobody learns
+        (TAU, 0.50, False, True),  # confidence exactly tau counts as confident
+    ],
+)
 def test_stability_mask_truth_table(c_self, c_other, self_learns, other_learns):
     a, b = torch.tensor([c_self]), torch.tensor([c_other])
     assert stability_mask(a, b, TAU).item() is self_learns
@@ -97,7 +122,9 @@ def test_stability_mask_truth_table(c_self, c_other, self_learns, other_learns):
 def test_stability_masks_cover_every_confident_pixel_and_overlap_only_on_ties():
     g = torch.Generator().manual_seed(0)
     c1 = torch.rand(4096, generator=g)
-    c2 = torch.where(torch.rand(4096, generator=g) < 0.1, c1, torch.rand(4096, generator=g))   # 10% exact ties
+    c2 = torch.where(
+        torch.rand(4096, generator=g) < 0.1, c1, torch.rand(4096, generator=g)
+    )  # 10% exact ties
     m1, m2 = stability_mask(c1, c2, 0.5), stability_mask(c2, c1, 0.5)
     confident = torch.maximum(c1, c2) >= 0.5
     assert torch.equal(m1 | m2, confident)
@@ -105,26 +132,32 @@ def test_stability_masks_cover_every_confident_pixel_and_overlap_only_on_ties():
 
 
 # Four pixels, 3 classes, tau 0.95: the cases of E8 with known confidences
-SELF = [[5.0, 0.0, 0.0],    # c 0.987 | other 1/3   -> self confident only: self does not learn
-        [0.0, 1.0, 0.0],    # c 0.576 | other 0.995 -> self learns
-        [4.0, 0.0, 0.0],    # c 0.965 | other 0.987 -> both confident, other more: self learns
-        [0.0, 0.0, 0.0]]    # 1/3     | 1/3         -> neither
+SELF = [
+    [5.0, 0.0, 0.0],  # c 0.987 | other 1/3   -> self confident only: self does not learn
+    [0.0, 1.0, 0.0],  # c 0.576 | other 0.995 -> self learns
+    [4.0, 0.0, 0.0],  # c 0.965 | other 0.987 -> both confident, other more: self learns
+    [0.0, 0.0, 0.0],
+]  # 1/3     | 1/3         -> neither
 OTHER = [[0.0, 0.0, 0.0], [0.0, 0.0, 6.0], [0.0, 5.0, 0.0], [0.0, 0.0, 0.0]]
 
 
 def test_stability_loss_equals_the_hand_formula():
     masked = [1, 2]
-    sq = [sum((ps - po) ** 2 for ps, po in zip(softmax(SELF[i]), softmax(OTHER[i]))) for i in masked]
-    expect = sum(sq) / (3 * len(masked))                        # / (C * |M|)
+    sq = [
+        sum((ps - po) ** 2 for ps, po in zip(softmax(SELF[i]), softmax(OTHER[i]))) for i in masked
+    ]
+    expect = sum(sq) / (3 * len(masked))  # / (C * |M|)
     loss = stability_loss(as_logits(SELF), as_logits(OTHER), TAU)
     assert loss.item() == pytest.approx(expect, rel=1e-5)
     # the other direction: only pixel 0 is the other student's to learn
     back = sum((po - ps) ** 2 for po, ps in zip(softmax(OTHER[0]), softmax(SELF[0]))) / 3
-    assert stability_loss(as_logits(OTHER), as_logits(SELF), TAU).item() == pytest.approx(back, rel=1e-5)
+    assert stability_loss(as_logits(OTHER), as_logits(SELF), TAU).item() == pytest.approx(
+        back, rel=1e-5
+    )
 
 
 def test_stability_loss_with_an_empty_mask_is_zero_finite_and_differentiable():
-    z = torch.zeros(1, 3, 2, 2, requires_grad=True)           # uniform: nobody is confident
+    z = torch.zeros(1, 3, 2, 2, requires_grad=True)  # uniform: nobody is confident
     loss = stability_loss(z, torch.zeros(1, 3, 2, 2), TAU)
     assert torch.isfinite(loss) and loss.item() == 0.0 and loss.grad_fn is not None
 
@@ -133,9 +166,9 @@ def test_stability_gradient_reaches_only_the_student_side_on_masked_pixels():
     z_self = as_logits(SELF).requires_grad_()
     z_other = as_logits(OTHER).requires_grad_()
     stability_loss(z_self, z_other, TAU).backward()
-    assert z_other.grad is None                                 # the target is detached
+    assert z_other.grad is None  # the target is detached
     has_grad = z_self.grad.abs().sum(1)[0, 0] > 0
-    assert has_grad.tolist() == [False, True, True, False]      # exactly the E8 mask of SELF
+    assert has_grad.tolist() == [False, True, True, False]  # exactly the E8 mask of SELF
     # the released variant (student side detached too) trains nothing
     assert not stability_loss(as_logits(SELF).requires_grad_().detach(), z_other, TAU).requires_grad
 
@@ -145,11 +178,11 @@ def test_stability_gradient_reaches_only_the_student_side_on_masked_pixels():
 
 
 def test_stability_weight_ramps_by_cosine_to_half_then_stays():
-    T = 1000                                                     # T_up = round(0.2 T) = 200
+    T = 1000  # T_up = round(0.2 T) = 200
     assert stability_weight(0, T) == 0.0
-    assert stability_weight(199, T) == pytest.approx(0.5)        # end of the ramp: t = T_up - 1
+    assert stability_weight(199, T) == pytest.approx(0.5)  # end of the ramp: t = T_up - 1
     assert stability_weight(200, T) == 0.5 and stability_weight(T, T) == 0.5
     assert stability_weight(50, T) == pytest.approx(0.5 * (1 - math.cos(math.pi * 50 / 199)) / 2)
     ramp = [stability_weight(t, T) for t in range(200)]
-    assert all(a < b for a, b in zip(ramp, ramp[1:]))            # strictly increasing on the ramp
-    assert stability_weight(0, 3) == 0.5                         # a ramp of <= 1 step: the peak at once
+    assert all(a < b for a, b in zip(ramp, ramp[1:]))  # strictly increasing on the ramp
+    assert stability_weight(0, 3) == 0.5  # a ramp of <= 1 step: the peak at once

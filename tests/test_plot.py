@@ -11,8 +11,8 @@ import pytest
 from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
 
-import errors
-from errors import UserError
+from plumbing import errors
+from plumbing.errors import UserError
 from tools import plot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,9 +35,7 @@ def co2s_log(acc_a=lambda t: 0.5, acc_b=lambda t: 0.5, uni=True):
     recs = []
     for i, step in enumerate(STEPS):
         t = i / (len(STEPS) - 1)
-        rec = dict(
-            type="train", step=step, epoch=t, lr=1e-4, step_s=0.1, **{"lambda": t}
-        )
+        rec = dict(type="train", step=step, epoch=t, lr=1e-4, step_s=0.1, **{"lambda": t})
         for k, (s, acc) in enumerate((("a", acc_a(t)), ("b", acc_b(t)))):
             rec.update(
                 {
@@ -117,19 +115,13 @@ def test_each_panel_holds_exactly_the_logged_steps_and_values(tmp_path):
     for key in ("pl_acc", "pl_cov", "conf_ratio", "sta", "sup", "uni", "loss"):
         got = lines(fig, key)
         for s in "ab":
-            assert got.pop(f"co2s/{s}") == (STEPS, [r[f"{s}/{key}"] for r in train]), (
-                key
-            )
+            assert got.pop(f"co2s/{s}") == (STEPS, [r[f"{s}/{key}"] for r in train]), key
         if key in ("pl_acc", "pl_cov"):
             assert got.pop("co2s/fused") == (STEPS, [r[f"fused/{key}"] for r in train])
         assert got == {}, key  # nothing else drawn there
-    assert lines(fig, "lambda") == {
-        "co2s/lambda": (STEPS, [r["lambda"] for r in train])
-    }
+    assert lines(fig, "lambda") == {"co2s/lambda": (STEPS, [r["lambda"] for r in train])}
     a_acc = lines(fig, "pl_acc")["co2s/a"][1]
-    assert (
-        a_acc[-1] > a_acc[0] and lines(fig, "pl_acc")["co2s/b"][1][-1] < 0.3
-    )  # the drift
+    assert a_acc[-1] > a_acc[0] and lines(fig, "pl_acc")["co2s/b"][1][-1] < 0.3  # the drift
     assert len(fig.axes) == 9 and {ax.get_label() for ax in fig.axes} == {
         k for k, *_ in plot.PANELS
     }
@@ -151,16 +143,13 @@ def test_l_uni_is_drawn_when_logged_and_never_re_derived_when_absent(tmp_path):
     assert lines(fig, "uni") == {} and "no data" in texts(panel(fig, "uni"))[0]
     train = [r for r in co2s_log() if r["type"] == "train"]
     derived = [
-        (r["a/sup"] + 0.25 * r["a/s1"] + 0.25 * r["a/s2"] + 0.5 * r["a/fp"]) / 2
-        for r in train
+        (r["a/sup"] + 0.25 * r["a/s1"] + 0.25 * r["a/s2"] + 0.5 * r["a/fp"]) / 2 for r in train
     ]  # E7 from the terms: what curves.py drew, wrong for --no-fp
     unsup = [0.25 * r["a/s1"] + 0.25 * r["a/s2"] + 0.5 * r["a/fp"] for r in train]
     for ax in fig.axes:
         for ln in ax.get_lines():
             ys = list(ln.get_ydata())
-            assert ys != pytest.approx(derived) and ys != pytest.approx(unsup), (
-                ax.get_label()
-            )
+            assert ys != pytest.approx(derived) and ys != pytest.approx(unsup), ax.get_label()
     new = plot.drift_figure([write_run(tmp_path, "new", co2s_log())])
     assert lines(new, "uni")["new/a"] == (STEPS, [r["a/uni"] for r in train])
 
@@ -168,11 +157,7 @@ def test_l_uni_is_drawn_when_logged_and_never_re_derived_when_absent(tmp_path):
 def test_one_run_a_colour_per_series_and_its_legend(tmp_path):
     fig = plot.drift_figure([write_run(tmp_path, "co2s", co2s_log())])
     acc = {ln.get_label(): ln for ln in panel(fig, "pl_acc").get_lines()}
-    assert [acc[f"co2s/{s}"].get_color() for s in ("a", "b", "fused")] == [
-        "C0",
-        "C1",
-        "C2",
-    ]
+    assert [acc[f"co2s/{s}"].get_color() for s in ("a", "b", "fused")] == ["C0", "C1", "C2"]
     assert {ln.get_linestyle() for ln in acc.values()} == {"-"}
     assert legend(fig) == ["a", "b", "fused"]
     assert fig._suptitle.get_text().startswith("co2s: ")
@@ -182,21 +167,13 @@ def test_an_overlay_has_both_runs_a_colour_per_run_and_a_style_per_series(tmp_pa
     runs = [write_run(tmp_path, n, co2s_log()) for n in ("r1", "r2")]
     fig = plot.drift_figure(runs, labels=["first", "second"])
     acc = {ln.get_label(): ln for ln in panel(fig, "pl_acc").get_lines()}
-    assert set(acc) == {
-        f"{r}/{s}" for r in ("first", "second") for s in ("a", "b", "fused")
-    }
+    assert set(acc) == {f"{r}/{s}" for r in ("first", "second") for s in ("a", "b", "fused")}
     for run, colour in (("first", "C0"), ("second", "C1")):
         styles = [acc[f"{run}/{s}"].get_linestyle() for s in ("a", "b", "fused")]
         assert styles == ["-", "--", ":"]
         assert {acc[f"{run}/{s}"].get_color() for s in ("a", "b", "fused")} == {colour}
     assert lines(fig, "miou")["second/fused"] == (EVAL_STEPS, [0.3 + 0.05, 0.4 + 0.05])
-    assert legend(fig) == [
-        "first",
-        "second",
-        "a",
-        "b",
-        "fused",
-    ]  # runs, then line styles
+    assert legend(fig) == ["first", "second", "a", "b", "fused"]  # runs, then line styles
 
 
 def test_the_overlay_legend_names_students_per_run_when_they_differ(tmp_path):
@@ -236,16 +213,11 @@ def test_accuracy_without_coverage_is_left_out_and_its_axis_zooms_in(tmp_path):
     steps, values = lines(fig, "pl_acc")["r/a"]
     assert steps == STEPS[1:] and min(values) > 0.85
     lo, hi = panel(fig, "pl_acc").get_ylim()
-    assert (
-        0.8 <= lo < 0.86 and hi >= 1.0
-    )  # the 0 logged for no pixels is no point at all
+    assert 0.8 <= lo < 0.86 and hi >= 1.0  # the 0 logged for no pixels is no point at all
     lo, hi = plot.y_limits("acc", [0.86, 0.97])
     assert 0.8 <= lo < 0.86 and 1.0 <= hi < 1.01  # 100 % on top, a round bottom
     assert plot.y_limits("acc", [1.0, 1.0])[0] < 1.0  # all perfect: still an axis
-    assert plot.y_limits("share", [0.1, 0.2]) == (
-        -0.02,
-        1.02,
-    )  # shares: all of 0..100 %
+    assert plot.y_limits("share", [0.1, 0.2]) == (-0.02, 1.02)  # shares: all of 0..100 %
     assert panel(fig, "pl_cov").get_ylim() == (-0.02, 1.02)
 
 
@@ -255,9 +227,7 @@ def test_bad_lines_and_values_are_skipped(tmp_path):
     broken = dict(train[3], **{"a/sup": None, "b/sup": "x", "a/pl_cov": True})
     lines_ = [json.dumps(r).encode() for r in good]
     lines_[3] = json.dumps(broken).encode()
-    lines_[5] = lines_[5].replace(
-        b'"a/sup": ', b'"a/sup": NaN, "_": '
-    )  # json.dumps' NaN
+    lines_[5] = lines_[5].replace(b'"a/sup": ', b'"a/sup": NaN, "_": ')  # json.dumps' NaN
     bad = [
         b"\xff\xfe not utf-8",
         b'{"type": "train", "st',
@@ -266,9 +236,7 @@ def test_bad_lines_and_values_are_skipped(tmp_path):
         b'{"type": "other", "step": 5}',
         b'{"type": "train", "step": Infinity}',
     ]
-    raw = (
-        b"\n".join(lines_[:10] + bad + lines_[10:]) + b'\n{"type": "eval", "step": 3'
-    )  # torn
+    raw = b"\n".join(lines_[:10] + bad + lines_[10:]) + b'\n{"type": "eval", "step": 3'  # torn
     run = os.path.join(tmp_path, "r")
     os.makedirs(run)
     with open(os.path.join(run, "log.jsonl"), "wb") as f:
@@ -286,9 +254,7 @@ def test_bad_lines_and_values_are_skipped(tmp_path):
 
 
 def test_a_run_still_writing_its_log_is_plotted(tmp_path):
-    run = write_run(
-        tmp_path, "r", co2s_log(), tail=b'{"type": "train", "step": 210, "a/s'
-    )
+    run = write_run(tmp_path, "r", co2s_log(), tail=b'{"type": "train", "step": 210, "a/s')
     out = plot.plot([run], str(tmp_path / "c.png"))
     assert read_bytes(out)[:8] == b"\x89PNG\r\n\x1a\n"
     assert lines(plot.drift_figure([run]), "sup")["r/a"][0] == STEPS
@@ -303,9 +269,7 @@ def test_the_suffix_picks_the_format(tmp_path, suffix, magic):
     out = str(tmp_path / f"curves{suffix}")
     assert plot.plot([run], out) == out
     assert read_bytes(out)[: len(magic)] == magic
-    assert sorted(os.listdir(tmp_path)) == sorted(
-        ["r", f"curves{suffix}"]
-    )  # no temporary
+    assert sorted(os.listdir(tmp_path)) == sorted(["r", f"curves{suffix}"])  # no temporary
 
 
 def test_an_unknown_suffix_is_a_user_error_listing_the_valid_ones(tmp_path):
@@ -321,10 +285,7 @@ def test_a_missing_log_is_a_user_error_naming_the_path(tmp_path, capsys):
         plot.plot([missing], str(tmp_path / "c.png"))
     with pytest.raises(SystemExit) as e:
         errors.cli(lambda: plot.main([missing]))
-    assert (
-        e.value.code == 2
-        and os.path.join(missing, "log.jsonl") in capsys.readouterr().err
-    )
+    assert e.value.code == 2 and os.path.join(missing, "log.jsonl") in capsys.readouterr().err
 
 
 def test_an_unwritable_output_is_a_user_error_naming_it(tmp_path):
@@ -349,14 +310,10 @@ def test_writing_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(Figure, "savefig", broken_savefig)
     with pytest.raises(UserError, match="No space left"):
         plot.plot([run], str(out))
-    assert out.read_bytes() == before and os.listdir(out.parent) == [
-        "c.png"
-    ]  # old file, no tmp
+    assert out.read_bytes() == before and os.listdir(out.parent) == ["c.png"]  # old file, no tmp
 
 
-def test_cli_default_output_is_beside_one_run_or_here_for_several(
-    tmp_path, monkeypatch, capsys
-):
+def test_cli_default_output_is_beside_one_run_or_here_for_several(tmp_path, monkeypatch, capsys):
     runs = [write_run(tmp_path, n, co2s_log()[:3]) for n in ("r1", "r2")]
     plot.main([runs[0]])
     assert os.path.isfile(os.path.join(runs[0], "curves.png"))
@@ -392,10 +349,7 @@ def test_python_m_tools_plot_runs_from_the_root_and_a_user_error_is_one_line(tmp
 
 def test_default_labels_are_folder_names_or_parent_and_name_when_they_clash():
     assert plot.default_labels(["x/co2s", "x/unimatch/"]) == ["co2s", "unimatch"]
-    assert plot.default_labels(["t/co2s/seed0", "t/no-fp/seed0"]) == [
-        "co2s/seed0",
-        "no-fp/seed0",
-    ]
+    assert plot.default_labels(["t/co2s/seed0", "t/no-fp/seed0"]) == ["co2s/seed0", "no-fp/seed0"]
 
 
 def summary(mean, std):
@@ -440,11 +394,7 @@ def test_the_ablation_bars_are_the_tables_means_with_a_std_whisker(tmp_path):
     (ax,) = fig.axes
     bars = {c.get_label(): c for c in bar_groups(ax)}
     assert list(bars) == ["student 1", "student 2", "fused"]
-    for label, key in (
-        ("student 1", "student1"),
-        ("student 2", "student2"),
-        ("fused", "fused"),
-    ):
+    for label, key in (("student 1", "student1"), ("student 2", "student2"), ("fused", "fused")):
         rows = [r for r, t in TABLE.items() if t[key][1] is not None]
         c = bars[label]
         assert [p.get_height() for p in c.patches] == [TABLE[r][key][1] for r in rows]
@@ -458,19 +408,11 @@ def test_the_ablation_bars_are_the_tables_means_with_a_std_whisker(tmp_path):
                 TABLE[r][key][1] + TABLE[r][key][2],
             )
         ]
-        assert ends == pytest.approx(
-            want
-        )  # one std each way, clipped at 0 (one-student: 1 - 3)
+        assert ends == pytest.approx(want)  # one std each way, clipped at 0 (one-student: 1 - 3)
     ticks = [t.get_text() for t in ax.get_xticklabels()]
-    assert ticks == [
-        "supervised\nclip, dinov3",
-        "co2s\nclip, dinov3",
-        "one-student\nclip",
-    ]
+    assert ticks == ["supervised\nclip, dinov3", "co2s\nclip, dinov3", "one-student\nclip"]
     centres = [p.get_x() + p.get_width() / 2 for c in bar_groups(ax) for p in c.patches]
-    assert len({round(x, 6) for x in centres}) == len(
-        centres
-    )  # no two bars on each other
+    assert len({round(x, 6) for x in centres}) == len(centres)  # no two bars on each other
     out = plot.ablation_chart(TABLE, str(tmp_path / "chart.svg"))
     assert read_bytes(out)[:5] == b"<?xml"
 
@@ -478,9 +420,7 @@ def test_the_ablation_bars_are_the_tables_means_with_a_std_whisker(tmp_path):
 def test_an_ablation_table_read_back_from_results_json_is_charted_too(tmp_path):
     table = json.loads(json.dumps(TABLE))  # results.json holds the tuples as lists
     heights = [
-        p.get_height()
-        for c in bar_groups(plot.ablation_figure(table).axes[0])
-        for p in c.patches
+        p.get_height() for c in bar_groups(plot.ablation_figure(table).axes[0]) for p in c.patches
     ]
     assert heights == [20.0, 30.0, 1.0, 22.0, 31.0, 24.0, 33.0, 2.0]
     empty = plot.ablation_figure({})

@@ -1,23 +1,23 @@
 """train.py end to end at micro size: run folder, resume, DDP (gloo), errors, optimizer groups."""
+
 import json
 import os
 import re
 import subprocess
 import sys
 
+import helpers
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-import catalog
-import model
-import helpers
-import text
-import train
-from demo import prepare_demo
-from errors import UserError, cli
 from toy_data import custom_root
+
+import model as text
+import train
+from plumbing import catalog
+from plumbing.demo import prepare_demo
+from plumbing.errors import UserError, cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,8 +56,23 @@ def npy(path, shape):
 
 
 def micro_args(root, out, *extra):
-    return ["--data-root", root, "--out", str(out), "--ratio", "1/4", "--crop", "64", "--batch", "2",
-            "--workers", "0", "--log-every", "1", *extra]
+    return [
+        "--data-root",
+        root,
+        "--out",
+        str(out),
+        "--ratio",
+        "1/4",
+        "--crop",
+        "64",
+        "--batch",
+        "2",
+        "--workers",
+        "0",
+        "--log-every",
+        "1",
+        *extra,
+    ]
 
 
 def weights(run):
@@ -67,19 +82,43 @@ def weights(run):
 def test_run_folder_has_every_file(micro_root, tmp_path):
     out = tmp_path / "run"
     train.main(micro_args(micro_root, out, "--iters", "3"))
-    for name in ("config.json", "log.jsonl", "last.pt", "best.pt", "metrics.json",
-                 "splits/labeled.txt", "splits/unlabeled.txt", "splits/val.txt"):
+    for name in (
+        "config.json",
+        "log.jsonl",
+        "last.pt",
+        "best.pt",
+        "metrics.json",
+        "splits/labeled.txt",
+        "splits/unlabeled.txt",
+        "splits/val.txt",
+    ):
         assert (out / name).is_file(), name
     cfg = json.load(open(out / "config.json"))
-    assert cfg["size"] == "tiny" and cfg["tau"] == 0.95 and cfg["versions"]["torch"] == torch.__version__
+    assert (
+        cfg["size"] == "tiny"
+        and cfg["tau"] == 0.95
+        and cfg["versions"]["torch"] == torch.__version__
+    )
     metrics = json.load(open(out / "metrics.json"))
     assert set(metrics["last"]["results"]) == {"clip", "dinov3", "fused"}
     assert set(metrics["last"]["results"]["fused"]["iou"]) == set(catalog.DATASETS["demo"].classes)
     records = [json.loads(line) for line in open(out / "log.jsonl")]
     train_recs = [r for r in records if r["type"] == "train"]
     assert [r["step"] for r in train_recs] == [1, 2, 3]
-    for key in ("clip/sup", "clip/s1", "clip/s2", "clip/fp", "clip/sta", "dinov3/sta", "lambda",
-                "clip/conf_ratio", "fused/pl_acc", "fused/pl_cov", "lr", "step_s"):
+    for key in (
+        "clip/sup",
+        "clip/s1",
+        "clip/s2",
+        "clip/fp",
+        "clip/sta",
+        "dinov3/sta",
+        "lambda",
+        "clip/conf_ratio",
+        "fused/pl_acc",
+        "fused/pl_cov",
+        "lr",
+        "step_s",
+    ):
         assert key in train_recs[-1], key
     assert any(r["type"] == "eval" for r in records)
     # the lists written into the run folder are exactly the ones used (4 = floor(16 / 4) labelled)
@@ -109,16 +148,28 @@ def test_resume_matches_uninterrupted_run(micro_root, tmp_path):
     assert [r["step"] for r in l2] == [2, 4, 5]
     for rec, steps in zip(l2, ([0, 1], [2, 3], [4])):
         for k in ("clip/sup", "dinov3/loss", "clip/s1"):
-            assert rec[k] == pytest.approx(sum(la[i][k] for i in steps) / len(steps), abs=2e-5), (rec["step"], k)
+            assert rec[k] == pytest.approx(sum(la[i][k] for i in steps) / len(steps), abs=2e-5), (
+                rec["step"],
+                k,
+            )
 
 
 def test_param_groups_and_poly_lr():
     """The paper's groups (METHOD.md section 5): attention x0.01, head x10, queries x1 of lr 1e-4."""
-    cfg = train.resolve(train.get_args(["--dataset", "potsdam", "--size", "tiny", "--dinov3-weights", "some/folder"]))
-    assert (cfg["crop"], cfg["epochs"], cfg["batch"], cfg["tau"]) == (512, 80, 4, 0.95)   # global batch 4
+    cfg = train.resolve(
+        train.get_args(
+            ["--dataset", "potsdam", "--size", "tiny", "--dinov3-weights", "some/folder"]
+        )
+    )
+    assert (cfg["crop"], cfg["epochs"], cfg["batch"], cfg["tau"]) == (
+        512,
+        80,
+        4,
+        0.95,
+    )  # global batch 4
     whdld = train.resolve(train.get_args(["--dataset", "whdld"]))
-    assert (whdld["batch"], whdld["crop"]) == (8, 256)                # the release's 4 GPUs x 2
-    assert cfg["recipe"].startswith("paper")                       # a pretrained student: the paper's recipe
+    assert (whdld["batch"], whdld["crop"]) == (8, 256)  # the release's 4 GPUs x 2
+    assert cfg["recipe"].startswith("paper")  # a pretrained student: the paper's recipe
     hyper = {k: cfg[k] for k in train.HYPER}
     s = helpers.student("dinov3", 6, size="tiny")
     groups = {g["name"]: g for g in train.param_groups(s, **hyper)}
@@ -127,28 +178,59 @@ def test_param_groups_and_poly_lr():
     assert groups["dinov3.queries"]["lr"] == pytest.approx(1e-4)
     n_trainable = sum(p.numel() for p in s.parameters() if p.requires_grad)
     assert sum(p.numel() for g in groups.values() for p in g["params"]) == n_trainable
-    assert train.poly(51, 100) == pytest.approx(0.5 ** 0.9) and train.poly(0, 100) == train.poly(1, 100) == 1
-    demo = train.resolve(train.get_args([]))  # random students: the from-scratch recipe, flags still win
-    assert (demo["lr"], demo["backbone_lr_mult"], demo["head_lr_mult"], demo["size"]) == (5e-4, 0.5, 1.0, "tiny")
-    assert demo["train_backbone"] == "all"                               # random weights: the whole backbone learns
+    assert (
+        train.poly(51, 100) == pytest.approx(0.5**0.9)
+        and train.poly(0, 100) == train.poly(1, 100) == 1
+    )
+    demo = train.resolve(
+        train.get_args([])
+    )  # random students: the from-scratch recipe, flags still win
+    assert (demo["lr"], demo["backbone_lr_mult"], demo["head_lr_mult"], demo["size"]) == (
+        5e-4,
+        0.5,
+        1.0,
+        "tiny",
+    )
+    assert demo["train_backbone"] == "all"  # random weights: the whole backbone learns
     assert demo["recipe"].startswith("scratch")
     assert train.resolve(train.get_args(["--lr", "1e-4"]))["lr"] == 1e-4
-    tiny = train.resolve(train.get_args(["--dataset", "potsdam", "--size", "tiny"]))   # any dataset, random students
+    tiny = train.resolve(
+        train.get_args(["--dataset", "potsdam", "--size", "tiny"])
+    )  # any dataset, random students
     assert tiny["lr"] == 5e-4 and tiny["recipe"].startswith("scratch")
-    paper = train.resolve(train.get_args(["--dataset", "potsdam"]))                    # base: pretrained by default
+    paper = train.resolve(train.get_args(["--dataset", "potsdam"]))  # base: pretrained by default
     assert paper["lr"] == 1e-4 and paper["train_backbone"] == "attention"
-    assert train.resolve(train.get_args(["--train-backbone", "attention"]))["train_backbone"] == "attention"
-    released = train.resolve(train.get_args(["--dataset", "potsdam", "--dinov3-weights", "release-init"]))
+    assert (
+        train.resolve(train.get_args(["--train-backbone", "attention"]))["train_backbone"]
+        == "attention"
+    )
+    released = train.resolve(
+        train.get_args(["--dataset", "potsdam", "--dinov3-weights", "release-init"])
+    )
     assert released["recipe"].startswith("paper") and released["train_backbone"] == "attention"
     s = helpers.student("dinov3", 6, size="tiny", train_backbone="all")
     assert all(p.requires_grad for p in s.backbone.parameters())
 
 
-def test_a_random_clip_student_gets_the_stand_in_class_embeddings_on_any_dataset(micro_root, tmp_path, capsys):
+def test_a_random_clip_student_gets_the_stand_in_class_embeddings_on_any_dataset(
+    micro_root, tmp_path, capsys
+):
     """A random text tower gives near-identical class embeddings; a CLIP student without weights reads
     fixed, well-separated stand-in rows instead, on every dataset, and the run says so once."""
-    train.main(micro_args(micro_root, tmp_path / "r", "--iters", "1", "--dataset", "custom", "--size", "tiny",
-                          "--data-root", custom_root(tmp_path / "c")))
+    train.main(
+        micro_args(
+            micro_root,
+            tmp_path / "r",
+            "--iters",
+            "1",
+            "--dataset",
+            "custom",
+            "--size",
+            "tiny",
+            "--data-root",
+            custom_root(tmp_path / "c"),
+        )
+    )
     out = capsys.readouterr().out
     assert out.count("CLIP class embeddings: stand-in") == 1
     cfg = json.load(open(tmp_path / "r" / "config.json"))
@@ -157,15 +239,27 @@ def test_a_random_clip_student_gets_the_stand_in_class_embeddings_on_any_dataset
     assert torch.equal(clip, text.stand_in_embeddings(5, 128))
     # a user's own (missing) file is an error, never silently replaced by the stand-in
     with pytest.raises(UserError, match="mine.npy"):
-        train.main(micro_args(micro_root, tmp_path / "r2", "--iters", "1", "--text-embeddings", str(tmp_path / "mine.npy")))
+        train.main(
+            micro_args(
+                micro_root,
+                tmp_path / "r2",
+                "--iters",
+                "1",
+                "--text-embeddings",
+                str(tmp_path / "mine.npy"),
+            )
+        )
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--dataset", "potsdm"], "valid: potsdam"),
-    (["--students", "clip,resnet"], "one or two of clip, dinov3"),
-    (["--best-by", "dinov3"], "valid for these students: clip1, clip2, fused"),
-    (["--method", "fixmatch"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dataset", "potsdm"], "valid: potsdam"),
+        (["--students", "clip,resnet"], "one or two of clip, dinov3"),
+        (["--best-by", "dinov3"], "valid for these students: clip1, clip2, fused"),
+        (["--method", "fixmatch"], "invalid choice"),
+    ],
+)
 def test_bad_flags_are_clear(argv, message, capsys):
     if argv[0] == "--best-by":
         argv = ["--students", "clip,clip"] + argv
@@ -186,7 +280,9 @@ def user_error(main, argv, capsys):
     with pytest.raises(SystemExit) as e:
         cli(lambda: main(argv))
     err = capsys.readouterr().err
-    lines = [line for line in re.split(r"[\r\n]", err) if line.strip()]   # progress bars rewrite their line with \r
+    lines = [
+        line for line in re.split(r"[\r\n]", err) if line.strip()
+    ]  # progress bars rewrite their line with \r
     assert e.value.code == 2 and "Traceback" not in err and lines[-1].startswith("error: "), err
     assert sum("error" in line for line in lines) == 1, err
     return lines[-1]
@@ -195,28 +291,63 @@ def user_error(main, argv, capsys):
 def test_user_mistakes_exit_2_with_one_message_and_no_traceback(micro_root, tmp_path, capsys):
     root = custom_root(tmp_path / "c")
     run = lambda *extra: micro_args(micro_root, tmp_path / "r", "--iters", "1", *extra)
-    err = user_error(train.main, run("--dataset", "potsdam", "--data-root", str(tmp_path / "no-such")), capsys)
+    err = user_error(
+        train.main, run("--dataset", "potsdam", "--data-root", str(tmp_path / "no-such")), capsys
+    )
     assert "no-such" in err and "python download.py potsdam" in err
     assert "they have: 1/32, 1/24, 1/16, 1/8, 1/4" in user_error(
-        train.main, run("--dataset", "potsdam", "--ratio", "1/2", "--data-root", root), capsys)
+        train.main, run("--dataset", "potsdam", "--ratio", "1/2", "--data-root", root), capsys
+    )
     assert "no last.pt" in user_error(train.main, ["--resume", str(tmp_path)], capsys)
     assert "shape (3, 7), expected (5, 128)" in user_error(
-        train.main, run("--dataset", "custom", "--size", "tiny", "--data-root", root,
-                        "--text-embeddings", npy(tmp_path / "t.npy", (3, 7))), capsys)
+        train.main,
+        run(
+            "--dataset",
+            "custom",
+            "--size",
+            "tiny",
+            "--data-root",
+            root,
+            "--text-embeddings",
+            npy(tmp_path / "t.npy", (3, 7)),
+        ),
+        capsys,
+    )
     # bad files: each is found by the scan before the first step, and named
-    for damage, message in ((bad_label_value, "value(s) [9]"), (truncate_image, "cannot read image"),
-                            (resize_label, "size mismatch")):
+    for damage, message in (
+        (bad_label_value, "value(s) [9]"),
+        (truncate_image, "cannot read image"),
+        (resize_label, "size mismatch"),
+    ):
         broken = custom_root(tmp_path / damage.__name__)
         name = damage(broken)
-        err = user_error(train.main, run("--dataset", "custom", "--size", "tiny", "--data-root", broken,
-                                         "--out", str(tmp_path / damage.__name__ / "run")), capsys)
+        err = user_error(
+            train.main,
+            run(
+                "--dataset",
+                "custom",
+                "--size",
+                "tiny",
+                "--data-root",
+                broken,
+                "--out",
+                str(tmp_path / damage.__name__ / "run"),
+            ),
+            capsys,
+        )
         assert message in err and name in err, err
-        assert not os.path.exists(tmp_path / damage.__name__ / "run" / "log.jsonl")   # stopped before any step
+        assert not os.path.exists(
+            tmp_path / damage.__name__ / "run" / "log.jsonl"
+        )  # stopped before any step
 
 
 def test_eval_of_a_missing_checkpoint_exits_2(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), str(tmp_path / "run")],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "eval.py"), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "run" in proc.stderr
 
 
@@ -224,26 +355,68 @@ def test_a_corrupt_val_image_stops_the_cli_in_seconds_with_exit_2(micro_root, tm
     """A bad validation file is found before training (not at the first evaluation an epoch later)."""
     root = custom_root(tmp_path / "c")
     name = truncate_image(root, split="val")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *micro_args(
-        micro_root, tmp_path / "r", "--dataset", "custom", "--size", "tiny", "--data-root", root)],
-        capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and name in proc.stderr, proc.stderr[-2000:]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "train.py"),
+            *micro_args(
+                micro_root,
+                tmp_path / "r",
+                "--dataset",
+                "custom",
+                "--size",
+                "tiny",
+                "--data-root",
+                root,
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and name in proc.stderr, (
+        proc.stderr[-2000:]
+    )
     assert not os.path.exists(tmp_path / "r" / "log.jsonl")
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(micro_root, tmp_path):
     out = tmp_path / "nan"
     with pytest.raises(SystemExit, match="non-finite loss"):
-        train.main(micro_args(micro_root, out, "--iters", "6", "--save-every", "1", "--lr", "1e30",
-                              "--students", "dinov3", "--best-by", "dinov3"))
+        train.main(
+            micro_args(
+                micro_root,
+                out,
+                "--iters",
+                "6",
+                "--save-every",
+                "1",
+                "--lr",
+                "1e30",
+                "--students",
+                "dinov3",
+                "--best-by",
+                "dinov3",
+            )
+        )
     state = weights(out)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
 def test_torchrun_two_processes_gloo(micro_root, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           os.path.join(ROOT, "train.py"), *micro_args(micro_root, out, "--iters", "2", "--mix-source", "rolled")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        os.path.join(ROOT, "train.py"),
+        *micro_args(micro_root, out, "--iters", "2", "--mix-source", "rolled"),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -262,9 +435,25 @@ def test_accum_on_one_process_is_the_two_process_run(micro_root, tmp_path):
     thread, so that their reductions round alike."""
     ddp, accum = tmp_path / "ddp", tmp_path / "accum"
     common = ["--iters", "3", "--batch", "2", "--eval-every", "100", "--students", "clip,dinov3"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
-           os.path.join(ROOT, "train.py"), *micro_args(micro_root, ddp, *common)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300, cwd=ROOT)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29519",
+        os.path.join(ROOT, "train.py"),
+        *micro_args(micro_root, ddp, *common),
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -275,9 +464,13 @@ def test_accum_on_one_process_is_the_two_process_run(micro_root, tmp_path):
     a, b = weights(ddp)["model"], weights(accum)["model"]
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=1e-4), k
-    torch.manual_seed(0)                                   # the start both runs shared: the steps did move the weights
-    start = train.new_model(train.resolve(train.get_args(micro_args(micro_root, accum, *common))),
-                            catalog.DATASETS["demo"])[0].state_dict()
+    torch.manual_seed(0)  # the start both runs shared: the steps did move the weights
+    start = train.new_model(
+        train.resolve(train.get_args(micro_args(micro_root, accum, *common))),
+        catalog.DATASETS["demo"],
+    )[0].state_dict()
     assert torch.equal(start["students.0.text"], a["students.0.text"])
     moved = [k for k in start if not torch.allclose(start[k], a[k])]
-    assert len(moved) > 50 and any(".mlp." in k for k in moved)    # random students: the whole backbone trains
+    assert len(moved) > 50 and any(
+        ".mlp." in k for k in moved
+    )  # random students: the whole backbone trains

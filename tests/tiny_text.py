@@ -1,9 +1,18 @@
 """A CLIP text path that runs offline at tiny size: a byte-level tokenizer and a random text tower."""
+
 import torch
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-TEXT = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512, vocab_size=514,
-            bos_token_id=512, eos_token_id=513, pad_token_id=513)   # tiny text tower (projection: the tiny proj, 128)
+TEXT = dict(
+    hidden_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=512,
+    vocab_size=514,
+    bos_token_id=512,
+    eos_token_id=513,
+    pad_token_id=513,
+)  # tiny text tower (projection: the tiny proj, 128)
 
 
 def tiny_clip_tokenizer():
@@ -23,5 +32,9 @@ def random_text_tower(proj=128, seed=0):
     """A random tiny CLIP text tower and its tokenizer, deterministic by seed."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return (CLIPTextModelWithProjection(CLIPTextConfig(**TEXT, projection_dim=proj, hidden_act="quick_gelu")),
-                tiny_clip_tokenizer())
+        return (
+            CLIPTextModelWithProjection(
+                CLIPTextConfig(**TEXT, projection_dim=proj, hidden_act="quick_gelu")
+            ),
+            tiny_clip_tokenizer(),
+        )

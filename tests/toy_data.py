@@ -1,4 +1,5 @@
 """A small custom dataset on disk, in the layout a user brings (images/, labels/, classes.txt, val.txt)."""
+
 import os
 
 import numpy as np
@@ -13,8 +14,12 @@ def custom_root(root, n=12, size=64, seed=0):
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     os.makedirs(os.path.join(root, "labels"), exist_ok=True)
     for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(os.path.join(root, "images", f"{i:02d}.png"))
-        Image.fromarray(rng.integers(0, 5, (size, size), dtype=np.uint8)).save(os.path.join(root, "labels", f"{i:02d}.png"))
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
+            os.path.join(root, "images", f"{i:02d}.png")
+        )
+        Image.fromarray(rng.integers(0, 5, (size, size), dtype=np.uint8)).save(
+            os.path.join(root, "labels", f"{i:02d}.png")
+        )
     with open(os.path.join(root, "classes.txt"), "w") as f:
         f.writelines(f"{c}\n" for c in CLASSES)
     with open(os.path.join(root, "val.txt"), "w") as f:

@@ -21,6 +21,7 @@ the paper's shapes). Prints one JSON line and a short table:
 With --eval: sliding-window inference images/s (all students + fusion) on crop-sized images.
 With --profile: the top operators of one step by device time (CPU time on a CPU).
 """
+
 import argparse
 import json
 import resource
@@ -41,21 +42,36 @@ from train import PAPER_RECIPE, param_groups
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--size", default="tiny", choices=["tiny", "base"])
 p.add_argument("--crop", type=int, default=128)
-p.add_argument("--batch", type=int, default=4,
-               help="labelled images per step (the same again unlabelled)")
+p.add_argument(
+    "--batch", type=int, default=4, help="labelled images per step (the same again unlabelled)"
+)
 p.add_argument("--classes", type=int, default=6)
 p.add_argument("--students", default="clip,dinov3")
 p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 p.add_argument("--amp", default="auto", choices=AMP)
-p.add_argument("--mix-source", default="partner", choices=["partner", "rolled"],
-               help="'same' costs what 'partner' does")
+p.add_argument(
+    "--mix-source",
+    default="partner",
+    choices=["partner", "rolled"],
+    help="'same' costs what 'partner' does",
+)
 p.add_argument("--grad-checkpoint", action="store_true")
-p.add_argument("--train-backbone", default="attention", choices=TRAIN_BACKBONE,
-               help="the paper's trainable set, or all of it (train.py's default for random students)")
-p.add_argument("--compile", action="store_true",
-               help="torch.compile blocks and heads (train.py --compile); compile time reported apart")
-p.add_argument("--frozen-bf16", action="store_true",
-               help="frozen backbone weights stored in bf16 under bf16 autocast (train.py --frozen-bf16)")
+p.add_argument(
+    "--train-backbone",
+    default="attention",
+    choices=TRAIN_BACKBONE,
+    help="the paper's trainable set, or all of it (train.py's default for random students)",
+)
+p.add_argument(
+    "--compile",
+    action="store_true",
+    help="torch.compile blocks and heads (train.py --compile); compile time reported apart",
+)
+p.add_argument(
+    "--frozen-bf16",
+    action="store_true",
+    help="frozen backbone weights stored in bf16 under bf16 autocast (train.py --frozen-bf16)",
+)
 p.add_argument("--warmup", type=int, default=2)
 p.add_argument("--steps", type=int, default=5)
 p.add_argument("--eval", action="store_true", help="also time sliding-window inference")
@@ -70,8 +86,13 @@ torch.manual_seed(0)
 kinds, N = args.students.split(","), args.classes
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    spec = ModelSpec(tuple(kinds), N, size=args.size, grad_checkpoint=args.grad_checkpoint,
-                     train_backbone=args.train_backbone)
+    spec = ModelSpec(
+        tuple(kinds),
+        N,
+        size=args.size,
+        grad_checkpoint=args.grad_checkpoint,
+        train_backbone=args.train_backbone,
+    )
     text = stand_in_embeddings(N, 512 if args.size == "base" else 128)
     model = build_model(spec, text=text).to(device).train()
 store_frozen(model, frozen_dtype(device, args.amp, args.frozen_bf16))
@@ -79,9 +100,10 @@ if args.compile:
     compile_model(model)
 students = list(model.students)
 hyper = {k: PAPER_RECIPE[k] for k in ("lr", "backbone_lr_mult", "head_lr_mult")}
-optimizers = [torch.optim.AdamW(param_groups(s, weight_decay=0.01, **hyper),
-                                fused=device.type == "cuda")
-              for s in students]
+optimizers = [
+    torch.optim.AdamW(param_groups(s, weight_decay=0.01, **hyper), fused=device.type == "cuda")
+    for s in students
+]
 amp = autocast(device, args.amp)
 scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, args.amp) == torch.float16)
 
@@ -90,16 +112,21 @@ B, C = args.batch, args.crop
 
 def unlabelled():
     box = torch.zeros(B, C, C, dtype=torch.bool, device=device)
-    box[:, C // 4: C // 2, C // 4: 3 * C // 4] = True
-    return dict(img_w=torch.randn(B, 3, C, C, device=device),
-                img_s1=torch.randn(B, 3, C, C, device=device),
-                img_s2=torch.randn(B, 3, C, C, device=device),
-                ignore=torch.zeros(B, C, C, dtype=torch.bool, device=device),
-                box1=box, box2=box.flip(-1), label=torch.randint(0, N, (B, C, C), device=device))
+    box[:, C // 4 : C // 2, C // 4 : 3 * C // 4] = True
+    return dict(
+        img_w=torch.randn(B, 3, C, C, device=device),
+        img_s1=torch.randn(B, 3, C, C, device=device),
+        img_s2=torch.randn(B, 3, C, C, device=device),
+        ignore=torch.zeros(B, C, C, dtype=torch.bool, device=device),
+        box1=box,
+        box2=box.flip(-1),
+        label=torch.randint(0, N, (B, C, C), device=device),
+    )
 
 
-batch_l = dict(img=torch.randn(B, 3, C, C, device=device),
-               label=torch.randint(0, N, (B, C, C), device=device))
+batch_l = dict(
+    img=torch.randn(B, 3, C, C, device=device), label=torch.randint(0, N, (B, C, C), device=device)
+)
 batch_u, batch_mix = unlabelled(), unlabelled() if args.mix_source == "partner" else None
 batch = co2s.Batch(batch_l, batch_u, batch_mix)
 
@@ -138,8 +165,10 @@ def floor():
     last tap)."""
     for s in students:
         with amp:
-            for x in (torch.cat([batch_l["img"], batch_u["img_w"]]),
-                      torch.cat([batch_u["img_s1"], batch_u["img_s2"]])):
+            for x in (
+                torch.cat([batch_l["img"], batch_u["img_w"]]),
+                torch.cat([batch_u["img_s1"], batch_u["img_s2"]]),
+            ):
                 sum(f.float().mean() for f in s.features(x)).backward()
             if batch_mix is not None:
                 with torch.no_grad():
@@ -150,7 +179,7 @@ def floor():
 
 if device.type == "cuda":
     torch.cuda.reset_peak_memory_stats()
-first_s = timed(step, 1)          # with --compile: the compilation of the step's shapes
+first_s = timed(step, 1)  # with --compile: the compilation of the step's shapes
 timed(step, args.warmup)
 step_s = timed(step, args.steps)
 timed(floor, 1)
@@ -159,23 +188,39 @@ counter = FlopCounterMode(display=False)
 with counter:
     step()
 tflop = counter.get_total_flops() / 1e12
-res = dict(size=args.size, crop=C, batch=f"{B}+{B}",
-           device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-           amp=str(amp_dtype(device, args.amp) or "fp32").replace("torch.", ""),
-           mix_source=args.mix_source, grad_checkpoint=args.grad_checkpoint,
-           train_backbone=args.train_backbone, compile=args.compile, frozen_bf16=args.frozen_bf16,
-           threads=torch.get_num_threads(), torch=torch.__version__,
-           compile_s=round(first_s - step_s, 2) if args.compile else 0,
-           step_s=round(step_s, 4), img_per_s=round(2 * B / step_s, 2), tflop=round(tflop, 3),
-           tflop_s=round(tflop / step_s, 2), floor_s=round(floor_s, 4), ratio=round(step_s / floor_s, 3))
+res = dict(
+    size=args.size,
+    crop=C,
+    batch=f"{B}+{B}",
+    device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    amp=str(amp_dtype(device, args.amp) or "fp32").replace("torch.", ""),
+    mix_source=args.mix_source,
+    grad_checkpoint=args.grad_checkpoint,
+    train_backbone=args.train_backbone,
+    compile=args.compile,
+    frozen_bf16=args.frozen_bf16,
+    threads=torch.get_num_threads(),
+    torch=torch.__version__,
+    compile_s=round(first_s - step_s, 2) if args.compile else 0,
+    step_s=round(step_s, 4),
+    img_per_s=round(2 * B / step_s, 2),
+    tflop=round(tflop, 3),
+    tflop_s=round(tflop / step_s, 2),
+    floor_s=round(floor_s, 4),
+    ratio=round(step_s / floor_s, 3),
+)
 if args.eval:
     model.eval()
     imgs = torch.randn(1, 3, C, C, device=device)
     with amp:
         res["eval_img_per_s"] = round(1 / timed(lambda: predict(model, imgs, C), args.steps), 2)
     model.train()
-res["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+res["peak_mem_mb"] = round(
+    torch.cuda.max_memory_allocated() / 2**20
+    if device.type == "cuda"
+    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    1,
+)
 print(json.dumps(res))
 for k, v in res.items():
     print(f"  {k:<15} {v}")

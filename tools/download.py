@@ -15,7 +15,9 @@ from plumbing.errors import cli
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=f"Download a paper dataset from {HUB_DATASETS} into the loader's layout.")
+    p = argparse.ArgumentParser(
+        description=f"Download a paper dataset from {HUB_DATASETS} into the loader's layout."
+    )
     p.add_argument("dataset", choices=[d for d in DATASETS if DATASETS[d].hub_folder])
     p.add_argument("--data-root", default=None, help="default data/<dataset>")
     args = p.parse_args(argv)

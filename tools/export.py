@@ -4,7 +4,7 @@
     hf upload USER/co2s-potsdam-1_16 co2s-potsdam-1_16                # publish it
     python eval.py USER/co2s-potsdam-1_16 --predict tiles/ --out masks/   # anyone: cached once
 
-    from model import Co2S; model = Co2S.from_pretrained("USER/co2s-potsdam-1_16")   # in Python
+    from plumbing.runs import load_model; model = load_model("USER/co2s-potsdam-1_16")
 
 The folder: config.json (what rebuilds the model: model_args, the dataset's classes and palette
 with id2label / label2id, the run's settings WITHOUT the paths of the machine that trained it, the
@@ -24,20 +24,27 @@ import shutil
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from plumbing.runs import (EXPORT, is_export, read_checkpoint, read_json, replacing,
-                           resolve_checkpoint, run_folder, write_json)
+from plumbing.atomic import read_json, replacing, write_json
 from plumbing.catalog import DatasetInfo, dataset_info
 from plumbing.errors import UserError, cli
+from plumbing.runs import EXPORT, is_export, read_checkpoint, resolve_checkpoint, run_folder
 from plumbing.weights import DEFAULT_WEIGHTS
 
 # the settings of a run that are paths of the machine that trained it (dropped from config.json)
 PATHS = ("out", "resume", "data_root", "splits", "init", "text_embeddings", "command")
-DATA_LICENCES = {"potsdam": "ISPRS 2D semantic labelling benchmark terms (research use)",
-                 "loveda": "CC BY-NC-SA 4.0", "demo": "synthetic (plumbing/demo.py)"}
+DATA_LICENCES = {
+    "potsdam": "ISPRS 2D semantic labelling benchmark terms (research use)",
+    "loveda": "CC BY-NC-SA 4.0",
+    "demo": "synthetic (plumbing/demo.py)",
+}
 # (hub licence id, name, link) of the pretrained weights a student starts from
 WEIGHT_LICENCES = {
     "clip": ("mit", "MIT (OpenAI CLIP)", "https://github.com/openai/CLIP/blob/main/LICENSE"),
-    "dinov3": ("other", "DINOv3 License (Meta)", "https://ai.meta.com/resources/models-and-libraries/dinov3-license/"),
+    "dinov3": (
+        "other",
+        "DINOv3 License (Meta)",
+        "https://ai.meta.com/resources/models-and-libraries/dinov3-license/",
+    ),
 }
 
 
@@ -57,19 +64,27 @@ def export(checkpoint, out_dir):
         w = cfg.get(f"{kind}_weights")
         cfg[f"{kind}_weights"] = w if w is None or not os.path.exists(w) else "a local folder"
     classes = list(info.classes)
-    config = dict(format=EXPORT, version=2, model_args=state["model_args"], cfg=cfg,
-                  dataset_info=dataclasses.asdict(info), step=state["step"],
-                  total_steps=saved.get("total_iters"), chosen_by=state["best"].get("by"),
-                  results=results_of(state, folder),
-                  text_source=public(saved.get("text_source") or state.get("text_source")),
-                  id2label={str(i): c for i, c in enumerate(classes)},
-                  label2id={c: i for i, c in enumerate(classes)})
+    config = dict(
+        format=EXPORT,
+        version=2,
+        model_args=state["model_args"],
+        cfg=cfg,
+        dataset_info=dataclasses.asdict(info),
+        step=state["step"],
+        total_steps=saved.get("total_iters"),
+        chosen_by=state["best"].get("by"),
+        results=results_of(state, folder),
+        text_source=public(saved.get("text_source") or state.get("text_source")),
+        id2label={str(i): c for i, c in enumerate(classes)},
+        label2id={c: i for i, c in enumerate(classes)},
+    )
     os.makedirs(out_dir, exist_ok=True)
     write_weights(state["model"], os.path.join(out_dir, "model.safetensors"))
     write_json(os.path.join(out_dir, "config.json"), config)
     if os.path.isdir(os.path.join(folder, "splits")):
-        shutil.copytree(os.path.join(folder, "splits"), os.path.join(out_dir, "splits"),
-                        dirs_exist_ok=True)
+        shutil.copytree(
+            os.path.join(folder, "splits"), os.path.join(out_dir, "splits"), dirs_exist_ok=True
+        )
     with replacing(os.path.join(out_dir, "README.md")) as tmp:
         model_card(config).save(tmp)
     for dirpath, _, names in os.walk(out_dir):  # readable by all, whatever wrote them
@@ -86,8 +101,10 @@ def check_target(out_dir, run_dir):
     if os.path.abspath(out_dir) == os.path.abspath(run_dir):
         raise UserError(f"export target {out_dir!r} is the run folder itself: pass a new folder")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not is_export(out_dir):
-        raise UserError(f"export target {out_dir!r} holds files that are not an export: "
-                        f"{sorted(os.listdir(out_dir))[:4]}; pass a new or empty folder")
+        raise UserError(
+            f"export target {out_dir!r} holds files that are not an export: "
+            f"{sorted(os.listdir(out_dir))[:4]}; pass a new or empty folder"
+        )
 
 
 def write_weights(tensors, path):
@@ -115,6 +132,44 @@ def results_of(state, folder):
     return last.get("results") if last.get("step") == state["step"] else None
 
 
+def card_data(config, base, licences):
+    """The card's metadata as the hub parses it: licence, base models, task, dataset, results."""
+    cfg, res = config["cfg"], config["results"] or {}
+    dataset = cfg["dataset"]
+    hub_licence = (
+        "other"
+        if any(lic[0] == "other" for lic in licences)
+        else licences[0][0]
+        if licences
+        else "unknown"
+    )
+    other = next((lic for lic in licences if lic[0] == "other"), None)
+    results = [
+        EvalResult(
+            task_type="image-segmentation",
+            dataset_type=dataset,
+            dataset_name=dataset,
+            dataset_split="val",
+            metric_type="mean_iou",
+            metric_name=f"mIoU ({name})",
+            metric_value=round(100 * r["miou"], 2),
+        )
+        for name, r in res.items()
+    ]
+    return ModelCardData(
+        license=hub_licence,
+        license_name="dinov3-license" if other else None,
+        license_link=other[2] if other else None,
+        library_name="co2s",
+        pipeline_tag="image-segmentation",
+        base_model=base or None,
+        datasets=[dataset],
+        tags=["semantic-segmentation", "remote-sensing", "semi-supervised"],
+        model_name=f"co2s-{dataset}-{cfg['ratio']}",
+        eval_results=results or None,
+    )
+
+
 def model_card(config):
     """The README.md of an export: metadata the hub indexes (ModelCardData), then what the model
     is, how good, how it was trained and under which terms; every sentence true of this model."""
@@ -124,26 +179,17 @@ def model_card(config):
     pretrained = {k: w for k, w in pretrained.items() if w and w != "release-init"}
     base = [w for w in pretrained.values() if w != "a local folder"]
     licences = [WEIGHT_LICENCES[k] for k in pretrained]
-    hub_licence = ("other" if any(lic[0] == "other" for lic in licences) else
-                   licences[0][0] if licences else "unknown")
-    other = next((lic for lic in licences if lic[0] == "other"), None)
-    results = [EvalResult(task_type="image-segmentation", dataset_type=dataset, dataset_name=dataset,
-                          dataset_split="val", metric_type="mean_iou", metric_name=f"mIoU ({name})",
-                          metric_value=round(100 * r["miou"], 2)) for name, r in res.items()]
-    data = ModelCardData(
-        license=hub_licence, license_name="dinov3-license" if other else None,
-        license_link=other[2] if other else None, library_name="co2s",
-        pipeline_tag="image-segmentation", base_model=base or None, datasets=[dataset],
-        tags=["semantic-segmentation", "remote-sensing", "semi-supervised"],
-        model_name=f"co2s-{dataset}-{cfg['ratio']}", eval_results=results or None)
+    data = card_data(config, base, licences)
     names = list(res) or args["kinds"]
     miou = " | ".join(f"{100 * res[n]['miou']:.2f}" if n in res else "-" for n in names)
     step, total = config["step"], config.get("total_steps")
     when = f"the checkpoint of step {step}" + (f" of a {total}-step run" if total else "")
     if config.get("chosen_by"):
         when += f" (the best by {config['chosen_by']} mIoU)"
-    weights = ("; ".join(f"{k}: {w} ({WEIGHT_LICENCES[k][1]})" for k, w in pretrained.items())
-               or "none: every backbone started from random weights")
+    weights = (
+        "; ".join(f"{k}: {w} ({WEIGHT_LICENCES[k][1]})" for k, w in pretrained.items())
+        or "none: every backbone started from random weights"
+    )
     size = args["size"] if isinstance(args["size"], str) else "as released"
     body = f"""
 # Co2S: {dataset} {ratio}
@@ -156,7 +202,7 @@ Class embeddings of the CLIP student: {config.get("text_source") or "none (no CL
 |---|{"---|" * len(names)}
 | mIoU (%), {dataset} val, step {step} | {miou} |
 
-- in Python: `from model import Co2S; model = Co2S.from_pretrained("FOLDER_OR_HUB_ID")`
+- in Python (from the co2s repository): `from plumbing.runs import load_model; model = load_model("FOLDER_OR_HUB_ID")`
 - predict: `python eval.py FOLDER_OR_HUB_ID --predict tiles/ --out masks/`
 - evaluate: `python eval.py FOLDER_OR_HUB_ID`
 - fine-tune: `python train.py --init FOLDER_OR_HUB_ID ...`

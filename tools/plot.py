@@ -45,21 +45,13 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from errors import UserError, cli
+from plumbing.errors import UserError, cli
 
 # (log key, title, y axis): "acc" zoomed percent ending at 100 %, "share" percent 0..100 %,
 # "pct" percent from 0 up to the data, "num" a number from 0 up to the data
 PANELS = [
-    (
-        "pl_acc",
-        "(a) pseudo-label accuracy (%): confident pixels vs. hidden labels",
-        "acc",
-    ),
-    (
-        "pl_cov",
-        "(b) pseudo-label coverage (%): labelled pixels confident at tau",
-        "share",
-    ),
+    ("pl_acc", "(a) pseudo-label accuracy (%): confident pixels vs. hidden labels", "acc"),
+    ("pl_cov", "(b) pseudo-label coverage (%): labelled pixels confident at tau", "share"),
     ("conf_ratio", "(c) confident share (%): valid unlabelled pixels at tau", "share"),
     ("miou", "(d) validation mIoU (%), a marker per evaluation", "pct"),
     ("sta", "(e) stability loss L_sta (E8), before the lambda ramp", "num"),
@@ -93,12 +85,8 @@ class Log:
     @property
     def students(self):
         """Named by the '<student>/loss' keys, then by the evals' result dicts (not 'fused')."""
-        names = [
-            k[: -len("/loss")] for r in self.train for k in r if k.endswith("/loss")
-        ]
-        names += [
-            k for r in self.evals for k, v in r.items() if _result(v) and k != "fused"
-        ]
+        names = [k[: -len("/loss")] for r in self.train for k in r if k.endswith("/loss")]
+        names += [k for r in self.evals for k, v in r.items() if _result(v) and k != "fused"]
         return list(dict.fromkeys(names))
 
 
@@ -147,9 +135,7 @@ def series(log, name, key):
     run (name ignored), else the train records' '<name>/<key>'; missing values left out."""
     if key == "miou":
         pts = [(r["step"], r.get(name)) for r in log.evals]
-        pts = [
-            (s, _number(v.get("miou")) if isinstance(v, dict) else None) for s, v in pts
-        ]
+        pts = [(s, _number(v.get("miou")) if isinstance(v, dict) else None) for s, v in pts]
     elif key == "lambda":
         pts = [(r["step"], _number(r.get("lambda"))) for r in log.train]
     else:
@@ -261,9 +247,7 @@ def _draw_panel(ax, panel, logs):
 def _legend(fig, logs):
     """One run: a line per series. Several: a patch per run, then a line per style (students
     named when every run has the same ones, else 'student 1', 'student 2')."""
-    has_fused = any(
-        series(g, "fused", k) for g in logs for k in ("pl_acc", "pl_cov", "miou")
-    )
+    has_fused = any(series(g, "fused", k) for g in logs for k in ("pl_acc", "pl_cov", "miou"))
     if len(logs) == 1:
         names = logs[0].students[:2] + (["fused"] if has_fused else [])
         slots = [2 if n == "fused" else j for j, n in enumerate(names)]
@@ -277,15 +261,10 @@ def _legend(fig, logs):
         names = logs[0].students[:2] if same else ["student 1", "student 2"]
         names = [(n, STYLES[j]) for j, n in enumerate(names)]
         names += [("fused", STYLES[2])] if has_fused else []
-        handles += [
-            Line2D([], [], color="black", linestyle=s, label=n) for n, s in names
-        ]
+        handles += [Line2D([], [], color="black", linestyle=s, label=n) for n, s in names]
     if handles:
         fig.legend(
-            handles=handles,
-            loc="outside lower center",
-            ncols=min(len(handles), 8),
-            frameon=False,
+            handles=handles, loc="outside lower center", ncols=min(len(handles), 8), frameon=False
         )
 
 
@@ -367,13 +346,9 @@ def ablation_figure(table):
                 label=name,
                 error_kw={"ecolor": "black", "elinewidth": 1},
             )
-    ax.set_xticks(
-        range(len(rows)), [f"{r}\n{', '.join(table[r]['students'])}" for r in rows]
-    )
+    ax.set_xticks(range(len(rows)), [f"{r}\n{', '.join(table[r]['students'])}" for r in rows])
     ax.set_ylabel("mIoU (%) at the end of training")
-    ax.set_title(
-        "ablation: mIoU per row, mean ± std over seeds", loc="left", fontsize=11
-    )
+    ax.set_title("ablation: mIoU per row, mean ± std over seeds", loc="left", fontsize=11)
     ax.grid(True, axis="y", color="0.9")
     ax.set_axisbelow(True)
     ax.spines[["top", "right"]].set_visible(False)
@@ -403,9 +378,7 @@ def save(fig, path):
     formats = fig.canvas.get_supported_filetypes()
     if fmt not in formats:
         valid = ", ".join(f".{k}" for k in sorted(formats))
-        raise UserError(
-            f"{path}: matplotlib cannot write a {suffix} picture; use one of {valid}"
-        )
+        raise UserError(f"{path}: matplotlib cannot write a {suffix} picture; use one of {valid}")
     # the process id in the name: train.py redrawing RUN/curves.png at an evaluation and this CLI
     # drawing it at the same moment must not share a temporary file
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -422,21 +395,15 @@ def save(fig, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
-        prog="python -m tools.plot", description=__doc__.split("\n")[0]
-    )
-    p.add_argument(
-        "runs", nargs="+", help="run folders written by train.py (each holds log.jsonl)"
-    )
+    p = argparse.ArgumentParser(prog="python -m tools.plot", description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", help="run folders written by train.py (each holds log.jsonl)")
     p.add_argument(
         "--out",
         default=None,
         help="picture to write, its format from the suffix: .png, .svg, .pdf, ... "
         "(default: RUN/curves.png for one run, ./curves.png for several)",
     )
-    p.add_argument(
-        "--labels", default=None, help="comma list naming the runs (default: folders)"
-    )
+    p.add_argument("--labels", default=None, help="comma list naming the runs (default: folders)")
     args = p.parse_args(argv)
     labels = args.labels.split(",") if args.labels else None
     if labels and len(labels) != len(args.runs):

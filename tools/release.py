@@ -16,6 +16,7 @@ POTSDAM/1_32-74.30/).
 Each release key is renamed by the rule it matches in full; '{qkv}' marks a fused q, k, v tensor
 that is split in that order, '{blocks}' the DINOv3 block list (its path moved in transformers 5.2).
 """
+
 import argparse
 import math
 import os
@@ -25,35 +26,48 @@ import torch
 
 import eval as evaluation
 from model import Co2S, ModelSpec, Student, set_trainable
-from plumbing import runs
+from plumbing import atomic, runs
 from plumbing.catalog import CHOICES, dataset_info
 from plumbing.errors import UserError, cli
 from plumbing.runtime import AMP, autocast
 from plumbing.weights import blocks, build_backbone, load_text_embeddings, vit_size
 
 _W = r"(weight|bias)"
-DROPPED = "clip_encoder."   # keys a released file may carry that the authors' eval.py deletes
+DROPPED = "clip_encoder."  # keys a released file may carry that the authors' eval.py deletes
 RULES = {
     "clip": [
         (r"backbone\.cls_token", "backbone.vision_model.embeddings.class_embedding"),
         (r"backbone\.pos_embed", "backbone.vision_model.embeddings.position_embedding.weight"),
-        (r"backbone\.patch_embed\.projection\.weight",
-         "backbone.vision_model.embeddings.patch_embedding.weight"),
+        (
+            r"backbone\.patch_embed\.projection\.weight",
+            "backbone.vision_model.embeddings.patch_embedding.weight",
+        ),
         (rf"backbone\.ln0\.{_W}", r"backbone.vision_model.pre_layrnorm.\1"),
-        (rf"backbone\.layers\.(\d+)\.ln([12])\.{_W}",
-         r"backbone.vision_model.encoder.layers.\1.layer_norm\2.\3"),
-        (rf"backbone\.layers\.(\d+)\.attn\.attn\.in_proj_{_W}",
-         r"backbone.vision_model.encoder.layers.\1.self_attn.{qkv}_proj.\2"),
-        (rf"backbone\.layers\.(\d+)\.attn\.attn\.out_proj\.{_W}",
-         r"backbone.vision_model.encoder.layers.\1.self_attn.out_proj.\2"),
-        (rf"backbone\.layers\.(\d+)\.ffn\.layers\.0\.0\.{_W}",
-         r"backbone.vision_model.encoder.layers.\1.mlp.fc1.\2"),
-        (rf"backbone\.layers\.(\d+)\.ffn\.layers\.1\.{_W}",
-         r"backbone.vision_model.encoder.layers.\1.mlp.fc2.\2"),
+        (
+            rf"backbone\.layers\.(\d+)\.ln([12])\.{_W}",
+            r"backbone.vision_model.encoder.layers.\1.layer_norm\2.\3",
+        ),
+        (
+            rf"backbone\.layers\.(\d+)\.attn\.attn\.in_proj_{_W}",
+            r"backbone.vision_model.encoder.layers.\1.self_attn.{qkv}_proj.\2",
+        ),
+        (
+            rf"backbone\.layers\.(\d+)\.attn\.attn\.out_proj\.{_W}",
+            r"backbone.vision_model.encoder.layers.\1.self_attn.out_proj.\2",
+        ),
+        (
+            rf"backbone\.layers\.(\d+)\.ffn\.layers\.0\.0\.{_W}",
+            r"backbone.vision_model.encoder.layers.\1.mlp.fc1.\2",
+        ),
+        (
+            rf"backbone\.layers\.(\d+)\.ffn\.layers\.1\.{_W}",
+            r"backbone.vision_model.encoder.layers.\1.mlp.fc2.\2",
+        ),
         (rf"backbone\.ln1\.{_W}", r"backbone.vision_model.post_layernorm.\1"),
         # a 1x1 conv there, a Linear here
         (r"backbone\.proj\.weight", "backbone.visual_projection.weight"),
-        (r"_cached_text", "text")],
+        (r"_cached_text", "text"),
+    ],
     "dinov3": [
         (r"backbone\.cls_token", "backbone.embeddings.cls_token"),
         (r"backbone\.storage_tokens", "backbone.embeddings.register_tokens"),
@@ -67,7 +81,8 @@ RULES = {
         (rf"backbone\.blocks\.(\d+)\.mlp\.fc1\.{_W}", r"{blocks}.\1.mlp.up_proj.\2"),
         (rf"backbone\.blocks\.(\d+)\.mlp\.fc2\.{_W}", r"{blocks}.\1.mlp.down_proj.\2"),
         (rf"backbone\.norm\.{_W}", r"backbone.norm.\1"),
-        (r"text_provider\.emb\.weight", "queries.weight")],
+        (r"text_provider\.emb\.weight", "queries.weight"),
+    ],
     "head": [
         (rf"decode_head\.conv1\.{_W}", r"head.stem.\1"),
         (r"decode_head\.aspp\.aspp_convs\.([0-3])\.([01])\.(.+)", r"head.aspp.branches.\1.\2.\3"),
@@ -75,14 +90,22 @@ RULES = {
         (rf"decode_head\.aspp\.aspp_convs\.4\.gap\.2\.{_W}", r"head.aspp.pool.1.\1"),
         (r"decode_head\.aspp\.project\.([01])\.(.+)", r"head.aspp.project.\1.\2"),
         (rf"decode_head\.text_proj\.0\.{_W}", r"head.guide.0.\1"),
-        (rf"decode_head\.layers\.(\d)\.transformer\.ln([12])\.{_W}",
-         r"head.class_attn.\1.layer.norm\2.\3"),
-        (r"decode_head\.layers\.(\d)\.transformer\.attn\.attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)",
-         r"head.class_attn.\1.layer.self_attn.\2"),
-        (rf"decode_head\.layers\.(\d)\.transformer\.ffn\.layers\.0\.0\.{_W}",
-         r"head.class_attn.\1.layer.linear1.\2"),
-        (rf"decode_head\.layers\.(\d)\.transformer\.ffn\.layers\.1\.{_W}",
-         r"head.class_attn.\1.layer.linear2.\2"),
+        (
+            rf"decode_head\.layers\.(\d)\.transformer\.ln([12])\.{_W}",
+            r"head.class_attn.\1.layer.norm\2.\3",
+        ),
+        (
+            r"decode_head\.layers\.(\d)\.transformer\.attn\.attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)",
+            r"head.class_attn.\1.layer.self_attn.\2",
+        ),
+        (
+            rf"decode_head\.layers\.(\d)\.transformer\.ffn\.layers\.0\.0\.{_W}",
+            r"head.class_attn.\1.layer.linear1.\2",
+        ),
+        (
+            rf"decode_head\.layers\.(\d)\.transformer\.ffn\.layers\.1\.{_W}",
+            r"head.class_attn.\1.layer.linear2.\2",
+        ),
         # the deeper skip (f2) feeds up1
         (rf"decode_head\.skip_proj\.0\.0\.{_W}", r"head.up1.skip.0.\1"),
         (rf"decode_head\.skip_proj\.1\.0\.{_W}", r"head.up2.skip.0.\1"),
@@ -91,7 +114,8 @@ RULES = {
         (r"decode_head\.up([12])\.conv\.([01])\.(.+)", r"head.up\1.convs.0.\2.\3"),
         (r"decode_head\.up([12])\.conv\.3\.weight", r"head.up\1.convs.1.0.weight"),
         (rf"decode_head\.up([12])\.conv\.4\.{_W}", r"head.up\1.convs.1.1.\2"),
-        (rf"decode_head\.head\.{_W}", r"head.out.\1")],
+        (rf"decode_head\.head\.{_W}", r"head.out.\1"),
+    ],
 }
 
 
@@ -101,12 +125,16 @@ def read(path):
         # GPU tensors load on a CPU machine too
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read the released checkpoint {path!r} ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+        raise UserError(
+            f"cannot read the released checkpoint {path!r} ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+        ) from e
     sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
-        raise UserError(f"{path!r} holds no state dict (expected {{'model': ..., 'optimizer': ..., 'epoch': ...}} "
-                        f"as the authors' Co2S.py saves, or a plain state dict)")
+        raise UserError(
+            f"{path!r} holds no state dict (expected {{'model': ..., 'optimizer': ..., 'epoch': ...}} "
+            f"as the authors' Co2S.py saves, or a plain state dict)"
+        )
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     dropped = [k for k in sd if k.startswith(DROPPED)]
     # the authors' own eval.py deletes these before loading: the CLIP text tower's weights
@@ -118,23 +146,40 @@ def read(path):
 def kind_and_sizes(path, sd):
     """Which student a release state dict holds, and its sizes (model.ViTSize fields) read off the
     tensor shapes, with heads = width / 64 as in every ViT preset."""
-    kind = "clip" if "backbone.ln0.weight" in sd else "dinov3" if "backbone.storage_tokens" in sd else None
-    blocks_key, fc1 = ("backbone.layers.",
-                       "backbone.layers.0.ffn.layers.0.0.weight") if kind == "clip" else \
-                      ("backbone.blocks.", "backbone.blocks.0.mlp.fc1.weight")
-    needed = ["backbone.cls_token",
-              fc1] + (["backbone.proj.weight", "backbone.pos_embed"] if kind == "clip" else [])
+    kind = (
+        "clip"
+        if "backbone.ln0.weight" in sd
+        else "dinov3"
+        if "backbone.storage_tokens" in sd
+        else None
+    )
+    blocks_key, fc1 = (
+        ("backbone.layers.", "backbone.layers.0.ffn.layers.0.0.weight")
+        if kind == "clip"
+        else ("backbone.blocks.", "backbone.blocks.0.mlp.fc1.weight")
+    )
+    needed = ["backbone.cls_token", fc1] + (
+        ["backbone.proj.weight", "backbone.pos_embed"] if kind == "clip" else []
+    )
     if kind is None or any(k not in sd for k in needed):
-        raise UserError(f"{path!r} is not a released Co2S student (neither backbone.ln0 of the CLIP student nor "
-                        f"backbone.storage_tokens of the DINOv3 one, or missing {[k for k in needed if k not in sd]}); "
-                        f"its first keys: {list(sd)[:4]}")
+        raise UserError(
+            f"{path!r} is not a released Co2S student (neither backbone.ln0 of the CLIP student nor "
+            f"backbone.storage_tokens of the DINOv3 one, or missing {[k for k in needed if k not in sd]}); "
+            f"its first keys: {list(sd)[:4]}"
+        )
     width = sd["backbone.cls_token"].shape[-1]
-    sizes = dict(width=width,
-                 depth=1 + max(int(k.split(".")[2]) for k in sd if k.startswith(blocks_key)),
-                 heads=width // 64, mlp=sd[fc1].shape[0])
+    sizes = dict(
+        width=width,
+        depth=1 + max(int(k.split(".")[2]) for k in sd if k.startswith(blocks_key)),
+        heads=width // 64,
+        mlp=sd[fc1].shape[0],
+    )
     if kind == "clip":
-        return kind, dict(sizes, proj=sd["backbone.proj.weight"].shape[0],
-                          image_size=16 * math.isqrt(sd["backbone.pos_embed"].shape[1] - 1))
+        return kind, dict(
+            sizes,
+            proj=sd["backbone.proj.weight"].shape[0],
+            image_size=16 * math.isqrt(sd["backbone.pos_embed"].shape[1] - 1),
+        )
     return kind, dict(sizes, registers=sd["backbone.storage_tokens"].shape[1])
 
 
@@ -145,9 +190,10 @@ def convert(path, sd, kind, ours, blocks_prefix):
     out, unused = {}, []
     for key, t in sd.items():
         if key.endswith(".bias_mask") and key.removesuffix("_mask") in sd:
-            continue                                   # applied with its bias below
-        rule = next(((re.fullmatch(p, key), target) for p,
-                     target in rules if re.fullmatch(p, key)), None)
+            continue  # applied with its bias below
+        rule = next(
+            ((re.fullmatch(p, key), target) for p, target in rules if re.fullmatch(p, key)), None
+        )
         if rule is None:
             unused.append(key)
             continue
@@ -162,14 +208,20 @@ def convert(path, sd, kind, ours, blocks_prefix):
                 out[name.replace("{qkv}", part)] = chunk
             # transformers' DINOv3 has no key bias: it must be masked to 0
             elif chunk.abs().max() > 0:
-                raise UserError(f"{path!r}: {key} has a non-zero {part} part, which our model has no tensor for")
+                raise UserError(
+                    f"{path!r}: {key} has a non-zero {part} part, which our model has no tensor for"
+                )
     missing, extra = sorted(set(ours) - set(out)), sorted(set(out) - set(ours))
     if unused or missing or extra:
-        raise UserError(f"{path!r} does not match the released format: release keys not understood {unused[:6]}, "
-                        f"our tensors not filled {missing[:6]}, renamed keys we do not have {extra[:6]}")
+        raise UserError(
+            f"{path!r} does not match the released format: release keys not understood {unused[:6]}, "
+            f"our tensors not filled {missing[:6]}, renamed keys we do not have {extra[:6]}"
+        )
     for k, t in out.items():
         if t.numel() != ours[k].numel():
-            raise UserError(f"{path!r}: a tensor of shape {tuple(t.shape)} for our {k} of shape {tuple(ours[k].shape)}")
+            raise UserError(
+                f"{path!r}: a tensor of shape {tuple(t.shape)} for our {k} of shape {tuple(ours[k].shape)}"
+            )
         out[k] = t.reshape(ours[k].shape)
     return out
 
@@ -184,16 +236,22 @@ def from_release(path, text=None):
     if kind == "clip":
         text = sd["_cached_text"] if "_cached_text" in sd else text
         if text is None:
-            raise UserError(f"{path!r} holds no class embeddings (_cached_text): pass the authors' "
-                            f"concept-averaged [N, {sizes['proj']}] file with --text-embeddings")
+            raise UserError(
+                f"{path!r} holds no class embeddings (_cached_text): pass the authors' "
+                f"concept-averaged [N, {sizes['proj']}] file with --text-embeddings"
+            )
         if text.shape[1] != sizes["proj"]:
-            raise UserError(f"--text-embeddings: {text.shape[1]}-d rows, but {path!r} projects to "
-                            f"{sizes['proj']} dimensions")
+            raise UserError(
+                f"--text-embeddings: {text.shape[1]}-d rows, but {path!r} projects to "
+                f"{sizes['proj']} dimensions"
+            )
         sd = {**sd, "_cached_text": text}
         num_classes = text.shape[0]
     else:
-        text = None                     # class embeddings belong to the CLIP student only
-        num_classes = sd["text_provider.emb.weight"].shape[0] if "text_provider.emb.weight" in sd else 0
+        text = None  # class embeddings belong to the CLIP student only
+        num_classes = (
+            sd["text_provider.emb.weight"].shape[0] if "text_provider.emb.weight" in sd else 0
+        )
     # random, then every tensor from the file
     backbone = build_backbone(kind, sizes, None, "release")
     set_trainable(backbone, "attention")
@@ -218,15 +276,22 @@ def load_release(folder, dataset, data_root=None, text_embeddings=None):
     for s in students:
         n = len(s.class_embeddings())
         if n != len(info.classes):
-            raise UserError(f"the released {s.kind} student predicts {n} classes, {dataset} has "
-                            f"{len(info.classes)}: check --dataset")
+            raise UserError(
+                f"the released {s.kind} student predicts {n} classes, {dataset} has "
+                f"{len(info.classes)}: check --dataset"
+            )
     m = re.search(r"(\d+_\d+)-(\d+(?:\.\d+)?)$", os.path.basename(os.path.normpath(folder)))
     clip = next((s for s in students if s.kind == "clip"), None)
-    cfg = dict(dataset=dataset, data_root=data_root or os.path.join("data", dataset), splits=None,
-               seed=0, ratio=m.group(1) if m else info.ratios[0].replace("/", "_"),
-               release=os.path.abspath(folder),
-               # a release stores its crop's position grid
-               crop=clip.backbone.config.image_size if clip else info.crop)
+    cfg = dict(
+        dataset=dataset,
+        data_root=data_root or os.path.join("data", dataset),
+        splits=None,
+        seed=0,
+        ratio=m.group(1) if m else info.ratios[0].replace("/", "_"),
+        release=os.path.abspath(folder),
+        # a release stores its crop's position grid
+        crop=clip.backbone.config.image_size if clip else info.crop,
+    )
     return Co2S(students), info, cfg, float(m.group(2)) if m else None
 
 
@@ -236,29 +301,49 @@ def save_release(model, cfg, run_dir):
     os.makedirs(run_dir, exist_ok=True)
     kinds = tuple(s.kind for s in model.students)
     num_classes = len(model.students[0].class_embeddings())
-    spec = ModelSpec(kinds, num_classes,
-                     size=vit_size([(s.kind, s.backbone) for s in model.students]),
-                     numerics="release", fusion=model.fusion)
-    cfg = dict(cfg, students=",".join(kinds), numerics="release", fusion=model.fusion,
-               train_backbone=spec.train_backbone)
+    spec = ModelSpec(
+        kinds,
+        num_classes,
+        size=vit_size([(s.kind, s.backbone) for s in model.students]),
+        numerics="release",
+        fusion=model.fusion,
+    )
+    cfg = dict(
+        cfg,
+        students=",".join(kinds),
+        numerics="release",
+        fusion=model.fusion,
+        train_backbone=spec.train_backbone,
+    )
     runs.save_checkpoint(runs.Run(cfg, spec, model), os.path.join(run_dir, "best.pt"))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate one of the authors' released experiments "
-                                "their way (fp32, their numerics), or convert it to a run of ours.")
-    p.add_argument("release", metavar="DIR", help="an experiment folder of the release "
-                   "(best_clip.pth / best_dinov3.pth, e.g. POTSDAM/1_32-74.30)")
-    p.add_argument("--dataset", required=True, choices=CHOICES, help="the dataset it was trained on")
+    p = argparse.ArgumentParser(
+        description="Evaluate one of the authors' released experiments "
+        "their way (fp32, their numerics), or convert it to a run of ours."
+    )
+    p.add_argument(
+        "release",
+        metavar="DIR",
+        help="an experiment folder of the release "
+        "(best_clip.pth / best_dinov3.pth, e.g. POTSDAM/1_32-74.30)",
+    )
+    p.add_argument(
+        "--dataset", required=True, choices=CHOICES, help="the dataset it was trained on"
+    )
     p.add_argument("--data-root", default=None, help="dataset folder (default: data/<dataset>)")
-    p.add_argument("--text-embeddings", help="[N, 512] CLIP class embeddings, if the file lacks them")
+    p.add_argument(
+        "--text-embeddings", help="[N, 512] CLIP class embeddings, if the file lacks them"
+    )
     p.add_argument("--save", metavar="RUN_DIR", help="write the converted model as a run folder")
     p.add_argument("--amp", choices=AMP, default="off", help="autocast (off: fp32, as the authors)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
     args = p.parse_args(argv)
-    model, info, cfg, published = load_release(args.release, args.dataset, args.data_root,
-                                               args.text_embeddings)
+    model, info, cfg, published = load_release(
+        args.release, args.dataset, args.data_root, args.text_embeddings
+    )
     if args.save:
         save_release(model, cfg, args.save)
         print(f"wrote {os.path.join(args.save, 'best.pt')}")
@@ -266,15 +351,22 @@ def main(argv=None):
     model.to(device)
     loader = evaluation.split_loader(info, cfg, "val", workers=args.workers)
     cms = evaluation.evaluate(model, loader, cfg["crop"], amp=autocast(device, args.amp))
-    print(f"{args.release}: val split, {len(loader)} images, crop {cfg['crop']}, amp {args.amp}\n"
-          f"{evaluation.format_table(cms, info.classes)}")
+    print(
+        f"{args.release}: val split, {len(loader)} images, crop {cfg['crop']}, amp {args.amp}\n"
+        f"{evaluation.format_table(cms, info.classes)}"
+    )
     if published is not None:  # the folder name carries the authors' figure (never fused)
         ours = ", ".join(f"{n} {100 * cm.miou():.2f}" for n, cm in cms.items())
         print(f"published {published:.2f} | ours: {ours}")
-    result = dict(release=os.path.abspath(args.release), crop=cfg["crop"], amp=args.amp,
-                  published=published, results={n: cm.to_dict(info.classes) for n, cm in cms.items()})
+    result = dict(
+        release=os.path.abspath(args.release),
+        crop=cfg["crop"],
+        amp=args.amp,
+        published=published,
+        results={n: cm.to_dict(info.classes) for n, cm in cms.items()},
+    )
     if args.save:
-        runs.write_json(os.path.join(args.save, "eval_val.json"), result)
+        atomic.write_json(os.path.join(args.save, "eval_val.json"), result)
     return result
 
 

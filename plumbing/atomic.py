@@ -1,0 +1,62 @@
+"""plumbing/atomic.py: the one atomic write of the project, for checkpoints and JSON files.
+
+`replacing` yields a temporary path beside the target and renames it over the target only when
+the block succeeds, so a reader never sees half a file and a crash (a kill, a full disk) leaves the
+previous file intact. log.jsonl is the exception by design: it is appended to, one record a line.
+"""
+
+import contextlib
+import json
+import os
+
+import torch
+
+from plumbing.errors import UserError
+
+
+@contextlib.contextmanager
+def replacing(path):
+    """The one atomic write of the project: yields a temporary path beside `path`, renamed over it
+    when the block succeeds and removed when it fails, so a reader never sees half a file."""
+    tmp = f"{path}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_atomic(obj, path, keep_previous=False):
+    """torch.save through `replacing`. keep_previous: the file it replaces stays as <name>.prev.pt.
+    A failed write (disk full) leaves the previous files intact and is a UserError naming them."""
+    previous = os.path.splitext(path)[0] + ".prev.pt"
+    try:
+        if keep_previous and os.path.isfile(previous) and os.path.isfile(path):
+            # at most three checkpoints on disk while the new one is written
+            os.remove(previous)
+        with replacing(path) as tmp:
+            torch.save(obj, tmp)
+            if keep_previous and os.path.isfile(path):
+                os.replace(path, previous)
+    except OSError as e:
+        kept = [f for f in (path, previous) if os.path.isfile(f)]
+        raise UserError(
+            f"could not write {path} ({e.strerror or e}); kept: {', '.join(kept) or 'nothing'}; "
+            f"free some space, then continue with --resume {os.path.dirname(path) or '.'}"
+        ) from e
+
+
+def write_json(path, obj):
+    with replacing(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
