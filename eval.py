@@ -331,8 +331,9 @@ def get_args(argv=None):
 def split_loader(info, cfg, split, data_root=None, splits_dir=None, workers=2):
     """The loader of one split of a run's lists: its own (splits_dir, what train.py wrote in the
     run folder) when present, else what its config names."""
-    source = splits_dir if splits_dir and os.path.isdir(splits_dir) else cfg["splits"]
-    root = data_root or cfg["data_root"]
+    source = splits_dir if splits_dir and os.path.isdir(splits_dir) else cfg.get("splits")
+    # an exported model keeps no path of the machine that trained it: data/<dataset> by default
+    root = data_root or cfg.get("data_root") or os.path.join("data", cfg["dataset"])
     splits = data.make_splits(info, cfg["ratio"], root, source, seed=cfg["seed"])
     return data.val_loader(info, getattr(splits, split), workers=workers)
 

@@ -107,7 +107,8 @@ def test_without_network_the_error_says_what_failed_and_how_to_copy_the_data_in(
 
 def test_missing_data_without_download_names_the_folder_and_the_command(tmp_path):
     with pytest.raises(
-        UserError, match=r"no potsdam data at .*nope.*python download.py potsdam --data-root .*nope"
+        UserError,
+        match=r"no potsdam data at .*nope.*python -m tools.download potsdam --data-root .*nope",
     ):
         download.ensure(POTSDAM, str(tmp_path / "nope"))
 

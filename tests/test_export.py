@@ -14,6 +14,7 @@ import train
 from plumbing import runs
 from plumbing.demo import prepare_demo
 from plumbing.errors import cli
+from tools import export
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +46,16 @@ def run(tmp_path_factory):
 def test_an_exported_folder_evaluates_predicts_and_fine_tunes_like_its_run(run, tmp_path):
     root, out = run
     folder = tmp_path / "export"
-    ev.main([str(out), "--export", str(folder)])
+    export.main([str(out), str(folder)])
     assert sorted(os.listdir(folder)) == ["README.md", "config.json", "model.safetensors", "splits"]
     config = json.load(open(folder / "config.json"))
     assert config["format"] == runs.EXPORT and config["model_args"]["kinds"] == ["clip", "dinov3"]
     assert config["dataset_info"]["palette"][0] == [255, 255, 255] and config["text_source"]
     card = (folder / "README.md").read_text()
-    assert "mIoU (%)" in card and config["cfg"]["command"] in card and "Licences" in card
+    assert "mIoU (%)" in card and "Pretrained weights it started from: none" in card
     # the same numbers as the run it came from, on the run's own split lists
     a = ev.main([str(out), "--workers", "0"])["results"]
-    b = ev.main([str(folder), "--workers", "0"])["results"]
+    b = ev.main([str(folder), "--workers", "0", "--data-root", root])["results"]
     assert a == b
     # the same masks
     image = tmp_path / "in" / "x.png"
@@ -108,9 +109,49 @@ def test_a_hub_id_offline_is_a_clear_error(monkeypatch, capsys):
 def test_a_hub_id_resolves_to_its_downloaded_folder(run, tmp_path, monkeypatch):
     _, out = run
     folder = tmp_path / "snapshot"
-    ev.main([str(out), "--export", str(folder)])
+    export.main([str(out), str(folder)])
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id: str(folder))
     model, info, cfg = runs.load_run("someone/co2s-demo")
     assert info.classes[0] == "impervious_surface" and len(model.students) == 2
+
+
+def test_the_card_and_config_pass_the_hubs_parsing_hold_no_local_path_and_load_in_one_line(
+    run, tmp_path
+):
+    from huggingface_hub import ModelCard
+
+    root, out = run
+    folder = tmp_path / "export"
+    export.main([str(out), str(folder)])
+    card = ModelCard.load(folder / "README.md")  # the hub's own parser
+    data = card.data.to_dict()
+    assert data["pipeline_tag"] == "image-segmentation" and data["datasets"] == ["demo"]
+    assert data["license"] == "unknown" and "base_model" not in data  # random weights: no base
+    results = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    best = json.load(open(out / "metrics.json"))["best"]["results"]
+    assert results == {f"mIoU ({k})": round(100 * v["miou"], 2) for k, v in best.items()}
+    text = "".join(
+        open(os.path.join(d, f)).read()
+        for d, _, fs in os.walk(folder)
+        for f in fs
+        if f.endswith((".json", ".md", ".txt"))
+    )
+    assert str(tmp_path) not in text and root not in text and str(out) not in text  # no local path
+    config = json.load(open(folder / "config.json"))
+    assert config["id2label"]["0"] == "impervious_surface" and config["label2id"]["car"] == 4
+    assert all(
+        os.stat(os.path.join(d, f)).st_mode & 0o777 == 0o644
+        for d, _, fs in os.walk(folder)
+        for f in fs
+    )
+    from plumbing.runs import load_model
+
+    model = load_model(str(folder))  # one line
+    assert not model.training and model.names == ["clip", "dinov3", "fused"]
+    # an export never overwrites what it did not write
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "mine.txt").write_text("x")
+    with pytest.raises(SystemExit):
+        cli(lambda: export.main([str(out), str(tmp_path / "other")]))

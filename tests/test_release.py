@@ -294,9 +294,8 @@ def test_eval_release_end_to_end_then_eval_and_fine_tune_the_saved_run(released,
     folder, refs = released  # its name carries a published figure: 61.25
     root = custom_root(tmp_path / "data", n=10)
     run = tmp_path / "converted"
-    result = ev.main(
+    result = release.main(
         [
-            "--release",
             str(folder),
             "--dataset",
             "custom",
@@ -445,8 +444,6 @@ def test_text_embeddings_go_to_the_clip_student_only_and_release_evaluates_in_fp
     np.save(tmp_path / "wide.npy", np.zeros((N, 512), np.float32) + 1)
     with pytest.raises(UserError, match="512-d rows"):
         release.load_release(str(both), "custom", root, str(tmp_path / "wide.npy"))
-    args = ev.get_args(["--release", str(both), "--dataset", "custom", "--data-root", root])
+    args = release.get_args([str(both), "--dataset", "custom", "--data-root", root])
     assert args.amp == "off"
-    assert (
-        ev.get_args(["--release", str(both), "--dataset", "custom", "--amp", "auto"]).amp == "auto"
-    )
+    assert release.get_args([str(both), "--dataset", "custom", "--amp", "auto"]).amp == "auto"

@@ -116,7 +116,8 @@ def test_run_folder_has_every_file(micro_root, tmp_path):
         "clip/conf_ratio",
         "fused/pl_acc",
         "fused/pl_cov",
-        "lr",
+        "lr/clip.backbone",
+        "lr/clip.head",
         "step_s",
     ):
         assert key in train_recs[-1], key
@@ -294,7 +295,7 @@ def test_user_mistakes_exit_2_with_one_message_and_no_traceback(micro_root, tmp_
     err = user_error(
         train.main, run("--dataset", "potsdam", "--data-root", str(tmp_path / "no-such")), capsys
     )
-    assert "no-such" in err and "python download.py potsdam" in err
+    assert "no-such" in err and "python -m tools.download potsdam" in err
     assert "they have: 1/32, 1/24, 1/16, 1/8, 1/4" in user_error(
         train.main, run("--dataset", "potsdam", "--ratio", "1/2", "--data-root", root), capsys
     )

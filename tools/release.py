@@ -318,7 +318,7 @@ def save_release(model, cfg, run_dir):
     runs.save_checkpoint(runs.Run(cfg, spec, model), os.path.join(run_dir, "best.pt"))
 
 
-def main(argv=None):
+def get_args(argv=None):
     p = argparse.ArgumentParser(
         description="Evaluate one of the authors' released experiments "
         "their way (fp32, their numerics), or convert it to a run of ours."
@@ -340,7 +340,11 @@ def main(argv=None):
     p.add_argument("--amp", choices=AMP, default="off", help="autocast (off: fp32, as the authors)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
     model, info, cfg, published = load_release(
         args.release, args.dataset, args.data_root, args.text_embeddings
     )
