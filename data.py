@@ -13,10 +13,8 @@ only. On disk (the authors' prepared release): <root>/images/<file>, <root>/labe
 lists hold one `images/<file> labels/<file>` line per sample (`images/<file>` alone for an image
 without a label), relative to the data root.
 
-Batches are counted in global terms, as the release counts them (its 4 processes x per-GPU
-batch): `BatchLayout` splits a global batch over processes and accumulation steps, and an epoch has
-as many steps as the release's DistributedSampler gives (the unlabelled list padded to a multiple
-of 4). Choices, where the sources leave room: the rescale follows the released configs (short side
+Batches are counted in global terms, as the release counts them (plumbing/batches.py: its 4
+processes x per-GPU batch, its DistributedSampler's order and epoch length). Choices, where the sources leave room: the rescale follows the released configs (short side
 to base_size x U(0.5, 2.0), not UniMatch's scaling of the image's own size); augmentations are a
 pure function of (seed, epoch, index), so a resumed or re-run epoch sees the same samples whatever
 the workers. Deliberately left out: photometric distortion of the labelled view (off in the
@@ -28,24 +26,26 @@ import math
 import os
 import random
 import signal
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
-from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
+from torch.utils.data import DataLoader, Dataset
 
 from plumbing.atomic import replacing
-from plumbing.catalog import PAPER_SPLITS, RELEASE_PROCESSES, parse_ratio
+from plumbing.batches import RunSampler
+from plumbing.catalog import PAPER_SPLITS, parse_ratio
 from plumbing.errors import UserError
 from plumbing.runtime import STOP_SIGNALS
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 # --splits seeded: draw the labelled set with the run's seed instead of reading lists
 SEEDED = "seeded"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # both students take ImageNet-normalised images (METHOD.md 2)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MIX_SOURCES = ("partner", "same", "rolled")
 
 # -----------------------------------------------------------------------------
 # reading files
@@ -367,54 +367,6 @@ def write_splits(splits, folder):
             f.writelines(lines)
 
 
-def _check_pair(item, info):
-    """'' if an (image, label) pair opens and agrees in size, else what is wrong with it."""
-    img_path, label_path = item
-    try:
-        with Image.open(img_path) as im:
-            size = im.size
-            im.load()  # decodes every pixel: catches truncated and corrupt files
-        if label_path:
-            label = load_label(label_path, info)
-            if label.shape != size[::-1]:
-                return (
-                    f"size mismatch: image {img_path} is {size[0]}x{size[1]}, label {label_path} is "
-                    f"{label.shape[1]}x{label.shape[0]}"
-                )
-    except UserError as e:
-        return str(e)
-    except Exception as e:  # PIL raises many types for a bad file
-        return f"cannot read image {img_path}: {type(e).__name__}: {e}"
-    return ""
-
-
-def scan_files(splits, info, threads=8, progress=True):
-    """Before the first step: every listed image opens, every label decodes to valid classes, and
-    their sizes agree. A bad file stops the run here, in seconds, not at the first evaluation an
-    epoch later."""
-    items = splits.labeled + splits.unlabeled + splits.val
-    with ThreadPoolExecutor(threads) as pool:
-        problems = [
-            p
-            for p in tqdm(
-                pool.map(lambda it: _check_pair(it, info), items),
-                total=len(items),
-                desc="scan files",
-                disable=not progress,
-                leave=False,
-                dynamic_ncols=True,
-            )
-            if p
-        ]
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UserError(f"{problems[0]}{more}; fix or remove the file(s) from the split lists")
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # both students take ImageNet-normalised images (METHOD.md 2)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-MIX_SOURCES = ("partner", "same", "rolled")
-
 # -----------------------------------------------------------------------------
 # augmentations (METHOD.md section 5); every random draw comes from `rng`, a random.Random
 
@@ -601,87 +553,6 @@ class SemiDataset(Dataset):
 
 # -----------------------------------------------------------------------------
 # batches in global terms, and loaders: one sampler for the whole run, so the workers start once
-
-
-@dataclass(frozen=True)
-class BatchLayout:
-    """A global batch (labelled images per optimizer step, and as many unlabelled) computed by
-    `world` processes x `accum` micro-batches of `micro` images: world x accum virtual ranks, each
-    exactly one process of a (world x accum)-process run. The release: global 4 = 4 processes x 1
-    (whdld 8 = 4 x 2). pad: epochs as the release counts them, the unlabelled list padded by
-    repeating its start to a multiple of its 4 processes (and of ours), as its DistributedSampler
-    does. False: the rule of runs made before it (the remainder dropped), kept so that they resume
-    as they were started."""
-
-    global_batch: int
-    world: int = 1
-    accum: int = 1
-    rank: int = 0
-    pad: bool = True
-
-    def __post_init__(self):
-        if self.global_batch < 1 or self.accum < 1 or self.global_batch % (self.world * self.accum):
-            per = self.global_batch // self.world if self.global_batch % self.world == 0 else 0
-            valid = [str(a) for a in range(1, per + 1) if per % a == 0]
-            raise UserError(
-                f"--batch {self.global_batch} (global) does not split into {self.world} "
-                f"process(es) x --accum {self.accum} micro-batches; valid --accum: "
-                f"{', '.join(valid) or 'none (make --batch a multiple of the processes)'}"
-            )
-
-    @property
-    def ranks(self):
-        return self.world * self.accum
-
-    @property
-    def micro(self):
-        return self.global_batch // self.ranks
-
-    def epoch_order(self, perm):
-        """An epoch's permutation of the unlabelled list as it is dealt to the virtual ranks."""
-        if not self.pad:
-            return perm[: len(perm) // self.ranks * self.ranks]
-        multiple = math.lcm(RELEASE_PROCESSES, self.ranks)
-        length = -(-len(perm) // multiple) * multiple  # ceil(n / multiple) * multiple
-        return (perm * -(-length // max(len(perm), 1)))[:length]
-
-    def steps_per_epoch(self, n):
-        """Optimizer steps per pass over n unlabelled images (potsdam 1/16: 1,155; whdld 1/24:
-        533)."""
-        return len(self.epoch_order(list(range(n)))) // self.global_batch
-
-    def describe(self):
-        return (
-            f"global batch {self.global_batch} = {self.world} process{'es' if self.world > 1 else ''} "
-            f"x accum {self.accum} x micro-batch {self.micro}"
-        )
-
-
-class RunSampler(Sampler):
-    """(epoch, index) keys for the optimizer steps of `steps` (a range), layout.accum micro-batches
-    of layout.micro keys per step on this rank. Epoch e's order is a permutation seeded by seed + e,
-    dealt like DistributedSampler to the layout's virtual ranks: micro-batch j of a step on rank r
-    is what rank r x accum + j of a (world x accum)-process run gets. So --accum 4 on one GPU sees
-    the samples of the 4-GPU recipe in the same order, and one micro-batch of 4 sees the same 4
-    images per step."""
-
-    def __init__(self, n, layout, seed, steps):
-        self.n, self.layout, self.seed, self.steps = n, layout, seed, steps
-        self.steps_per_epoch = layout.steps_per_epoch(n)  # train.py refuses a layout with none
-
-    def __iter__(self):
-        order, lay = None, self.layout
-        for step in self.steps:
-            epoch, it = divmod(step, self.steps_per_epoch)
-            if order is None or order[0] != epoch:
-                gen = torch.Generator().manual_seed(self.seed + epoch)
-                order = (epoch, lay.epoch_order(torch.randperm(self.n, generator=gen).tolist()))
-            for j in range(lay.accum):
-                mine = order[1][lay.rank * lay.accum + j :: lay.ranks]
-                yield from ((epoch, i) for i in mine[it * lay.micro : (it + 1) * lay.micro])
-
-    def __len__(self):
-        return len(self.steps) * self.layout.accum * self.layout.micro
 
 
 @dataclass(frozen=True)

@@ -286,34 +286,16 @@ def predict_folder(model, palette, folder, out, crop, name=FUSED):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Evaluate a Co2S run (mIoU per student and fused, the authors' protocol), "
-        "or predict a folder of images to coloured masks."
-    )
+    doc = "Evaluate a Co2S run (mIoU per student and fused), or predict images to coloured masks."
+    p = argparse.ArgumentParser(description=doc)
     a = p.add_argument
-    a(
-        "path",
-        help="run folder (its best.pt, else last.pt), a .pt checkpoint, an exported model "
-        "folder or its hub id",
-    )
+    a("path", help="run folder (best.pt, else last.pt), .pt file, exported folder or its hub id")
     a("--split", default="val", choices=["val", "labeled"], help="split of the run's lists")
     a("--student", default="all", help="a student name of the run, 'fused' (E10) or 'all'")
     a("--data-root", default=None, help="dataset folder, if it moved since training")
-    a(
-        "--predict",
-        default=None,
-        metavar="PATH",
-        help="instead: predict this image or folder of "
-        "images at native resolution into --out (palette PNG masks)",
-    )
-    a("--out", default=None, metavar="DIR", help="with --predict: where the masks go")
-    a(
-        "--amp",
-        choices=AMP,
-        default="auto",
-        help="CUDA autocast of the forwards (auto: bf16); "
-        "the window averaging is fp32 anyway; CPU runs fp32",
-    )
+    a("--predict", default=None, metavar="PATH", help="instead: predict this image or folder")
+    a("--out", default=None, metavar="DIR", help="with --predict: where the palette PNGs go")
+    a("--amp", choices=AMP, default="auto", help="CUDA autocast (auto: bf16); CPU runs fp32")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--workers", type=int, default=2, help="data loader processes (0: in this process)")
     args = p.parse_args(argv)

@@ -41,8 +41,9 @@ from model import (
     prediction_names,
 )
 from plumbing import atomic, runs, runtime
+from plumbing.batches import BatchLayout
 from plumbing.catalog import CHOICES, dataset_info, parse_ratio
-from plumbing.download import ensure
+from plumbing.download import ensure, scan_files
 from plumbing.errors import UserError, cli
 from plumbing.weights import DEFAULT_WEIGHTS, NUMERICS
 
@@ -191,9 +192,9 @@ def resolve(args, init=None):
 
 
 def layout_of(cfg, world, rank):
-    """How the global batch splits over the processes and --accum (data.BatchLayout)."""
+    """How the global batch splits over the processes and --accum (BatchLayout)."""
     pad = cfg["epoch_rule"] == "release"
-    return data.BatchLayout(cfg["batch"], world, cfg["accum"], rank, pad=pad)
+    return BatchLayout(cfg["batch"], world, cfg["accum"], rank, pad=pad)
 
 
 def schedule(cfg, layout, n_unlabeled):
@@ -309,7 +310,7 @@ class Loop:
 
     run: runs.Run
     info: object  # plumbing.catalog.DatasetInfo
-    layout: data.BatchLayout
+    layout: BatchLayout
     device: torch.device
     window: dict = dataclasses.field(default_factory=dict)  # log key -> (sum, count)
     t_last: float = dataclasses.field(default_factory=time.time)
@@ -515,7 +516,7 @@ def prepare_data(cfg, info, splits_dir, world):
         info, cfg["ratio"], cfg["data_root"], splits_dir or cfg["splits"], seed=cfg["seed"]
     )
     if runtime.is_master():
-        data.scan_files(splits, info)
+        scan_files(splits, info)
     return splits
 
 

@@ -15,7 +15,12 @@ split lists name.
 
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
+from PIL import Image
+from tqdm import tqdm
+
+from data import load_label
 from plumbing.catalog import HUB_DATASETS, PAPER_SPLITS
 from plumbing.demo import prepare_demo
 from plumbing.errors import UserError
@@ -123,3 +128,47 @@ def verify(info, root):
             f"{len(missing)} of the {len(listed)} files named by splits/{info.name}/ are missing under "
             f"{root}, e.g. {missing[:5]}; download again (it resumes) or copy them in"
         )
+
+
+def _check_pair(item, info):
+    """'' if an (image, label) pair opens and agrees in size, else what is wrong with it."""
+    img_path, label_path = item
+    try:
+        with Image.open(img_path) as im:
+            size = im.size
+            im.load()  # decodes every pixel: catches truncated and corrupt files
+        if label_path:
+            label = load_label(label_path, info)
+            if label.shape != size[::-1]:
+                return (
+                    f"size mismatch: image {img_path} is {size[0]}x{size[1]}, label {label_path} is "
+                    f"{label.shape[1]}x{label.shape[0]}"
+                )
+    except UserError as e:
+        return str(e)
+    except Exception as e:  # PIL raises many types for a bad file
+        return f"cannot read image {img_path}: {type(e).__name__}: {e}"
+    return ""
+
+
+def scan_files(splits, info, threads=8, progress=True):
+    """Before the first step: every listed image opens, every label decodes to valid classes, and
+    their sizes agree. A bad file stops the run here, in seconds, not at the first evaluation an
+    epoch later."""
+    items = splits.labeled + splits.unlabeled + splits.val
+    with ThreadPoolExecutor(threads) as pool:
+        problems = [
+            p
+            for p in tqdm(
+                pool.map(lambda it: _check_pair(it, info), items),
+                total=len(items),
+                desc="scan files",
+                disable=not progress,
+                leave=False,
+                dynamic_ncols=True,
+            )
+            if p
+        ]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"{problems[0]}{more}; fix or remove the file(s) from the split lists")

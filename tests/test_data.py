@@ -14,8 +14,6 @@ import train  # noqa: E402
 from data import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
-    BatchLayout,
-    RunSampler,
     SemiDataset,
     Splits,
     Streams,  # noqa: E402
@@ -30,6 +28,7 @@ from data import (  # noqa: E402
     write_splits,
 )
 from eval import colorize  # noqa: E402
+from plumbing.batches import BatchLayout, RunSampler  # noqa: E402
 from plumbing.catalog import DATASETS, DatasetInfo, dataset_info, parse_ratio  # noqa: E402
 from plumbing.demo import prepare_demo  # noqa: E402
 from plumbing.errors import UserError  # noqa: E402

@@ -32,42 +32,30 @@ from plumbing.errors import UserError, cli
 from plumbing.runtime import AMP, autocast
 from plumbing.weights import blocks, build_backbone, load_text_embeddings, vit_size
 
+# fmt: off
 _W = r"(weight|bias)"
-DROPPED = "clip_encoder."  # keys a released file may carry that the authors' eval.py deletes
+DROPPED = "clip_encoder."   # keys a released file may carry that the authors' eval.py deletes
 RULES = {
     "clip": [
         (r"backbone\.cls_token", "backbone.vision_model.embeddings.class_embedding"),
         (r"backbone\.pos_embed", "backbone.vision_model.embeddings.position_embedding.weight"),
-        (
-            r"backbone\.patch_embed\.projection\.weight",
-            "backbone.vision_model.embeddings.patch_embedding.weight",
-        ),
+        (r"backbone\.patch_embed\.projection\.weight",
+         "backbone.vision_model.embeddings.patch_embedding.weight"),
         (rf"backbone\.ln0\.{_W}", r"backbone.vision_model.pre_layrnorm.\1"),
-        (
-            rf"backbone\.layers\.(\d+)\.ln([12])\.{_W}",
-            r"backbone.vision_model.encoder.layers.\1.layer_norm\2.\3",
-        ),
-        (
-            rf"backbone\.layers\.(\d+)\.attn\.attn\.in_proj_{_W}",
-            r"backbone.vision_model.encoder.layers.\1.self_attn.{qkv}_proj.\2",
-        ),
-        (
-            rf"backbone\.layers\.(\d+)\.attn\.attn\.out_proj\.{_W}",
-            r"backbone.vision_model.encoder.layers.\1.self_attn.out_proj.\2",
-        ),
-        (
-            rf"backbone\.layers\.(\d+)\.ffn\.layers\.0\.0\.{_W}",
-            r"backbone.vision_model.encoder.layers.\1.mlp.fc1.\2",
-        ),
-        (
-            rf"backbone\.layers\.(\d+)\.ffn\.layers\.1\.{_W}",
-            r"backbone.vision_model.encoder.layers.\1.mlp.fc2.\2",
-        ),
+        (rf"backbone\.layers\.(\d+)\.ln([12])\.{_W}",
+         r"backbone.vision_model.encoder.layers.\1.layer_norm\2.\3"),
+        (rf"backbone\.layers\.(\d+)\.attn\.attn\.in_proj_{_W}",
+         r"backbone.vision_model.encoder.layers.\1.self_attn.{qkv}_proj.\2"),
+        (rf"backbone\.layers\.(\d+)\.attn\.attn\.out_proj\.{_W}",
+         r"backbone.vision_model.encoder.layers.\1.self_attn.out_proj.\2"),
+        (rf"backbone\.layers\.(\d+)\.ffn\.layers\.0\.0\.{_W}",
+         r"backbone.vision_model.encoder.layers.\1.mlp.fc1.\2"),
+        (rf"backbone\.layers\.(\d+)\.ffn\.layers\.1\.{_W}",
+         r"backbone.vision_model.encoder.layers.\1.mlp.fc2.\2"),
         (rf"backbone\.ln1\.{_W}", r"backbone.vision_model.post_layernorm.\1"),
         # a 1x1 conv there, a Linear here
         (r"backbone\.proj\.weight", "backbone.visual_projection.weight"),
-        (r"_cached_text", "text"),
-    ],
+        (r"_cached_text", "text")],
     "dinov3": [
         (r"backbone\.cls_token", "backbone.embeddings.cls_token"),
         (r"backbone\.storage_tokens", "backbone.embeddings.register_tokens"),
@@ -81,8 +69,7 @@ RULES = {
         (rf"backbone\.blocks\.(\d+)\.mlp\.fc1\.{_W}", r"{blocks}.\1.mlp.up_proj.\2"),
         (rf"backbone\.blocks\.(\d+)\.mlp\.fc2\.{_W}", r"{blocks}.\1.mlp.down_proj.\2"),
         (rf"backbone\.norm\.{_W}", r"backbone.norm.\1"),
-        (r"text_provider\.emb\.weight", "queries.weight"),
-    ],
+        (r"text_provider\.emb\.weight", "queries.weight")],
     "head": [
         (rf"decode_head\.conv1\.{_W}", r"head.stem.\1"),
         (r"decode_head\.aspp\.aspp_convs\.([0-3])\.([01])\.(.+)", r"head.aspp.branches.\1.\2.\3"),
@@ -90,22 +77,14 @@ RULES = {
         (rf"decode_head\.aspp\.aspp_convs\.4\.gap\.2\.{_W}", r"head.aspp.pool.1.\1"),
         (r"decode_head\.aspp\.project\.([01])\.(.+)", r"head.aspp.project.\1.\2"),
         (rf"decode_head\.text_proj\.0\.{_W}", r"head.guide.0.\1"),
-        (
-            rf"decode_head\.layers\.(\d)\.transformer\.ln([12])\.{_W}",
-            r"head.class_attn.\1.layer.norm\2.\3",
-        ),
-        (
-            r"decode_head\.layers\.(\d)\.transformer\.attn\.attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)",
-            r"head.class_attn.\1.layer.self_attn.\2",
-        ),
-        (
-            rf"decode_head\.layers\.(\d)\.transformer\.ffn\.layers\.0\.0\.{_W}",
-            r"head.class_attn.\1.layer.linear1.\2",
-        ),
-        (
-            rf"decode_head\.layers\.(\d)\.transformer\.ffn\.layers\.1\.{_W}",
-            r"head.class_attn.\1.layer.linear2.\2",
-        ),
+        (rf"decode_head\.layers\.(\d)\.transformer\.ln([12])\.{_W}",
+         r"head.class_attn.\1.layer.norm\2.\3"),
+        (r"decode_head\.layers\.(\d)\.transformer\.attn\.attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)",
+         r"head.class_attn.\1.layer.self_attn.\2"),
+        (rf"decode_head\.layers\.(\d)\.transformer\.ffn\.layers\.0\.0\.{_W}",
+         r"head.class_attn.\1.layer.linear1.\2"),
+        (rf"decode_head\.layers\.(\d)\.transformer\.ffn\.layers\.1\.{_W}",
+         r"head.class_attn.\1.layer.linear2.\2"),
         # the deeper skip (f2) feeds up1
         (rf"decode_head\.skip_proj\.0\.0\.{_W}", r"head.up1.skip.0.\1"),
         (rf"decode_head\.skip_proj\.1\.0\.{_W}", r"head.up2.skip.0.\1"),
@@ -114,9 +93,9 @@ RULES = {
         (r"decode_head\.up([12])\.conv\.([01])\.(.+)", r"head.up\1.convs.0.\2.\3"),
         (r"decode_head\.up([12])\.conv\.3\.weight", r"head.up\1.convs.1.0.weight"),
         (rf"decode_head\.up([12])\.conv\.4\.{_W}", r"head.up\1.convs.1.1.\2"),
-        (rf"decode_head\.head\.{_W}", r"head.out.\1"),
-    ],
+        (rf"decode_head\.head\.{_W}", r"head.out.\1")],
 }
+# fmt: on
 
 
 def read(path):
