@@ -25,7 +25,6 @@ import hashlib
 import math
 import os
 import random
-import signal
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +37,7 @@ from plumbing.atomic import replacing
 from plumbing.batches import RunSampler
 from plumbing.catalog import PAPER_SPLITS, parse_ratio
 from plumbing.errors import UserError
-from plumbing.runtime import STOP_SIGNALS
+from plumbing.runtime import ignore_stop_signals, kill_workers_at_exit
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 # --splits seeded: draw the labelled set with the run's seed instead of reading lists
@@ -567,14 +566,6 @@ class Streams:
     pin_memory: bool = False
 
 
-def _ignore_stop_signals(worker_id):
-    """A loader worker ignores the stop signals (a cluster sends them to every process of the job):
-    the main process stops after the step in hand (runs.StopSignals), and needs its workers until
-    then."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
-
 def train_loaders(info, splits, layout, streams, steps, method="co2s"):
     """The loaders of one run's optimizer steps `steps` (a range), by name: 'labeled' crops, and
     unless `method` is 'supervised' (E5 only: no unlabelled image is even loaded) 'unlabeled' weak
@@ -594,6 +585,7 @@ def train_loaders(info, splits, layout, streams, steps, method="co2s"):
         order_seed = seed * 3 + 2 if streams.mix_source == "partner" else seed * 3 + 1
         todo["partner"] = ("unlabeled", splits.unlabeled, order_seed, seed * 3 + 2)
     loaders = {}
+    kill_workers_at_exit()
     for name, (mode, items, order_seed, aug_seed) in todo.items():
         ds = SemiDataset(info, items, mode, crop=streams.crop, seed=aug_seed, length=n)
         # own generator: the loader must not draw from (and so shift) the global torch RNG
@@ -605,7 +597,7 @@ def train_loaders(info, splits, layout, streams, steps, method="co2s"):
             pin_memory=streams.pin_memory,
             drop_last=True,
             generator=torch.Generator().manual_seed(order_seed),
-            worker_init_fn=_ignore_stop_signals,
+            worker_init_fn=ignore_stop_signals,
         )
     return loaders
 
@@ -615,11 +607,12 @@ def val_loader(info, items, *, workers=2, rank=0, world_size=1):
     duplicates). Its workers persist, so evaluating every epoch does not restart them."""
     items = items[rank::world_size]
     keys = [(0, i) for i in range(len(items))]
+    kill_workers_at_exit()
     return DataLoader(
         SemiDataset(info, items, "val") if items else [],
         batch_size=1,
         sampler=keys,
         num_workers=workers,
         persistent_workers=workers > 0 and bool(items),
-        worker_init_fn=_ignore_stop_signals,
+        worker_init_fn=ignore_stop_signals,
     )

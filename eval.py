@@ -36,7 +36,7 @@ from losses import IGNORE
 from model import FUSED, fuse
 from plumbing import atomic, runs
 from plumbing.errors import UserError, cli
-from plumbing.runtime import AMP, autocast, is_master
+from plumbing.runtime import AMP, Stopped, autocast, is_master
 
 # --------------------------------------------------------------------------------------------
 # Sliding window (METHOD.md section 5) and the fused prediction (E10)
@@ -205,11 +205,12 @@ def format_table(cms, class_names):
     return "\n".join(lines)
 
 
-def evaluate(model, loader, crop, stride=None, names=None, amp=None):
+def evaluate(model, loader, crop, names=None, amp=None, stop=None):
     """Confusion matrix per prediction name over the whole loader (batches of {'img', 'label'}), on
-    the model's device. amp: an autocast context (runs.autocast) or None; the window logits are
-    averaged in fp32 anyway. Restores the model's train/eval mode. Only rank 0 of a DDP run shows
-    progress."""
+    the model's device. amp: an autocast context (runtime.autocast) or None; the window logits are
+    averaged in fp32 anyway. stop: runtime.StopSignals, whose signal ends the evaluation at the
+    next image (runtime.Stopped), so a cluster's grace period is never spent on a validation pass.
+    Restores the model's train/eval mode. Only rank 0 of a DDP run shows progress."""
     names = model.check_names(names)
     device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
     num_classes = len(model.students[0].class_embeddings())
@@ -224,10 +225,15 @@ def evaluate(model, loader, crop, stride=None, names=None, amp=None):
         for batch in tqdm(
             loader, desc="eval", disable=not progress, leave=False, dynamic_ncols=True
         ):
-            # (1, 3, H, W), (1, H, W)
-            img, label = batch["img"].to(device), batch["label"].to(device)
+            if stop is not None and stop.received():
+                model.train(was_training)
+                raise Stopped
+            img, label = (
+                batch["img"].to(device),
+                batch["label"].to(device),
+            )  # (1, 3, H, W), (1, H, W)
             with ctx:
-                probs = predict(model, img, crop, stride, names, out_size=label.shape[-2:])
+                probs = predict(model, img, crop, names=names, out_size=label.shape[-2:])
             for n, p in probs.items():
                 cms[n].update(p.argmax(1), label)
     model.train(was_training)

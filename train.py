@@ -145,8 +145,17 @@ def get_args(argv=None):
     if args.best_by not in prediction_names(kinds):
         valid = ", ".join(prediction_names(kinds))
         p.error(f"--best-by {args.best_by!r}; valid for these students: {valid}")
-    if args.accum < 1 or (args.batch is not None and args.batch < 1):
-        p.error("--batch and --accum must be >= 1")
+    # every number by its range (0 is a value, not "the default"; None is)
+    ranges = dict(crop=(16, "16"), batch=(1, "1"), accum=(1, "1"), workers=(0, "0"),
+                  epochs=(1, "1"), iters=(1, "1"), log_every=(1, "1"), eval_every=(1, "1"),
+                  save_every=(0, "0"), stop_at=(0, "0"), lr=(0, "above 0"), seed=(0, "0"),
+                  weight_decay=(0, "0"), backbone_lr_mult=(0, "0"), head_lr_mult=(0, "0"))
+    for k, (low, text) in ranges.items():
+        v = getattr(args, k)
+        if v is not None and (v < low or (k == "lr" and v <= 0) or v != v):
+            p.error(f"--{k.replace('_', '-')} {v}: must be {text if k == 'lr' else f'>= {text}'}")
+    if not 0 < args.tau <= 1:
+        p.error(f"--tau {args.tau}: a confidence threshold in (0, 1]")
     return args
 # fmt: on
 
@@ -313,6 +322,7 @@ class Loop:
     layout: BatchLayout
     device: torch.device
     window: dict = dataclasses.field(default_factory=dict)  # log key -> (sum, count)
+    stop: runtime.StopSignals = None  # the stop signals (set by main)
     t_last: float = dataclasses.field(default_factory=time.time)
 
     @property
@@ -350,18 +360,17 @@ class Loop:
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = runtime.setup_ddp(args.device)
-    command = "python train.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    init = None
-    if args.resume:
-        cfg, state = runs.resume(args.resume, args.iters, args.stop_at, world)
-    else:
-        init = runs.read_checkpoint(runs.resolve_checkpoint(args.init)) if args.init else None
-        cfg, state = dict(resolve(args, init), command=command), None
-        if os.path.isfile(os.path.join(cfg["out"], "last.pt")):  # the same command again
-            cfg, state = runs.requeued(cfg, args.iters, args.stop_at, world)
+    cfg, state, init, lock = configure(args, argv, rank, world)
+    try:  # the folder's lock is released however the run ends (a kill -9: by the kernel)
+        run_training(cfg, state, init, rank, world, device)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def run_training(cfg, state, init, rank, world, device):
+    """main's work once the run folder is decided and locked."""
     layout = layout_of(cfg, world, rank)  # a --batch that does not split fails here, at once
-    if rank == 0:
-        runs.check_writable(cfg["out"])  # before any model is built or downloaded
     torch.manual_seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     random.seed(cfg["seed"])
@@ -393,14 +402,66 @@ def main(argv=None):
     )
     run.model.train()
     with runtime.StopSignals(world, device) as stop:
+        loop.stop = stop
+        if state and loop.evaluates_after(run.step) and not evaluated(loop):
+            evaluate_and_keep_best(loop, val, amp)  # stopped during it: the evaluation again
         while run.step < loop.total_steps and run.step != cfg["stop_at"]:
             train_step(loop, streams, method, amp, params)
             pbar.update(1)
             after_step(loop, val, amp, pbar)
-            if stop.requested():
+            if stop.requested() and run.step < loop.total_steps:  # a finished run just ends
                 stopped(loop, stop.name)
     pbar.close()
     finish(loop)
+
+
+def configure(args, argv, rank, world):
+    """(config, the state to resume or None, the --init state or None, the run folder's lock):
+    a new run, the same command again on its folder (a requeued job continues), or --resume."""
+    command = "python train.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    init, state, lock = None, None, None
+    if args.resume:
+        check_resume_flags(args)
+    else:
+        init = runs.read_checkpoint(runs.resolve_checkpoint(args.init)) if args.init else None
+        cfg = dict(resolve(args, init), command=command)
+    out = args.resume or cfg["out"]
+    requeue = not args.resume and os.path.isfile(os.path.join(out, "last.pt"))
+    if rank == 0:  # before any model is built or downloaded; one training per folder at a time
+        runs.check_writable(out)
+        if not args.resume and not requeue:
+            runs.check_fresh(out, cfg)
+        lock = runs.lock_run(out)
+    if args.resume:
+        cfg, state = runs.resume(args.resume, args.iters, args.stop_at, world)
+    elif requeue:  # the same command again on its folder (a requeued job): continue it
+        cfg, state = runs.requeued(cfg, args.iters, args.stop_at, world)
+    return cfg, state, init, lock
+
+
+def check_resume_flags(args):
+    """--resume continues a run with its own config: a flag that would change it is an error."""
+    defaults, free = (
+        vars(get_args([])),
+        (
+            "resume",
+            "iters",
+            "stop_at",
+            "workers",
+            "device",
+            "log_every",
+            "save_every",
+            "download",
+            "compile",
+        ),
+    )
+    changed = [k for k, v in vars(args).items() if k not in free and v != defaults[k]]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in changed)
+        raise UserError(
+            f"--resume {args.resume}: {flags} cannot change a run in progress (it "
+            f"continues with its own config.json); start a new run with another --out"
+        )
 
 
 def train_step(loop, streams, method, amp, params):
@@ -448,9 +509,24 @@ def after_step(loop, val, amp, pbar):
     if loop.master and loop.saves_after(step):
         runs.save_checkpoint(run, os.path.join(run.cfg["out"], "last.pt"), keep_previous=True)
     if loop.evaluates_after(step):
+        evaluate_and_keep_best(loop, val, amp)
+
+
+def evaluate_and_keep_best(loop, val, amp):
+    """The evaluation of the step, and best.pt. A stop signal during it ends it at the next image
+    (runtime.Stopped): last.pt of the step is already written, and the resumed run repeats it."""
+    try:
         result = run_eval(loop, val, amp)
-        if loop.master:
-            keep_best(loop, result)
+    except runtime.Stopped:
+        stopped(loop, loop.stop.name)
+    if loop.master:
+        keep_best(loop, result)
+
+
+def evaluated(loop):
+    """Whether metrics.json records the evaluation of the step the run resumed at."""
+    path = os.path.join(loop.cfg["out"], "metrics.json")
+    return os.path.isfile(path) and atomic.read_json(path)["last"]["step"] == loop.run.step
 
 
 def stopped(loop, signal_name):
@@ -495,14 +571,24 @@ def build_loop(cfg, state, info, layout, device, init=None):
     ]
     fp16 = runtime.amp_dtype(device, cfg["amp"]) == torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    run = runs.Run(cfg, spec_of(cfg, len(info.classes)), model, optimizers, scaler)
+    run = runs.Run(cfg, spec_of(cfg, len(info.classes)), model, optimizers, scaler, info=info)
     if state:
         for opt, s in zip(optimizers, state["optimizers"]):
             opt.load_state_dict(s)
         scaler.load_state_dict(state["scaler"])
         runtime.set_rng_state(state["rng"])
-        run.step, run.best = state["step"], state["best"]
+        run.step, run.best = state["step"], best_of(state, cfg["out"])
     return Loop(run, info, layout, device), text_source
+
+
+def best_of(state, out):
+    """The best evaluation so far of a resumed run: its checkpoint's, or metrics.json's when that
+    one is better (an evaluation that ended after last.pt was written, then a kill)."""
+    path, best = os.path.join(out, "metrics.json"), state["best"]
+    saved = atomic.read_json(path)["best"] if os.path.isfile(path) else {}
+    if saved.get("step", state["step"] + 1) <= state["step"] and saved["miou"] > best["miou"]:
+        return saved
+    return best
 
 
 def prepare_data(cfg, info, splits_dir, world):
@@ -559,7 +645,7 @@ def run_eval(loop, loader, amp):
     """Sliding-window mIoU of every student and the fusion (eval.py); under DDP each rank takes
     its share of the images and the confusion matrices are summed."""
     run = loop.run
-    mats = evaluation.evaluate(run.model, loader, run.cfg["crop"], amp=amp)
+    mats = evaluation.evaluate(run.model, loader, run.cfg["crop"], amp=amp, stop=loop.stop)
     result = {}
     for name, cm in mats.items():
         if loop.layout.world > 1:

@@ -146,7 +146,8 @@ def _default_palette(
 
 def dataset_info(name, data_root=None):
     """DatasetInfo of a named dataset; 'custom' reads <data_root>/classes.txt, one class per line:
-    `name`, `name r,g,b` or `name r,g,b | concept a, concept b` (colour optional; '#' starts a comment).
+    `name`, `name r,g,b`, `name #rrggbb`, each optionally followed by `| concept a, concept b`; a line
+    whose first character is '#' is a comment ('#' elsewhere is part of the line: `C# water`).
     Custom labels: index PNGs, 0..N-1 classes, 255 ignore (no reduce_zero_label). Custom images are evaluated
     as stored and trained around their own size (scale U(0.5, 2.0)), whatever size the tiles are."""
     if name in DATASETS:
@@ -163,13 +164,16 @@ def dataset_info(name, data_root=None):
     with open(path) as f:
         lines = f.read().splitlines()
     for line in lines:
-        line = line.split("#")[0].strip()
-        if not line:
+        line = line.strip()
+        if not line or line.startswith("#"):  # a comment is a whole line: '#' may be in a name
             continue
         head, _, extra = line.partition("|")
-        m = re.fullmatch(r"(.+?)\s+(\d+),\s*(\d+),\s*(\d+)", head.strip())
+        m = re.fullmatch(r"(.+?)\s+(?:(\d+),\s*(\d+),\s*(\d+)|#([0-9a-fA-F]{6}))", head.strip())
         cname = m.group(1) if m else head.strip()
-        colour = tuple(int(v) for v in m.groups()[1:]) if m else _default_palette(len(classes))
+        if m and m.group(5):  # a hex colour #rrggbb
+            colour = tuple(int(m.group(5)[i : i + 2], 16) for i in (0, 2, 4))
+        else:
+            colour = tuple(int(v) for v in m.groups()[1:4]) if m else _default_palette(len(classes))
         if max(colour) > 255:
             raise UserError(f"{path}: colour {colour} of class '{cname}' is not 0..255 per channel")
         classes.append(cname)

@@ -11,13 +11,16 @@ was; log.jsonl is appended to, one record per line.
 """
 
 import dataclasses
+import fcntl
 import os
 import platform
 import re
 import shutil
+import socket
 import subprocess
 import warnings
 
+import numpy as np
 import torch
 
 from model import Co2S, ModelSpec, build_model
@@ -26,6 +29,9 @@ from plumbing.catalog import DatasetInfo, dataset_info
 from plumbing.errors import UserError
 from plumbing.runtime import is_master, rng_state
 
+# what the numpy RNG state of checkpoints written before the weights_only format pickled
+_core = getattr(np, "_core", None) or np.core  # numpy 2 renamed it; 1.x pickles name numpy.core
+OLD_RNG = [_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 # 1: before the format was versioned (cfg["batch"] per process, epochs drop the remainder)
 FORMAT = 2
 
@@ -42,6 +48,7 @@ class Run:
     scaler: object = None
     step: int = 0
     best: dict = dataclasses.field(default_factory=lambda: {"miou": -1.0})
+    info: DatasetInfo = None  # classes and palette: a prediction reads them from the checkpoint
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,6 +99,8 @@ def save_checkpoint(run, path, keep_previous=False):
         optimizers=[o.state_dict() for o in run.optimizers],
         scaler=run.scaler.state_dict() if run.scaler is not None else None,
     )
+    if run.info is not None:
+        state["dataset_info"] = dataclasses.asdict(run.info)
     save_atomic(state, path, keep_previous)
     return True
 
@@ -120,7 +129,8 @@ def resume(folder, iters=None, stop_at=None, world=1):
             f"{e}. The previous checkpoint {previous} (step {step}) is readable: "
             f"`mv {previous} {path}` and resume again to continue from it"
         ) from e
-    cfg = dict(state["cfg"], resume=folder, stop_at=stop_at)
+    # the folder being resumed is the run folder, wherever it was started (moved, copied)
+    cfg = dict(state["cfg"], resume=folder, stop_at=stop_at, out=folder)
     cfg["iters"] = iters or cfg["iters"]
     if "batch_per_process" in cfg:  # format 1 counted --batch per process: as a global batch
         cfg["batch"] = cfg.pop("batch_per_process") * world * cfg["accum"]
@@ -141,15 +151,20 @@ REQUEUE_FREE = (
 )
 
 
+def differences(saved, cfg):
+    """What a saved config sets otherwise than `cfg` (flags that may change between the runs of
+    one requeued job aside), as a readable list; empty: the same run."""
+    differ = sorted(k for k in cfg if k not in REQUEUE_FREE and k in saved and saved[k] != cfg[k])
+    return ", ".join(f"{k}: {saved[k]!r} there, {cfg[k]!r} here" for k in differ[:4])
+
+
 def requeued(cfg, iters=None, stop_at=None, world=1):
     """The same command again on a run folder with a last.pt (a requeued cluster job): continue it
     (resume) when its config is this command's `cfg`, else refuse and say what differs."""
     out = cfg["out"]
     old, state = resume(out, iters, stop_at, world)
-    saved = state["cfg"]
-    differ = sorted(k for k in cfg if k not in REQUEUE_FREE and k in saved and saved[k] != cfg[k])
-    if differ:
-        what = ", ".join(f"{k}: {saved[k]!r} there, {cfg[k]!r} here" for k in differ[:4])
+    what = differences(state["cfg"], cfg)
+    if what:
         raise UserError(
             f"--out {out} holds a run with another config ({what}); continue it with "
             f"--resume {out}, or pass another --out"
@@ -157,6 +172,54 @@ def requeued(cfg, iters=None, stop_at=None, world=1):
     if is_master():
         print(f"{out} holds last.pt of this command's run (step {state['step']}): continuing it")
     return old, state
+
+
+def check_fresh(out, cfg):
+    """A new run's --out holds nothing, or only this command's own run killed before its first
+    checkpoint (the same config.json): never another run, an export or a user's files."""
+    mine = {".lock", ".write-test"}
+    found = sorted(f for f in os.listdir(out) if f not in mine) if os.path.isdir(out) else []
+    config = os.path.join(out, "config.json")
+    if not found or (
+        os.path.isfile(config)
+        and "last.pt" not in found
+        and not is_export(out)
+        and not differences(read_json(config), cfg)
+        and set(found) <= {"config.json", "log.jsonl", "splits"}
+    ):
+        return
+    what = (
+        "an exported model"
+        if is_export(out)
+        else "another run"
+        if os.path.isfile(config)
+        else f"files not written by train.py: {found[:3]}"
+    )
+    raise UserError(
+        f"--out {out} holds {what}; pass a new folder (or --resume {out} to continue a run there)"
+    )
+
+
+def lock_run(out):
+    """One training per run folder: an OS lock on <out>/.lock for the life of the process (the
+    kernel drops it when the process dies, so a kill -9 leaves no stale lock). Returns the open
+    file: keep it. Evaluation and prediction of a running folder take no lock."""
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(
+            f"--out {out} is in use by the training of {holder}; wait for it or stop "
+            f"it, or pass another --out"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def checkpoint_bytes(model):
@@ -204,10 +267,12 @@ def read_checkpoint(path):
     a clear error otherwise."""
     if os.path.isdir(path):
         return read_export(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated, not a torch file, ...
-        raise UserError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {e})") from e
+    try:  # weights_only: a checkpoint from anywhere can never run code when it is read
+        with torch.serialization.safe_globals(OLD_RNG):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, a pickle that wants to run code, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {reason})") from e
     if not isinstance(state, dict) or not {"cfg", "model", "model_args"} <= set(state):
         raise UserError(f"{path!r} is not a checkpoint of train.py (no cfg / model / model_args)")
     if state.get("format", 1) > FORMAT:
@@ -303,7 +368,7 @@ def load_run(path, device="cpu", data_root=None, numerics=None):
     """(model in eval mode, dataset info, cfg) of anything resolve_checkpoint takes."""
     state = read_checkpoint(resolve_checkpoint(path))
     cfg = state["cfg"]
-    if "dataset_info" in state:  # an exported model carries its classes and palette
+    if "dataset_info" in state:  # a checkpoint (or an export) carries its classes and palette
         info = DatasetInfo(**state["dataset_info"])
     else:
         info = dataset_info(cfg["dataset"], data_root or cfg["data_root"])

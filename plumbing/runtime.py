@@ -7,8 +7,11 @@ is the one test of "am I rank 0". The one mixed-precision policy of train, eval 
 (`StopSignals`): the loop stops after the step in hand with last.pt written and exits 75.
 """
 
+import atexit
+import multiprocessing
 import os
 import random
+import re
 import signal
 
 import numpy as np
@@ -29,9 +32,19 @@ def is_master():
 
 
 def rng_state():
+    """Every generator a step draws from, as tensors and plain numbers only (so that checkpoints
+    load with torch.load(weights_only=True), which runs no pickled code)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy = dict(
+        name=name,
+        keys=torch.from_numpy(keys.astype(np.int64)),
+        pos=int(pos),
+        has_gauss=int(has_gauss),
+        cached=float(cached),
+    )
     return dict(
         torch=torch.get_rng_state(),
-        numpy=np.random.get_state(),
+        numpy=numpy,
         python=random.getstate(),
         cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     )
@@ -39,16 +52,51 @@ def rng_state():
 
 def set_rng_state(s):
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
+    n = s["numpy"]  # a dict (since checkpoints load weights_only), or numpy's own tuple (before)
+    if isinstance(n, dict):
+        n = (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    np.random.set_state(n)
     random.setstate(s["python"])
     if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def first_host(nodelist):
+    """The first host of a SLURM node list: 'gpu[03-05,09],cpu1' -> 'gpu03'; None if unreadable."""
+    m = re.match(r"([^,\[]+)(?:\[([0-9]+)[^\]]*\])?", nodelist.strip())
+    return (m.group(1) + (m.group(2) or "")) if m else None
+
+
+def from_slurm():
+    """`srun --ntasks N python train.py` starts N processes without torchrun: each takes its rank,
+    the world size and its local rank from SLURM's variables, and the rendezvous from the job's
+    first node (MASTER_PORT: the user's, else one derived from the job id), so the N tasks are
+    one N-process run, never N runs on one folder."""
+    tasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    if "RANK" in os.environ or tasks <= 1 or "SLURM_PROCID" not in os.environ:
+        return
+    host = first_host(os.environ.get("SLURM_JOB_NODELIST", os.environ.get("SLURM_NODELIST", "")))
+    if host is None:
+        raise UserError(
+            "srun with several tasks, but SLURM_JOB_NODELIST names no host: run one "
+            "task per node with `srun --ntasks-per-node 1 torchrun --nproc_per_node "
+            "N train.py ...` instead"
+        )
+    port = os.environ.get("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", 0)) % 1000))
+    os.environ.update(
+        RANK=os.environ["SLURM_PROCID"],
+        WORLD_SIZE=str(tasks),
+        LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
+        MASTER_ADDR=host,
+        MASTER_PORT=port,
+    )
+
+
 def setup_ddp(device=None):
-    """(rank, world, device): torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without it, one
-    process."""
+    """(rank, world, device): torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (or srun: from_slurm);
+    without either, one process."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from_slurm()
     if int(os.environ.get("RANK", -1)) == -1:
         return 0, 1, device
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -83,6 +131,38 @@ def autocast(device, amp="auto"):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def ignore_stop_signals(worker_id):
+    """A loader worker's init: it ignores the stop signals (a cluster sends them to every process
+    of the job), since the main process stops after the step in hand and needs its workers until
+    then. So that such workers never outlive their parent, whatever ends it (an error, a second
+    Ctrl-C, a worker's exception), the parent kills them at exit (kill_workers_at_exit)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _kill_children():
+    # multiprocessing's own exit handler would SIGTERM them (ignored) and wait for ever; torch's
+    # SIGCHLD handler would turn the first death into an exception here
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    children = multiprocessing.active_children()
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(5)
+
+
+def kill_workers_at_exit():
+    """Called where loaders with such workers are made: at exit, the process SIGKILLs its
+    remaining children (loader workers hold nothing that must be saved). Registered once."""
+    atexit.unregister(_kill_children)
+    atexit.register(_kill_children)  # atexit runs last-in first: before multiprocessing's
+
+
+class Stopped(Exception):
+    """Raised where work can stop early (an evaluation, at its next image) once a stop signal
+    came: the caller writes what it must and exits with EXIT_STOPPED."""
+
+
 class StopSignals:
     """SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 (SLURM's warning before the time limit) ask the loop to
     stop after the current optimizer step; a second Ctrl-C stops at once. `requested()` is the same
@@ -105,6 +185,10 @@ class StopSignals:
         if self.name == "SIGINT" and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C
         self.name = signal.Signals(signum).name
+
+    def received(self):
+        """This process got a stop signal (no collective: every rank of a job gets the signal)."""
+        return self.name is not None
 
     def requested(self):
         if self.world == 1:

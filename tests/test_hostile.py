@@ -1,0 +1,293 @@
+"""A hostile user of a shared cluster: every exit path exits, one training per folder, a checkpoint
+never decides where to write or runs code, numbers are checked, a stop during an evaluation is
+prompt, srun's tasks are one run."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import eval as evaluation
+import train
+from plumbing import catalog, runs, runtime
+from plumbing.demo import prepare_demo
+from plumbing.errors import UserError, cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def micro_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("demo"))
+    prepare_demo(root, seed=0, n_train=16, n_val=2)
+    return root
+
+
+def micro_args(root, out, *extra):
+    common = ["--data-root", root, "--out", str(out), "--ratio", "1/4", "--crop", "64"]
+    return common + ["--batch", "2", "--workers", "0", *extra]
+
+
+def exit_code(argv, capsys=None):
+    """The exit status of train.main(argv) under the command line's error contract, and stderr."""
+    with pytest.raises(SystemExit) as e:
+        cli(lambda: train.main(argv))
+    return e.value.code, capsys.readouterr().err if capsys else ""
+
+
+def run_script(code, timeout=150):
+    """Run Python code in a fresh process from the repository root; (returncode, stderr, seconds)."""
+    start = time.time()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )  # a hang fails here
+    return proc.returncode, proc.stderr, time.time() - start
+
+
+@pytest.mark.parametrize("where", ["main", "worker"])
+def test_an_error_in_the_main_process_or_in_a_loader_worker_ends_the_run(
+    micro_root, tmp_path, where
+):
+    """Loader workers ignore the stop signals; they must still never keep their parent alive."""
+    if where == "main":
+        fault = "train.log_train = lambda *a: 1 / 0"
+    else:
+        fault = (
+            "real = data.SemiDataset.__getitem__\n"
+            "def bad(self, key):\n"
+            "    if key[1] == 3: raise RuntimeError('a broken worker')\n"
+            "    return real(self, key)\n"
+            "data.SemiDataset.__getitem__ = bad"
+        )
+    argv = micro_args(micro_root, tmp_path / "r", "--iters", "4", "--log-every", "1")
+    argv[argv.index("--workers") + 1] = "2"
+    code = f"import data, train\n{fault}\ntrain.main({argv!r})"
+    rc, err, seconds = run_script(code)
+    assert rc != 0 and ("ZeroDivisionError" in err if where == "main" else "a broken worker" in err)
+    assert seconds < 150  # (run_script's timeout: a process that hangs fails the test there)
+
+
+def test_one_training_per_folder_and_a_killed_one_leaves_no_stale_lock(
+    micro_root, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    argv = micro_args(micro_root, out, "--iters", "400", "--eval-every", "100")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    first = subprocess.Popen(
+        [sys.executable, "train.py", *argv],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(600):
+            if (out / "config.json").is_file():
+                break
+            time.sleep(0.2)
+        code, err = exit_code(argv, capsys)
+        assert code == 2 and f"pid {first.pid}" in err and "in use" in err
+    finally:
+        first.kill()  # SIGKILL: no cleanup runs
+        first.wait()
+    assert (out / ".lock").is_file()
+    train.main(
+        micro_args(micro_root, out, "--iters", "400", "--eval-every", "100", "--stop-at", "1")
+    )
+    assert runs.read_checkpoint(str(out / "last.pt"))["step"] == 1
+
+
+def test_a_copied_or_moved_folder_resumes_in_place(micro_root, tmp_path):
+    original = tmp_path / "run"
+    train.main(micro_args(micro_root, original, "--iters", "2", "--stop-at", "1"))
+    copy, moved = tmp_path / "copy", tmp_path / "moved"
+    shutil.copytree(original, copy)
+    train.main(["--resume", str(copy)])
+    assert runs.read_checkpoint(str(copy / "last.pt"))["step"] == 2
+    assert runs.read_checkpoint(str(original / "last.pt"))["step"] == 1  # untouched
+    shutil.move(str(original), str(moved))
+    train.main(["--resume", str(moved)])
+    assert runs.read_checkpoint(str(moved / "last.pt"))["step"] == 2
+
+
+def test_an_out_that_holds_something_else_is_refused(micro_root, tmp_path, capsys):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("my thesis")
+    code, err = exit_code(micro_args(micro_root, foreign, "--iters", "1"), capsys)
+    assert code == 2 and "notes.txt" in err and (foreign / "notes.txt").read_text() == "my thesis"
+    run = tmp_path / "run"
+    train.main(micro_args(micro_root, run, "--iters", "1", "--eval-every", "100"))
+    (run / "last.pt").unlink()  # another run of that folder, its checkpoint deleted
+    code, err = exit_code(micro_args(micro_root, run, "--iters", "1", "--tau", "0.9"), capsys)
+    assert code == 2 and "another run" in err
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path, capsys):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"cfg": {}, "model": Payload(), "model_args": {}}, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        runs.read_checkpoint(str(tmp_path / "evil.pt"))
+    code, err = exit_code(["--init", str(tmp_path / "evil.pt")], capsys)
+    assert code == 2 and "evil.pt" in err
+    with pytest.raises(SystemExit):
+        cli(lambda: evaluation.main([str(tmp_path / "evil.pt")]))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--iters", "0"),
+        ("--iters", "-5"),
+        ("--crop", "0"),
+        ("--crop", "-16"),
+        ("--log-every", "0"),
+        ("--workers", "-1"),
+        ("--batch", "0"),
+        ("--tau", "0"),
+        ("--lr", "0"),
+        ("--epochs", "0"),
+        ("--eval-every", "0"),
+    ],
+)
+def test_every_number_is_checked_when_parsed(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.get_args([flag, value])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_a_flag_that_cannot_apply_on_resume_is_an_error(micro_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(micro_args(micro_root, out, "--iters", "2", "--stop-at", "1"))
+    code, err = exit_code(["--resume", str(out), "--lr", "1", "--batch", "4"], capsys)
+    assert code == 2 and "--lr" in err and "--batch" in err
+
+
+def test_classes_txt_takes_hex_colours_and_hashes_in_names(tmp_path):
+    (tmp_path / "classes.txt").write_text(
+        "# a comment line\nwater #0000ff | lake, river\nC# water 1,2,3\nsoil\n"
+    )
+    info = catalog.dataset_info("custom", str(tmp_path))
+    assert info.classes == ["water", "C# water", "soil"]
+    assert info.palette[:2] == [(0, 0, 255), (1, 2, 3)] and info.concepts[0] == [
+        "water",
+        "lake",
+        "river",
+    ]
+
+
+def test_a_checkpoint_carries_its_classes_and_palette(micro_root, tmp_path):
+    out = tmp_path / "run"
+    train.main(micro_args(micro_root, out, "--iters", "1", "--eval-every", "100"))
+    _, info, _ = runs.load_run(str(out / "last.pt"), data_root=str(tmp_path / "elsewhere"))
+    assert info.classes == catalog.DATASETS["demo"].classes
+    assert [tuple(c) for c in info.palette] == catalog.DATASETS["demo"].palette
+
+
+def test_sigterm_during_an_evaluation_exits_at_the_next_image_and_the_resume_repeats_it(
+    micro_root, tmp_path, monkeypatch
+):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train.main(micro_args(micro_root, full, "--iters", "12"))  # 6 steps an epoch
+    real, when = evaluation.predict, {}
+
+    def signalling(*a, **kw):  # the first image of the first evaluation: a SIGTERM arrives
+        if not when:
+            when["sent"] = time.time()
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(evaluation, "predict", signalling)
+    with pytest.raises(SystemExit) as e:
+        train.main(micro_args(micro_root, cut, "--iters", "12"))
+    seconds = time.time() - when["sent"]
+    assert e.value.code == runtime.EXIT_STOPPED and seconds < 30
+    print(f"signal to exit during an evaluation: {seconds:.2f} s")
+    step = runs.read_checkpoint(str(cut / "last.pt"))["step"]
+    assert step == 6 and not (cut / "metrics.json").exists()  # the epoch's end, not evaluated
+    monkeypatch.setattr(evaluation, "predict", real)
+    train.main(["--resume", str(cut)])
+    a, b = (json.load(open(d / "metrics.json")) for d in (full, cut))
+    assert a["last"] == b["last"] and a["best"] == b["best"]
+    evals = [json.loads(x)["step"] for x in open(cut / "log.jsonl") if '"eval"' in x]
+    assert evals == [6, 12]  # the interrupted evaluation, repeated, then the last
+
+
+def test_a_stop_after_the_last_step_of_a_finished_run_exits_0(micro_root, tmp_path, monkeypatch):
+    real = train.keep_best
+
+    def keeping(loop, result):
+        real(loop, result)
+        if loop.run.step == loop.total_steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train, "keep_best", keeping)
+    train.main(micro_args(micro_root, tmp_path / "run", "--iters", "2"))  # returns: exit 0
+    assert json.load(open(tmp_path / "run" / "metrics.json"))["done"]
+
+
+def test_a_better_best_survives_a_kill_after_its_evaluation(micro_root, tmp_path):
+    """last.pt is written before the evaluation, so it does not know that evaluation's best; the
+    resumed run takes the best from metrics.json, written with best.pt."""
+    out = tmp_path / "run"
+    train.main(micro_args(micro_root, out, "--iters", "18", "--stop-at", "6"))  # 6 steps an epoch
+    stale = runs.read_checkpoint(str(out / "last.pt"))["best"]
+    best = json.load(open(out / "metrics.json"))["best"]
+    assert stale["miou"] < best["miou"] and best["step"] == 6
+    train.main(["--resume", str(out)])
+    final = json.load(open(out / "metrics.json"))["best"]
+    assert final["miou"] >= best["miou"]
+    assert runs.read_checkpoint(str(out / "best.pt"))["step"] == final["step"]
+
+
+def test_srun_tasks_are_one_run(micro_root, tmp_path):
+    """Two tasks started as srun starts them (no torchrun): one 2-process run, one log."""
+    out = tmp_path / "run"
+    argv = micro_args(micro_root, out, "--iters", "2", "--log-every", "1", "--eval-every", "100")
+    procs = []
+    for rank in (0, 1):
+        env = dict(
+            os.environ,
+            HF_HUB_OFFLINE="1",
+            OMP_NUM_THREADS="1",
+            SLURM_NTASKS="2",
+            SLURM_PROCID=str(rank),
+            SLURM_LOCALID=str(rank),
+            SLURM_JOB_NODELIST="localhost",
+            SLURM_JOB_ID="4242",
+            MASTER_PORT="29547",
+        )
+        env.pop("RANK", None)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "train.py", *argv],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert "global batch 2 = 2 processes" in outs[0][0] and "run folder" not in outs[1][0]
+    records = [json.loads(x) for x in open(out / "log.jsonl")]
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2]
