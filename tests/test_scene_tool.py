@@ -20,13 +20,11 @@ from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine, from_origin
 
-import catalog
 import data
 import eval as ev
-import runs
-from errors import cli
-from model import ModelSpec, build_model
-from text import stand_in_embeddings
+from model import ModelSpec, build_model, stand_in_embeddings
+from plumbing import catalog, runs
+from plumbing.errors import cli
 from tools import scene as tool
 
 CROP = 64
@@ -486,7 +484,7 @@ def test_reads_are_windows_of_one_strip_never_the_whole_raster(tmp_path):
 
     with rasterio.open(path) as src:
         scene = tool.describe(Recorder(src), path, bands)
-        stride = tool.default_stride(CROP)
+        stride = ev.window_stride(CROP)
         rows = list(tool.read_rows(scene, ev.window_starts(2100, CROP, stride)[:3], CROP))
         full = src.read(list(bands))
     decimated = [c for c in calls if "out_shape" in c]

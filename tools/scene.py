@@ -72,11 +72,12 @@ from tqdm import tqdm
 
 import data
 import eval as evaluation
-import runs
-from errors import UserError, cli
-from files import IMAGE_EXTS
+from data import IMAGE_EXTS
 from losses import IGNORE
-from model import check_names, fuse
+from model import fuse
+from plumbing import runs
+from plumbing.errors import UserError, cli
+from plumbing.runtime import AMP, autocast
 
 TOOL = "co2s tools/scene.py"  # the summary's "tool": the files it lists were written here
 SCENE_EXTS = IMAGE_EXTS + (".jp2", ".j2k", ".vrt")  # what a folder's listing picks up
@@ -87,10 +88,6 @@ COLUMNS = 2048  # probabilities are computed this many columns at a time (small 
 VECTOR_BLOCK = 1024  # the finished mask is read back in such blocks for the polygons
 
 
-def default_stride(crop):  # TODO(merge): eval.window_stride
-    return crop * 5 // 6
-
-
 @dataclass
 class SceneOptions:
     """How scenes are predicted and what is written; every number checked here (0 is no default)."""
@@ -99,7 +96,7 @@ class SceneOptions:
     stride: int = None  # window stride (None: 5/6 of the crop, as evaluation)
     batch: int = 8  # windows per forward
     device: str = "cpu"  # where the students run and the open rows are summed
-    amp: object = None  # an autocast context (runs.autocast) or None
+    amp: object = None  # an autocast context (runtime.autocast) or None
     name: str = "fused"  # which prediction: 'fused' (E10) or a student's name
     bands: tuple = (1, 2, 3)  # the file's bands the students read as RGB, 1-based as in GDAL
     scale: float = None  # non-8-bit samples: value * 255 / scale (None: 2-98 % stretch)
@@ -114,11 +111,9 @@ class SceneOptions:
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
                 raise UserError(f"{key} {value!r}: must be a whole number >= 1")
-        self.stride = self.stride or default_stride(self.crop)
-        if self.stride > self.crop:
-            raise UserError(
-                f"stride {self.stride} must be in 1..crop ({self.crop}), or windows leave gaps"
-            )
+        self.stride = evaluation.window_stride(
+            self.crop, self.stride
+        )  # 5/6 of the crop, or 1..crop
         self.bands = tuple(self.bands)
         if len(self.bands) != 3 or not all(isinstance(b, int) and b >= 1 for b in self.bands):
             raise UserError(
@@ -405,7 +400,7 @@ def stream_strips(model, rows, shape, opts, names=None, stats=None):
     """Yield the Strips of a scene of `shape` (H, W), top to bottom, for `names` (default
     opts.name). rows: (y, pixels, valid) of every window row in order (read_rows, array_rows).
     Windows without a valid pixel are not run; stats (a dict) gets windows, skipped, forwards."""
-    names = check_names(model, names or [opts.name])
+    names = model.check_names(names or [opts.name])
     students = [s for s in model.students if "fused" in names or s.name in names]
     H, W = shape
     h, w = min(opts.crop, H), min(opts.crop, W)  # window size, as eval.sliding_window
@@ -775,7 +770,7 @@ def get_args(argv=None):
     a("--overlay", action="store_true", help="also <stem>_overlay.tif, the image tinted by class")
     a("--vector", action="store_true", help="also <stem>_polygons.geojson, the class regions")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--amp", choices=runs.AMP, default="auto", help="CUDA autocast of the forwards")
+    a("--amp", choices=AMP, default="auto", help="CUDA autocast of the forwards")
     return _checked(p.parse_args(argv))
 
 
@@ -811,7 +806,7 @@ def main(argv=None):
         stride=args.stride,
         batch=args.batch,
         device=str(args.device),
-        amp=runs.autocast(args.device, args.amp),
+        amp=autocast(args.device, args.amp),
         name=args.student,
         bands=args.bands,
         scale=args.scale,
