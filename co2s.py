@@ -138,12 +138,9 @@ def iteration(students, batch, *, stability_weight, method=Method()):
         # 1. Partner pseudo-labels p'_k (no grad, eval mode), or ours rolled.
         partner = None if rolled else partner_pseudo_labels(s, mix["img_w"])
         # 3. Joint forward [x_l; x_w] (FP on the weak part only: one backbone pass), strong views.
-        n_l = len(x_l)
-        if method.fp:
-            z, z_fp = s.forward_fp(torch.cat([x_l, x_w]), fp_from=n_l)
-        else:
-            z, z_fp = s(torch.cat([x_l, x_w])), None
-        z_l, z_w = z[:n_l], z[n_l:]
+        n_l, n = len(x_l), len(x_l) + len(x_w)
+        z = s(torch.cat([x_l, x_w]), fp_from=n_l if method.fp else None)
+        z_l, z_w, z_fp = z[:n_l], z[n_l:n], z[n:]  # z_fp: the FP logits of the weak views (E4)
         z_strong = s(x_s).chunk(method.strong_views)
         # 4. Pseudo-labels from the student's own detached weak logits; inside box j, the partner's.
         conf_w, label_w = confidence(z_w)

@@ -366,17 +366,15 @@ class Student(nn.Module):
         hw = (x.shape[-2] // 16, x.shape[-1] // 16)
         return [t.transpose(1, 2).reshape(t.shape[0], t.shape[2], *hw) for t in tokens]
 
-    def forward(self, x):
-        """Logits (B, N, H, W) at the input size."""
-        return self._logits(self.features(x), x.shape[-2:])
-
-    def forward_fp(self, x, fp_from):
-        """(logits of x, FP logits of x[fp_from:]) from the SAME backbone pass (E4): Dropout2d(0.5)
-        on every tapped map; the clean and the perturbed maps run through the head as one batch."""
+    def forward(self, x, fp_from=None):
+        """Logits (B, N, H, W) of x at the input size. With fp_from (E4), the FP logits of
+        x[fp_from:] follow them along the batch: the SAME backbone pass, Dropout2d(0.5) on every
+        tapped map, the clean and the perturbed maps through the head as one batch. One forward
+        for both, so that DDP (train.py) sees every use of the weights."""
         feats = self.features(x)
-        feats = [torch.cat([f, F.dropout2d(f[fp_from:], 0.5, training=True)]) for f in feats]
-        logits = self._logits(feats, x.shape[-2:])
-        return logits[: len(x)], logits[len(x) :]
+        if fp_from is not None:
+            feats = [torch.cat([f, F.dropout2d(f[fp_from:], 0.5, training=True)]) for f in feats]
+        return self._logits(feats, x.shape[-2:])  # (B [+ B - fp_from], N, H, W)
 
     def _logits(self, feats, size):
         logits = self.head(feats, self.class_embeddings())  # (B, N, H/4, W/4)

@@ -302,16 +302,6 @@ def poly(step, total):
     return (1 - max(step - 1, 0) / total) ** 0.9
 
 
-def average_gradients(params, world):
-    """DDP by hand: each gradient is all-reduced in place (no second copy is held), then
-    averaged."""
-    grads = [p.grad for p in params if p.grad is not None]
-    for work in [dist.all_reduce(g, async_op=True) for g in grads]:
-        work.wait()
-    for g in grads:
-        g.div_(world)
-
-
 @dataclasses.dataclass
 class Loop:
     """The training loop's state: the run (runs.Run: config, model, optimizers, scaler, step,
@@ -321,6 +311,7 @@ class Loop:
     info: object  # plumbing.catalog.DatasetInfo
     layout: BatchLayout
     device: torch.device
+    students: list = None  # as the step calls them: in their DDP wrappers on several processes
     window: dict = dataclasses.field(default_factory=dict)  # log key -> (sum, count)
     stop: runtime.StopSignals = None  # the stop signals (set by main)
     t_last: float = dataclasses.field(default_factory=time.time)
@@ -395,7 +386,6 @@ def run_training(cfg, state, init, rank, world, device):
     val = data.val_loader(
         info, splits.val, workers=min(cfg["workers"], 2), rank=rank, world_size=world
     )
-    params = [p for p in run.model.parameters() if p.requires_grad]
 
     pbar = tqdm(
         total=loop.total_steps, initial=run.step, disable=not loop.master, dynamic_ncols=True
@@ -406,7 +396,7 @@ def run_training(cfg, state, init, rank, world, device):
         if state and loop.evaluates_after(run.step) and not evaluated(loop):
             evaluate_and_keep_best(loop, val, amp)  # stopped during it: the evaluation again
         while run.step < loop.total_steps and run.step != cfg["stop_at"]:
-            train_step(loop, streams, method, amp, params)
+            train_step(loop, streams, method, amp)
             pbar.update(1)
             after_step(loop, val, amp, pbar)
             if stop.requested() and run.step < loop.total_steps:  # a finished run just ends
@@ -464,9 +454,10 @@ def check_resume_flags(args):
         )
 
 
-def train_step(loop, streams, method, amp, params):
+def train_step(loop, streams, method, amp):
     """One optimizer step: lr and E9's weight from the step, the iteration's losses over the
-    micro-batches, backward, gradients averaged over the ranks, one AdamW step per student."""
+    micro-batches, backward (DDP averages the gradients over the ranks on the last micro-batch),
+    one AdamW step per student."""
     run, device = loop.run, loop.device
     set_lr(run, loop.total_steps)
     weight_e9 = stability_weight(run.step, loop.total_steps)  # E9's lambda(t)
@@ -482,18 +473,15 @@ def train_step(loop, streams, method, amp, params):
             for n, s in streams.items()
         }
         batch = co2s.Batch(**named)
-        with amp:
-            out = co2s.iteration(
-                run.model.students, batch, stability_weight=weight_e9, method=method
-            )
-        # The students' graphs are disjoint (E8 targets are detached): one backward of the sum
-        # gives every student the gradient of its own loss; / accum averages micro-batches as
-        # DDP averages ranks.
-        run.scaler.scale(sum(out.losses) / loop.layout.accum).backward()
+        last = micro == loop.layout.accum - 1
+        with amp, runtime.syncing(loop.students, sync=last):
+            out = co2s.iteration(loop.students, batch, stability_weight=weight_e9, method=method)
+            # The students' graphs are disjoint (E8 targets are detached): one backward of the
+            # sum gives every student the gradient of its own loss; / accum averages
+            # micro-batches as DDP averages ranks.
+            run.scaler.scale(sum(out.losses) / loop.layout.accum).backward()
         quality = loop.logs_after(run.step + 1)
         accumulate(loop, co2s.diagnostics(out, batch, method, loop.cfg["fusion"], quality))
-    if loop.layout.world > 1:
-        average_gradients(params, loop.layout.world)
     for opt in run.optimizers:
         run.scaler.step(opt)
     run.scaler.update()
@@ -559,8 +547,6 @@ def build_loop(cfg, state, info, layout, device, init=None):
         (runs.model_from_checkpoint(state), None) if state else new_model(cfg, info, init)
     )
     model.to(device)
-    for t in model.state_dict().values() if layout.world > 1 else []:
-        dist.broadcast(t, 0)  # an identical start on every rank
     runtime.store_frozen(model, runtime.frozen_dtype(device, cfg["amp"], cfg["frozen_bf16"]))
     if cfg["compile"]:
         runtime.compile_model(model)
@@ -578,7 +564,8 @@ def build_loop(cfg, state, info, layout, device, init=None):
         scaler.load_state_dict(state["scaler"])
         runtime.set_rng_state(state["rng"])
         run.step, run.best = state["step"], best_of(state, cfg["out"])
-    return Loop(run, info, layout, device), text_source
+    students = runtime.replicate(model.students, layout.world)
+    return Loop(run, info, layout, device, students), text_source
 
 
 def best_of(state, out):

@@ -8,6 +8,7 @@ is the one test of "am I rank 0". The one mixed-precision policy of train, eval 
 """
 
 import atexit
+import contextlib
 import multiprocessing
 import os
 import random
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
 from plumbing.errors import UserError
 
@@ -104,6 +106,36 @@ def setup_ddp(device=None):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+class Replica(DistributedDataParallel):
+    """A student under torch's DistributedDataParallel that still answers to its name. Gradients
+    are averaged in buckets while the backward pass runs. find_unused_parameters: some trainable
+    weights get no gradient by design (the last CLIP block's q and k: its main path is never
+    used, only its value path), and each student runs several forwards before one backward (the
+    release wraps its students the same way and calls them three times a step)."""
+
+    @property
+    def name(self):
+        return self.module.name
+
+
+def replicate(students, world):
+    """The students as the step calls them: each in its DDP wrapper on several processes (the
+    wrapper broadcasts rank 0's weights: every rank starts alike), as they are on one."""
+    if world == 1:
+        return list(students)
+    return [Replica(s, find_unused_parameters=True) for s in students]
+
+
+def syncing(students, sync):
+    """The context of one micro-batch: on all but the last of a step (sync False) DDP keeps the
+    gradients to itself (no_sync), so a step communicates once, as --accum on one process sums."""
+    stack = contextlib.ExitStack()
+    for s in students if not sync else []:
+        if isinstance(s, Replica):
+            stack.enter_context(s.no_sync())
+    return stack
 
 
 def amp_dtype(device, amp="auto"):

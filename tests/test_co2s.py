@@ -102,7 +102,7 @@ def weak_logits(students, batch_l, batch_u, seed=0):
     torch.manual_seed(seed)
     with torch.no_grad():
         return [
-            s.forward_fp(torch.cat([batch_l["img"], batch_u["img_w"]]), NL)[0][NL:]
+            s(torch.cat([batch_l["img"], batch_u["img_w"]]), fp_from=NL)[NL : 2 * NL]
             for s in students
         ]
 
@@ -262,7 +262,8 @@ def test_unimatch_terms_are_e5_and_e6_on_the_pasted_strong_views_and_the_fp_bran
     torch.manual_seed(0)  # the same FP dropout draws as the step below
     with torch.no_grad():
         for s in ss:
-            z, z_fp = s.forward_fp(torch.cat([batch_l["img"], batch_u["img_w"]]), NL)
+            out = s(torch.cat([batch_l["img"], batch_u["img_w"]]), fp_from=NL)
+            z, z_fp = out[: 2 * NL], out[2 * NL :]
             conf, label = z[NL:].softmax(1).max(1)
             terms = {
                 "sup": supervised_loss(z[:NL], batch_l["label"]),

@@ -44,6 +44,11 @@ needs_authors_files = pytest.mark.skipif(
 )
 
 
+def split(logits, n):
+    """(clean logits, FP logits) of a student's forward with fp_from."""
+    return logits[:n], logits[n:]
+
+
 def embeddings_module(student):
     bb = student.backbone
     return bb.vision_model.embeddings.patch_embedding if student.kind == "clip" else bb.embeddings
@@ -87,7 +92,7 @@ def test_feature_and_logit_shapes_and_one_backbone_pass_for_fp(tiny, kind, hw):
             ]
             assert s(x).shape == (2, N, H, W)
             assert len(calls) == 2
-            out = s.forward_fp(x, 0)
+            out = split(s(x, fp_from=0), len(x))
         assert len(calls) == 3, "clean and FP logits must share ONE backbone pass (E4)"
     finally:
         handle.remove()
@@ -101,7 +106,7 @@ def test_fp_from_perturbs_only_the_tail_of_the_batch(tiny):
     s, x = tiny["dinov3"], torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         torch.manual_seed(1)
-        clean, pert = s.forward_fp(x, 1)
+        clean, pert = split(s(x, fp_from=1), len(x))
         plain = s(x)
     assert clean.shape == (3, N, 64, 64) and pert.shape == (2, N, 64, 64)
     assert torch.allclose(clean, plain, atol=1e-5)  # the clean part is not perturbed
@@ -617,7 +622,7 @@ def test_one_step_moves_attention_and_head_and_leaves_frozen_weights_bit_identic
     opt = torch.optim.AdamW([p for p in s.parameters() if p.requires_grad], lr=1e-2)
     torch.manual_seed(0)
     x, y = torch.randn(2, 3, 64, 64), torch.randint(0, N, (2, 64, 64))
-    clean, pert = s.forward_fp(x, 0)
+    clean, pert = split(s(x, fp_from=0), len(x))
     (supervised_loss(clean, y) + supervised_loss(pert, y)).backward()
     opt.step()
     after = s.state_dict()
@@ -666,7 +671,7 @@ def test_fp_logits_are_the_head_on_dropout2d_of_the_same_features(tiny, kind, mo
     s, x = tiny[kind], torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.manual_seed(123)
-        clean, pert = s.forward_fp(x, 0)
+        clean, pert = split(s(x, fp_from=0), len(x))
         # the clean half is the plain forward (a batch of 2B rounds its matmuls unlike one of B)
         assert torch.allclose(clean, s(x), atol=1e-5)
         torch.manual_seed(123)  # E4: Dropout2d(0.5) on every map, same RNG draws
@@ -679,7 +684,7 @@ def test_fp_logits_are_the_head_on_dropout2d_of_the_same_features(tiny, kind, mo
         monkeypatch.setattr(
             F, "dropout2d", lambda f, *a, **k: f
         )  # without the dropout, FP == clean
-        clean, pert = s.forward_fp(x, 0)
+        clean, pert = split(s(x, fp_from=0), len(x))
         assert torch.allclose(pert, clean, atol=1e-6)
 
 
