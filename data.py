@@ -14,11 +14,12 @@ lists hold one `images/<file> labels/<file>` line per sample (`images/<file>` al
 without a label), relative to the data root.
 
 Batches are counted in global terms, as the release counts them (plumbing/batches.py: its 4
-processes x per-GPU batch, its DistributedSampler's order and epoch length). Choices, where the sources leave room: the rescale follows the released configs (short side
-to base_size x U(0.5, 2.0), not UniMatch's scaling of the image's own size); augmentations are a
-pure function of (seed, epoch, index), so a resumed or re-run epoch sees the same samples whatever
-the workers. Deliberately left out: photometric distortion of the labelled view (off in the
-released runs), mmseg's cat_max_ratio crop rule (not in METHOD.md).
+processes x per-GPU batch, its DistributedSampler's order and epoch length). The training rescale
+is each dataset's released pipeline (mmseg's Resize, short side to base_size x U(0.5, 2.0); LoveDA
+UniMatch's PIL resize: plumbing/catalog.py's `resize`). Choices, where the sources leave room:
+augmentations are a pure function of (seed, epoch, index), so a resumed or re-run epoch sees the
+same samples whatever the workers. Deliberately left out: photometric distortion of the labelled
+view (off in the released runs), mmseg's cat_max_ratio crop rule (not in METHOD.md).
 """
 
 import hashlib
@@ -45,6 +46,8 @@ SEEDED = "seeded"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # both students take ImageNet-normalised images (METHOD.md 2)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MIX_SOURCES = ("partner", "same", "rolled")
+# the streams' order: each its own seeded sampler (ours), or one shared by all (the release)
+ORDERS = ("own", "shared")
 
 # -----------------------------------------------------------------------------
 # reading files
@@ -374,18 +377,41 @@ def _sample_seed(seed, epoch, index):  # augmentations are a pure function of (s
     return int.from_bytes(hashlib.sha256(f"{seed}/{epoch}/{index}".encode()).digest()[:8], "little")
 
 
-def weak_augment(img, label, rng, base_size, crop):
-    """Rescale (short side base_size x U(0.5, 2.0), long side capped at 4x base, as mmseg's
-    img_scale (2048, 512) in the released configs; base_size None: the image's own size x U(0.5,
-    2.0), for custom data evaluated as stored; image and label as OpenCV resizes them, the release's
-    mmseg Resize: resize_bilinear, resize_nearest), pad right/bottom to
-    the crop (image 0, label 255), random crop, horizontal flip p 0.5. Returns PIL image, (c, c)
-    long label, (c, c) bool padding."""
-    w, h = img.size
-    base_size = base_size or min(w, h)
-    scale = rng.uniform(0.5, 2.0) * min(base_size / min(w, h), 4 * base_size / max(w, h))
-    size = (max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5)))
-    im, lab = resize_bilinear(np.asarray(img), size), resize_nearest(label, size)
+def rescale_size(w, h, rng, base_size, resize="cv2"):
+    """The training rescale's output size (w, h), drawn from rng as the released pipeline draws it.
+    'cv2', mmseg 0.24's Resize(img_scale=(4 base, base), ratio_range=(0.5, 2.0)): r ~ U(0.5, 2.0),
+    the target edges TRUNCATED (random_sample_ratio: int(4 base r), int(base r)), then mmcv's
+    rescale_size: factor min(long target / long side, short target / short side), each side
+    rounded half up (int(side x factor + 0.5)); base_size None: the image's own short side. So a
+    512 px tile becomes floor(512 r). 'pil', UniMatch's resize (the release's LoveDA, img_scale
+    None): the long side an integer drawn in [int(L / 2), int(2 L)] of the image's own long side
+    L, the other side rounded half up."""
+    if resize == "pil":
+        long = rng.randint(int(max(w, h) * 0.5), int(max(w, h) * 2.0))
+        return (int(w * long / h + 0.5), long) if h > w else (long, int(h * long / w + 0.5))
+    base, r = base_size or min(w, h), rng.uniform(0.5, 2.0)
+    factor = min(int(4 * base * r) / max(w, h), int(base * r) / min(w, h))
+    return max(1, int(w * factor + 0.5)), max(1, int(h * factor + 0.5))
+
+
+def rescale(img, label, size, resize="cv2"):
+    """(H, W, 3) uint8 image and (H, W) label at `size` (w, h): 'cv2' as mmseg's Resize does
+    (OpenCV bilinear, labels OpenCV nearest: resize_bilinear, resize_nearest), 'pil' as UniMatch's
+    (PIL bilinear, which antialiases when shrinking, and PIL nearest)."""
+    if resize == "pil":
+        return (
+            np.asarray(img.resize(size, Image.BILINEAR)),
+            np.asarray(Image.fromarray(label).resize(size, Image.NEAREST)),
+        )
+    return resize_bilinear(np.asarray(img), size), resize_nearest(label, size)
+
+
+def weak_augment(img, label, rng, base_size, crop, resize="cv2"):
+    """Rescale (rescale_size and rescale: the dataset's released pipeline, `resize` of its
+    DatasetInfo), pad right/bottom to the crop (image 0, label 255), random crop, horizontal flip
+    p 0.5. Returns PIL image, (c, c) long label, (c, c) bool padding."""
+    size = rescale_size(*img.size, rng, base_size, resize)
+    im, lab = rescale(img, label, size, resize)
     x, y = rng.randint(0, max(size[0] - crop, 0)), rng.randint(0, max(size[1] - crop, 0))
     out_im, out_lab = np.zeros((crop, crop, 3), np.uint8), np.full((crop, crop), 255, np.uint8)
     pad = np.ones((crop, crop), bool)  # True where the crop window runs past the rescaled image
@@ -459,8 +485,9 @@ def eval_resize(img, short):
 def resize_bilinear(im, size):
     """(H, W, 3) uint8 -> size (w, h), as OpenCV's INTER_LINEAR (mmcv.imresize, the release's
     train and test resize): half-pixel centres, edge pixels repeated, NO antialiasing when shrinking
-    (PIL's bilinear filter widens with the scale). OpenCV rounds its 11-bit fixed-point weights;
-    this float arithmetic is within one grey level of it (tests/test_data.py)."""
+    (PIL's bilinear filter widens with the scale). In float, rounded half up: OpenCV's own
+    fixed-point arithmetic rounds otherwise, so about one value in eight differs from
+    cv2.resize by one grey level (never more; shares measured in tests/test_data.py)."""
     x = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].float()  # a writable copy
     x = torch.nn.functional.interpolate(
         x, size=size[::-1], mode="bilinear", align_corners=False, antialias=False
@@ -532,7 +559,8 @@ class SemiDataset(Dataset):
             }
         rng = random.Random(_sample_seed(self.seed, epoch, index))
         # (c, c) each
-        img, label, pad = weak_augment(img, label, rng, self.info.base_size, self.crop)
+        info = self.info
+        img, label, pad = weak_augment(img, label, rng, info.base_size, self.crop, info.resize)
         if self.mode == "labeled":
             return {"img": normalize(img), "label": label}
         # two independent strong views of the weak crop, each with its own CutMix box (E6 uses both)
@@ -557,32 +585,40 @@ class SemiDataset(Dataset):
 @dataclass(frozen=True)
 class Streams:
     """How the training streams are drawn: crop, seed, CutMix partners (MIX_SOURCES), loader
-    workers."""
+    workers, the streams' order (ORDERS)."""
 
     crop: int
     seed: int = 0
     mix_source: str = "partner"
     workers: int = 2
     pin_memory: bool = False
+    order: str = "own"
 
 
 def train_loaders(info, splits, layout, streams, steps, method="co2s"):
     """The loaders of one run's optimizer steps `steps` (a range), by name: 'labeled' crops, and
     unless `method` is 'supervised' (E5 only: no unlabelled image is even loaded) 'unlabeled' weak
     + strong views and, unless mix_source is 'rolled', their CutMix 'partner's. Each yields
-    layout.accum micro-batches per step. Stream k has its own seed (seed*3 + k) for its order and
-    its augmentations. Partners: 'partner' another unlabelled image (ours), 'same' the same image
-    under another augmentation (the released code iterates one sampler twice), 'rolled' none
-    (co2s.py rolls the batch)."""
+    layout.accum micro-batches per step. Stream k has its own seed (seed*3 + k) for its
+    augmentations and, with order 'own', for its order. Order 'shared' (the release: two
+    DistributedSamplers of one length and one seed, zipped) gives every stream the same order,
+    seeded by `seed` itself: step t visits index i of each list (the labelled list repeated), and
+    at seed 0 the release's own DistributedSampler order. Partners: 'partner' another unlabelled
+    image (ours), 'same' the same image under another augmentation (the released code iterates
+    one sampler twice), 'rolled' none (co2s.py rolls the batch)."""
     if streams.mix_source not in MIX_SOURCES:
         raise ValueError(f"unknown mix source {streams.mix_source!r}; valid: {MIX_SOURCES}")
+    if streams.order not in ORDERS:
+        raise ValueError(f"unknown order {streams.order!r}; valid: {ORDERS}")
     n, seed = len(splits.unlabeled), streams.seed
+    own = lambda k: seed if streams.order == "shared" else seed * 3 + k  # noqa: E731
     # name: (mode, items, seed of the order, seed of the augmentations)
-    todo = {"labeled": ("labeled", splits.labeled, seed * 3, seed * 3)}
+    todo = {"labeled": ("labeled", splits.labeled, own(0), seed * 3)}
     if method != "supervised":
-        todo["unlabeled"] = ("unlabeled", splits.unlabeled, seed * 3 + 1, seed * 3 + 1)
+        todo["unlabeled"] = ("unlabeled", splits.unlabeled, own(1), seed * 3 + 1)
     if method != "supervised" and streams.mix_source != "rolled":
-        order_seed = seed * 3 + 2 if streams.mix_source == "partner" else seed * 3 + 1
+        # another image's partner keeps an order of its own, shared or not
+        order_seed = seed * 3 + 2 if streams.mix_source == "partner" else own(1)
         todo["partner"] = ("unlabeled", splits.unlabeled, order_seed, seed * 3 + 2)
     loaders = {}
     kill_workers_at_exit()

@@ -301,7 +301,7 @@ def get_args(argv=None):
     a("--data-root", default=None, help="dataset folder, if it moved since training")
     a("--predict", default=None, metavar="PATH", help="instead: predict this image or folder")
     a("--out", default=None, metavar="DIR", help="with --predict: where the palette PNGs go")
-    a("--amp", choices=AMP, default="auto", help="CUDA autocast (auto: bf16); CPU runs fp32")
+    a("--amp", choices=AMP, default=None, help="CUDA autocast (default: the run's own); CPU: fp32")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--workers", type=int, default=2, help="data loader processes (0: in this process)")
     args = p.parse_args(argv)
@@ -333,6 +333,7 @@ def main(argv=None):
     valid = model.names + ["all"]
     if args.student not in valid:
         raise UserError(f"--student {args.student!r} is not in this run; valid: {', '.join(valid)}")
+    args.amp = args.amp or cfg.get("amp") or "auto"  # a release-recipe run: fp32, as it trained
     amp = autocast(device, args.amp)
     if args.predict:
         name = FUSED if args.student == "all" else args.student

@@ -16,6 +16,7 @@ with warmup, multi-crop evaluation (not in the paper).
 
 import argparse
 import dataclasses
+import math
 import os
 import random
 import shlex
@@ -40,7 +41,7 @@ from model import (
     class_embeddings,
     prediction_names,
 )
-from plumbing import atomic, runs, runtime
+from plumbing import atomic, recipes, runs, runtime
 from plumbing.batches import BatchLayout
 from plumbing.catalog import CHOICES, dataset_info, parse_ratio
 from plumbing.download import ensure, scan_files
@@ -52,6 +53,8 @@ PAPER_RECIPE = dict(lr=1e-4, backbone_lr_mult=0.01, head_lr_mult=10.0, train_bac
 # Students with random weights (the tiny preset, or 'none' weights) learn the whole backbone.
 SCRATCH_RECIPE = dict(lr=5e-4, backbone_lr_mult=0.5, head_lr_mult=1.0, train_backbone="all")
 HYPER = ("lr", "weight_decay", "backbone_lr_mult", "head_lr_mult")
+# what a new run started with --config SAVED takes from it: every flag but these (its own)
+FRESH = ("out", "resume", "stop_at", "config")
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -63,6 +66,11 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=Help)
     a = p.add_argument
+    a("--recipe", default="paper", choices=recipes.RECIPES, help="paper: the method as the "
+      "paper states it | release: the authors' code as they ran it, every switch of METHOD.md "
+      "section 7 at once (a flag of its own, given, still wins)")
+    a("--config", default=None, help="start a NEW run with the settings of a saved run or "
+      "exported model (its folder, config.json or hub id); the flags given here override them")
     # data (the defaults per dataset come from plumbing/catalog.py: crop, epochs, batch, size)
     a("--dataset", default="demo", help="one of: " + ", ".join(CHOICES))
     a("--ratio", default="1/16", help="labelled ratio, 1/16 or 1_16")
@@ -74,8 +82,9 @@ def get_args(argv=None):
       "dataset's; paper 512, whdld 256)")
     a("--batch", type=int, default=None, help="GLOBAL labelled (and unlabelled) images per step "
       "(default: the release's: 4 = 4 GPUs x 1, whdld 8 = 4 x 2; demo 2; custom data 4)")
-    a("--accum", type=int, default=1, help="micro-batches per step and process: --accum 4 on one "
-      "GPU is a 4-process run of this code (slower); 1 computes the batch at once (faster)")
+    a("--accum", type=int, default=None, help="micro-batches per step and process: --accum 4 on "
+      "one GPU is a 4-process run of this code (slower); default 1, the batch at once (faster); "
+      "release recipe: 4, their processes")
     a("--workers", type=int, default=None, help="data loader processes per stream (default: a "
       "quarter of the CPU cores, 1 to 4; up to three streams run at once)")
     # students (E1-E4)
@@ -90,8 +99,8 @@ def get_args(argv=None):
     a("--clip-guidance", default="text", choices=["text", "queries"], help="ablation: the CLIP "
       "student with learnable queries instead of text (E2)")
     a("--text-embeddings", default=None, help="precomputed [N, 512] .npy/.pt class embeddings")
-    a("--numerics", default="hf", choices=NUMERICS, help="backbone numerics: the transformers "
-      "checkpoints as they are (hf), or as the authors' code ran them (release)")
+    a("--numerics", default=None, choices=NUMERICS, help="backbone numerics: the transformers "
+      "checkpoints as they are (hf, the default), or as the authors' code ran them (release)")
     a("--init", default=None, help="start from the weights of a checkpoint (ours, or a converted "
       "release: python -m tools.release); its students, size and numerics are used")
     a("--grad-checkpoint", action="store_true", help="recompute the trainable blocks (memory)")
@@ -102,13 +111,17 @@ def get_args(argv=None):
     # method (co2s.Method)
     a("--method", default="co2s", choices=co2s.METHODS, help="co2s (E5-E8) | unimatch (no E8) "
       "| supervised (E5 only)")
-    a("--stability", default="grad", choices=co2s.STABILITY, help="E8: grad (paper) | released "
-      "(the authors' code: no gradient) | off")
+    a("--stability", default=None, choices=co2s.STABILITY, help="E8: grad (paper, the default) "
+      "| released (the authors' code: no gradient) | off")
     a("--tau", type=float, default=0.95, help="confidence threshold of E6 and E8")
     a("--no-fp", action="store_true", help="ablation: drop the feature-perturbation branch (E4)")
     a("--strong-views", type=int, default=2, choices=[1, 2], help="ablation: one strong view")
-    a("--mix-source", default="partner", choices=data.MIX_SOURCES, help="CutMix partners: "
-      "another unlabelled image, the same image augmented again (the release), the batch rolled")
+    a("--mix-source", default=None, choices=data.MIX_SOURCES, help="CutMix partners: another "
+      "unlabelled image (partner, the default), the same image augmented again (same, the "
+      "release), the batch rolled")
+    a("--data-order", default=None, choices=data.ORDERS, help="own: each stream its own seeded "
+      "order (the default) | shared: one sampler orders the labelled and unlabelled lists (the "
+      "release)")
     a("--fusion", default="confidence", choices=FUSIONS, help="E10 fusion rule at inference")
     # optimisation (METHOD.md section 5)
     a("--lr", type=float, default=None, help="base lr (default: 1e-4 pretrained, 5e-4 scratch)")
@@ -122,8 +135,10 @@ def get_args(argv=None):
     a("--epochs", type=int, default=None, help="one epoch = one pass over the unlabelled list "
       "(default: the dataset's; 80, mer 150)")
     a("--iters", type=int, default=None, help="total optimizer steps (overrides --epochs)")
-    a("--amp", default="auto", choices=runtime.AMP, help="CUDA autocast (auto: bf16, else "
-      "fp16); CPU runs fp32")
+    a("--round-iters", action=argparse.BooleanOptionalAction, default=None, help="round --iters "
+      "up to whole epochs, as the release does (default: only under --recipe release)")
+    a("--amp", default=None, choices=runtime.AMP, help="CUDA autocast (auto, the default: bf16, "
+      "else fp16; off: fp32, the release); CPU runs fp32")
     a("--seed", type=int, default=0)
     # run folder
     a("--out", default=None, help="run folder (default: runs/<dataset>-<ratio>-<time>)")
@@ -131,12 +146,20 @@ def get_args(argv=None):
       "/ --stop-at may change)")
     a("--eval-every", type=int, default=1, help="epochs between evaluations")
     a("--best-by", default="fused", help="student name (or fused) whose mIoU picks best.pt")
+    a("--best-per-student", action=argparse.BooleanOptionalAction, default=None, help="also "
+      "keep best_<student>.pt, each on its own mIoU, as the release keeps best_clip.pth (default: "
+      "only under --recipe release)")
     a("--log-every", type=int, default=10)
     a("--save-every", type=int, default=0, help="also write last.pt every N steps (0: at epoch "
       "ends)")
     a("--stop-at", type=int, default=None, help="stop after this step (checkpointed)")
     a("--device", default=None, help="cuda or cpu (default: cuda if available)")
     args = p.parse_args(argv)
+    if args.config:  # the saved run's flags become the defaults: those given here still win
+        saved = runs.saved_settings(args.config)
+        dests = {x.dest for x in p._actions}
+        p.set_defaults(**{k: v for k, v in saved.items() if k in dests and k not in FRESH})
+        args = p.parse_args(argv)
     if args.dataset not in CHOICES:
         p.error(f"--dataset {args.dataset!r} unknown; valid: {', '.join(CHOICES)}")
     kinds = args.students.split(",")
@@ -160,10 +183,12 @@ def get_args(argv=None):
 # fmt: on
 
 
-def resolve(args, init=None):
-    """The run's config: every flag, with the dataset's defaults and the recipe filled in. init:
-    the state of the --init checkpoint, whose students it takes. The schedule's figures are added
-    by `schedule` once the data is counted; after that the config never changes (config.json)."""
+def resolve(args, init=None, world=1):
+    """The run's config: every flag, with the dataset's defaults, the --recipe's switches and the
+    hyper-parameters filled in (a flag given wins over each). init: the state of the --init
+    checkpoint, whose students it takes; world: the processes (the release's 4 are --accum 4 /
+    world). The schedule's figures are added by `schedule` once the data is counted; after that
+    the config never changes (config.json)."""
     cfg = vars(args).copy()
     info = dataset_info(args.dataset, args.data_root)
     cfg["data_root"] = args.data_root or os.path.join("data", args.dataset)
@@ -172,6 +197,9 @@ def resolve(args, init=None):
         cfg[k] = cfg[k] or getattr(info, k)
     if cfg["workers"] is None:
         cfg["workers"] = min(4, max(1, (os.cpu_count() or 4) // 4))
+    switches = recipes.switches(cfg["recipe"], cfg["batch"], world)
+    for k, v in {**recipes.PAPER, **switches}.items():
+        cfg[k] = v if cfg[k] is None else cfg[k]
     for kind in KINDS:
         w = cfg[f"{kind}_weights"] or (DEFAULT_WEIGHTS[kind] if cfg["size"] == "base" else "none")
         cfg[f"{kind}_weights"] = None if w == "none" else w
@@ -187,14 +215,17 @@ def resolve(args, init=None):
         )
     kinds = cfg["students"].split(",")
     scratch = not init and all(cfg[f"{k}_weights"] is None for k in kinds)
-    cfg["recipe"] = (
+    cfg["hyper"] = (
         "scratch: every student has random weights"
         if scratch
-        else "paper: pretrained students (METHOD.md section 5)"
+        else "paper: METHOD.md section 5's, for students that fine-tune (pretrained, release-init)"
     )
     for k, v in (SCRATCH_RECIPE if scratch else PAPER_RECIPE).items():
         cfg[k] = v if cfg[k] is None else cfg[k]
     cfg["epoch_rule"] = "release"  # epochs counted as the release's DistributedSampler counts them
+    # what the recipe switched, and where the run's value differs from it (a flag given, --init)
+    cfg["recipe_switches"] = switches
+    cfg["recipe_overrides"] = {k: cfg[k] for k, v in switches.items() if cfg[k] != v}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     cfg["out"] = cfg["out"] or os.path.join("runs", f"{cfg['dataset']}-{cfg['ratio']}-{stamp}")
     return cfg
@@ -208,19 +239,26 @@ def layout_of(cfg, world, rank):
 
 def schedule(cfg, layout, n_unlabeled):
     """The config with the schedule's figures (config.json records them): the batch layout,
-    steps per epoch (one pass over the unlabelled list) and the total."""
+    steps per epoch (one pass over the unlabelled list) and the total: --epochs of them, or
+    --iters, rounded up to whole epochs under --round-iters as the release does (Co2S.py
+    l.243-247: epochs = ceil(iters / steps per epoch), then epochs x steps per epoch)."""
     steps_per_epoch = layout.steps_per_epoch(n_unlabeled)
     if steps_per_epoch == 0:
         raise UserError(
             f"{n_unlabeled} unlabelled images are fewer than one {layout.describe()}; lower --batch"
         )
+    epochs, total = cfg["epochs"], cfg["iters"] or cfg["epochs"] * steps_per_epoch
+    if cfg["iters"] and cfg["round_iters"]:
+        epochs = math.ceil(cfg["iters"] / steps_per_epoch)
+        total = epochs * steps_per_epoch
     return dict(
         cfg,
+        epochs=epochs,
         global_batch=layout.global_batch,
         micro_batch=layout.micro,
         world_size=layout.world,
         iters_per_epoch=steps_per_epoch,
-        total_iters=cfg["iters"] or cfg["epochs"] * steps_per_epoch,
+        total_iters=total,
     )
 
 
@@ -370,7 +408,8 @@ def run_training(cfg, state, init, rank, world, device):
     cfg = schedule(cfg, layout, len(splits.unlabeled))  # the config is final from here on
     loop, text_source = build_loop(cfg, state, info, layout, device, init)
     if loop.master:
-        runs.check_room(cfg["out"], loop.run.model)
+        best = len(loop.run.model.students) if cfg["best_per_student"] else 0
+        runs.check_room(cfg["out"], loop.run.model, copies=3 + best)
         start_run(loop, splits, text_source, fresh=state is None)
     run, method, amp = loop.run, method_of(cfg), runtime.autocast(device, cfg["amp"])
     streams = data.Streams(
@@ -379,6 +418,7 @@ def run_training(cfg, state, init, rank, world, device):
         cfg["mix_source"],
         cfg["workers"],
         pin_memory=device.type == "cuda",
+        order=cfg["data_order"],
     )
     steps = range(run.step, loop.total_steps)  # one sampler for the run: workers start once
     loaders = data.train_loaders(info, splits, layout, streams, steps, method.method)
@@ -414,7 +454,7 @@ def configure(args, argv, rank, world):
         check_resume_flags(args)
     else:
         init = runs.read_checkpoint(runs.resolve_checkpoint(args.init)) if args.init else None
-        cfg = dict(resolve(args, init), command=command)
+        cfg = dict(resolve(args, init, world), command=command)
     out = args.resume or cfg["out"]
     requeue = not args.resume and os.path.isfile(os.path.join(out, "last.pt"))
     if rank == 0:  # before any model is built or downloaded; one training per folder at a time
@@ -645,15 +685,29 @@ def run_eval(loop, loader, amp):
 
 
 def keep_best(loop, result):
-    """Log an evaluation, keep best.pt by --best-by, write metrics.json (done: the run ended)."""
+    """Log an evaluation, keep best.pt by --best-by and, under --best-per-student, best_<student>.pt
+    by each student's own mIoU (the release's best_clip.pth / best_dinov3.pth: it has no fusion);
+    write metrics.json (done: the run ended). Each is a whole checkpoint of the run at its step."""
     run, out, key = loop.run, loop.cfg["out"], loop.cfg["best_by"]
     epoch = round(loop.epoch(run.step), 4)
     atomic.append_jsonl(
         os.path.join(out, "log.jsonl"), dict(type="eval", step=run.step, epoch=epoch, **result)
     )
-    if result[key]["miou"] > run.best["miou"]:
+    per_student = loop.cfg["best_per_student"]
+    each = dict(run.best.get("each", {}))  # student -> the miou and step of its best_<name>.pt
+    better = [
+        s.name
+        for s in run.model.students
+        if per_student and result[s.name]["miou"] > each.get(s.name, {"miou": -1.0})["miou"]
+    ]
+    each.update({name: dict(miou=result[name]["miou"], step=run.step) for name in better})
+    new_best = result[key]["miou"] > run.best["miou"]
+    if new_best:
         run.best = dict(miou=result[key]["miou"], step=run.step, by=key, results=result)
-        runs.save_checkpoint(run, os.path.join(out, "best.pt"))
+    if per_student:
+        run.best["each"] = each
+    for name in (["best"] if new_best else []) + [f"best_{n}" for n in better]:
+        runs.save_checkpoint(run, os.path.join(out, f"{name}.pt"))
     atomic.write_json(
         os.path.join(out, "metrics.json"),
         dict(
@@ -682,7 +736,8 @@ def start_run(loop, splits, text_source, fresh):
         f"{len(splits.unlabeled)} unlabelled / {len(splits.val)} val\n"
         f"{loop.layout.describe()}; {cfg['iters_per_epoch']} iterations per epoch, "
         f"{loop.total_steps} in all, device {loop.device}\n"
-        f"recipe: {cfg['recipe']}; backbone weights that train: {cfg['train_backbone']}"
+        f"hyper-parameters: {cfg['hyper']}; backbone weights that train: {cfg['train_backbone']}"
+        f"\n{recipes.summary(cfg)}"
     )
     if text_source:
         print(f"CLIP class embeddings: {text_source}")

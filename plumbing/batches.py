@@ -77,8 +77,10 @@ class RunSampler(Sampler):
     of layout.micro keys per step on this rank. Epoch e's order is a permutation seeded by seed + e,
     dealt like DistributedSampler to the layout's virtual ranks: micro-batch j of a step on rank r
     is what rank r x accum + j of a (world x accum)-process run gets. So --accum 4 on one GPU sees
-    the samples of the 4-GPU recipe in the same order, and one micro-batch of 4 sees the same 4
-    images per step."""
+    the samples of a 4-process run of this code in the same order, and one micro-batch of 4 sees
+    the same 4 images per step. An epoch's order is torch's DistributedSampler's (seed + e, as
+    its set_epoch): at seed 0, with the release's shared order (data.train_loaders), the
+    release's own order of samples."""
 
     def __init__(self, n, layout, seed, steps):
         self.n, self.layout, self.seed, self.steps = n, layout, seed, steps

@@ -42,6 +42,9 @@ class DatasetInfo:
     eval_size: int = (
         512  # evaluation: the image's short side is resized to this first (None: as stored)
     )
+    # training rescale of its released pipeline: "cv2" mmseg's Resize (OpenCV bilinear, labels
+    # nearest; data.rescale_size), "pil" UniMatch's resize (PIL bilinear and nearest; LoveDA)
+    resize: str = "cv2"
     epochs: int = 80  # one epoch = one pass over the unlabelled list
     batch: int = 4  # released GLOBAL batch per step: 4 GPUs x 1 labelled (+ as many unlabelled)
     size: str = "base"  # student size: ViT-B/16 (the paper) or the tiny CPU preset
@@ -111,12 +114,13 @@ def _info(name, palette, reduce_zero_label, ratios, **kw):
 # fmt: off
 _POTSDAM_PALETTE = [(255, 255, 255), (0, 0, 255), (0, 255, 255), (0, 255, 0), (255, 255, 0), (255, 0, 0)]
 # base_size and eval_size follow the released configs: mmseg's img_scale (2048, 512), i.e. short side 512
-# (whdld's 256 px tiles included, so whdld is evaluated at 512), except loveda (img_scale None: as stored).
+# (whdld's 256 px tiles included, so whdld is evaluated at 512), except loveda (img_scale None: as stored,
+# and trained through UniMatch's PIL resize, their semi.py's branch for img_scale None).
 DATASETS = {
     "potsdam": _info("potsdam", _POTSDAM_PALETTE, True, ["1/32", "1/16", "1/8", "1/4"], hub_folder="POTSDAM"),
     "loveda": _info("loveda", [(255, 255, 255), (255, 0, 0), (255, 255, 0), (0, 0, 255), (159, 129, 183),
                                (0, 255, 0), (255, 195, 128)], True, ["1/40", "1/16", "1/8", "1/4"],
-                    base_size=1024, eval_size=None, hub_folder="LOVEDA"),
+                    base_size=1024, eval_size=None, resize="pil", hub_folder="LOVEDA"),
     "whdld": _info("whdld", [(255, 0, 0), (255, 255, 0), (192, 192, 0), (0, 255, 0), (128, 128, 128), (0, 0, 255)],
                    True, ["1/24", "1/16", "1/8", "1/4"], crop=256, batch=8, hub_folder="WHDLD"),
     "gid": _info("gid", [(200, 0, 0), (250, 0, 150), (200, 150, 150), (250, 150, 150), (0, 200, 0), (150, 250, 0),

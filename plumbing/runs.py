@@ -229,20 +229,19 @@ def checkpoint_bytes(model):
     return state + 2 * 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def check_room(out, model):
-    """Before the first step: room in the run folder for three checkpoints (last.pt, last.prev.pt,
-    best.pt), counting those already there (a resumed run replaces them)."""
-    need = 3 * checkpoint_bytes(model) - sum(
-        os.path.getsize(os.path.join(out, f))
-        for f in ("last.pt", "last.prev.pt", "best.pt")
-        if os.path.isfile(os.path.join(out, f))
-    )
+def check_room(out, model, copies=3):
+    """Before the first step: room in the run folder for `copies` checkpoints (last.pt,
+    last.prev.pt, best.pt, and best_<student>.pt under --best-per-student), counting those already
+    there (a resumed run replaces them)."""
+    there = [f for f in os.listdir(out) if f.endswith(".pt")] if os.path.isdir(out) else []
+    one = checkpoint_bytes(model)
+    need = copies * one - sum(os.path.getsize(os.path.join(out, f)) for f in there)
     free = shutil.disk_usage(out).free
     if free < need:
         raise UserError(
             f"--out {out}: {free / 2**30:.2f} GiB free, a run of this model needs "
-            f"{need / 2**30:.2f} GiB (three checkpoints of {checkpoint_bytes(model) / 2**30:.2f} "
-            f"GiB); free some space or pass another --out"
+            f"{need / 2**30:.2f} GiB ({copies} checkpoints of {one / 2**30:.2f} GiB); free some "
+            f"space or pass another --out"
         )
 
 
@@ -281,9 +280,62 @@ def read_checkpoint(path):
         )
     if state.get("format", 1) == 1:
         state = _upgrade_from_1(state)
-    # flags added while the format stayed 2: their defaults, as such runs were trained
-    state["cfg"] = {"compile": False, "frozen_bf16": False, "epoch_rule": "release", **state["cfg"]}
+    state["cfg"] = upgrade_cfg(state["cfg"])
     return state
+
+
+# flags and records added while the format stayed 2: their values in the runs made before them
+ADDED = dict(
+    compile=False,
+    frozen_bf16=False,
+    epoch_rule="release",
+    recipe="paper",
+    data_order="own",
+    round_iters=False,
+    best_per_student=False,
+    recipe_switches={},
+    recipe_overrides={},
+)
+
+
+def upgrade_cfg(cfg):
+    """A config of an older run in today's keys, as that run was trained: ADDED's values, and
+    the description of its hyper-parameters, once called `recipe`, as `hyper`."""
+    cfg = dict(cfg)
+    if ":" in str(cfg.get("recipe", "")):  # "paper: pretrained students ..." / "scratch: ..."
+        cfg["hyper"] = cfg.pop("recipe")
+    return {**ADDED, **cfg}
+
+
+# what tools/export.py writes for a backbone loaded from a folder of the machine that trained it
+LOCAL_FOLDER = "a local folder"
+
+
+def saved_settings(path):
+    """The config of a saved run or exported model (train.py --config): its config.json, a folder
+    holding one, or an exported model's hub id (downloaded once). An export keeps no path of the
+    machine that trained it: the weights it names as LOCAL_FOLDER are left to the defaults, and its
+    own split lists are used."""
+    if not os.path.exists(path) and HUB_ID.fullmatch(path):
+        path = download_export(path)
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    try:
+        config = read_json(file)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--config {path!r}: cannot read {file} ({e})") from e
+    if config.get("format") == EXPORT:
+        folder = os.path.dirname(os.path.abspath(file))
+        cfg = {k: v for k, v in config["cfg"].items() if v != LOCAL_FOLDER}
+        if os.path.isdir(os.path.join(folder, "splits")):
+            cfg.setdefault("splits", os.path.join(folder, "splits"))
+    elif isinstance(config, dict) and {"dataset", "ratio", "students"} <= set(config):
+        cfg = config
+    else:
+        raise UserError(
+            f"--config {path!r}: {file} is neither the config.json of a train.py run folder nor "
+            f"that of an exported model"
+        )
+    return upgrade_cfg(cfg)
 
 
 def _upgrade_from_1(state):

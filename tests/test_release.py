@@ -366,7 +366,7 @@ def test_eval_release_end_to_end_then_eval_and_fine_tune_the_saved_run(released,
     assert (
         cfg["numerics"] == "release"
         and cfg["students"] == "clip,dinov3"
-        and cfg["recipe"].startswith("paper")
+        and cfg["hyper"].startswith("paper")
     )
     assert (tmp_path / "ft" / "last.pt").is_file()
 

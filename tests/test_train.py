@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import helpers
 import numpy as np
@@ -15,9 +16,11 @@ from toy_data import custom_root
 
 import model as text
 import train
-from plumbing import catalog
+from plumbing import catalog, recipes, runs
+from plumbing.batches import BatchLayout
 from plumbing.demo import prepare_demo
 from plumbing.errors import UserError, cli
+from plumbing.weights import DEFAULT_WEIGHTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -170,7 +173,7 @@ def test_param_groups_and_poly_lr():
     )  # global batch 4
     whdld = train.resolve(train.get_args(["--dataset", "whdld"]))
     assert (whdld["batch"], whdld["crop"]) == (8, 256)  # the release's 4 GPUs x 2
-    assert cfg["recipe"].startswith("paper")  # a pretrained student: the paper's recipe
+    assert cfg["hyper"].startswith("paper")  # a pretrained student: the paper's recipe
     hyper = {k: cfg[k] for k in train.HYPER}
     s = helpers.student("dinov3", 6, size="tiny")
     groups = {g["name"]: g for g in train.param_groups(s, **hyper)}
@@ -193,12 +196,12 @@ def test_param_groups_and_poly_lr():
         "tiny",
     )
     assert demo["train_backbone"] == "all"  # random weights: the whole backbone learns
-    assert demo["recipe"].startswith("scratch")
+    assert demo["hyper"].startswith("scratch")
     assert train.resolve(train.get_args(["--lr", "1e-4"]))["lr"] == 1e-4
     tiny = train.resolve(
         train.get_args(["--dataset", "potsdam", "--size", "tiny"])
     )  # any dataset, random students
-    assert tiny["lr"] == 5e-4 and tiny["recipe"].startswith("scratch")
+    assert tiny["lr"] == 5e-4 and tiny["hyper"].startswith("scratch")
     paper = train.resolve(train.get_args(["--dataset", "potsdam"]))  # base: pretrained by default
     assert paper["lr"] == 1e-4 and paper["train_backbone"] == "attention"
     assert (
@@ -208,7 +211,7 @@ def test_param_groups_and_poly_lr():
     released = train.resolve(
         train.get_args(["--dataset", "potsdam", "--dinov3-weights", "release-init"])
     )
-    assert released["recipe"].startswith("paper") and released["train_backbone"] == "attention"
+    assert released["hyper"].startswith("paper") and released["train_backbone"] == "attention"
     s = helpers.student("dinov3", 6, size="tiny", train_backbone="all")
     assert all(p.requires_grad for p in s.backbone.parameters())
 
@@ -235,7 +238,7 @@ def test_a_random_clip_student_gets_the_stand_in_class_embeddings_on_any_dataset
     out = capsys.readouterr().out
     assert out.count("CLIP class embeddings: stand-in") == 1
     cfg = json.load(open(tmp_path / "r" / "config.json"))
-    assert cfg["text_source"].startswith("stand-in") and cfg["recipe"].startswith("scratch")
+    assert cfg["text_source"].startswith("stand-in") and cfg["hyper"].startswith("scratch")
     clip = torch.load(tmp_path / "r" / "last.pt", weights_only=False)["model"]["students.0.text"]
     assert torch.equal(clip, text.stand_in_embeddings(5, 128))
     # a user's own (missing) file is an error, never silently replaced by the stand-in
@@ -430,12 +433,9 @@ def test_torchrun_two_processes_gloo(micro_root, tmp_path):
     assert proc.stdout.count("run folder:") == 2  # only rank 0 prints (start and end)
 
 
-def test_accum_on_one_process_is_the_two_process_run(micro_root, tmp_path):
-    """A global batch of 2 as --accum 2 on one process = 2 processes x 1 (gloo): same samples, same order,
-    same dropout draws, gradients averaged: the same weights after a few steps. Both sides run at one
-    thread, so that their reductions round alike."""
-    ddp, accum = tmp_path / "ddp", tmp_path / "accum"
-    common = ["--iters", "3", "--batch", "2", "--eval-every", "100", "--students", "clip,dinov3"]
+def two_processes_and_one(root, ddp, single, port, *args, single_extra=()):
+    """The same train.py flags under torchrun with 2 processes (gloo) and on this process (plus
+    single_extra), both at one thread, so that their reductions round alike; the two last.pt."""
     cmd = [
         sys.executable,
         "-m",
@@ -443,9 +443,9 @@ def test_accum_on_one_process_is_the_two_process_run(micro_root, tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29519",
+        str(port),
         os.path.join(ROOT, "train.py"),
-        *micro_args(micro_root, ddp, *common),
+        *micro_args(root, ddp, *args),
     ]
     proc = subprocess.run(
         cmd,
@@ -459,10 +459,20 @@ def test_accum_on_one_process_is_the_two_process_run(micro_root, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train.main(micro_args(micro_root, accum, *common, "--accum", "2"))
+        train.main(micro_args(root, single, *args, *single_extra))
     finally:
         torch.set_num_threads(threads)
-    a, b = weights(ddp)["model"], weights(accum)["model"]
+    return weights(ddp)["model"], weights(single)["model"]
+
+
+def test_accum_on_one_process_is_the_two_process_run(micro_root, tmp_path):
+    """A global batch of 2 as --accum 2 on one process = 2 processes x 1 (gloo): same samples, same order,
+    same dropout draws, gradients averaged: the same weights after a few steps."""
+    ddp, accum = tmp_path / "ddp", tmp_path / "accum"
+    common = ["--iters", "3", "--batch", "2", "--eval-every", "100", "--students", "clip,dinov3"]
+    a, b = two_processes_and_one(
+        micro_root, ddp, accum, 29519, *common, single_extra=["--accum", "2"]
+    )
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=1e-4), k
     torch.manual_seed(0)  # the start both runs shared: the steps did move the weights
@@ -475,3 +485,177 @@ def test_accum_on_one_process_is_the_two_process_run(micro_root, tmp_path):
     assert len(moved) > 50 and any(
         ".mlp." in k for k in moved
     )  # random students: the whole backbone trains
+
+
+# ----------------------------------------------------------------------------- --recipe
+
+
+RELEASED = dict(
+    stability="released",
+    dinov3_weights="release-init",
+    numerics="release",
+    amp="off",
+    mix_source="same",
+    accum=4,
+    data_order="shared",
+    round_iters=True,
+    best_per_student=True,
+)
+
+
+def resolved(*argv, world=1):
+    return train.resolve(train.get_args(["--dataset", "potsdam", *argv]), world=world)
+
+
+def test_the_paper_recipe_is_the_old_defaults_and_the_release_sets_every_switch():
+    """--recipe paper (the default) keeps every value the flags had before --recipe; release sets
+    each difference of METHOD.md section 7 at once and config.json records them."""
+    paper = resolved()
+    old_defaults = dict(
+        stability="grad",
+        numerics="hf",
+        amp="auto",
+        mix_source="partner",
+        accum=1,
+        data_order="own",
+        round_iters=False,
+        best_per_student=False,
+    )
+    assert {k: paper[k] for k in old_defaults} == old_defaults
+    assert paper["dinov3_weights"] == DEFAULT_WEIGHTS["dinov3"] and paper["recipe_switches"] == {}
+    release = resolved("--recipe", "release")
+    assert {k: release[k] for k in RELEASED} == RELEASED == release["recipe_switches"]
+    assert release["recipe_overrides"] == {} and set(RELEASED) == set(recipes.RELEASE)
+    # their 4 processes: 2 x --accum 2 under a 2-process torchrun; the demo's batch of 2: 2 x 1
+    assert resolved("--recipe", "release", world=2)["accum"] == 2
+    assert train.resolve(train.get_args(["--recipe", "release"]))["accum"] == 2
+
+
+def test_a_single_flag_overrides_the_recipe_and_says_so():
+    cfg = resolved(
+        "--recipe", "release", "--amp", "bf16", "--stability", "grad", "--no-best-per-student"
+    )
+    assert (cfg["amp"], cfg["stability"], cfg["best_per_student"]) == ("bf16", "grad", False)
+    assert cfg["recipe_overrides"] == dict(amp="bf16", stability="grad", best_per_student=False)
+    assert cfg["numerics"] == "release" and cfg["data_order"] == "shared"  # the rest: the recipe's
+    summary = recipes.summary(cfg)
+    assert "--amp off" in summary and "overridden here: --amp bf16" in summary
+    assert "overridden here: --no-best-per-student" in summary
+    # on the paper's recipe one flag switches one difference, and nothing else
+    one = resolved("--mix-source", "same")
+    assert one["mix_source"] == "same" and one["stability"] == "grad" and one["accum"] == 1
+
+
+def test_the_release_rounds_iters_up_to_whole_epochs():
+    """Co2S.py l.243-247: epochs = ceil(iters / steps per epoch), then whole epochs."""
+    layout, n = BatchLayout(4), 4617  # potsdam 1/16: 1,155 steps per epoch
+    cfg = dict(iters=1000, epochs=80, round_iters=True)
+    assert (
+        train.schedule(cfg, layout, n)["total_iters"],
+        train.schedule(cfg, layout, n)["epochs"],
+    ) == (1155, 1)
+    assert train.schedule(dict(cfg, iters=1156), layout, n)["total_iters"] == 2310
+    assert train.schedule(dict(cfg, round_iters=False), layout, n)["total_iters"] == 1000
+    assert train.schedule(dict(cfg, iters=None), layout, n)["total_iters"] == 80 * 1155
+
+
+def test_stop_at_0_with_the_release_recipe_prints_and_records_each_switch(
+    micro_root, tmp_path, capsys
+):
+    out = tmp_path / "r"
+    train.main(micro_args(micro_root, out, "--recipe", "release", "--stop-at", "0"))
+    printed = capsys.readouterr().out
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["recipe"] == "release" and set(cfg["recipe_switches"]) == set(recipes.RELEASE)
+    assert "recipe: release" in printed
+    for k, v in cfg["recipe_switches"].items():
+        assert cfg[k] == v and f"{recipes.as_flag(k, v)} " in printed, k
+    assert "--accum 2 " in printed and "--round-iters " in printed  # the demo's batch of 2
+
+
+def test_the_release_keeps_each_students_best_on_its_own_miou(monkeypatch, tmp_path):
+    """best_<student>.pt follows that student's own mIoU (the release has no fusion), best.pt the
+    fused one; without --best-per-student only best.pt is written."""
+    saved = []
+    monkeypatch.setattr(
+        runs,
+        "save_checkpoint",
+        lambda run, path, **kw: saved.append((os.path.basename(path), run.step)),
+    )
+    students = [types.SimpleNamespace(name="clip"), types.SimpleNamespace(name="dinov3")]
+    evals = [(0.5, 0.2, 0.4), (0.4, 0.3, 0.45), (0.6, 0.1, 0.3)]  # clip, dinov3, fused mIoU
+    for per_student in (True, False):
+        saved.clear()
+        run = runs.Run({}, None, types.SimpleNamespace(students=students))
+        cfg = dict(out=str(tmp_path), best_by="fused", best_per_student=per_student)
+        loop = types.SimpleNamespace(run=run, cfg=cfg, epoch=float, total_steps=9)
+        for step, mious in enumerate(evals, 1):
+            run.step = step
+            result = {n: {"miou": m} for n, m in zip(("clip", "dinov3", "fused"), mious)}
+            train.keep_best(loop, result)
+        if per_student:
+            assert saved == [
+                ("best.pt", 1), ("best_clip.pt", 1), ("best_dinov3.pt", 1),
+                ("best.pt", 2), ("best_dinov3.pt", 2), ("best_clip.pt", 3),
+            ]  # fmt: skip
+            each = json.load(open(tmp_path / "metrics.json"))["best"]["each"]
+            assert each == {"clip": dict(miou=0.6, step=3), "dinov3": dict(miou=0.3, step=2)}
+        else:
+            assert saved == [("best.pt", 1), ("best.pt", 2)] and "each" not in run.best
+
+
+def test_the_release_recipe_on_one_process_is_its_own_two_process_run(micro_root, tmp_path):
+    """--recipe release makes the global batch its 4 processes as far as it splits: a batch of 2 is
+    --accum 2 on one process, and 1 per process under a 2-process torchrun; the two are the same
+    run (shared order, same-image partners, released E8, the release's numerics and DINOv3): the
+    same weights; each keeps best_<student>.pt."""
+    ddp, accum = tmp_path / "ddp", tmp_path / "accum"
+    common = ["--iters", "3", "--no-round-iters", "--batch", "2", "--eval-every", "100"]
+    a, b = two_processes_and_one(micro_root, ddp, accum, 29521, *common, "--recipe", "release")
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=1e-4), k
+    for run, (world, accum_) in ((ddp, (2, 1)), (accum, (1, 2))):
+        cfg = json.load(open(run / "config.json"))
+        assert (cfg["world_size"], cfg["accum"], cfg["data_order"]) == (world, accum_, "shared")
+        assert (run / "best_clip.pt").is_file() and (run / "best_dinov3.pt").is_file()
+
+
+def test_config_starts_a_new_run_with_the_settings_of_a_saved_one(micro_root, tmp_path):
+    """train.py --config RUN/config.json (or RUN, or an exported model) is that run's config again
+    in a new run folder; flags given override it."""
+    first = tmp_path / "first"
+    flags = ("--recipe", "release", "--amp", "bf16", "--tau", "0.9", "--seed", "3")
+    train.main(micro_args(micro_root, first, *flags, "--stop-at", "0"))
+    fresh = ("out", "command", "config", "versions", "git")
+    same = lambda c: {k: v for k, v in c.items() if k not in fresh}
+    a = json.load(open(first / "config.json"))
+    for i, source in enumerate((first / "config.json", first)):
+        again = tmp_path / f"again{i}"
+        train.main(["--config", str(source), "--out", str(again), "--stop-at", "0"])
+        b = json.load(open(again / "config.json"))
+        assert same(a) == same(b) and b["config"] == str(source) and b["out"] == str(again)
+    train.main(
+        ["--config", str(first), "--out", str(tmp_path / "c"), "--tau", "0.8", "--stop-at", "0"]
+    )
+    c = json.load(open(tmp_path / "c" / "config.json"))
+    assert {k for k in same(a) if a[k] != c[k]} == {"tau"} and c["recipe_overrides"] == {
+        "amp": "bf16"
+    }
+    # an exported model: its settings, its own split lists, the data where the flags say
+    from tools.export import PATHS, export
+
+    trained = tmp_path / "trained"
+    train.main(micro_args(micro_root, trained, *flags, "--iters", "1", "--no-round-iters"))
+    folder = export(runs.resolve_checkpoint(str(trained)), str(tmp_path / "export"))
+    out = tmp_path / "from-export"
+    train.main(["--config", folder, "--data-root", micro_root, "--out", str(out), "--stop-at", "0"])
+    d, e = (json.load(open(f / "config.json")) for f in (trained, out))
+    differ = {k for k in d if d[k] != e.get(k)} - set(PATHS) - set(fresh) - {"stop_at"}
+    assert differ == {"splits_source"} and e["splits"] == os.path.join(folder, "splits")
+    assert (
+        open(out / "splits" / "labeled.txt").read()
+        == open(trained / "splits" / "labeled.txt").read()
+    )
+    (tmp_path / "other.json").write_text('{"step": 3}')
+    with pytest.raises(UserError, match="neither the config.json"):
+        train.get_args(["--config", str(tmp_path / "other.json")])

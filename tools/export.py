@@ -27,7 +27,14 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from plumbing.atomic import read_json, replacing, write_json
 from plumbing.catalog import DatasetInfo, dataset_info
 from plumbing.errors import UserError, cli
-from plumbing.runs import EXPORT, is_export, read_checkpoint, resolve_checkpoint, run_folder
+from plumbing.runs import (
+    EXPORT,
+    LOCAL_FOLDER,
+    is_export,
+    read_checkpoint,
+    resolve_checkpoint,
+    run_folder,
+)
 from plumbing.weights import DEFAULT_WEIGHTS
 
 # the settings of a run that are paths of the machine that trained it (dropped from config.json)
@@ -62,7 +69,7 @@ def export(checkpoint, out_dir):
     cfg = {k: v for k, v in state["cfg"].items() if k not in PATHS}
     for kind in DEFAULT_WEIGHTS:  # a hub id says what the weights are; a local folder says nothing
         w = cfg.get(f"{kind}_weights")
-        cfg[f"{kind}_weights"] = w if w is None or not os.path.exists(w) else "a local folder"
+        cfg[f"{kind}_weights"] = w if w is None or not os.path.exists(w) else LOCAL_FOLDER
     classes = list(info.classes)
     config = dict(
         format=EXPORT,
@@ -177,7 +184,7 @@ def model_card(config):
     dataset, ratio = cfg["dataset"], cfg["ratio"].replace("_", "/")
     pretrained = {k: cfg.get(f"{k}_weights") for k in dict.fromkeys(args["kinds"])}
     pretrained = {k: w for k, w in pretrained.items() if w and w != "release-init"}
-    base = [w for w in pretrained.values() if w != "a local folder"]
+    base = [w for w in pretrained.values() if w != LOCAL_FOLDER]
     licences = [WEIGHT_LICENCES[k] for k in pretrained]
     data = card_data(config, base, licences)
     names = list(res) or args["kinds"]
