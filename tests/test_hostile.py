@@ -291,3 +291,48 @@ def test_srun_tasks_are_one_run(micro_root, tmp_path):
     assert "global batch 2 = 2 processes" in outs[0][0] and "run folder" not in outs[1][0]
     records = [json.loads(x) for x in open(out / "log.jsonl")]
     assert [r["step"] for r in records if r["type"] == "train"] == [1, 2]
+
+
+def test_the_readmes_torchrun_requeue_recipe_continues_the_run(micro_root, tmp_path):
+    """SIGTERM to the torchrun agent (what `sbatch --signal=TERM@120` sends to the job step): the
+    workers stop after their step with last.pt; torchrun's exit code says nothing useful, so the
+    recipe requeues while metrics.json is not done, and the same command again ends the run
+    equal to an uninterrupted one."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+    def torchrun(out, port):
+        argv = micro_args(
+            micro_root, out, "--iters", "6", "--eval-every", "100", "--log-every", "1"
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            "train.py",
+            *argv,
+        ]
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+
+    def done(out):
+        path = out / "metrics.json"  # the recipe's test: grep -q '"done": true' OUT/metrics.json
+        return path.is_file() and '"done": true' in path.read_text()
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert torchrun(full, 29561).wait(timeout=300) == 0
+    proc = torchrun(cut, 29563)
+    for _ in range(1500):  # wait for step 1 to be logged, then stop the job as SLURM does
+        if (cut / "log.jsonl").is_file() and '"train"' in (cut / "log.jsonl").read_text():
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert (cut / "last.pt").is_file() and not done(cut)
+    assert torchrun(cut, 29565).wait(timeout=300) == 0 and done(cut)  # the requeued job
+    a, b = (runs.read_checkpoint(str(d / "last.pt"))["model"] for d in (full, cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
