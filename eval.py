@@ -281,7 +281,10 @@ def predict_folder(model, palette, folder, out, crop, name=FUSED):
         img = data.normalize(data.load_image(path))[None].to(device)
         probs = predict(model, img, crop, names=[name])[name]
         mask = probs[0].argmax(0).byte().cpu().numpy()
-        colorize(mask, palette).save(os.path.join(out, target))
+        try:
+            colorize(mask, palette).save(os.path.join(out, target))
+        except OSError as err:  # a full disk, a folder made read-only meanwhile
+            raise UserError(f"--out {out}: cannot write {target} ({err.strerror or err})") from err
         ours.add(target)
         atomic.write_json(manifest, dict(model=name, crop=crop, files=sorted(ours)))
     return [os.path.join(out, t) for t in targets]

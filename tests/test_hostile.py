@@ -336,3 +336,52 @@ def test_the_readmes_torchrun_requeue_recipe_continues_the_run(micro_root, tmp_p
     assert torchrun(cut, 29565).wait(timeout=300) == 0 and done(cut)  # the requeued job
     a, b = (runs.read_checkpoint(str(d / "last.pt"))["model"] for d in (full, cut))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_tools_mistakes_are_one_line_and_exit_2(micro_root, tmp_path):
+    """Where a traceback used to be: bench's numbers, an export to a read-only folder or from a
+    run whose config.json is malformed, prediction of a 4-byte TIFF."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+    def tool(*argv):
+        proc = subprocess.run(
+            [sys.executable, "-m", *argv],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            capture_output=True,
+            timeout=300,
+        )
+        return proc.returncode, proc.stderr
+
+    for flag in ("--batch", "--steps"):
+        code, err = tool("tools.bench", flag, "0")
+        assert code == 2 and flag in err and "Traceback" not in err
+    run = tmp_path / "run"
+    train.main(micro_args(micro_root, run, "--iters", "1", "--eval-every", "100"))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    try:
+        code, err = tool("tools.export", str(run), str(locked / "model"))
+        assert os.geteuid() == 0 or (code == 2 and "Traceback" not in err)  # root writes anyway
+    finally:
+        os.chmod(locked, 0o700)
+    (run / "config.json").write_text("{ not json")
+    code, err = tool("tools.export", str(run), str(tmp_path / "model"))
+    assert code == 2 and "config.json" in err and "Traceback" not in err
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "tiny.tif").write_bytes(b"II*\x00")
+    with pytest.raises(SystemExit) as e:
+        cli(
+            lambda: evaluation.main(
+                [
+                    str(run / "last.pt"),
+                    "--predict",
+                    str(tmp_path / "in"),
+                    "--out",
+                    str(tmp_path / "masks"),
+                ]
+            )
+        )
+    assert e.value.code == 2

@@ -77,6 +77,9 @@ p.add_argument("--steps", type=int, default=5)
 p.add_argument("--eval", action="store_true", help="also time sliding-window inference")
 p.add_argument("--profile", action="store_true", help="print the top operators of one step")
 args = p.parse_args()
+for flag, low in (("crop", 16), ("batch", 1), ("classes", 1), ("warmup", 0), ("steps", 1)):
+    if getattr(args, flag) < low:  # a number out of range is the user's mistake, not a traceback
+        p.error(f"--{flag} {getattr(args, flag)}: must be >= {low}")
 device = torch.device(args.device)
 if device.type == "cuda" and not torch.cuda.is_available():
     sys.exit("--device cuda: no CUDA device is visible")
@@ -144,7 +147,7 @@ def timed(fn, n):
         fn()
         sync()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(times) if times else 0.0  # n = 0: a warm-up of none
 
 
 def step():

@@ -65,7 +65,10 @@ def export(checkpoint, out_dir):
         info = dataset_info(state["cfg"]["dataset"], state["cfg"].get("data_root"))
     check_target(out_dir, folder)
     run_config = os.path.join(folder, "config.json")
-    saved = read_json(run_config) if os.path.isfile(run_config) else {}
+    try:
+        saved = read_json(run_config) if os.path.isfile(run_config) else {}
+    except ValueError as e:  # a config.json edited by hand, or truncated
+        raise UserError(f"{run_config} is not valid JSON ({e}); restore it from the run") from e
     cfg = {k: v for k, v in state["cfg"].items() if k not in PATHS}
     for kind in DEFAULT_WEIGHTS:  # a hub id says what the weights are; a local folder says nothing
         w = cfg.get(f"{kind}_weights")
@@ -227,7 +230,10 @@ def main(argv=None):
     checkpoint = resolve_checkpoint(args.path)
     if is_export(checkpoint):
         raise UserError(f"{args.path!r} is an export already: copy the folder instead")
-    print(f"wrote {export(checkpoint, args.out)}")
+    try:
+        print(f"wrote {export(checkpoint, args.out)}")
+    except OSError as e:  # a read-only or full target
+        raise UserError(f"export to {args.out!r} failed: {e.strerror or e}") from e
     return args.out
 
 
