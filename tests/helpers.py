@@ -24,3 +24,10 @@ def student(
         train_backbone=train_backbone,
     )
     return model.build_student(kind, spec, weights=weights, text=text)
+
+
+def micro_args(root, out, *extra):
+    """train.py's flags of a micro run on `root` (tests' micro_root): 64 px crops, 2 + 2 images a
+    step, no loader processes; later flags win."""
+    common = ["--data-root", root, "--out", str(out), "--ratio", "1/4", "--crop", "64"]
+    return common + ["--batch", "2", "--workers", "0", *extra]

@@ -7,45 +7,19 @@ import subprocess
 import sys
 import time
 
+import helpers
 import pytest
 import torch
 
 import train
 from plumbing import runs, runtime
-from plumbing.demo import prepare_demo
 from plumbing.errors import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def micro_root(tmp_path_factory):
-    """A micro demo dataset: 16 training tiles, 2 val tiles (same generator as `python train.py`)."""
-    root = str(tmp_path_factory.mktemp("demo"))
-    prepare_demo(root, seed=0, n_train=16, n_val=2)
-    return root
-
-
 def micro_args(root, out, *extra):
-    return [
-        "--data-root",
-        root,
-        "--out",
-        str(out),
-        "--ratio",
-        "1/4",
-        "--crop",
-        "64",
-        "--batch",
-        "2",
-        "--workers",
-        "0",
-        "--log-every",
-        "1",
-        "--eval-every",
-        "100",
-        *extra,
-    ]
+    return helpers.micro_args(root, out, "--log-every", "1", "--eval-every", "100", *extra)
 
 
 def last(run):

@@ -12,26 +12,14 @@ import time
 
 import pytest
 import torch
+from helpers import micro_args
 
 import eval as evaluation
 import train
 from plumbing import catalog, runs, runtime
-from plumbing.demo import prepare_demo
 from plumbing.errors import UserError, cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def micro_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("demo"))
-    prepare_demo(root, seed=0, n_train=16, n_val=2)
-    return root
-
-
-def micro_args(root, out, *extra):
-    common = ["--data-root", root, "--out", str(out), "--ratio", "1/4", "--crop", "64"]
-    return common + ["--batch", "2", "--workers", "0", *extra]
 
 
 def exit_code(argv, capsys=None):

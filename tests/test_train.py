@@ -18,19 +18,10 @@ import model as text
 import train
 from plumbing import catalog, recipes, runs
 from plumbing.batches import BatchLayout
-from plumbing.demo import prepare_demo
 from plumbing.errors import UserError, cli
 from plumbing.weights import DEFAULT_WEIGHTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def micro_root(tmp_path_factory):
-    """A micro demo dataset: 16 training tiles, 2 val tiles (same generator as `python train.py`)."""
-    root = str(tmp_path_factory.mktemp("demo"))
-    prepare_demo(root, seed=0, n_train=16, n_val=2)
-    return root
 
 
 def bad_label_value(root):
@@ -59,23 +50,7 @@ def npy(path, shape):
 
 
 def micro_args(root, out, *extra):
-    return [
-        "--data-root",
-        root,
-        "--out",
-        str(out),
-        "--ratio",
-        "1/4",
-        "--crop",
-        "64",
-        "--batch",
-        "2",
-        "--workers",
-        "0",
-        "--log-every",
-        "1",
-        *extra,
-    ]
+    return helpers.micro_args(root, out, "--log-every", "1", *extra)
 
 
 def weights(run):
