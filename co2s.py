@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from losses import IGNORE, pseudo_label_loss, stability_loss, supervised_loss
+from losses import IGNORE, at_least_fp32, pseudo_label_loss, stability_loss, supervised_loss
 from model import fuse
 
 METHODS = ("co2s", "unimatch", "supervised")
@@ -91,8 +91,8 @@ def cutmix(dst, src, box):
 
 
 def confidence(logits):
-    """(confidence, argmax label) of detached logits (B, N, H, W), from an fp32 softmax."""
-    return logits.detach().float().softmax(1).max(1)
+    """(confidence, argmax label) of detached logits (B, N, H, W): softmax in fp32 at least."""
+    return at_least_fp32(logits.detach()).softmax(1).max(1)
 
 
 @torch.no_grad()
@@ -212,7 +212,9 @@ def diagnostics(out, batch, method, fusion="confidence", quality=False):
             acc, cov = pseudo_label_quality(conf, label, gt, valid, tau)
             logs[f"{name}/pl_acc"], logs[f"{name}/pl_cov"] = acc, cov
     if quality and len(out.weak) == 2:  # the map the fusion head would give
-        conf_f, label_f = fuse([z.detach().float().softmax(1) for z in out.weak], fusion).max(1)
+        conf_f, label_f = fuse(
+            [at_least_fp32(z.detach()).softmax(1) for z in out.weak], fusion
+        ).max(1)
         acc, cov = pseudo_label_quality(conf_f, label_f, gt, valid, tau)
         logs["fused/pl_acc"], logs["fused/pl_cov"] = acc, cov
     return logs

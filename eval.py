@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-from losses import IGNORE
+from losses import IGNORE, at_least_fp32
 from model import FUSED, fuse
 from plumbing import atomic, runs
 from plumbing.errors import UserError, cli
@@ -77,7 +77,7 @@ def pad16(x):
 
 def sliding_window(student, img, crop, stride=None, num_classes=None):
     """Averaged logits (B, N, H, W) of one student over windows of `crop` (fp32 whatever the
-    autocast).
+    autocast; float64 for a float64 student).
 
     An image no larger than the crop is ONE forward (padded to a multiple of 16, cropped back); a
     side smaller than the crop gives windows of that side's length."""
@@ -87,11 +87,11 @@ def sliding_window(student, img, crop, stride=None, num_classes=None):
     logits, count = None, torch.zeros(1, 1, H, W, device=img.device)
     for y in window_starts(H, crop, stride):
         for x in window_starts(W, crop, stride):
-            out = student(pad16(img[:, :, y : y + h, x : x + w]))[
-                :, :, :h, :w
-            ].float()  # (B, N, h, w)
+            out = at_least_fp32(
+                student(pad16(img[:, :, y : y + h, x : x + w]))[:, :, :h, :w]
+            )  # (B, N, h, w)
             if logits is None:
-                logits = torch.zeros(B, out.shape[1], H, W, device=img.device)
+                logits = torch.zeros(B, out.shape[1], H, W, device=img.device, dtype=out.dtype)
             logits[:, :, y : y + h, x : x + w] += out
             count[:, :, y : y + h, x : x + w] += 1
     if num_classes is not None and logits.shape[1] != num_classes:

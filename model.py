@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from losses import at_least_fp32
 from plumbing.errors import UserError
 from plumbing.weights import blocks, build_backbone, text_embeddings, vit_preset
 
@@ -68,7 +69,7 @@ def resize_positions(table, h, w):
     if (h, w) == (g, g):
         return table
     grid = table[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)
+    grid = F.interpolate(at_least_fp32(grid), size=(h, w), mode="bicubic", align_corners=False)
     grid = grid.to(table.dtype).permute(0, 2, 3, 1).reshape(h * w, -1)
     return torch.cat([table[:1], grid])
 
@@ -134,7 +135,7 @@ def average_concepts(concept_embeds, counts):
     """E2: average the concept embeddings of each class as the text tower gives them (not
     normalised first, as the authors' text_embeddings.py does), then L2-normalise.
     (sum(counts), D) -> (N, D)."""
-    per_class = concept_embeds.float().split(list(counts))
+    per_class = at_least_fp32(concept_embeds).split(list(counts))
     return F.normalize(torch.stack([c.mean(0) for c in per_class]), dim=-1)
 
 
@@ -290,7 +291,7 @@ class Student(nn.Module):
         width = backbone.config.hidden_size
         f3_dim = backbone.config.projection_dim if kind == "clip" else width
         if text is not None:  # explicit guidance: fixed text embeddings (E2), saved with the model
-            self.register_buffer("text", text.float().clone())
+            self.register_buffer("text", at_least_fp32(text).clone())
             self.queries = None
         else:  # implicit guidance: learnable class queries
             self.text = None

@@ -249,15 +249,17 @@ def test_training_lowers_the_supervised_loss_of_both_students(trained):
 
 
 def test_unimatch_terms_are_e5_and_e6_on_the_pasted_strong_views_and_the_fp_branch(trained):
-    """Steps 2-5 of METHOD.md section 4 written out by hand (rolled partners), against the logged terms."""
+    """Steps 2-5 of METHOD.md section 4 written out by hand (rolled partners), against the logged
+    terms, in float64 (helpers.F64_BOUND)."""
     ss, opts = fresh(trained[0])  # trained: structured pseudo-labels
-    batch_l, batch_u = make_batch()
+    ss = [helpers.float64(s) for s in ss]
+    batch_l, batch_u = (helpers.f64(b) for b in make_batch())
     valid = ~batch_u["ignore"]
-    # tau: the lower of the students' median weak confidences, so that (by construction, on any machine)
-    # each student has confident pixels and every term below is live
-    tau = min(
-        z.softmax(1).amax(1)[valid].median().item() for z in weak_logits(ss, batch_l, batch_u)
-    )
+    # tau: the lower of the students' median weak confidences, so that (by construction, on any
+    # machine) each student has confident pixels and every term below is live; halfway to the next
+    # confidence up, so that no pixel sits on the threshold for rounding to move across
+    confs = [z.softmax(1).amax(1)[valid].sort().values for z in weak_logits(ss, batch_l, batch_u)]
+    tau = min(((c[len(c) // 2] + c[len(c) // 2 + 1]) / 2).item() for c in confs)
     expected = []
     torch.manual_seed(0)  # the same FP dropout draws as the step below
     with torch.no_grad():
@@ -286,9 +288,7 @@ def test_unimatch_terms_are_e5_and_e6_on_the_pasted_strong_views_and_the_fp_bran
     logs = step(ss, opts, batch_l, batch_u, seed=0, tau=tau)
     for s, terms in zip(ss, expected):
         for k, v in terms.items():
-            assert logs[f"{s.name}/{k}"].item() == pytest.approx(v.item(), rel=1e-5, abs=1e-7), (
-                f"{s.name}/{k}"
-            )
+            helpers.assert_close(logs[f"{s.name}/{k}"], v, what=f"by hand vs step {s.name}/{k}")
     assert all(terms[k] > 0 for terms in expected for k in ("s1", "s2", "fp"))  # the terms are live
 
 
@@ -320,16 +320,19 @@ def test_supervised_method_never_touches_unlabelled_data(students):
 
 def test_rolled_partners_equal_an_explicit_partner_batch_rolled_by_one(trained):
     # trained students: their pseudo-labels have structure, so the losses depend on what is pasted
-    batch_l, batch_u = make_batch()
+    # in float64: the explicit partners' pseudo-labels come from another forward (a batch of B in
+    # eval mode, not the [labelled; weak] batch of 2B), which rounds otherwise (helpers.F64_BOUND)
+    batch_l, batch_u = (helpers.f64(b) for b in make_batch())
     rolled = {k: v.roll(1, 0) for k, v in batch_u.items()}
     logs = []
     for mix in (None, rolled, {**rolled, "img_w": rolled["img_w"].flip(-1)}):
         ss, opts = fresh(trained[0])
+        ss = [helpers.float64(s) for s in ss]
         logs.append(
             step(ss, opts, batch_l, batch_u, batch_mix=mix, tau=0.0)
         )  # tau 0: every pasted label counts
     for k in logs[0]:
-        assert torch.allclose(logs[0][k].float(), logs[1][k].float(), atol=1e-4), k
+        helpers.assert_close(logs[1][k], logs[0][k], what=f"explicit vs rolled partners {k}")
     # the partner's pseudo-labels really come from batch_mix: other partner labels, other losses
     assert not torch.allclose(logs[2]["dinov3/s1"], logs[1]["dinov3/s1"], atol=1e-2)
 

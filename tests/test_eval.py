@@ -1,10 +1,12 @@
 """eval.py: confusion-matrix mIoU, the sliding window, E10 fusion after it, folder prediction, CLI errors."""
 
+import copy
 import json
 import math
 import os
 import types
 
+import helpers
 import numpy as np
 import pytest
 import torch
@@ -128,25 +130,30 @@ def test_sliding_window_small_image_is_one_forward(tiny):
 
 
 def test_sliding_window_pads_to_16_with_black_and_crops_back(tiny):
-    img = torch.randn(1, 3, 100, 120)  # not a multiple of 16: one forward on 112x128, black padding
-    black = torch.tensor([-m / s for m, s in zip(data.IMAGENET_MEAN, data.IMAGENET_STD)]).view(
-        1, 3, 1, 1
-    )
+    """In float64 (helpers.F64_BOUND): pad16 pads x - black with 0 and adds black back, which
+    rounds x, and the student sums a padded window otherwise than the test's padded image."""
+    tiny = helpers.float64(copy.deepcopy(tiny))
+    img = torch.randn(1, 3, 100, 120, dtype=torch.float64)  # one forward on 112x128, black padding
+    black = torch.tensor(
+        [-m / s for m, s in zip(data.IMAGENET_MEAN, data.IMAGENET_STD)], dtype=torch.float64
+    ).view(1, 3, 1, 1)
     padded = black.expand(1, 3, 112, 128).clone()
     padded[..., :100, :120] = img
     with torch.no_grad():
         out = ev.sliding_window(tiny, img, crop=128, num_classes=6)
         assert out.shape == (1, 6, 100, 120)
-        assert torch.allclose(out, tiny(padded)[..., :100, :120], atol=1e-5)
+        assert out.dtype == torch.float64  # the window sums stay float64
+        helpers.assert_close(out, tiny(padded)[..., :100, :120], what="padded window vs image")
 
 
 def test_sliding_window_large_image_covers_every_pixel_and_averages():
-    img = torch.randn(2, 3, 160, 224)
+    """In float64: the mean of k equal window values is that value only up to rounding."""
+    img = torch.randn(2, 3, 160, 224, dtype=torch.float64)
     student = Local()
     out = ev.sliding_window(student, img, crop=128)  # stride 106: windows at y 0, 32 and x 0, 96
     assert student.calls == [(128, 128)] * 4
     # a purely local function: the average of agreeing windows is the function on the whole image
-    assert torch.allclose(out, Local()(img), atol=1e-5)
+    helpers.assert_close(out, Local()(img), what="windows vs whole image")
     # every pixel is covered: a constant student averages to exactly that constant everywhere
     ones = Fixed("one", torch.ones(2, 128, 128))
     assert torch.equal(ev.sliding_window(ones, img, crop=128), torch.ones(2, 2, 160, 224))

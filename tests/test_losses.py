@@ -1,9 +1,13 @@
-"""losses.py: every loss term (E5, E6, E8, E9) against a hand computation on a few pixels."""
+"""losses.py: every loss term (E5, E6, E8, E9) against a hand computation on a few pixels, in
+float64 on both sides (the hand side: Python floats), where rounding cannot decide the comparison
+(helpers.F64_BOUND). In fp32, a CE of 0.1 from logits of 4 carries 4 * 1.2e-7 of absolute
+rounding, up to 5e-6 relative: above the 1e-6 these tests used to allow."""
 
 import math
 
 import pytest
 import torch
+from helpers import F64_BOUND
 
 from losses import (
     IGNORE,
@@ -28,8 +32,8 @@ def softmax(z):
 
 
 def as_logits(pixels):
-    """[[z_c for c] for pixel] -> (1, C, 1, P) tensor."""
-    return torch.tensor(pixels, dtype=torch.float32).T[None, :, None, :].contiguous()
+    """[[z_c for c] for pixel] -> (1, C, 1, P) float64 tensor."""
+    return torch.tensor(pixels, dtype=torch.float64).T[None, :, None, :].contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -40,7 +44,7 @@ def test_supervised_loss_is_mean_ce_over_labelled_pixels_only():
     pixels = [[2.0, 0.5, -1.0], [0.0, 3.0, 1.0], [1.0, 1.0, 4.0]]
     labels = torch.tensor([[[0, IGNORE, 2]]])
     loss = supervised_loss(as_logits(pixels), labels)
-    assert loss.item() == pytest.approx((ce(pixels[0], 0) + ce(pixels[2], 2)) / 2, rel=1e-6)
+    assert loss.item() == pytest.approx((ce(pixels[0], 0) + ce(pixels[2], 2)) / 2, rel=F64_BOUND)
 
 
 def test_supervised_loss_without_labelled_pixels_is_zero_not_nan():
@@ -62,7 +66,7 @@ def test_pseudo_label_loss_divides_by_all_valid_pixels_not_the_confident_ones():
     )  # pixel 3 is crop padding: out, however confident
     loss = pseudo_label_loss(as_logits(pixels), pseudo, conf, valid, TAU)
     assert loss.item() == pytest.approx(
-        (ce(pixels[0], 0) + ce(pixels[2], 1)) / 3, rel=1e-6
+        (ce(pixels[0], 0) + ce(pixels[2], 1)) / 3, rel=F64_BOUND
     )  # / |V| = 3, not 2
 
 
@@ -95,6 +99,10 @@ def test_mask_statistics_are_fp32_under_low_precision_logits():
     pseudo, conf = torch.zeros(1, 2, 2, dtype=torch.long), torch.ones(1, 2, 2)
     assert pseudo_label_loss(logits, pseudo, conf, valid).dtype == torch.float32
     assert stability_loss(logits, logits.flip(1), tau=0.0).dtype == torch.float32
+    # and float64 stays float64 (the equivalence tests run in it): not rounded down to fp32
+    wide = logits.double()
+    assert pseudo_label_loss(wide, pseudo, conf, valid).dtype == torch.float64
+    assert stability_loss(wide, wide.flip(1), tau=0.0).dtype == torch.float64
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,11 +156,11 @@ def test_stability_loss_equals_the_hand_formula():
     ]
     expect = sum(sq) / (3 * len(masked))  # / (C * |M|)
     loss = stability_loss(as_logits(SELF), as_logits(OTHER), TAU)
-    assert loss.item() == pytest.approx(expect, rel=1e-5)
+    assert loss.item() == pytest.approx(expect, rel=F64_BOUND)
     # the other direction: only pixel 0 is the other student's to learn
     back = sum((po - ps) ** 2 for po, ps in zip(softmax(OTHER[0]), softmax(SELF[0]))) / 3
     assert stability_loss(as_logits(OTHER), as_logits(SELF), TAU).item() == pytest.approx(
-        back, rel=1e-5
+        back, rel=F64_BOUND
     )
 
 

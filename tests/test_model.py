@@ -72,6 +72,32 @@ def tiny():
     }
 
 
+@pytest.fixture(scope="module")
+def tiny64(tiny):
+    """The tiny students in float64, for the tests that compare two computations of the same maps
+    (helpers.F64_BOUND: where rounding cannot decide them)."""
+    return {kind: helpers.float64(copy.deepcopy(s)) for kind, s in tiny.items()}
+
+
+def rope_in_float64(s, monkeypatch):
+    """transformers computes DINOv3's RoPE tables in float32 whatever the model's dtype (float32
+    patch centres and inv_freq), as centre * 1 / base^x where model.rope_tables takes centre /
+    base^x: two float32 roundings of one table, 1e-7 apart, which a float64 comparison of the
+    blocks would measure. Here both sides compute the tables in float64 from float64 periods."""
+    import transformers.models.dinov3_vit.modeling_dinov3_vit as hf
+
+    centres = hf.get_patches_center_coordinates
+    monkeypatch.setattr(
+        hf,
+        "get_patches_center_coordinates",
+        lambda h, w, dtype, device: centres(h, w, dtype=torch.float64, device=device),
+    )
+    rope, cfg = s.backbone.rope_embeddings, s.backbone.config
+    rope.inv_freq = 1 / rope.base ** torch.arange(0, 1, 4 / rope.head_dim, dtype=torch.float64)
+    n = cfg.hidden_size // cfg.num_attention_heads // 4  # model.rope_periods, in float64
+    s.rope_periods = cfg.rope_theta ** (2 * torch.arange(n, dtype=torch.float64) / (2 * n))
+
+
 # --------------------------------------------------------------------------------------------
 # Shapes and the single backbone pass of E4
 
@@ -100,16 +126,17 @@ def test_feature_and_logit_shapes_and_one_backbone_pass_for_fp(tiny, kind, hw):
     assert out[0].shape == out[1].shape == (2, N, H, W)
 
 
-def test_fp_from_perturbs_only_the_tail_of_the_batch(tiny):
+def test_fp_from_perturbs_only_the_tail_of_the_batch(tiny64):
     """The clean logits are those of the plain forward; the FP logits are of x[fp_from:] only, and
-    perturbed (Dropout2d on the tapped maps), so they differ from the clean ones of the same images."""
-    s, x = tiny["dinov3"], torch.randn(3, 3, 64, 64)
+    perturbed (Dropout2d on the tapped maps), so they differ from the clean ones of the same images.
+    In float64: the head runs a batch of 5 against one of 3, which rounds its sums otherwise."""
+    s, x = tiny64["dinov3"], torch.randn(3, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         torch.manual_seed(1)
         clean, pert = split(s(x, fp_from=1), len(x))
         plain = s(x)
     assert clean.shape == (3, N, 64, 64) and pert.shape == (2, N, 64, 64)
-    assert torch.allclose(clean, plain, atol=1e-5)  # the clean part is not perturbed
+    helpers.assert_close(clean, plain, what="FP clean half vs plain forward")  # not perturbed
     assert (pert - plain[1:]).abs().amax() > 1e-3  # the tail is
 
 
@@ -255,18 +282,20 @@ def as_map(tokens, h, w):
     return tokens.reshape(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2)
 
 
-def test_clip_maps_are_the_value_path_by_hand(tiny):
-    s = tiny["clip"]
+def test_clip_maps_are_the_value_path_by_hand(tiny64):
+    """In float64: ours (cached position table, our loop) and transformers' forward sum alike only
+    up to rounding."""
+    s = tiny64["clip"]
     bb, vm = s.backbone, s.backbone.vision_model
-    x = torch.randn(1, 3, 64, 96)  # non-square: interpolated 4x6 position grid
+    x = torch.randn(1, 3, 64, 96, dtype=torch.float64)  # non-square: interpolated 4x6 grid
     with torch.no_grad():
         feats = s.features(x)
         hs = bb(
             pixel_values=x, interpolate_pos_encoding=True, output_hidden_states=True
         ).hidden_states
         # HF convention: hs[0] is the input of block 0 (embeddings -> pre_layrnorm), hs[i+1] the output of block i
-        assert torch.allclose(
-            hs[0], vm.pre_layrnorm(vm.embeddings(x, interpolate_pos_encoding=True))
+        helpers.assert_close(
+            hs[0], vm.pre_layrnorm(vm.embeddings(x, interpolate_pos_encoding=True)), what="hs[0]"
         )
 
         def value_path(i):  # E1: v = x + out(v(LN1 x)); v = v + MLP(LN2 v), no token mixing
@@ -281,14 +310,16 @@ def test_clip_maps_are_the_value_path_by_hand(tiny):
             F.normalize(bb.visual_projection(vm.post_layernorm(value_path(t3))), dim=-1)[:, 1:],
         ]
     for f, e in zip(feats, expect):
-        assert torch.allclose(f, as_map(e, 4, 6), atol=1e-5)
-    assert torch.allclose(feats[2].norm(dim=1), torch.ones(1, 4, 6), atol=1e-5)  # unit per pixel
+        helpers.assert_close(f, as_map(e, 4, 6), what="CLIP maps vs value path by hand")
+    helpers.assert_close(feats[2].norm(dim=1), torch.ones(1, 4, 6), what="unit per pixel")
     # the value path is NOT the ordinary block output (which mixes tokens through attention)
     assert not torch.allclose(feats[0], as_map(hs[t1 + 1][:, 1:], 4, 6), atol=1e-3)
 
 
-def test_dinov3_maps_are_final_norm_of_tapped_blocks_without_prefix_tokens(tiny):
-    s = copy.deepcopy(tiny["dinov3"]).eval()
+def test_dinov3_maps_are_final_norm_of_tapped_blocks_without_prefix_tokens(tiny64, monkeypatch):
+    """In float64, the RoPE tables too (rope_in_float64)."""
+    s = copy.deepcopy(tiny64["dinov3"]).eval()
+    rope_in_float64(s, monkeypatch)
     bb = s.backbone
     assert bb.config.num_register_tokens == 4
     with torch.no_grad():
@@ -297,13 +328,16 @@ def test_dinov3_maps_are_final_norm_of_tapped_blocks_without_prefix_tokens(tiny)
         ):  # random init has layer scale 1e-5: make every block visibly change the tokens
             block.layer_scale1.lambda1.fill_(1.0)
             block.layer_scale2.lambda1.fill_(1.0)
-        x = torch.randn(1, 3, 64, 96)
+        x = torch.randn(1, 3, 64, 96, dtype=torch.float64)
         feats = s.features(x)
         hs = bb(x, output_hidden_states=True).hidden_states
         # HF convention: hs[0] = embeddings (CLS + 4 registers + patches), hs[i+1] = output of block i
-        assert len(hs) == TINY.depth + 1 and torch.allclose(hs[0], bb.embeddings(x))
+        assert len(hs) == TINY.depth + 1
+        helpers.assert_close(hs[0], bb.embeddings(x), what="DINOv3 hs[0]")
         for f, t in zip(feats, s.taps):
-            assert torch.allclose(f, as_map(bb.norm(hs[t + 1])[:, 1 + 4 :], 4, 6), atol=1e-5)
+            helpers.assert_close(
+                f, as_map(bb.norm(hs[t + 1])[:, 1 + 4 :], 4, 6), what="DINOv3 maps vs transformers"
+            )
             # off by one block, or keeping a register token, would be visible
             assert not torch.allclose(f, as_map(bb.norm(hs[t])[:, 1 + 4 :], 4, 6), atol=1e-3)
             assert not torch.allclose(f, as_map(bb.norm(hs[t + 1])[:, 4:-1], 4, 6), atol=1e-3)
@@ -535,11 +569,14 @@ def test_average_concepts_averages_the_raw_embeddings_then_normalises_as_the_aut
 
 
 def test_encode_concepts_averages_the_prompt_embeddings_of_each_class():
+    """In float64 (helpers.F64_BOUND): a padded batch of prompts and one prompt at a time are two
+    computations of the same embeddings (the padding is masked out)."""
     tower, tok = random_text_tower()
+    tower = helpers.float64(tower)
     concepts = [["car", "passenger car", "parked vehicle"], ["tree"], ["low_vegetation", "grass"]]
     e = text.encode_concepts(concepts, tower, tok)
-    assert e.shape == (3, TINY.proj)
-    assert torch.allclose(e.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert e.shape == (3, TINY.proj) and e.dtype == torch.float64
+    helpers.assert_close(e.norm(dim=-1), torch.ones(3), what="unit text rows")
     # one prompt "a photo of a {concept}" at a time (no padding), then averaged: the same, so padding changes nothing
     with torch.no_grad():
         raw = torch.cat(
@@ -549,11 +586,10 @@ def test_encode_concepts_averages_the_prompt_embeddings_of_each_class():
                 for c in cls
             ]
         )
-    assert torch.allclose(e, text.average_concepts(raw, [3, 1, 2]), atol=1e-5)
+    helpers.assert_close(e, text.average_concepts(raw, [3, 1, 2]), what="padded vs one prompt")
     assert not torch.allclose(e[0], F.normalize(raw[0], dim=-1), atol=1e-3)  # the synonyms do count
-    assert torch.allclose(
-        text.encode_concepts([["car"]], tower, tok)[0], F.normalize(raw[0], dim=-1), atol=1e-5
-    )
+    one = text.encode_concepts([["car"]], tower, tok)[0]
+    helpers.assert_close(one, F.normalize(raw[0], dim=-1), what="one concept vs one prompt")
     # a random tower is why a CLIP student without weights gets stand-in rows: its prompts collapse
     assert (e @ e.T).min() > 0.8
 
@@ -667,25 +703,26 @@ def test_from_scratch_every_backbone_weight_on_the_path_learns(kind):
 
 
 @pytest.mark.parametrize("kind", model.KINDS)
-def test_fp_logits_are_the_head_on_dropout2d_of_the_same_features(tiny, kind, monkeypatch):
-    s, x = tiny[kind], torch.randn(2, 3, 64, 64)
+def test_fp_logits_are_the_head_on_dropout2d_of_the_same_features(tiny64, kind, monkeypatch):
+    """In float64: the head's batch of 2B rounds its sums unlike one of B."""
+    s, x = tiny64[kind], torch.randn(2, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         torch.manual_seed(123)
         clean, pert = split(s(x, fp_from=0), len(x))
-        # the clean half is the plain forward (a batch of 2B rounds its matmuls unlike one of B)
-        assert torch.allclose(clean, s(x), atol=1e-5)
+        # the clean half is the plain forward
+        helpers.assert_close(clean, s(x), what="FP clean half vs plain forward")
         torch.manual_seed(123)  # E4: Dropout2d(0.5) on every map, same RNG draws
         feats = [F.dropout2d(f, 0.5, training=True) for f in s.features(x)]
         ref = F.interpolate(
             s.head(feats, s.class_embeddings()), size=(64, 64), mode="bilinear", align_corners=False
         )
-        assert torch.allclose(pert, ref, atol=1e-5)
+        helpers.assert_close(pert, ref, what="FP half vs head on Dropout2d by hand")
         assert not torch.allclose(pert, clean, atol=1e-3)
         monkeypatch.setattr(
             F, "dropout2d", lambda f, *a, **k: f
         )  # without the dropout, FP == clean
         clean, pert = split(s(x, fp_from=0), len(x))
-        assert torch.allclose(pert, clean, atol=1e-6)
+        helpers.assert_close(pert, clean, what="FP without dropout vs clean")
 
 
 def test_build_student_rejects_bad_arguments_listing_the_choices():
@@ -707,10 +744,12 @@ def test_build_student_rejects_bad_arguments_listing_the_choices():
 
 @pytest.mark.parametrize("kind", model.KINDS)
 def test_grad_checkpoint_gives_the_same_gradients(kind):
-    """--grad-checkpoint recomputes the blocks in backward: a memory option that must not change the maths."""
+    """--grad-checkpoint recomputes the blocks in backward: a memory option that must not change the
+    maths. In float64 (helpers.F64_BOUND), gradients against the whole gradient's size where they
+    cancel (helpers.assert_same_gradients)."""
     torch.manual_seed(0)
     s = helpers.student(kind, N, size="tiny", text=text.stand_in_embeddings(N, TINY.proj)).train()
-    x = torch.randn(2, 3, 64, 64)
+    s, x = helpers.float64(s), torch.randn(2, 3, 64, 64, dtype=torch.float64)
     grads = []
     for flag in (False, True):
         s.grad_checkpoint = flag
@@ -720,8 +759,7 @@ def test_grad_checkpoint_gives_the_same_gradients(kind):
     assert grads[0].keys() == grads[1].keys() and any(
         "attention" in n or "self_attn" in n for n in grads[0]
     )
-    for n in grads[0]:
-        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4), n
+    helpers.assert_same_gradients(grads[1], grads[0], what="grad checkpoint vs plain gradients")
 
 
 # --------------------------------------------------------------------------------------------
@@ -735,11 +773,15 @@ def _grads(s, feats):
 
 
 @pytest.mark.parametrize("kind", model.KINDS)
-def test_fast_path_gives_the_plain_transformers_features_and_gradients(tiny, kind):
-    """Plain path: the transformers model's own forward (hidden states), tapped as METHOD.md says."""
-    s = copy.deepcopy(tiny[kind]).train()
+def test_fast_path_gives_the_plain_transformers_features_and_gradients(tiny64, kind, monkeypatch):
+    """Plain path: the transformers model's own forward (hidden states), tapped as METHOD.md says.
+    In float64 (and DINOv3's RoPE tables too: rope_in_float64); gradients against the whole
+    gradient's size where they cancel (helpers.assert_same_gradients)."""
+    s = copy.deepcopy(tiny64[kind]).train()
+    if kind == "dinov3":
+        rope_in_float64(s, monkeypatch)
     bb = s.backbone
-    x = torch.randn(2, 3, 64, 96)
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
     with torch.no_grad():
         for block in weights.blocks(bb):
             if kind == "dinov3":  # random init has layer scale 1e-5: make every block count
@@ -766,11 +808,9 @@ def test_fast_path_gives_the_plain_transformers_features_and_gradients(tiny, kin
         plain[-1] = F.normalize(bb.visual_projection(vm.post_layernorm(plain[-1])), dim=-1)
         plain = [as_map(p[:, 1:], 4, 6) for p in plain]
     for a, b in zip(ours, plain):
-        assert torch.allclose(a, b, atol=1e-5)
+        helpers.assert_close(a, b, what="fast path vs transformers features")
     g_plain = _grads(s, plain)
-    assert g_ours.keys() == g_plain.keys() and len(g_ours) > 0
-    for n in g_ours:
-        assert torch.allclose(g_ours[n], g_plain[n], atol=1e-5, rtol=1e-4), n
+    helpers.assert_same_gradients(g_ours, g_plain, what="fast path vs transformers gradients")
 
 
 def test_position_tables_follow_the_input_size_and_the_weights():
