@@ -254,7 +254,7 @@ def test_base_clip_with_text_file_holds_fixed_unit_text_embeddings():
         )
     rows = torch.from_numpy(np.load(path)).float()
     assert s.queries is None and s.text.shape == (N, 512)
-    assert torch.allclose(s.text, F.normalize(rows, dim=-1))
+    assert torch.equal(s.text, F.normalize(rows, dim=-1))  # the same normalisation
     assert "text" in s.state_dict()  # saved with the checkpoint, never trained
     assert not any(p is s.text for p in s.parameters())
     trainable = {n for n, p in s.named_parameters() if p.requires_grad}
@@ -402,7 +402,7 @@ def test_loaded_clip_backbone_equals_the_saved_weights(saved, tmp_path):
     assert set(loaded) == vision_keys
     for k, v in loaded.items():
         assert torch.equal(v, sd[k]), f"{k} differs from the saved checkpoint"
-    assert torch.allclose(s.text, F.normalize(rows, dim=-1))
+    assert torch.equal(s.text, F.normalize(rows, dim=-1))  # the same normalisation
     assert {n for n, p in s.backbone.named_parameters() if p.requires_grad} == attention_names(
         "clip", TINY.depth
     )
@@ -456,9 +456,9 @@ def test_text_embeddings_are_computed_once_then_read_from_the_cache(saved, tmp_p
     assert (
         calls == [a, b] and len(list((tmp_path / "text").glob("*.pt"))) == 2
     )  # the key includes the concepts
-    # computed with the folder's own text tower
+    # computed with the folder's own text tower: the same eager computation, so bit-identical
     tower = CLIPTextModelWithProjection.from_pretrained(folder)
-    assert torch.allclose(first_a, encode(a, tower, tiny_clip_tokenizer()), atol=1e-6)
+    assert torch.equal(first_a, encode(a, tower, tiny_clip_tokenizer()))
     # second time: read from disk, no model is even loaded
     monkeypatch.setattr(
         weights, "load_pretrained", lambda *a, **k: pytest.fail("cached embeddings were recomputed")
@@ -534,9 +534,8 @@ def test_average_concepts_reproduces_the_authors_class_embeddings():
     assert ((F.normalize(concepts[::6], dim=-1) * names).sum(-1) > 0.999).all()
     # ... so the order matters: swapping two classes' concepts swaps their rows, interleaving breaks it
     swapped = torch.cat([concepts[6:12], concepts[:6], concepts[12:]])
-    assert torch.allclose(
-        text.average_concepts(swapped, counts), ours[[1, 0, 2, 3, 4, 5]], atol=1e-6
-    )
+    # per-class sums of the same rows: the same bits, in the swapped order
+    assert torch.equal(text.average_concepts(swapped, counts), ours[[1, 0, 2, 3, 4, 5]])
     interleaved = concepts.view(6, 6, 512).transpose(0, 1).reshape(36, 512)
     assert ((text.average_concepts(interleaved, counts) * authors).sum(-1) < 0.99).all()
 
@@ -618,7 +617,7 @@ def test_fuse_takes_the_more_confident_student_per_pixel():
         assert torch.equal(
             fused.amax(1), torch.maximum(a.amax(1), b.amax(1))
         )  # C_fused = max(c_a, c_b)
-    assert torch.allclose(model.fuse([a, b], "mean"), (a + b) / 2)
+    assert torch.equal(model.fuse([a, b], "mean"), (a + b) / 2)  # one rounded sum, an exact halving
     with pytest.raises(ValueError, match="valid: confidence, mean"):
         model.fuse([a, b], "max")
 
@@ -632,7 +631,7 @@ def test_fuse_of_two_students_is_a_distribution_that_follows_the_more_confident(
     assert torch.allclose(fused.sum(1), torch.ones(1, 64, 64), atol=1e-5)
     first = own[0].amax(1) >= own[1].amax(1)  # (1, 64, 64)
     assert torch.equal(fused, torch.where(first[:, None], own[0], own[1]))
-    assert torch.allclose(mean, (own[0] + own[1]) / 2)
+    assert torch.equal(mean, (own[0] + own[1]) / 2)  # one rounded sum, an exact halving
     with pytest.raises(ValueError, match="valid: confidence, mean"):
         model.Co2S(students, fusion="max")
 
