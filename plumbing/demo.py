@@ -88,8 +88,8 @@ def _road(c, rng, s):  # asphalt band, pavement on both sides, lane dashes, cars
     c.paint(np.abs(across) < w / 2, (rng.uniform(85, 135),) * 3, 0)
     c.paint((np.abs(across) < 0.7) & (along % (14 * s) < 7 * s), (230, 230, 225), 0)
     for _ in range(rng.integers(0, 6)):
-        t, lane = rng.uniform(-0.7, 0.7) * c.size, rng.choice([-1, 1]) * w / 4
-        ccy, ccx = _at(cy, cx, a, t, lane)
+        # a car somewhere along the road, in one of its two lanes
+        ccy, ccx = _at(cy, cx, a, rng.uniform(-0.7, 0.7) * c.size, rng.choice([-1, 1]) * w / 4)
         c.paint(c.rect(ccy, ccx, 3.8 * s, 8 * s, a), c.pick(_CARS), 4, tex=4)
         c.img[c.rect(ccy, ccx, 3 * s, 3 * s, a)] *= 0.7  # windscreen / roof
 

@@ -127,9 +127,8 @@ def amp_dtype(device, amp="auto"):
         raise UserError(f"unknown amp {amp!r}; valid: {', '.join(AMP)}")
     if device.type != "cuda" or amp == "off":
         return None
-    if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
+    fp16 = amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported())
+    return torch.float16 if fp16 else torch.bfloat16
 
 
 def frozen_dtype(device, amp, frozen_bf16):
