@@ -16,6 +16,7 @@ split lists name.
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
@@ -31,52 +32,37 @@ def ensure(info, root, *, download=False):
     if os.path.isdir(os.path.join(root, "images")):
         return
     if info.generated:
-        prepare_demo(root)
-        return
+        return prepare_demo(root)
     if download and info.hub_folder:
-        fetch(info, root)
-        return
-    how = (
-        f"fetch it with `python -m tools.download {info.name} --data-root {root}` (or add --download to train.py), "
-        if info.hub_folder
-        else ""
-    )
-    raise UserError(
-        f"no {info.name} data at {root!r} (expected {root}/images/<file> and {root}/labels/<file>): "
-        f"{how}or pass --data-root to where it is"
-    )
+        return fetch(info, root)
+    how = f"fetch it with `python -m tools.download {info.name} --data-root {root}` (or add --download to train.py), "
+    where = f"no {info.name} data at {root!r} (expected {root}/images/<file> and {root}/labels/<file>): "
+    raise UserError(where + (how if info.hub_folder else "") + "or pass --data-root to where it is")
 
 
 def fetch(info, root):
     """Download info.hub_folder of the authors' dataset repository into root, in the loader's
     layout, and verify it."""
     staging = os.path.abspath(root.rstrip("/")) + ".download"
-    print(
-        f"downloading {info.hub_folder}/ of {HUB_DATASETS} (Hugging Face, dataset) into {staging}"
-    )
+    print(f"downloading {info.hub_folder}/ of hf://datasets/{HUB_DATASETS} into {staging}")
     snapshot(info.hub_folder, staging)
     arrange(os.path.join(staging, info.hub_folder), root)
     shutil.rmtree(staging, ignore_errors=True)
     verify(info, root)
-    print(
-        f"{info.name}: {len(os.listdir(os.path.join(root, 'images')))} images in {root}, every listed file present"
-    )
+    n = len(os.listdir(os.path.join(root, "images")))
+    print(f"{info.name}: {n} images in {root}, every listed file present")
 
 
-def snapshot(folder, local_dir):
+def snapshot(folder, dest):
     """The one call into huggingface_hub: files under `folder/` of the repository, with progress
     bars, resumable (finished files are skipped, partial ones continued)."""
     from huggingface_hub import snapshot_download
 
     try:
-        snapshot_download(
-            repo_id=HUB_DATASETS,
-            repo_type="dataset",
-            allow_patterns=[f"{folder}/*"],
-            local_dir=local_dir,
-        )
+        pattern = [f"{folder}/*"]
+        snapshot_download(HUB_DATASETS, repo_type="dataset", allow_patterns=pattern, local_dir=dest)
     except Exception as e:  # offline, no such repository, interrupted: all the user can act on
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        reason = (str(e).strip().splitlines() or [""])[0]
         raise UserError(
             f"could not download {folder}/ of {HUB_DATASETS} ({type(e).__name__}: {reason}). Without network access, "
             f"fetch it on another machine (`hf download {HUB_DATASETS} --repo-type dataset --include '{folder}/*' "
@@ -89,9 +75,7 @@ def arrange(src, root):
     """Move a downloaded dataset folder (images/ + labels/, or archives holding them) into
     root/images, root/labels."""
     if not os.path.isdir(src):
-        raise UserError(
-            f"the download has no {src!r}: the repository layout is not the expected <DATASET>/images, labels"
-        )
+        raise UserError(f"the download has no {src!r}: not the expected <DATASET>/images, labels")
     # archives: unpack them where they are
     if not os.path.isdir(os.path.join(src, "images")):
         for f in sorted(os.listdir(src)):
@@ -99,12 +83,9 @@ def arrange(src, root):
                 shutil.unpack_archive(os.path.join(src, f), src)
         inner = [d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d, "images"))]
         src = os.path.join(src, inner[0]) if len(inner) == 1 else src
-    if not (
-        os.path.isdir(os.path.join(src, "images")) and os.path.isdir(os.path.join(src, "labels"))
-    ):
-        raise UserError(
-            f"the download {src!r} holds {sorted(os.listdir(src))[:8]}, not images/ and labels/"
-        )
+    if not all(os.path.isdir(os.path.join(src, sub)) for sub in ("images", "labels")):
+        held = sorted(os.listdir(src))[:8]
+        raise UserError(f"the download {src!r} holds {held}, not images/ and labels/")
     os.makedirs(root, exist_ok=True)
     for sub in ("images", "labels"):
         if os.path.exists(os.path.join(root, sub)):
@@ -115,13 +96,8 @@ def arrange(src, root):
 def verify(info, root):
     """Every file named by the dataset's split lists (every ratio and val) is in root: else the
     count and the first names."""
-    folder = os.path.join(PAPER_SPLITS, info.name)
-    listed = set()
-    for dirpath, _, files in os.walk(folder):
-        for f in files:
-            if f.endswith(".txt"):
-                with open(os.path.join(dirpath, f)) as fh:
-                    listed.update(p for line in fh for p in line.split())
+    lists = Path(PAPER_SPLITS, info.name).rglob("*.txt")  # every ratio's lists and val.txt
+    listed = {p for txt in lists for p in txt.read_text().split()}
     missing = sorted(p for p in listed if not os.path.isfile(os.path.join(root, p)))
     if missing:
         raise UserError(
@@ -130,24 +106,20 @@ def verify(info, root):
         )
 
 
-def _check_pair(item, info):
+def _check_pair(info, image, label):
     """'' if an (image, label) pair opens and agrees in size, else what is wrong with it."""
-    img_path, label_path = item
     try:
-        with Image.open(img_path) as im:
-            size = im.size
+        with Image.open(image) as im:
             im.load()  # decodes every pixel: catches truncated and corrupt files
-        if label_path:
-            label = load_label(label_path, info)
-            if label.shape != size[::-1]:
-                return (
-                    f"size mismatch: image {img_path} is {size[0]}x{size[1]}, label {label_path} is "
-                    f"{label.shape[1]}x{label.shape[0]}"
-                )
+        w, h = im.size
+        if label:
+            lh, lw = load_label(label, info).shape  # (H, W)
+            if (lh, lw) != (h, w):
+                return f"size mismatch: image {image} is {w}x{h}, label {label} is {lw}x{lh}"
     except UserError as e:
         return str(e)
     except Exception as e:  # PIL raises many types for a bad file
-        return f"cannot read image {img_path}: {type(e).__name__}: {e}"
+        return f"cannot read image {image}: {type(e).__name__}: {e}"
     return ""
 
 
@@ -156,19 +128,10 @@ def scan_files(splits, info, threads=8, progress=True):
     their sizes agree. A bad file stops the run here, in seconds, not at the first evaluation an
     epoch later."""
     items = splits.labeled + splits.unlabeled + splits.val
+    bar = dict(desc="scan files", disable=not progress, leave=False, dynamic_ncols=True)
     with ThreadPoolExecutor(threads) as pool:
-        problems = [
-            p
-            for p in tqdm(
-                pool.map(lambda it: _check_pair(it, info), items),
-                total=len(items),
-                desc="scan files",
-                disable=not progress,
-                leave=False,
-                dynamic_ncols=True,
-            )
-            if p
-        ]
+        checks = tqdm(pool.map(lambda it: _check_pair(info, *it), items), total=len(items), **bar)
+        problems = [p for p in checks if p]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise UserError(f"{problems[0]}{more}; fix or remove the file(s) from the split lists")

@@ -13,18 +13,13 @@ class UserError(ValueError):
     """Bad input (a file, a folder, a flag value): the message says which and how to fix it."""
 
 
-def _message(err):
-    """The user's message; a DataLoader worker re-raises it wrapped in its own traceback text."""
-    text = str(err).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split("UserError: ", 1)[-1]
-    return text
-
-
 def cli(main):
     """Run main(); a UserError becomes `error: <message>` on stderr and exit status 2."""
     try:
         return main()
     except UserError as e:
-        print(f"error: {_message(e)}", file=sys.stderr)
+        text = str(e).strip()
+        if "Original Traceback" in text:  # a DataLoader worker re-raises it inside its traceback
+            text = text.splitlines()[-1].split("UserError: ", 1)[-1]
+        print(f"error: {text}", file=sys.stderr)
         sys.exit(2)

@@ -18,8 +18,6 @@ import signal
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
 
 from plumbing.errors import UserError
 
@@ -37,19 +35,10 @@ def rng_state():
     """Every generator a step draws from, as tensors and plain numbers only (so that checkpoints
     load with torch.load(weights_only=True), which runs no pickled code)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    numpy = dict(
-        name=name,
-        keys=torch.from_numpy(keys.astype(np.int64)),
-        pos=int(pos),
-        has_gauss=int(has_gauss),
-        cached=float(cached),
-    )
-    return dict(
-        torch=torch.get_rng_state(),
-        numpy=numpy,
-        python=random.getstate(),
-        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    )
+    keys = torch.from_numpy(keys.astype(np.int64))
+    numpy = dict(name=name, keys=keys, pos=int(pos), has_gauss=int(has_gauss), cached=float(cached))
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return dict(torch=torch.get_rng_state(), numpy=numpy, python=random.getstate(), cuda=cuda)
 
 
 def set_rng_state(s):
@@ -74,24 +63,19 @@ def from_slurm():
     the world size and its local rank from SLURM's variables, and the rendezvous from the job's
     first node (MASTER_PORT: the user's, else one derived from the job id), so the N tasks are
     one N-process run, never N runs on one folder."""
-    tasks = int(os.environ.get("SLURM_NTASKS", "1"))
-    if "RANK" in os.environ or tasks <= 1 or "SLURM_PROCID" not in os.environ:
+    env = os.environ
+    tasks = int(env.get("SLURM_NTASKS", "1"))
+    if "RANK" in env or tasks <= 1 or "SLURM_PROCID" not in env:
         return
-    host = first_host(os.environ.get("SLURM_JOB_NODELIST", os.environ.get("SLURM_NODELIST", "")))
+    host = first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
     if host is None:
         raise UserError(
-            "srun with several tasks, but SLURM_JOB_NODELIST names no host: run one "
-            "task per node with `srun --ntasks-per-node 1 torchrun --nproc_per_node "
-            "N train.py ...` instead"
+            "srun with several tasks, but SLURM_JOB_NODELIST names no host: run one task per node "
+            "with `srun --ntasks-per-node 1 torchrun --nproc_per_node N train.py ...` instead"
         )
-    port = os.environ.get("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", 0)) % 1000))
-    os.environ.update(
-        RANK=os.environ["SLURM_PROCID"],
-        WORLD_SIZE=str(tasks),
-        LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
-        MASTER_ADDR=host,
-        MASTER_PORT=port,
-    )
+    env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", 0)) % 1000))
+    local = env.get("SLURM_LOCALID", "0")
+    env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=str(tasks), LOCAL_RANK=local, MASTER_ADDR=host)
 
 
 def setup_ddp(device=None):
@@ -108,7 +92,7 @@ def setup_ddp(device=None):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-class Replica(DistributedDataParallel):
+class Replica(torch.nn.parallel.DistributedDataParallel):
     """A student under torch's DistributedDataParallel that still answers to its name. Gradients
     are averaged in buckets while the backward pass runs. find_unused_parameters: some trainable
     weights get no gradient by design (the last CLIP block's q and k: its main path is never
@@ -123,18 +107,15 @@ class Replica(DistributedDataParallel):
 def replicate(students, world):
     """The students as the step calls them: each in its DDP wrapper on several processes (the
     wrapper broadcasts rank 0's weights: every rank starts alike), as they are on one."""
-    if world == 1:
-        return list(students)
-    return [Replica(s, find_unused_parameters=True) for s in students]
+    return [Replica(s, find_unused_parameters=True) if world > 1 else s for s in students]
 
 
 def syncing(students, sync):
     """The context of one micro-batch: on all but the last of a step (sync False) DDP keeps the
     gradients to itself (no_sync), so a step communicates once, as --accum on one process sums."""
     stack = contextlib.ExitStack()
-    for s in students if not sync else []:
-        if isinstance(s, Replica):
-            stack.enter_context(s.no_sync())
+    for s in [s for s in students if isinstance(s, Replica) and not sync]:
+        stack.enter_context(s.no_sync())
     return stack
 
 
@@ -146,9 +127,8 @@ def amp_dtype(device, amp="auto"):
         raise UserError(f"unknown amp {amp!r}; valid: {', '.join(AMP)}")
     if device.type != "cuda" or amp == "off":
         return None
-    if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
+    fp16 = amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported())
+    return torch.float16 if fp16 else torch.bfloat16
 
 
 def frozen_dtype(device, amp, frozen_bf16):
@@ -205,8 +185,7 @@ class StopSignals:
         self.world, self.device, self.name, self.previous = world, device, None, {}
 
     def __enter__(self):
-        for sig in STOP_SIGNALS:
-            self.previous[sig] = signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc):
@@ -249,11 +228,10 @@ def store_frozen(model, dtype):
     CLIP's projection) stored in the autocast dtype, so autocast does not cast them at every step.
     Autocast would round them to the same values, so the arithmetic is unchanged; norms, layer
     scales, tokens and position tables stay fp32 (autocast runs their ops in fp32). What trains
-    keeps its fp32 master weights. dtype None (runs.frozen_dtype of an fp32 run): nothing changes."""
+    keeps its fp32 master weights. dtype None (frozen_dtype of an fp32 run): nothing changes."""
     for s in model.students if dtype is not None else []:
         for m in s.backbone.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and not any(
-                p.requires_grad for p in m.parameters()
-            ):
+            frozen = not any(p.requires_grad for p in m.parameters())
+            if frozen and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
                 m.to(dtype)
     return model

@@ -9,19 +9,17 @@ checked against every file the paper's split lists name.
 import argparse
 import os
 
-from plumbing.catalog import DATASETS, HUB_DATASETS, dataset_info
+from plumbing.catalog import DATASETS, HUB_DATASETS
 from plumbing.download import ensure, verify
 from plumbing.errors import cli
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
-        description=f"Download a paper dataset from {HUB_DATASETS} into the loader's layout."
-    )
+    p = argparse.ArgumentParser(description=f"Download a paper dataset from {HUB_DATASETS}.")
     p.add_argument("dataset", choices=[d for d in DATASETS if DATASETS[d].hub_folder])
-    p.add_argument("--data-root", default=None, help="default data/<dataset>")
+    p.add_argument("--data-root", help="default data/<dataset>")
     args = p.parse_args(argv)
-    info = dataset_info(args.dataset)
+    info = DATASETS[args.dataset]
     root = args.data_root or os.path.join("data", info.name)
     if os.path.isdir(os.path.join(root, "images")):
         verify(info, root)
