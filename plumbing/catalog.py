@@ -12,6 +12,7 @@ Nothing here reads images; data.py does.
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from plumbing.errors import UserError
 
@@ -19,12 +20,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 PAPER_SPLITS = os.path.join(
     REPO, "splits"
 )  # the authors' lists (GitHub XavierJiezou/Co2S, splits/)
-HUB_DATASETS = (
-    "XavierJiezou/co2s-datasets"  # the authors' prepared datasets (Hugging Face, repo type dataset)
-)
-RELEASE_PROCESSES = (
-    4  # the released runs: 4 GPUs; an epoch is counted as their DistributedSampler counts it
-)
+# the authors' prepared datasets (Hugging Face, repo type dataset)
+HUB_DATASETS = "XavierJiezou/co2s-datasets"
+# the released runs: 4 GPUs; an epoch is counted as their DistributedSampler counts it
+RELEASE_PROCESSES = 4
 
 
 @dataclass
@@ -36,12 +35,10 @@ class DatasetInfo:
     reduce_zero_label: bool  # raw label 0 = ignore, raw k = class k-1 (mmseg's reduce_zero_label)
     ratios: list  # the paper's labelled ratios
     crop: int = 512  # training crop and evaluation window (released config)
-    base_size: int = (
-        512  # training rescale: the short side goes to base_size x U(0.5, 2.0) (None: own size)
-    )
-    eval_size: int = (
-        512  # evaluation: the image's short side is resized to this first (None: as stored)
-    )
+    # training rescale: the short side goes to base_size x U(0.5, 2.0) (None: own size)
+    base_size: int = 512
+    # evaluation: the image's short side is resized to this first (None: as stored)
+    eval_size: int = 512
     # training rescale of its released pipeline: "cv2" mmseg's Resize (OpenCV bilinear, labels
     # nearest; data.rescale_size), "pil" UniMatch's resize (PIL bilinear and nearest; LoveDA)
     resize: str = "cv2"
@@ -104,11 +101,9 @@ _CONCEPTS = {
 # fmt: on
 
 
-def _info(name, palette, reduce_zero_label, ratios, **kw):
+def _info(name, palette, zero_label, ratios, **kw):  # zero_label: reduce_zero_label
     concepts = _CONCEPTS[name if name != "demo" else "potsdam"]
-    return DatasetInfo(
-        name, [c[0] for c in concepts], concepts, palette, reduce_zero_label, ratios, **kw
-    )
+    return DatasetInfo(name, [c[0] for c in concepts], concepts, palette, zero_label, ratios, **kw)
 
 
 # fmt: off
@@ -137,9 +132,8 @@ DATASETS = {
 CHOICES = list(DATASETS) + ["custom"]
 
 
-def _default_palette(
-    k,
-):  # distinct colours for custom classes without one (Pascal VOC's bit pattern, skipping black)
+# distinct colours for custom classes without one (Pascal VOC's bit pattern, skipping black)
+def _default_palette(k):
     i, c = k + 1, [0, 0, 0]
     for shift in range(7, -1, -1):
         for ch in range(3):
@@ -165,9 +159,7 @@ def dataset_info(name, data_root=None):
             f"or 'name r,g,b | concept a, concept b' (pass the folder with --data-root)"
         )
     classes, concepts, palette = [], [], []
-    with open(path) as f:
-        lines = f.read().splitlines()
-    for line in lines:
+    for line in Path(path).read_text().splitlines():
         line = line.strip()
         if not line or line.startswith("#"):  # a comment is a whole line: '#' may be in a name
             continue
@@ -175,7 +167,7 @@ def dataset_info(name, data_root=None):
         m = re.fullmatch(r"(.+?)\s+(?:(\d+),\s*(\d+),\s*(\d+)|#([0-9a-fA-F]{6}))", head.strip())
         cname = m.group(1) if m else head.strip()
         if m and m.group(5):  # a hex colour #rrggbb
-            colour = tuple(int(m.group(5)[i : i + 2], 16) for i in (0, 2, 4))
+            colour = tuple(bytes.fromhex(m.group(5)))
         else:
             colour = tuple(int(v) for v in m.groups()[1:4]) if m else _default_palette(len(classes))
         if max(colour) > 255:
