@@ -161,11 +161,9 @@ def _read_list(path, root):
 
 # labels/<same name>, else labels/<stem>.png (e.g. mer: .jpg images)
 def _find_label(root, image_name):
-    for name in (image_name, os.path.splitext(image_name)[0] + ".png"):
-        path = os.path.join(root, "labels", name)
-        if os.path.isfile(path):
-            return os.path.abspath(path)
-    return None
+    names = (image_name, os.path.splitext(image_name)[0] + ".png")
+    paths = [os.path.abspath(os.path.join(root, "labels", name)) for name in names]
+    return next((p for p in paths if os.path.isfile(p)), None)
 
 
 def default_splits_dir(info, root):
@@ -220,9 +218,7 @@ def check_splits(splits, info, ratio, root, files=True):
     labeled, unlabeled, val = ({img for img, _ in getattr(splits, name)} for name in SETS)
     overlap = (labeled & unlabeled) | ((labeled | unlabeled) & val)
     if overlap:
-        raise UserError(
-            f"{len(overlap)} image(s) are in two split lists, e.g. {sorted(overlap)[0]}"
-        )
+        raise UserError(f"{len(overlap)} image(s) are in two split lists, e.g. {min(overlap)}")
     listed = splits.labeled + splits.unlabeled + splits.val
     missing = [p for pair in listed for p in pair if p and not os.path.isfile(p)] if files else []
     if missing:
@@ -273,9 +269,7 @@ def _generate_splits(root, ratio, seed):
             f"data root '{root}' has no images ({' '.join(IMAGE_EXTS)}) in images/ to draw a {shown} "
             f"split from (expected {root}/images/<file>, {root}/labels/<file>); pass --data-root"
         )
-    pairs = [
-        (os.path.abspath(os.path.join(root, "images", f)), _find_label(root, f)) for f in names
-    ]
+    pairs = [(os.path.abspath(os.path.join(folder, f)), _find_label(root, f)) for f in names]
     if os.path.isfile(os.path.join(root, "val.txt")):
         val = _read_list(os.path.join(root, "val.txt"), root)
     else:  # held-out val: 10% of the labelled images, drawn with a fixed seed
@@ -295,9 +289,8 @@ def _generate_splits(root, ratio, seed):
     random.Random(seed).shuffle(candidates)
     labeled = sorted(candidates[:n])
     rest = sorted(set(pool) - set(labeled))  # in the pool's order: by image path
-    return Splits(
-        labeled, rest, val, os.path.abspath(root), f"seeded draw of {shown} (seed {seed})"
-    )
+    source = f"seeded draw of {shown} (seed {seed})"
+    return Splits(labeled, rest, val, os.path.abspath(root), source)
 
 
 def write_splits(splits, folder):

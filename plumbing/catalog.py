@@ -134,12 +134,8 @@ CHOICES = list(DATASETS) + ["custom"]
 
 # distinct colours for custom classes without one (Pascal VOC's bit pattern, skipping black)
 def _default_palette(k):
-    i, c = k + 1, [0, 0, 0]
-    for shift in range(7, -1, -1):
-        for ch in range(3):
-            c[ch] |= ((i >> ch) & 1) << shift
-        i >>= 3
-    return tuple(c)
+    i = k + 1  # bit 3b + ch of i goes to bit 7 - b of channel ch
+    return tuple(sum(((i >> (3 * b + ch)) & 1) << (7 - b) for b in range(8)) for ch in range(3))
 
 
 def dataset_info(name, data_root=None):
@@ -165,11 +161,9 @@ def dataset_info(name, data_root=None):
             continue
         head, _, extra = line.partition("|")
         m = re.fullmatch(r"(.+?)\s+(?:(\d+),\s*(\d+),\s*(\d+)|#([0-9a-fA-F]{6}))", head.strip())
-        cname = m.group(1) if m else head.strip()
-        if m and m.group(5):  # a hex colour #rrggbb
-            colour = tuple(bytes.fromhex(m.group(5)))
-        else:
-            colour = tuple(int(v) for v in m.groups()[1:4]) if m else _default_palette(len(classes))
+        cname, colour = m[1] if m else head.strip(), _default_palette(len(classes))
+        if m:  # r,g,b or a hex colour #rrggbb
+            colour = tuple(bytes.fromhex(m[5])) if m[5] else tuple(map(int, m.groups()[1:4]))
         if max(colour) > 255:
             raise UserError(f"{path}: colour {colour} of class '{cname}' is not 0..255 per channel")
         classes.append(cname)
