@@ -195,10 +195,8 @@ def make_splits(info, ratio, data_root=None, splits_dir=None, seed=0, check=True
             f"--data-root{f', or fetch it with `python -m tools.download {info.name}`' if info.hub_folder else ''}"
         )
     splits_dir = default_splits_dir(info, root) if splits_dir is None else splits_dir
-    if splits_dir in (None, SEEDED):
-        splits = _generate_splits(root, ratio, seed)
-    else:
-        splits = _read_splits(info, ratio, root, splits_dir)
+    seeded = splits_dir in (None, SEEDED)
+    splits = _draw(root, ratio, seed) if seeded else _read_splits(info, ratio, root, splits_dir)
     check_splits(splits, info, ratio, root, files=check)
     return splits
 
@@ -245,12 +243,10 @@ def _read_splits(info, ratio, root, splits_dir):
             have = ", ".join(subdirs(splits_dir)) or "nothing"
             raise UserError(f"no split folder for '{info.name}' in {splits_dir}; it has: {have}")
         if not os.path.isdir(ratio_dir):
-            ratios = sorted(
-                (d.replace("_", "/") for d in subdirs(val_dir) if d != "all"), key=Fraction
-            )
+            ratios = [d.replace("_", "/") for d in subdirs(val_dir) if d != "all"]
             raise UserError(
                 f"no ratio {ratio.replace('_', '/')} in the {info.name} split lists ({val_dir}); "
-                f"they have: {', '.join(ratios) or 'none'}"
+                f"they have: {', '.join(sorted(ratios, key=Fraction)) or 'none'}"
             )
         source = os.path.abspath(ratio_dir)
         if os.path.abspath(splits_dir) == os.path.abspath(PAPER_SPLITS):
@@ -259,7 +255,7 @@ def _read_splits(info, ratio, root, splits_dir):
     return Splits(*(_read_list(f, root) for f in files), os.path.abspath(root), source)
 
 
-def _generate_splits(root, ratio, seed):
+def _draw(root, ratio, seed):
     """The seeded draw of make_splits."""
     shown = ratio.replace("_", "/")
     folder = os.path.join(root, "images")
@@ -463,9 +459,8 @@ class SemiDataset(Dataset):
                 f"size mismatch: image {img_path} is {img.width}x{img.height}, "
                 f"label {lab_path} is {label.shape[1]}x{label.shape[0]}"
             )
-        if (
-            self.mode == "val"
-        ):  # the full image at the evaluation size, the label as stored (eval.py)
+        # val: the full image at the evaluation size, the label as stored (eval.py)
+        if self.mode == "val":
             img, name = normalize(eval_resize(img, info.eval_size)), os.path.basename(img_path)
             return {"img": img, "label": torch.from_numpy(label).long(), "name": name}
         rng = random.Random(_sample_seed(self.seed, epoch, index))
@@ -513,7 +508,7 @@ def train_loaders(info, splits, layout, streams, steps, method="co2s"):
         if getattr(streams, name) not in valid:
             raise ValueError(f"unknown {name} {getattr(streams, name)!r}; valid: {valid}")
     n, seed = len(splits.unlabeled), streams.seed
-    own = lambda k: seed if streams.order == "shared" else seed * 3 + k  # noqa: E731
+    own = lambda k: seed if streams.order == "shared" else seed * 3 + k
     # name: (mode, items, seed of the order, seed of the augmentations)
     todo = {"labeled": ("labeled", splits.labeled, own(0), seed * 3)}
     if method != "supervised":

@@ -17,9 +17,8 @@ from pathlib import Path
 from plumbing.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
-PAPER_SPLITS = os.path.join(
-    REPO, "splits"
-)  # the authors' lists (GitHub XavierJiezou/Co2S, splits/)
+# the authors' lists (GitHub XavierJiezou/Co2S, splits/)
+PAPER_SPLITS = os.path.join(REPO, "splits")
 # the authors' prepared datasets (Hugging Face, repo type dataset)
 HUB_DATASETS = "XavierJiezou/co2s-datasets"
 # the released runs: 4 GPUs; an epoch is counted as their DistributedSampler counts it
@@ -154,28 +153,24 @@ def dataset_info(name, data_root=None):
             f"custom dataset needs {path}: one class per line, 'name' or 'name r,g,b' "
             f"or 'name r,g,b | concept a, concept b' (pass the folder with --data-root)"
         )
-    classes, concepts, palette = [], [], []
+    names, concepts, rgb = [], [], []
     for line in Path(path).read_text().splitlines():
         line = line.strip()
         if not line or line.startswith("#"):  # a comment is a whole line: '#' may be in a name
             continue
         head, _, extra = line.partition("|")
         m = re.fullmatch(r"(.+?)\s+(?:(\d+),\s*(\d+),\s*(\d+)|#([0-9a-fA-F]{6}))", head.strip())
-        cname, colour = m[1] if m else head.strip(), _default_palette(len(classes))
+        cname, colour = m[1] if m else head.strip(), _default_palette(len(names))
         if m:  # r,g,b or a hex colour #rrggbb
             colour = tuple(bytes.fromhex(m[5])) if m[5] else tuple(map(int, m.groups()[1:4]))
         if max(colour) > 255:
             raise UserError(f"{path}: colour {colour} of class '{cname}' is not 0..255 per channel")
-        classes.append(cname)
+        names.append(cname)
         concepts.append([cname] + [c.strip() for c in extra.split(",") if c.strip()])
-        palette.append(colour)
-    if not 1 <= len(classes) <= 255:
-        raise UserError(
-            f"{path} lists {len(classes)} classes; need 1..255 (255 is the ignore index)"
-        )
-    return DatasetInfo(
-        "custom", classes, concepts, palette, False, [], base_size=None, eval_size=None
-    )
+        rgb.append(colour)
+    if not 1 <= len(names) <= 255:
+        raise UserError(f"{path} lists {len(names)} classes; need 1..255 (255 is the ignore index)")
+    return DatasetInfo("custom", names, concepts, rgb, False, [], base_size=None, eval_size=None)
 
 
 def parse_ratio(ratio):
