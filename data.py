@@ -84,8 +84,6 @@ def _open(path, what):
         with Image.open(path) as im:
             im.load()
         return im
-    except FileNotFoundError:
-        raise UserError(f"{what} not found: {path}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"cannot read {what} {path}: {e}") from e
 
@@ -235,7 +233,6 @@ def _read_splits(info, ratio, root, splits_dir):
         )
     subdirs = lambda d: sorted(x for x in os.listdir(d) if os.path.isdir(os.path.join(d, x)))
     ratio_dir = val_dir = splits_dir
-    source = os.path.abspath(splits_dir)
     if not os.path.isfile(os.path.join(splits_dir, "labeled.txt")):  # the paper's layout
         val_dir = os.path.join(splits_dir, info.name)
         ratio_dir = os.path.join(val_dir, ratio)
@@ -248,9 +245,9 @@ def _read_splits(info, ratio, root, splits_dir):
                 f"no ratio {ratio.replace('_', '/')} in the {info.name} split lists ({val_dir}); "
                 f"they have: {', '.join(sorted(ratios, key=Fraction)) or 'none'}"
             )
-        source = os.path.abspath(ratio_dir)
-        if os.path.abspath(splits_dir) == os.path.abspath(PAPER_SPLITS):
-            source = f"the paper's lists (splits/{info.name}/{ratio})"
+    source = os.path.abspath(ratio_dir)
+    if os.path.abspath(splits_dir) == os.path.abspath(PAPER_SPLITS):
+        source = f"the paper's lists (splits/{info.name}/{ratio})"
     files = [os.path.join(d, f"{s}.txt") for d, s in zip((ratio_dir, ratio_dir, val_dir), SETS)]
     return Splits(*(_read_list(f, root) for f in files), os.path.abspath(root), source)
 
