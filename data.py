@@ -27,6 +27,8 @@ import math
 import os
 import random
 from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,9 +50,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MIX_SOURCES = ("partner", "same", "rolled")
 # the streams' order: each its own seeded sampler (ours), or one shared by all (the release)
 ORDERS = ("own", "shared")
+# the lists of a Splits (each written as <name>.txt), as the messages spell them
+SETS = {"labeled": "labelled", "unlabeled": "unlabelled", "val": "val"}
 
 # -----------------------------------------------------------------------------
 # reading files
+
+
+def _images(folder):
+    """The names of a folder's images (extensions IMAGE_EXTS), sorted."""
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
 
 
 def list_images(folder):
@@ -58,7 +67,7 @@ def list_images(folder):
     one output name, so they are an error."""
     if not os.path.isdir(folder):
         raise UserError(f"{folder!r} does not exist (expected an image file or a folder of images)")
-    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
+    names = _images(folder)
     if not names:
         raise UserError(f"no images in {folder!r}; accepted extensions: {' '.join(IMAGE_EXTS)}")
     stems = [os.path.splitext(f)[0] for f in names]
@@ -68,42 +77,36 @@ def list_images(folder):
     return [os.path.join(folder, f) for f in names]
 
 
-def load_image(path):
-    """RGB PIL image; an unreadable, truncated or non-RGB-like file is an error naming it."""
+def _open(path, what):
+    """The PIL image at `path`, loaded; a missing, unreadable or truncated file is an error naming it
+    (`what`: image or label)."""
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode not in ("RGB", "RGBA", "L", "P"):
-                raise ValueError(f"unsupported image mode {im.mode} (expected RGB)")
-            return im if im.mode == "RGB" else im.convert("RGB")
-    except FileNotFoundError:
-        raise UserError(f"image not found: {path}") from None
+        return im
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read image {path}: {e}") from e
+        raise UserError(f"cannot read {what} {path}: {e}") from e
+
+
+def load_image(path):
+    """RGB PIL image; an unreadable, truncated or non-RGB-like file is an error naming it."""
+    im = _open(path, "image")
+    if im.mode not in ("RGB", "RGBA", "L", "P"):
+        raise UserError(f"cannot read image {path}: mode {im.mode} (expected RGB)")
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def load_label(path, info):
     """(H, W) uint8 class map: 0..N-1, 255 = ignore. Index labels get reduce_zero_label when the
     dataset uses it (raw 0 -> 255, raw k -> k-1); RGB labels are decoded by exact palette colour
     (black -> 255). Any value outside the classes is an error naming the file and the value."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode, raw = im.mode, np.asarray(im.convert("RGB") if im.mode in ("RGB", "RGBA") else im)
-    except FileNotFoundError:
-        raise UserError(f"label not found: {path}") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"cannot read label {path}: {e}") from e
-    n = len(info.classes)
+    im, n, zero = _open(path, "label"), len(info.classes), info.reduce_zero_label
+    mode, raw = im.mode, np.asarray(im.convert("RGB") if im.mode in ("RGB", "RGBA") else im)
     if mode in ("RGB", "RGBA"):  # colour-coded label (e.g. raw ISPRS): exact palette colours only
-        code = (
-            (raw[..., 0].astype(np.int64) << 16) | (raw[..., 1].astype(np.int64) << 8) | raw[..., 2]
-        )
+        code = raw.astype(np.int64) @ np.array([1 << 16, 1 << 8, 1])  # (H, W): 0xRRGGBB
         lut = {0: 255} | {(r << 16) | (g << 8) | b: k for k, (r, g, b) in enumerate(info.palette)}
         colours, inverse = np.unique(code, return_inverse=True)
-        bad = [
-            (int(c) >> 16, (int(c) >> 8) & 255, int(c) & 255) for c in colours if int(c) not in lut
-        ]
+        bad = [tuple(int(c) >> s & 255 for s in (16, 8, 0)) for c in colours if int(c) not in lut]
         if bad:
             raise UserError(
                 f"label {path} has colour(s) {bad[:5]} that are not in the {info.name} palette "
@@ -112,23 +115,16 @@ def load_label(path, info):
         return np.array([lut[int(c)] for c in colours], np.uint8)[inverse.reshape(code.shape)]
     if mode not in ("L", "P", "I", "I;16"):
         raise UserError(f"label {path} has mode {mode}; expected an 8-bit index PNG (mode L or P)")
-    top = n + 1 if info.reduce_zero_label else n  # raw values 0..top-1 are valid, plus 255
-    values = (
-        np.flatnonzero(np.bincount(raw.ravel(), minlength=256))
-        if raw.dtype == np.uint8
-        else np.unique(raw)
-    )
+    top = n + 1 if zero else n  # raw values 0..top-1 are valid, plus 255
+    values = np.unique(raw) if raw.dtype != np.uint8 else np.flatnonzero(np.bincount(raw.ravel()))
     bad = values[((values >= top) & (values != 255)) | (values < 0)]
     if bad.size:
-        zero = ", raw 0 = ignore too" if info.reduce_zero_label else ""
         raise UserError(
             f"label {path} has value(s) {bad[:10].tolist()} outside the {n} classes of {info.name} "
-            f"(valid: 0..{top - 1} and 255 = ignore{zero})"
+            f"(valid: 0..{top - 1} and 255 = ignore{', raw 0 = ignore too' if zero else ''})"
         )
-    lut = np.arange(256, dtype=np.uint8)  # raw value -> class, in one pass
-    if info.reduce_zero_label:
-        lut = np.array([255] + list(range(254)) + [255], np.uint8)  # 0 -> 255, k -> k-1, 255 stays
-    return lut[raw]
+    # raw value -> class in one pass; reduce_zero_label: 0 -> 255, k -> k-1, 255 stays
+    return np.array([255, *range(254), 255] if zero else range(256), np.uint8)[raw]
 
 
 # -----------------------------------------------------------------------------
@@ -149,33 +145,23 @@ class Splits:
 def _read_list(path, root):
     """Read one split file; lines `images/x labels/x` (or `images/x` for an image without a
     label)."""
-    items = []
-    with open(path) as f:
-        lines = f.read().splitlines()
+    if not os.path.isfile(path):
+        raise UserError(f"split file {path} not found")
+    lines = Path(path).read_text().splitlines()
     for n, line in enumerate(lines, 1):
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) > 2:
+        if len(line.split()) > 2:
             raise UserError(
                 f"{path}:{n}: expected 'images/<file> labels/<file>', got '{line.strip()}'"
             )
-        items.append(
-            (
-                os.path.abspath(os.path.join(root, parts[0])),
-                os.path.abspath(os.path.join(root, parts[1])) if len(parts) == 2 else None,
-            )
-        )
-    return items
+    full = lambda p: os.path.abspath(os.path.join(root, p))
+    return [(full(p[0]), full(p[1]) if len(p) == 2 else None) for p in map(str.split, lines) if p]
 
 
 # labels/<same name>, else labels/<stem>.png (e.g. mer: .jpg images)
 def _find_label(root, image_name):
-    for name in (image_name, os.path.splitext(image_name)[0] + ".png"):
-        path = os.path.join(root, "labels", name)
-        if os.path.isfile(path):
-            return os.path.abspath(path)
-    return None
+    names = (image_name, os.path.splitext(image_name)[0] + ".png")
+    paths = [os.path.abspath(os.path.join(root, "labels", name)) for name in names]
+    return next((p for p in paths if os.path.isfile(p)), None)
 
 
 def default_splits_dir(info, root):
@@ -206,17 +192,9 @@ def make_splits(info, ratio, data_root=None, splits_dir=None, seed=0, check=True
             f"data root '{root}' not found: expected {root}/images/<file> and {root}/labels/<file>; pass "
             f"--data-root{f', or fetch it with `python -m tools.download {info.name}`' if info.hub_folder else ''}"
         )
-    if splits_dir is None:
-        splits_dir = default_splits_dir(info, root)
-    if splits_dir in (None, SEEDED):
-        if not os.path.isdir(os.path.join(root, "images")):
-            raise UserError(
-                f"data root '{root}' has no images/ folder to draw a {ratio.replace('_', '/')} split from "
-                f"(expected {root}/images/<file>, {root}/labels/<file>); pass --data-root"
-            )
-        splits = _generate_splits(root, ratio, seed)
-    else:
-        splits = _read_splits(info, ratio, root, splits_dir)
+    splits_dir = default_splits_dir(info, root) if splits_dir is None else splits_dir
+    seeded = splits_dir in (None, SEEDED)
+    splits = _draw(root, ratio, seed) if seeded else _read_splits(info, ratio, root, splits_dir)
     check_splits(splits, info, ratio, root, files=check)
     return splits
 
@@ -224,28 +202,21 @@ def make_splits(info, ratio, data_root=None, splits_dir=None, seed=0, check=True
 def check_splits(splits, info, ratio, root, files=True):
     """The same checks whatever the source: no empty set, labels where needed, no image in two
     sets, and (files) every listed file exists."""
-    for name, items in (
-        ("labelled", splits.labeled),
-        ("unlabelled", splits.unlabeled),
-        ("val", splits.val),
-    ):
-        if not items:
+    for name, spelled in SETS.items():
+        if not getattr(splits, name):
             raise UserError(
-                f"the {name} set of {info.name} (ratio {ratio.replace('_', '/')}) is "
-                f"empty; use another ratio or more images"
+                f"the {spelled} set of {info.name} (ratio {ratio.replace('_', '/')}) is empty; "
+                "use another ratio or more images"
             )
     no_label = [img for img, lab in splits.labeled + splits.val if lab is None]
     if no_label:
         raise UserError(f"labelled / val entry {no_label[0]} has no label path")
-    labeled, unlabeled, val = (
-        {img for img, _ in x} for x in (splits.labeled, splits.unlabeled, splits.val)
-    )
+    labeled, unlabeled, val = ({img for img, _ in getattr(splits, name)} for name in SETS)
     overlap = (labeled & unlabeled) | ((labeled | unlabeled) & val)
     if overlap:
-        raise UserError(
-            f"{len(overlap)} image(s) are in two split lists, e.g. {sorted(overlap)[0]}"
-        )
-    missing = missing_files(splits) if files else []
+        raise UserError(f"{len(overlap)} image(s) are in two split lists, e.g. {min(overlap)}")
+    listed = splits.labeled + splits.unlabeled + splits.val
+    missing = [p for pair in listed for p in pair if p and not os.path.isfile(p)] if files else []
     if missing:
         raise UserError(
             f"{len(missing)} file(s) listed in the splits ({splits.source}) are missing "
@@ -253,104 +224,66 @@ def check_splits(splits, info, ratio, root, files=True):
         )
 
 
-def missing_files(splits):
-    return [
-        p
-        for img, lab in splits.labeled + splits.unlabeled + splits.val
-        for p in (img, lab)
-        if p and not os.path.isfile(p)
-    ]
-
-
 def _read_splits(info, ratio, root, splits_dir):
-    """Split files: flat <dir>/{labeled,unlabeled,val}.txt, or the paper's
-    <dir>/<name>/<ratio>/..."""
+    """Split files: flat <dir>/{labeled,unlabeled,val}.txt (written by write_splits, or a user's
+    own), or the paper's <dir>/<name>/<ratio>/..."""
     if not os.path.isdir(splits_dir):
         raise UserError(
             f"split folder '{splits_dir}' not found (--splits takes a folder, or '{SEEDED}')"
         )
     subdirs = lambda d: sorted(x for x in os.listdir(d) if os.path.isdir(os.path.join(d, x)))
-    # flat: written by write_splits, or a user's own
-    if os.path.isfile(os.path.join(splits_dir, "labeled.txt")):
-        ratio_dir = val_dir = splits_dir
-        source = os.path.abspath(splits_dir)
-    else:
-        val_dir, ratio_dir = (
-            os.path.join(splits_dir, info.name),
-            os.path.join(splits_dir, info.name, ratio),
-        )
+    ratio_dir = val_dir = splits_dir
+    if not os.path.isfile(os.path.join(splits_dir, "labeled.txt")):  # the paper's layout
+        val_dir = os.path.join(splits_dir, info.name)
+        ratio_dir = os.path.join(val_dir, ratio)
         if not os.path.isdir(val_dir):
-            raise UserError(
-                f"no split folder for '{info.name}' in {splits_dir}; "
-                f"it has: {', '.join(subdirs(splits_dir)) or 'nothing'}"
-            )
+            have = ", ".join(subdirs(splits_dir)) or "nothing"
+            raise UserError(f"no split folder for '{info.name}' in {splits_dir}; it has: {have}")
         if not os.path.isdir(ratio_dir):
-            ratios = sorted((d for d in subdirs(val_dir) if d != "all"), key=parse_fraction)
+            ratios = [d.replace("_", "/") for d in subdirs(val_dir) if d != "all"]
             raise UserError(
                 f"no ratio {ratio.replace('_', '/')} in the {info.name} split lists ({val_dir}); "
-                f"they have: {', '.join(d.replace('_', '/') for d in ratios) or 'none'}"
+                f"they have: {', '.join(sorted(ratios, key=Fraction)) or 'none'}"
             )
-        paper = os.path.abspath(splits_dir) == os.path.abspath(PAPER_SPLITS)
-        source = (
-            f"the paper's lists (splits/{info.name}/{ratio})"
-            if paper
-            else os.path.abspath(ratio_dir)
-        )
-    files = [
-        os.path.join(ratio_dir, "labeled.txt"),
-        os.path.join(ratio_dir, "unlabeled.txt"),
-        os.path.join(val_dir, "val.txt"),
-    ]
-    for f in files:
-        if not os.path.isfile(f):
-            raise UserError(f"split file {f} not found")
+    source = os.path.abspath(ratio_dir)
+    if os.path.abspath(splits_dir) == os.path.abspath(PAPER_SPLITS):
+        source = f"the paper's lists (splits/{info.name}/{ratio})"
+    files = [os.path.join(d, f"{s}.txt") for d, s in zip((ratio_dir, ratio_dir, val_dir), SETS)]
     return Splits(*(_read_list(f, root) for f in files), os.path.abspath(root), source)
 
 
-def parse_fraction(ratio):
-    num, den = ratio.split("_")
-    return int(num) / int(den)
-
-
-def _generate_splits(root, ratio, seed):
-    names = sorted(
-        f for f in os.listdir(os.path.join(root, "images")) if f.lower().endswith(IMAGE_EXTS)
-    )
+def _draw(root, ratio, seed):
+    """The seeded draw of make_splits."""
+    shown = ratio.replace("_", "/")
+    folder = os.path.join(root, "images")
+    names = _images(folder) if os.path.isdir(folder) else []
     if not names:
-        raise UserError(f"no images ({' '.join(IMAGE_EXTS)}) in {root}/images")
-    pairs = [
-        (os.path.abspath(os.path.join(root, "images", f)), _find_label(root, f)) for f in names
-    ]
-    with_label = [p for p in pairs if p[1]]
+        raise UserError(
+            f"data root '{root}' has no images ({' '.join(IMAGE_EXTS)}) in images/ to draw a {shown} "
+            f"split from (expected {root}/images/<file>, {root}/labels/<file>); pass --data-root"
+        )
+    pairs = [(os.path.abspath(os.path.join(folder, f)), _find_label(root, f)) for f in names]
     if os.path.isfile(os.path.join(root, "val.txt")):
         val = _read_list(os.path.join(root, "val.txt"), root)
     else:  # held-out val: 10% of the labelled images, drawn with a fixed seed
-        held = with_label[:]
+        held = [p for p in pairs if p[1]]
         random.Random(0).shuffle(held)
-        val = sorted(held[: max(1, len(held) // 10)]) if held else []
+        val = sorted(held[: max(1, len(held) // 10)])
     val_images = {img for img, _ in val}
     pool = [p for p in pairs if p[0] not in val_images]
     candidates = [p for p in pool if p[1]]
-    if ratio == "1":
-        n_labeled = len(candidates)
-    else:
-        num, den = map(int, ratio.split("_"))
-        n_labeled = len(pool) * num // den  # floor(N_pool x ratio), METHOD.md section 6
-    if n_labeled > len(candidates):
+    # floor(N_pool x ratio), METHOD.md section 6; ratio 1: every labelled image of the pool
+    n = len(candidates) if ratio == "1" else int(len(pool) * Fraction(shown))
+    if n > len(candidates):
         raise UserError(
-            f"ratio {ratio.replace('_', '/')} asks for {n_labeled} labelled images but only "
-            f"{len(candidates)} pool images in {root} have a label; use a smaller ratio or --ratio 1"
+            f"ratio {shown} asks for {n} labelled images but only {len(candidates)} pool images "
+            f"in {root} have a label; use a smaller ratio or --ratio 1"
         )
     random.Random(seed).shuffle(candidates)
-    labeled = sorted(candidates[:n_labeled])
-    chosen = {img for img, _ in labeled}
-    return Splits(
-        labeled,
-        [p for p in pool if p[0] not in chosen],
-        val,
-        os.path.abspath(root),
-        f"seeded draw of {ratio.replace('_', '/')} (seed {seed})",
-    )
+    labeled = sorted(candidates[:n])
+    rest = sorted(set(pool) - set(labeled))  # in the pool's order: by image path
+    source = f"seeded draw of {shown} (seed {seed})"
+    return Splits(labeled, rest, val, os.path.abspath(root), source)
 
 
 def write_splits(splits, folder):
@@ -358,13 +291,9 @@ def write_splits(splits, folder):
     splits.root), each atomically, so that make_splits(info, ratio, root, splits_dir=folder)
     repeats the run exactly."""
     os.makedirs(folder, exist_ok=True)
-    rel = lambda p: os.path.relpath(p, splits.root) if splits.root else p  # noqa: E731
-    for name, items in (
-        ("labeled", splits.labeled),
-        ("unlabeled", splits.unlabeled),
-        ("val", splits.val),
-    ):
-        lines = [f"{rel(img)} {rel(lab)}\n" if lab else f"{rel(img)}\n" for img, lab in items]
+    rel = lambda p: os.path.relpath(p, splits.root) if splits.root else p
+    for name in SETS:
+        lines = [" ".join(rel(p) for p in pair if p) + "\n" for pair in getattr(splits, name)]
         with replacing(os.path.join(folder, f"{name}.txt")) as tmp, open(tmp, "w") as f:
             f.writelines(lines)
 
@@ -399,10 +328,8 @@ def rescale(img, label, size, resize="cv2"):
     (OpenCV bilinear, labels OpenCV nearest: resize_bilinear, resize_nearest), 'pil' as UniMatch's
     (PIL bilinear, which antialiases when shrinking, and PIL nearest)."""
     if resize == "pil":
-        return (
-            np.asarray(img.resize(size, Image.BILINEAR)),
-            np.asarray(Image.fromarray(label).resize(size, Image.NEAREST)),
-        )
+        lab = Image.fromarray(label).resize(size, Image.NEAREST)
+        return np.asarray(img.resize(size, Image.BILINEAR)), np.asarray(lab)
     return resize_bilinear(np.asarray(img), size), resize_nearest(label, size)
 
 
@@ -415,20 +342,13 @@ def weak_augment(img, label, rng, base_size, crop, resize="cv2"):
     x, y = rng.randint(0, max(size[0] - crop, 0)), rng.randint(0, max(size[1] - crop, 0))
     out_im, out_lab = np.zeros((crop, crop, 3), np.uint8), np.full((crop, crop), 255, np.uint8)
     pad = np.ones((crop, crop), bool)  # True where the crop window runs past the rescaled image
-    patch = im[y : y + crop, x : x + crop]
-    ph, pw = patch.shape[:2]
-    out_im[:ph, :pw], out_lab[:ph, :pw], pad[:ph, :pw] = (
-        patch,
-        lab[y : y + crop, x : x + crop],
-        False,
-    )
+    window = np.s_[y : y + crop, x : x + crop]
+    ph, pw = lab[window].shape
+    out_im[:ph, :pw], out_lab[:ph, :pw], pad[:ph, :pw] = im[window], lab[window], False
     if rng.random() < 0.5:
         out_im, out_lab, pad = out_im[:, ::-1], out_lab[:, ::-1], pad[:, ::-1]
-    return (
-        Image.fromarray(np.ascontiguousarray(out_im)),
-        torch.from_numpy(out_lab.astype(np.int64)),
-        torch.from_numpy(pad.copy()),
-    )
+    out_im = Image.fromarray(np.ascontiguousarray(out_im))
+    return out_im, torch.from_numpy(out_lab.astype(np.int64)), torch.from_numpy(pad.copy())
 
 
 def strong_augment(img, rng):
@@ -436,16 +356,10 @@ def strong_augment(img, rng):
     ColorJitter(0.5, 0.5, 0.5, 0.25) p 0.8 (factors and random order drawn like torchvision's),
     grayscale p 0.2, Gaussian blur sigma U(0.1, 2) p 0.5 (PIL's blur, as UniMatch/Co2S)."""
     if rng.random() < 0.8:
-        b, c, s = rng.uniform(0.5, 1.5), rng.uniform(0.5, 1.5), rng.uniform(0.5, 1.5)
-        h = rng.uniform(-0.25, 0.25)
-        ops = [
-            lambda x: TF.adjust_brightness(x, b),
-            lambda x: TF.adjust_contrast(x, c),
-            lambda x: TF.adjust_saturation(x, s),
-            lambda x: TF.adjust_hue(x, h),
-        ]
+        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        factors = [rng.uniform(0.5, 1.5) for _ in range(3)] + [rng.uniform(-0.25, 0.25)]
         for k in rng.sample(range(4), 4):
-            img = ops[k](img)
+            img = ops[k](img, factors[k])
     if rng.random() < 0.2:
         img = TF.rgb_to_grayscale(img, num_output_channels=3)
     if rng.random() < 0.5:
@@ -459,16 +373,15 @@ def cutmix_box(size, rng, p=0.5, area=(0.02, 0.4), aspect=(0.3, 1 / 0.3)):
     TOGETHER until the box fits inside; else all False. Redrawing both favours squarer boxes (they
     fit in more places)."""
     box = np.zeros((size, size), bool)
-    if rng.random() >= p:
-        return torch.from_numpy(box)
-    target = rng.uniform(*area) * size * size
-    while True:
-        r = rng.uniform(*aspect)
-        w, h = int(math.sqrt(target / r)), int(math.sqrt(target * r))
-        x, y = rng.randint(0, size - 1), rng.randint(0, size - 1)
-        if x + w <= size and y + h <= size:
-            break
-    box[y : y + h, x : x + w] = True
+    if rng.random() < p:
+        target = rng.uniform(*area) * size * size
+        while True:
+            r = rng.uniform(*aspect)
+            w, h = int(math.sqrt(target / r)), int(math.sqrt(target * r))
+            x, y = rng.randint(0, size - 1), rng.randint(0, size - 1)
+            if x + w <= size and y + h <= size:
+                break
+        box[y : y + h, x : x + w] = True
     return torch.from_numpy(box)
 
 
@@ -489,9 +402,8 @@ def resize_bilinear(im, size):
     fixed-point arithmetic rounds otherwise, so about one value in eight differs from
     cv2.resize by one grey level (never more; shares measured in tests/test_data.py)."""
     x = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].float()  # a writable copy
-    x = torch.nn.functional.interpolate(
-        x, size=size[::-1], mode="bilinear", align_corners=False, antialias=False
-    )
+    # (antialias False by default)
+    x = torch.nn.functional.interpolate(x, size=size[::-1], mode="bilinear", align_corners=False)
     # OpenCV's fixed point rounds halves up (torch.round would round them to even)
     return x[0].add_(0.5).floor_().clamp_(0, 255).byte().permute(1, 2, 0).numpy()
 
@@ -499,10 +411,11 @@ def resize_bilinear(im, size):
 def resize_nearest(label, size):
     """(H, W) array -> size (w, h), as OpenCV's INTER_NEAREST: output pixel x reads source pixel
     floor(x * src / dst) (in OpenCV's double arithmetic), not the pixel under its centre as PIL."""
-    h, w = label.shape
-    ys = np.minimum(np.floor(np.arange(size[1]) * (1.0 / (size[1] / h))).astype(np.int64), h - 1)
-    xs = np.minimum(np.floor(np.arange(size[0]) * (1.0 / (size[0] / w))).astype(np.int64), w - 1)
-    return label[ys[:, None], xs[None, :]]
+    # source index of each output index (dst of them, from n)
+    src = lambda dst, n: np.minimum(
+        np.floor(np.arange(dst) * (1.0 / (dst / n))).astype(np.int64), n - 1
+    )
+    return label[src(size[1], label.shape[0])[:, None], src(size[0], label.shape[1])[None, :]]
 
 
 _MEAN255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
@@ -526,8 +439,6 @@ class SemiDataset(Dataset):
     def __init__(self, info, items, mode, *, crop=None, seed=0, length=None):
         if mode not in ("labeled", "unlabeled", "val"):
             raise ValueError(f"unknown mode '{mode}'; valid: labeled, unlabeled, val")
-        if not items:
-            raise UserError(f"empty {mode} list for {info.name}")
         self.info, self.items, self.mode = info, list(items), mode
         self.crop, self.seed, self.length = crop or info.crop, seed, length or len(items)
 
@@ -536,46 +447,30 @@ class SemiDataset(Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        img_path, label_path = self.items[index % len(self.items)]
-        img = load_image(img_path)
-        if label_path is None and self.mode != "unlabeled":
-            raise UserError(f"{self.mode} item {img_path} has no label")
-        label = (
-            load_label(label_path, self.info)
-            if label_path
-            else np.full((img.height, img.width), 255, np.uint8)
-        )
-        if label.shape != (img.height, img.width):
+        img_path, lab_path = self.items[index % len(self.items)]
+        # (a labelled or val item has a label: check_splits)
+        img, info = load_image(img_path), self.info
+        label = load_label(lab_path, info) if lab_path else np.full(img.size[::-1], 255, np.uint8)
+        if label.shape != img.size[::-1]:
             raise UserError(
                 f"size mismatch: image {img_path} is {img.width}x{img.height}, "
-                f"label {label_path} is {label.shape[1]}x{label.shape[0]}"
+                f"label {lab_path} is {label.shape[1]}x{label.shape[0]}"
             )
-        # the full image at the evaluation size, the label as stored (eval.py)
+        # val: the full image at the evaluation size, the label as stored (eval.py)
         if self.mode == "val":
-            return {
-                "img": normalize(eval_resize(img, self.info.eval_size)),
-                "label": torch.from_numpy(label.astype(np.int64)),
-                "name": os.path.basename(img_path),
-            }
+            img, name = normalize(eval_resize(img, info.eval_size)), os.path.basename(img_path)
+            return {"img": img, "label": torch.from_numpy(label).long(), "name": name}
         rng = random.Random(_sample_seed(self.seed, epoch, index))
         # (c, c) each
-        info = self.info
         img, label, pad = weak_augment(img, label, rng, info.base_size, self.crop, info.resize)
         if self.mode == "labeled":
             return {"img": normalize(img), "label": label}
         # two independent strong views of the weak crop, each with its own CutMix box (E6 uses both)
         s1, box1 = strong_augment(img, rng), cutmix_box(self.crop, rng)
         s2, box2 = strong_augment(img, rng), cutmix_box(self.crop, rng)
-        return {
-            "img_w": normalize(img),
-            "img_s1": normalize(s1),
-            "img_s2": normalize(s2),
-            "ignore": pad,
-            # label: logging of pseudo-label quality only
-            "box1": box1,
-            "box2": box2,
-            "label": label,
-        }
+        views = {"img_w": normalize(img), "img_s1": normalize(s1), "img_s2": normalize(s2)}
+        # label: logging of pseudo-label quality only
+        return views | {"ignore": pad, "box1": box1, "box2": box2, "label": label}
 
 
 # -----------------------------------------------------------------------------
@@ -606,12 +501,11 @@ def train_loaders(info, splits, layout, streams, steps, method="co2s"):
     at seed 0 the release's own DistributedSampler order. Partners: 'partner' another unlabelled
     image (ours), 'same' the same image under another augmentation (the released code iterates
     one sampler twice), 'rolled' none (co2s.py rolls the batch)."""
-    if streams.mix_source not in MIX_SOURCES:
-        raise ValueError(f"unknown mix source {streams.mix_source!r}; valid: {MIX_SOURCES}")
-    if streams.order not in ORDERS:
-        raise ValueError(f"unknown order {streams.order!r}; valid: {ORDERS}")
+    for name, valid in (("mix_source", MIX_SOURCES), ("order", ORDERS)):
+        if getattr(streams, name) not in valid:
+            raise ValueError(f"unknown {name} {getattr(streams, name)!r}; valid: {valid}")
     n, seed = len(splits.unlabeled), streams.seed
-    own = lambda k: seed if streams.order == "shared" else seed * 3 + k  # noqa: E731
+    own = lambda k: seed if streams.order == "shared" else seed * 3 + k
     # name: (mode, items, seed of the order, seed of the augmentations)
     todo = {"labeled": ("labeled", splits.labeled, own(0), seed * 3)}
     if method != "supervised":
@@ -622,19 +516,14 @@ def train_loaders(info, splits, layout, streams, steps, method="co2s"):
         todo["partner"] = ("unlabeled", splits.unlabeled, order_seed, seed * 3 + 2)
     loaders = {}
     kill_workers_at_exit()
+    kw = dict(num_workers=streams.workers, pin_memory=streams.pin_memory, drop_last=True)
+    kw["worker_init_fn"] = ignore_stop_signals  # stop signals: the main process stops them
     for name, (mode, items, order_seed, aug_seed) in todo.items():
         ds = SemiDataset(info, items, mode, crop=streams.crop, seed=aug_seed, length=n)
+        sampler = RunSampler(n, layout, order_seed, steps)
         # own generator: the loader must not draw from (and so shift) the global torch RNG
-        loaders[name] = DataLoader(
-            ds,
-            batch_size=layout.micro,
-            sampler=RunSampler(n, layout, order_seed, steps),
-            num_workers=streams.workers,
-            pin_memory=streams.pin_memory,
-            drop_last=True,
-            generator=torch.Generator().manual_seed(order_seed),
-            worker_init_fn=ignore_stop_signals,
-        )
+        gen = torch.Generator().manual_seed(order_seed)
+        loaders[name] = DataLoader(ds, layout.micro, sampler=sampler, generator=gen, **kw)
     return loaders
 
 
@@ -642,13 +531,7 @@ def val_loader(info, items, *, workers=2, rank=0, world_size=1):
     """Full val images of `items`, batch 1; under DDP rank r takes items r, r+W, ... (no padding
     duplicates). Its workers persist, so evaluating every epoch does not restart them."""
     items = items[rank::world_size]
-    keys = [(0, i) for i in range(len(items))]
     kill_workers_at_exit()
-    return DataLoader(
-        SemiDataset(info, items, "val") if items else [],
-        batch_size=1,
-        sampler=keys,
-        num_workers=workers,
-        persistent_workers=workers > 0 and bool(items),
-        worker_init_fn=ignore_stop_signals,
-    )
+    ds = SemiDataset(info, items, "val") if items else []
+    kw = dict(persistent_workers=workers > 0 and bool(items), worker_init_fn=ignore_stop_signals)
+    return DataLoader(ds, sampler=[(0, i) for i in range(len(items))], num_workers=workers, **kw)

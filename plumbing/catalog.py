@@ -12,19 +12,17 @@ Nothing here reads images; data.py does.
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from plumbing.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
-PAPER_SPLITS = os.path.join(
-    REPO, "splits"
-)  # the authors' lists (GitHub XavierJiezou/Co2S, splits/)
-HUB_DATASETS = (
-    "XavierJiezou/co2s-datasets"  # the authors' prepared datasets (Hugging Face, repo type dataset)
-)
-RELEASE_PROCESSES = (
-    4  # the released runs: 4 GPUs; an epoch is counted as their DistributedSampler counts it
-)
+# the authors' lists (GitHub XavierJiezou/Co2S, splits/)
+PAPER_SPLITS = os.path.join(REPO, "splits")
+# the authors' prepared datasets (Hugging Face, repo type dataset)
+HUB_DATASETS = "XavierJiezou/co2s-datasets"
+# the released runs: 4 GPUs; an epoch is counted as their DistributedSampler counts it
+RELEASE_PROCESSES = 4
 
 
 @dataclass
@@ -36,12 +34,10 @@ class DatasetInfo:
     reduce_zero_label: bool  # raw label 0 = ignore, raw k = class k-1 (mmseg's reduce_zero_label)
     ratios: list  # the paper's labelled ratios
     crop: int = 512  # training crop and evaluation window (released config)
-    base_size: int = (
-        512  # training rescale: the short side goes to base_size x U(0.5, 2.0) (None: own size)
-    )
-    eval_size: int = (
-        512  # evaluation: the image's short side is resized to this first (None: as stored)
-    )
+    # training rescale: the short side goes to base_size x U(0.5, 2.0) (None: own size)
+    base_size: int = 512
+    # evaluation: the image's short side is resized to this first (None: as stored)
+    eval_size: int = 512
     # training rescale of its released pipeline: "cv2" mmseg's Resize (OpenCV bilinear, labels
     # nearest; data.rescale_size), "pil" UniMatch's resize (PIL bilinear and nearest; LoveDA)
     resize: str = "cv2"
@@ -104,11 +100,9 @@ _CONCEPTS = {
 # fmt: on
 
 
-def _info(name, palette, reduce_zero_label, ratios, **kw):
+def _info(name, palette, zero_label, ratios, **kw):  # zero_label: reduce_zero_label
     concepts = _CONCEPTS[name if name != "demo" else "potsdam"]
-    return DatasetInfo(
-        name, [c[0] for c in concepts], concepts, palette, reduce_zero_label, ratios, **kw
-    )
+    return DatasetInfo(name, [c[0] for c in concepts], concepts, palette, zero_label, ratios, **kw)
 
 
 # fmt: off
@@ -137,15 +131,10 @@ DATASETS = {
 CHOICES = list(DATASETS) + ["custom"]
 
 
-def _default_palette(
-    k,
-):  # distinct colours for custom classes without one (Pascal VOC's bit pattern, skipping black)
-    i, c = k + 1, [0, 0, 0]
-    for shift in range(7, -1, -1):
-        for ch in range(3):
-            c[ch] |= ((i >> ch) & 1) << shift
-        i >>= 3
-    return tuple(c)
+# distinct colours for custom classes without one (Pascal VOC's bit pattern, skipping black)
+def _default_palette(k):
+    i = k + 1  # bit 3b + ch of i goes to bit 7 - b of channel ch
+    return tuple(sum(((i >> (3 * b + ch)) & 1) << (7 - b) for b in range(8)) for ch in range(3))
 
 
 def dataset_info(name, data_root=None):
@@ -164,32 +153,24 @@ def dataset_info(name, data_root=None):
             f"custom dataset needs {path}: one class per line, 'name' or 'name r,g,b' "
             f"or 'name r,g,b | concept a, concept b' (pass the folder with --data-root)"
         )
-    classes, concepts, palette = [], [], []
-    with open(path) as f:
-        lines = f.read().splitlines()
-    for line in lines:
+    names, concepts, rgb = [], [], []
+    for line in Path(path).read_text().splitlines():
         line = line.strip()
         if not line or line.startswith("#"):  # a comment is a whole line: '#' may be in a name
             continue
         head, _, extra = line.partition("|")
         m = re.fullmatch(r"(.+?)\s+(?:(\d+),\s*(\d+),\s*(\d+)|#([0-9a-fA-F]{6}))", head.strip())
-        cname = m.group(1) if m else head.strip()
-        if m and m.group(5):  # a hex colour #rrggbb
-            colour = tuple(int(m.group(5)[i : i + 2], 16) for i in (0, 2, 4))
-        else:
-            colour = tuple(int(v) for v in m.groups()[1:4]) if m else _default_palette(len(classes))
+        cname, colour = m[1] if m else head.strip(), _default_palette(len(names))
+        if m:  # r,g,b or a hex colour #rrggbb
+            colour = tuple(bytes.fromhex(m[5])) if m[5] else tuple(map(int, m.groups()[1:4]))
         if max(colour) > 255:
             raise UserError(f"{path}: colour {colour} of class '{cname}' is not 0..255 per channel")
-        classes.append(cname)
+        names.append(cname)
         concepts.append([cname] + [c.strip() for c in extra.split(",") if c.strip()])
-        palette.append(colour)
-    if not 1 <= len(classes) <= 255:
-        raise UserError(
-            f"{path} lists {len(classes)} classes; need 1..255 (255 is the ignore index)"
-        )
-    return DatasetInfo(
-        "custom", classes, concepts, palette, False, [], base_size=None, eval_size=None
-    )
+        rgb.append(colour)
+    if not 1 <= len(names) <= 255:
+        raise UserError(f"{path} lists {len(names)} classes; need 1..255 (255 is the ignore index)")
+    return DatasetInfo("custom", names, concepts, rgb, False, [], base_size=None, eval_size=None)
 
 
 def parse_ratio(ratio):
