@@ -35,10 +35,7 @@ DEFAULT_WEIGHTS = {
     "dinov3": "facebook/dinov3-vitb16-pretrain-lvd1689m",
 }
 # added to a failed download's message when the hub refused access
-GATED = (
-    " This repository is gated: accept Meta's DINOv3 licence on its hub page, run `hf auth login`,"
-    " or download it elsewhere and pass the folder."
-)
+GATED = " This repository is gated: accept Meta's DINOv3 licence on its hub page, run `hf auth login`, or download it elsewhere and pass the folder."
 
 
 @dataclass
@@ -163,8 +160,7 @@ def build_backbone(kind, size="base", weights=None, numerics="hf"):
     model = load_pretrained(cls, kind, weights, **overrides)
     if model.config.hidden_size != s.width:
         raise UserError(
-            f"{weights!r} has width {model.config.hidden_size}, but --size {size} expects "
-            f"{s.width}; pick the matching --size or checkpoint"
+            f"{weights!r} has width {model.config.hidden_size}, but --size {size} expects {s.width}; pick the matching --size or checkpoint"
         )
     return model
 
@@ -239,8 +235,7 @@ def text_embeddings(concepts, weights, encode, prompt, cache_dir=None):
         ) from e
     if len(tokenizer) < 1000:
         raise UserError(
-            f"the CLIP tokenizer of {weights!r} has only {len(tokenizer)} tokens: "
-            "not the real vocabulary"
+            f"the CLIP tokenizer of {weights!r} has only {len(tokenizer)} tokens: not the real vocabulary"
         )
     embeds = encode(concepts, text_model, tokenizer)
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -100,9 +100,8 @@ def read(path):
         raise UserError(f"cannot read the released checkpoint {path!r} ({reason})") from e
     sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
-        expected = "{'model': ..., 'optimizer': ..., 'epoch': ...} as the authors' Co2S.py saves"
         raise UserError(
-            f"{path!r} holds no state dict (expected {expected}, or a plain state dict)"
+            f"{path!r} holds no state dict (expected {{'model': ..., 'optimizer': ..., 'epoch': ...}} as the authors' Co2S.py saves, or a plain state dict)"
         )
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     dropped = [k for k in sd if k.startswith(DROPPED)]
@@ -116,17 +115,16 @@ def kind_and_sizes(path, sd):
     """Which student a release state dict holds, and its sizes (plumbing.weights.ViTSize fields)
     read off the tensor shapes, with heads = width / 64 as in every ViT preset."""
     clip = "backbone.ln0.weight" in sd
-    layers, fc1 = ("layers", "ffn.layers.0.0") if clip else ("blocks", "mlp.fc1")
-    fc1 = f"backbone.{layers}.0.{fc1}.weight"
+    layers = "backbone.layers." if clip else "backbone.blocks."
+    fc1 = layers + ("0.ffn.layers.0.0.weight" if clip else "0.mlp.fc1.weight")
     own = ["backbone.proj.weight", "backbone.pos_embed"] if clip else ["backbone.storage_tokens"]
     missing = [k for k in ["backbone.cls_token", fc1, *own] if k not in sd]
     if missing:
         raise UserError(
-            f"{path!r} is not a released Co2S student (neither backbone.ln0 of the CLIP student nor "
-            f"backbone.storage_tokens of the DINOv3 one, or missing {missing}); its first keys: {list(sd)[:4]}"
+            f"{path!r} is not a released Co2S student (neither backbone.ln0 of the CLIP student nor backbone.storage_tokens of the DINOv3 one, or missing {missing}); its first keys: {list(sd)[:4]}"
         )
     width = sd["backbone.cls_token"].shape[-1]
-    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith(f"backbone.{layers}."))
+    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith(layers))
     sizes = dict(width=width, depth=depth, heads=width // 64, mlp=sd[fc1].shape[0])
     if clip:
         grid = math.isqrt(sd["backbone.pos_embed"].shape[1] - 1)
@@ -160,8 +158,7 @@ def convert(path, sd, kind, ours, blocks_prefix):
     missing, extra = sorted(set(ours) - set(out)), sorted(set(out) - set(ours))
     if unused or missing or extra:
         raise UserError(
-            f"{path!r} does not match the released format: release keys not understood "
-            f"{unused[:6]}, our tensors not filled {missing[:6]}, renamed keys we do not have {extra[:6]}"
+            f"{path!r} does not match the released format: release keys not understood {unused[:6]}, our tensors not filled {missing[:6]}, renamed keys we do not have {extra[:6]}"
         )
     for k, t in out.items():
         if t.numel() != ours[k].numel():
@@ -180,14 +177,10 @@ def from_release(path, text=None):
     kind, sizes = kind_and_sizes(path, sd)
     # class embeddings belong to the CLIP student only; the file's, else `text`
     text = sd.setdefault("_cached_text", text) if kind == "clip" else None
-    if kind == "clip" and text is None:
+    if kind == "clip" and (text is None or text.shape[1] != sizes["proj"]):
+        got = "none (no _cached_text)" if text is None else f"{text.shape[1]}-d rows"
         raise UserError(
-            f"{path!r} holds no class embeddings (_cached_text): pass the authors' "
-            f"concept-averaged [N, {sizes['proj']}] file with --text-embeddings"
-        )
-    if kind == "clip" and text.shape[1] != sizes["proj"]:
-        raise UserError(
-            f"--text-embeddings: {text.shape[1]}-d rows, but {path!r} projects to {sizes['proj']} dimensions"
+            f"{path!r} projects to {sizes['proj']} dimensions, its class embeddings: {got}; pass the authors' concept-averaged [N, {sizes['proj']}] file with --text-embeddings"
         )
     num_classes = len(text) if kind == "clip" else len(sd.get("text_provider.emb.weight", []))
     # random, then every tensor from the file
@@ -204,9 +197,8 @@ def load_release(folder, dataset, data_root=None, text_embeddings=None):
     POTSDAM/1_32-74.30/ with best_clip.pth and/or best_dinov3.pth). text_embeddings: a [N, 512] file
     for a CLIP student whose file lacks them (only the CLIP student reads it; its width is checked
     against the file's projection)."""
-    files = [
-        f for k in ("clip", "dinov3") if os.path.isfile(f := os.path.join(folder, f"best_{k}.pth"))
-    ]
+    files = [os.path.join(folder, f"best_{k}.pth") for k in ("clip", "dinov3")]
+    files = [f for f in files if os.path.isfile(f)]
     if not files:
         raise UserError(f"--release {folder!r} holds neither best_clip.pth nor best_dinov3.pth")
     info = dataset_info(dataset, data_root)
@@ -220,10 +212,10 @@ def load_release(folder, dataset, data_root=None, text_embeddings=None):
             )
     release = os.path.abspath(folder)
     m = re.search(r"(\d+_\d+)-(\d+(?:\.\d+)?)$", os.path.basename(release))
-    clip = next((s for s in students if s.kind == "clip"), None)
     ratio = m.group(1) if m else info.ratios[0].replace("/", "_")
     # a release stores its crop's position grid
-    crop = clip.backbone.config.image_size if clip else info.crop
+    first = students[0]  # the CLIP student where there is one
+    crop = first.backbone.config.image_size if first.kind == "clip" else info.crop
     cfg = dict(dataset=dataset, data_root=data_root or os.path.join("data", dataset), splits=None)
     cfg.update(seed=0, ratio=ratio, release=release, crop=crop)
     return Co2S(students), info, cfg, float(m.group(2)) if m else None
@@ -242,9 +234,7 @@ def save_release(model, cfg, run_dir):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Evaluate a released experiment the authors' way, or convert it to a run of ours."
-    )
+    p = argparse.ArgumentParser(description="Evaluate a released experiment, or make it a run.")
     a = p.add_argument
     a("release", metavar="DIR", help="a release's experiment folder, e.g. POTSDAM/1_32-74.30")
     a("--dataset", required=True, choices=CHOICES, help="the dataset it was trained on")
@@ -252,7 +242,7 @@ def get_args(argv=None):
     a("--text-embeddings", help="[N, 512] CLIP class embeddings, if the file lacks them")
     a("--save", metavar="RUN_DIR", help="write the converted model as a run folder")
     a("--amp", choices=AMP, default="off", help="autocast (off: fp32, as the authors)")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu")
     a("--workers", type=int, default=2, help="data loader processes")
     return p.parse_args(argv)
 
@@ -265,10 +255,9 @@ def main(argv=None):
     if args.save:
         save_release(model, cfg, args.save)
         print(f"wrote {os.path.join(args.save, 'best.pt')}")
-    device = torch.device(args.device)
-    model.to(device)
+    model.to(args.device)
     loader = evaluation.split_loader(info, cfg, "val", workers=args.workers)
-    cms = evaluation.evaluate(model, loader, cfg["crop"], amp=autocast(device, args.amp))
+    cms = evaluation.evaluate(model, loader, cfg["crop"], amp=autocast(args.device, args.amp))
     print(f"{args.release}: val split, {len(loader)} images, crop {cfg['crop']}, amp {args.amp}")
     print(evaluation.format_table(cms, info.classes))
     if published is not None:  # the folder name carries the authors' figure (never fused)
