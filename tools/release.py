@@ -121,7 +121,8 @@ def kind_and_sizes(path, sd):
     missing = [k for k in ["backbone.cls_token", fc1, *own] if k not in sd]
     if missing:
         raise UserError(
-            f"{path!r} is not a released Co2S student (neither backbone.ln0 of the CLIP student nor backbone.storage_tokens of the DINOv3 one, or missing {missing}); its first keys: {list(sd)[:4]}"
+            f"{path!r} is not a released Co2S student (neither backbone.ln0 of the CLIP student nor "
+            f"backbone.storage_tokens of the DINOv3 one, or missing {missing}); its first keys: {list(sd)[:4]}"
         )
     width = sd["backbone.cls_token"].shape[-1]
     depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith(layers))
@@ -158,7 +159,8 @@ def convert(path, sd, kind, ours, blocks_prefix):
     missing, extra = sorted(set(ours) - set(out)), sorted(set(out) - set(ours))
     if unused or missing or extra:
         raise UserError(
-            f"{path!r} does not match the released format: release keys not understood {unused[:6]}, our tensors not filled {missing[:6]}, renamed keys we do not have {extra[:6]}"
+            f"{path!r} does not match the released format: release keys not understood {unused[:6]}, "
+            f"our tensors not filled {missing[:6]}, renamed keys we do not have {extra[:6]}"
         )
     for k, t in out.items():
         if t.numel() != ours[k].numel():
@@ -180,7 +182,8 @@ def from_release(path, text=None):
     if kind == "clip" and (text is None or text.shape[1] != sizes["proj"]):
         got = "none (no _cached_text)" if text is None else f"{text.shape[1]}-d rows"
         raise UserError(
-            f"{path!r} projects to {sizes['proj']} dimensions, its class embeddings: {got}; pass the authors' concept-averaged [N, {sizes['proj']}] file with --text-embeddings"
+            f"{path!r} projects to {sizes['proj']} dimensions, its class embeddings: {got}; pass the "
+            f"authors' concept-averaged [N, {sizes['proj']}] file with --text-embeddings"
         )
     num_classes = len(text) if kind == "clip" else len(sd.get("text_provider.emb.weight", []))
     # random, then every tensor from the file
