@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from plumbing.atomic import save_atomic
 from plumbing.errors import UserError
@@ -35,6 +34,8 @@ DEFAULT_WEIGHTS = {
     "clip": "openai/clip-vit-base-patch16",
     "dinov3": "facebook/dinov3-vitb16-pretrain-lvd1689m",
 }
+# added to a failed download's message when the hub refused access
+GATED = " This repository is gated: accept Meta's DINOv3 licence on its hub page, run `hf auth login`, or download it elsewhere and pass the folder."
 
 
 @dataclass
@@ -51,6 +52,12 @@ class ViTSize:
 
 # "tiny" is the same code with smaller numbers: a CPU preset for tests and the demo.
 SIZES = {"base": ViTSize(), "tiny": ViTSize(width=192, depth=4, heads=3, mlp=768, proj=128)}
+# the ViTSize fields each backbone has, and their names in its transformers config
+_SHARED = dict(width="hidden_size", depth="num_hidden_layers", heads="num_attention_heads")
+FIELDS = {
+    "clip": dict(_SHARED, mlp="intermediate_size", proj="projection_dim", image_size="image_size"),
+    "dinov3": dict(_SHARED, mlp="intermediate_size", registers="num_register_tokens"),
+}
 
 
 def vit_preset(size):
@@ -62,75 +69,28 @@ def vit_preset(size):
     return SIZES[size]
 
 
-def vit_size(backbones):
-    """The ViTSize fields that rebuild these backbones (kind, backbone pairs; a converted
-    release)."""
-    size = {}
-    for kind, bb in backbones:
-        c = bb.config
-        size.update(
-            width=c.hidden_size,
-            depth=c.num_hidden_layers,
-            heads=c.num_attention_heads,
-            mlp=c.intermediate_size,
-        )
-        size.update(
-            dict(proj=c.projection_dim, image_size=c.image_size)
-            if kind == "clip"
-            else dict(registers=c.num_register_tokens)
-        )
-    return size
+def vit_size(students):
+    """The ViTSize fields that rebuild these students' backbones (a converted release)."""
+    return {f: getattr(s.backbone.config, a) for s in students for f, a in FIELDS[s.kind].items()}
 
 
 # --------------------------------------------------------------------------------------------
 # Configs and loading: built at random from a preset, or loaded with from_pretrained
 
 
-def numerics_config(kind, numerics):
-    """Config overrides of a numerics choice (see the module docstring); 'hf' keeps the
-    checkpoint's own."""
+def config_overrides(kind, numerics):
+    """What every backbone's config is given, built or loaded: dropout and drop-path off, DINOv3's
+    RoPE coordinate augmentation off (so train mode is deterministic), and the numerics choice
+    (see the module docstring; 'hf' keeps the checkpoint's own)."""
     if numerics not in NUMERICS:
         raise UserError(f"unknown numerics {numerics!r}; valid: {', '.join(NUMERICS)}")
-    if numerics == "hf":
-        return {}
-    return (
-        dict(hidden_act="gelu", layer_norm_eps=1e-6)
-        if kind == "clip"
-        else dict(layer_norm_eps=1e-6)
-    )
-
-
-def backbone_config(kind, s, numerics="hf"):
-    """The transformers config of a random-init backbone of ViTSize s (dropout and drop-path
-    off)."""
-    from transformers import CLIPVisionConfig, DINOv3ViTConfig
-
-    common = dict(
-        hidden_size=s.width,
-        num_hidden_layers=s.depth,
-        num_attention_heads=s.heads,
-        intermediate_size=s.mlp,
-        patch_size=16,
-        attention_dropout=0.0,
-    )
-    if kind == "clip":
-        cfg = dict(common, projection_dim=s.proj, image_size=s.image_size, hidden_act="quick_gelu")
-        return CLIPVisionConfig(**{**cfg, **numerics_config(kind, numerics)})
-    # RoPE coordinate augmentation off so train mode is deterministic.
-    return DINOv3ViTConfig(
-        **common,
-        num_register_tokens=s.registers,
-        layerscale_value=1.0,
-        drop_path_rate=0.0,
-        pos_embed_shift=None,
-        pos_embed_jitter=None,
-        pos_embed_rescale=None,
-        **numerics_config(kind, numerics),
-    )
-
-
-def _model_types(kind):
-    return ("clip", "clip_vision_model") if kind == "clip" else ("dinov3_vit",)
+    out = dict(attention_dropout=0.0)
+    if kind == "dinov3":
+        augment = dict(pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None)
+        out.update(drop_path_rate=0.0, **augment)
+    if numerics == "release":
+        out.update(layer_norm_eps=1e-6, **({"hidden_act": "gelu"} if kind == "clip" else {}))
+    return out
 
 
 def load_pretrained(cls, kind, weights, what="backbone", **overrides):
@@ -138,11 +98,9 @@ def load_pretrained(cls, kind, weights, what="backbone", **overrides):
 
     `weights` is a hub id or a local folder (a `save_pretrained` / `hf download` folder). Missing
     weights are an error, never a silent random init."""
-    flag = f"--{kind}-weights"
-    weights = os.path.expanduser(weights)
-    local = os.path.isdir(weights)
-    if local:
-        cfg_path = os.path.join(weights, "config.json")
+    flag, weights = f"--{kind}-weights", os.path.expanduser(weights)
+    cfg_path = os.path.join(weights, "config.json")
+    if os.path.isdir(weights):
         if not os.path.isfile(cfg_path):
             raise UserError(
                 f"{weights!r} is not a transformers checkpoint folder (no config.json); "
@@ -150,28 +108,24 @@ def load_pretrained(cls, kind, weights, what="backbone", **overrides):
             )
         with open(cfg_path) as f:
             model_type = json.load(f).get("model_type")
-        if model_type not in _model_types(kind):
+        types = ("clip", "clip_vision_model") if kind == "clip" else ("dinov3_vit",)
+        if model_type not in types:
             raise UserError(
                 f"{weights!r} holds a {model_type!r} checkpoint, not a {kind} one "
-                f"(expected model_type in {_model_types(kind)}); check {flag}"
+                f"(expected model_type in {types}); check {flag}"
             )
     elif weights.startswith((".", "/", "~")) or weights.count("/") > 1:
         raise UserError(f"{flag}: local folder {weights!r} does not exist")
     try:
         model, info = cls.from_pretrained(weights, output_loading_info=True, **overrides)
     except (OSError, ValueError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         gated = any(w in str(e).lower() for w in ("gated", "401", "403", "access to model"))
-        hint = (
-            " This repository is gated: accept Meta's DINOv3 licence on its hub page, run `hf auth "
-            "login`, or download it elsewhere and pass the folder."
-            if gated
-            else ""
-        )
         raise UserError(
-            f"could not load the {kind} {what} from {weights!r} ({type(e).__name__}: {reason}).{hint} "
-            f"Without network access, download it once (`hf download {DEFAULT_WEIGHTS[kind]} --local-dir DIR`) "
-            f"and pass {flag} DIR, or set HF_HUB_OFFLINE=1 with a filled hub cache."
+            f"could not load the {kind} {what} from {weights!r} ({type(e).__name__}: {reason})."
+            f"{GATED if gated else ''} Without network access, download it once (`hf download "
+            f"{DEFAULT_WEIGHTS[kind]} --local-dir DIR`) and pass {flag} DIR, or set HF_HUB_OFFLINE=1"
+            " with a filled hub cache."
         ) from e
     if info["missing_keys"] or info["mismatched_keys"]:
         raise UserError(
@@ -187,30 +141,26 @@ def build_backbone(kind, size="base", weights=None, numerics="hf"):
     from transformers import CLIPVisionModelWithProjection, DINOv3ViTModel
 
     cls = CLIPVisionModelWithProjection if kind == "clip" else DINOv3ViTModel
-    if weights == RELEASE_INIT:
-        if kind != "dinov3":
-            raise UserError(
-                f"--{kind}-weights {RELEASE_INIT}: only the DINOv3 student was re-initialised "
-                f"by the release; the {kind} student keeps its pretrained weights"
-            )
-        return release_init(cls(backbone_config(kind, vit_preset(size), numerics)))
-    if weights is None:
-        if size == "base":
+    if weights == RELEASE_INIT and kind != "dinov3":
+        raise UserError(
+            f"--{kind}-weights {RELEASE_INIT}: only the DINOv3 student was re-initialised "
+            f"by the release; the {kind} student keeps its pretrained weights"
+        )
+    s, overrides = vit_preset(size), config_overrides(kind, numerics)
+    if weights in (None, RELEASE_INIT):
+        if weights is None and size == "base":
             warnings.warn(
                 f"building the base {kind} student with RANDOM backbone weights (weights=None): "
                 f"fine for tests, useless for reproducing the paper (default {DEFAULT_WEIGHTS[kind]})"
             )
-        return cls(backbone_config(kind, vit_preset(size), numerics))
-    overrides = dict(attention_dropout=0.0, **numerics_config(kind, numerics))
-    if kind == "dinov3":
-        overrides.update(
-            drop_path_rate=0.0, pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None
-        )
+        fields = {a: getattr(s, f) for f, a in FIELDS[kind].items()}
+        # the rest are transformers' defaults (CLIP: QuickGELU; DINOv3: layer scale 1)
+        model = cls(cls.config_class(**fields, patch_size=16, **overrides))
+        return release_init(model) if weights else model
     model = load_pretrained(cls, kind, weights, **overrides)
-    if model.config.hidden_size != vit_preset(size).width:
+    if model.config.hidden_size != s.width:
         raise UserError(
-            f"{weights!r} has width {model.config.hidden_size}, but --size {size} expects "
-            f"{vit_preset(size).width}; pick the matching --size or checkpoint"
+            f"{weights!r} has width {model.config.hidden_size}, but --size {size} expects {s.width}; pick the matching --size or checkpoint"
         )
     return model
 
@@ -225,25 +175,25 @@ def release_init(backbone):
     so none are loaded here. With the paper's trainable set only attention trains: the layer scale
     stays 1e-5, so every residual branch is scaled by 1e-5 for the whole run."""
     with torch.no_grad():
-        emb = backbone.embeddings
-        torch.nn.init.normal_(emb.cls_token, std=0.02)
-        torch.nn.init.normal_(emb.register_tokens, std=0.02)
+        emb, conv = backbone.embeddings, backbone.embeddings.patch_embeddings
+        for token in (emb.cls_token, emb.register_tokens):
+            torch.nn.init.normal_(token, std=0.02)
         torch.nn.init.zeros_(emb.mask_token)
-        conv = emb.patch_embeddings
-        bound = math.sqrt(1 / (conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]))
+        # fan-in: in_channels * kernel height * kernel width
+        bound = math.sqrt(1 / conv.weight[0].numel())
         for p in (conv.weight, conv.bias):
             torch.nn.init.uniform_(p, -bound, bound)
         for m in backbone.modules():
             if isinstance(m, torch.nn.Linear):
                 torch.nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    torch.nn.init.zeros_(m.bias)
             elif isinstance(m, torch.nn.LayerNorm):
                 torch.nn.init.ones_(m.weight)
+            # biases 0 (DINOv3's key projection has none)
+            if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm)) and m.bias is not None:
                 torch.nn.init.zeros_(m.bias)
         for block in blocks(backbone):
-            block.layer_scale1.lambda1.fill_(1e-5)
-            block.layer_scale2.lambda1.fill_(1e-5)
+            for scale in (block.layer_scale1, block.layer_scale2):
+                scale.lambda1.fill_(1e-5)
     return backbone
 
 
@@ -267,13 +217,10 @@ def text_embeddings(concepts, weights, encode, prompt, cache_dir=None):
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     cache_dir = cache_dir or os.environ.get("CO2S_CACHE", os.path.expanduser("~/.cache/co2s"))
-    weights = os.path.expanduser(weights)
-    ckpt = weights
+    ckpt = weights = os.path.expanduser(weights)
     if os.path.isdir(weights):
-        files = [os.path.join(weights, f) for f in sorted(os.listdir(weights))]
-        ckpt = [os.path.abspath(weights)] + [
-            (os.path.basename(f), os.path.getsize(f), os.path.getmtime(f)) for f in files
-        ]
+        stats = [(f, os.stat(os.path.join(weights, f))) for f in sorted(os.listdir(weights))]
+        ckpt = [os.path.abspath(weights)] + [(f, st.st_size, st.st_mtime) for f, st in stats]
     key = json.dumps([ckpt, prompt, concepts, "mean of raw embeddings"])
     path = os.path.join(cache_dir, "text", hashlib.sha1(key.encode()).hexdigest()[:16] + ".pt")
     if os.path.isfile(path):
@@ -288,8 +235,7 @@ def text_embeddings(concepts, weights, encode, prompt, cache_dir=None):
         ) from e
     if len(tokenizer) < 1000:
         raise UserError(
-            f"the CLIP tokenizer of {weights!r} has only {len(tokenizer)} tokens: "
-            "not the real vocabulary"
+            f"the CLIP tokenizer of {weights!r} has only {len(tokenizer)} tokens: not the real vocabulary"
         )
     embeds = encode(concepts, text_model, tokenizer)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -303,16 +249,13 @@ def load_text_embeddings(path, num_classes, dim=None):
     if not os.path.isfile(path):
         raise UserError(f"--text-embeddings: file {path!r} does not exist")
     try:
-        t = (
-            torch.from_numpy(np.load(path))
-            if path.endswith(".npy")
-            else torch.load(path, weights_only=True)
-        )
+        t = np.load(path) if path.endswith(".npy") else torch.load(path, weights_only=True)
+        t = torch.as_tensor(t)
     except Exception as e:
         raise UserError(f"--text-embeddings {path!r}: cannot read it ({type(e).__name__})") from e
-    if t.dim() != 2 or t.shape[0] != num_classes or t.shape[1] != (dim or t.shape[1]):
+    if t.dim() != 2 or t.shape != (num_classes, dim or t.shape[1]):
         raise UserError(
             f"--text-embeddings {path!r} has shape {tuple(t.shape)}, expected "
             f"({num_classes}, {dim or 'D'}): one row per class"
         )
-    return F.normalize(t.float(), dim=-1)
+    return torch.nn.functional.normalize(t.float(), dim=-1)

@@ -35,31 +35,27 @@ from plumbing.weights import blocks, build_backbone, load_text_embeddings, vit_s
 # fmt: off
 _W = r"(weight|bias)"
 DROPPED = "clip_encoder."   # keys a released file may carry that the authors' eval.py deletes
+# our CLIP tower and its block \1; the head's class-attention layer \1 in the release and ours
+_V, _E = "backbone.vision_model.", r"backbone.vision_model.encoder.layers.\1."
+_A, _H = r"decode_head\.layers\.(\d)\.transformer\.", r"head.class_attn.\1.layer."
 RULES = {
     "clip": [
-        (r"backbone\.cls_token", "backbone.vision_model.embeddings.class_embedding"),
-        (r"backbone\.pos_embed", "backbone.vision_model.embeddings.position_embedding.weight"),
-        (r"backbone\.patch_embed\.projection\.weight",
-         "backbone.vision_model.embeddings.patch_embedding.weight"),
-        (rf"backbone\.ln0\.{_W}", r"backbone.vision_model.pre_layrnorm.\1"),
-        (rf"backbone\.layers\.(\d+)\.ln([12])\.{_W}",
-         r"backbone.vision_model.encoder.layers.\1.layer_norm\2.\3"),
-        (rf"backbone\.layers\.(\d+)\.attn\.attn\.in_proj_{_W}",
-         r"backbone.vision_model.encoder.layers.\1.self_attn.{qkv}_proj.\2"),
-        (rf"backbone\.layers\.(\d+)\.attn\.attn\.out_proj\.{_W}",
-         r"backbone.vision_model.encoder.layers.\1.self_attn.out_proj.\2"),
-        (rf"backbone\.layers\.(\d+)\.ffn\.layers\.0\.0\.{_W}",
-         r"backbone.vision_model.encoder.layers.\1.mlp.fc1.\2"),
-        (rf"backbone\.layers\.(\d+)\.ffn\.layers\.1\.{_W}",
-         r"backbone.vision_model.encoder.layers.\1.mlp.fc2.\2"),
-        (rf"backbone\.ln1\.{_W}", r"backbone.vision_model.post_layernorm.\1"),
+        (r"backbone\.cls_token", _V + "embeddings.class_embedding"),
+        (r"backbone\.pos_embed", _V + "embeddings.position_embedding.weight"),
+        (r"backbone\.patch_embed\.projection\.weight", _V + "embeddings.patch_embedding.weight"),
+        (rf"backbone\.ln0\.{_W}", _V + r"pre_layrnorm.\1"),
+        (rf"backbone\.layers\.(\d+)\.ln([12])\.{_W}", _E + r"layer_norm\2.\3"),
+        (rf"backbone\.layers\.(\d+)\.attn\.attn\.in_proj_{_W}", _E + r"self_attn.{qkv}_proj.\2"),
+        (rf"backbone\.layers\.(\d+)\.attn\.attn\.out_proj\.{_W}", _E + r"self_attn.out_proj.\2"),
+        (rf"backbone\.layers\.(\d+)\.ffn\.layers\.0\.0\.{_W}", _E + r"mlp.fc1.\2"),
+        (rf"backbone\.layers\.(\d+)\.ffn\.layers\.1\.{_W}", _E + r"mlp.fc2.\2"),
+        (rf"backbone\.ln1\.{_W}", _V + r"post_layernorm.\1"),
         # a 1x1 conv there, a Linear here
         (r"backbone\.proj\.weight", "backbone.visual_projection.weight"),
         (r"_cached_text", "text")],
     "dinov3": [
-        (r"backbone\.cls_token", "backbone.embeddings.cls_token"),
+        (r"backbone\.(cls_token|mask_token)", r"backbone.embeddings.\1"),
         (r"backbone\.storage_tokens", "backbone.embeddings.register_tokens"),
-        (r"backbone\.mask_token", "backbone.embeddings.mask_token"),
         (rf"backbone\.patch_embed\.proj\.{_W}", r"backbone.embeddings.patch_embeddings.\1"),
         (r"backbone\.rope_embed\.periods", "rope_periods"),
         (rf"backbone\.blocks\.(\d+)\.norm([12])\.{_W}", r"{blocks}.\1.norm\2.\3"),
@@ -77,14 +73,10 @@ RULES = {
         (rf"decode_head\.aspp\.aspp_convs\.4\.gap\.2\.{_W}", r"head.aspp.pool.1.\1"),
         (r"decode_head\.aspp\.project\.([01])\.(.+)", r"head.aspp.project.\1.\2"),
         (rf"decode_head\.text_proj\.0\.{_W}", r"head.guide.0.\1"),
-        (rf"decode_head\.layers\.(\d)\.transformer\.ln([12])\.{_W}",
-         r"head.class_attn.\1.layer.norm\2.\3"),
-        (r"decode_head\.layers\.(\d)\.transformer\.attn\.attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)",
-         r"head.class_attn.\1.layer.self_attn.\2"),
-        (rf"decode_head\.layers\.(\d)\.transformer\.ffn\.layers\.0\.0\.{_W}",
-         r"head.class_attn.\1.layer.linear1.\2"),
-        (rf"decode_head\.layers\.(\d)\.transformer\.ffn\.layers\.1\.{_W}",
-         r"head.class_attn.\1.layer.linear2.\2"),
+        (rf"{_A}ln([12])\.{_W}", _H + r"norm\2.\3"),
+        (rf"{_A}attn\.attn\.(in_proj_|out_proj\.){_W}", _H + r"self_attn.\2\3"),
+        (rf"{_A}ffn\.layers\.0\.0\.{_W}", _H + r"linear1.\2"),
+        (rf"{_A}ffn\.layers\.1\.{_W}", _H + r"linear2.\2"),
         # the deeper skip (f2) feeds up1
         (rf"decode_head\.skip_proj\.0\.0\.{_W}", r"head.up1.skip.0.\1"),
         (rf"decode_head\.skip_proj\.1\.0\.{_W}", r"head.up2.skip.0.\1"),
@@ -104,15 +96,12 @@ def read(path):
         # GPU tensors load on a CPU machine too
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(
-            f"cannot read the released checkpoint {path!r} ({type(e).__name__}: "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})"
-        ) from e
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        raise UserError(f"cannot read the released checkpoint {path!r} ({reason})") from e
     sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
         raise UserError(
-            f"{path!r} holds no state dict (expected {{'model': ..., 'optimizer': ..., 'epoch': ...}} "
-            f"as the authors' Co2S.py saves, or a plain state dict)"
+            f"{path!r} holds no state dict (expected {{'model': ..., 'optimizer': ..., 'epoch': ...}} as the authors' Co2S.py saves, or a plain state dict)"
         )
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     dropped = [k for k in sd if k.startswith(DROPPED)]
@@ -123,43 +112,25 @@ def read(path):
 
 
 def kind_and_sizes(path, sd):
-    """Which student a release state dict holds, and its sizes (model.ViTSize fields) read off the
-    tensor shapes, with heads = width / 64 as in every ViT preset."""
-    kind = (
-        "clip"
-        if "backbone.ln0.weight" in sd
-        else "dinov3"
-        if "backbone.storage_tokens" in sd
-        else None
-    )
-    blocks_key, fc1 = (
-        ("backbone.layers.", "backbone.layers.0.ffn.layers.0.0.weight")
-        if kind == "clip"
-        else ("backbone.blocks.", "backbone.blocks.0.mlp.fc1.weight")
-    )
-    needed = ["backbone.cls_token", fc1] + (
-        ["backbone.proj.weight", "backbone.pos_embed"] if kind == "clip" else []
-    )
-    if kind is None or any(k not in sd for k in needed):
+    """Which student a release state dict holds, and its sizes (plumbing.weights.ViTSize fields)
+    read off the tensor shapes, with heads = width / 64 as in every ViT preset."""
+    clip = "backbone.ln0.weight" in sd
+    layers = "backbone.layers." if clip else "backbone.blocks."
+    fc1 = layers + ("0.ffn.layers.0.0.weight" if clip else "0.mlp.fc1.weight")
+    own = ["backbone.proj.weight", "backbone.pos_embed"] if clip else ["backbone.storage_tokens"]
+    missing = [k for k in ["backbone.cls_token", fc1, *own] if k not in sd]
+    if missing:
         raise UserError(
             f"{path!r} is not a released Co2S student (neither backbone.ln0 of the CLIP student nor "
-            f"backbone.storage_tokens of the DINOv3 one, or missing {[k for k in needed if k not in sd]}); "
-            f"its first keys: {list(sd)[:4]}"
+            f"backbone.storage_tokens of the DINOv3 one, or missing {missing}); its first keys: {list(sd)[:4]}"
         )
     width = sd["backbone.cls_token"].shape[-1]
-    sizes = dict(
-        width=width,
-        depth=1 + max(int(k.split(".")[2]) for k in sd if k.startswith(blocks_key)),
-        heads=width // 64,
-        mlp=sd[fc1].shape[0],
-    )
-    if kind == "clip":
-        return kind, dict(
-            sizes,
-            proj=sd["backbone.proj.weight"].shape[0],
-            image_size=16 * math.isqrt(sd["backbone.pos_embed"].shape[1] - 1),
-        )
-    return kind, dict(sizes, registers=sd["backbone.storage_tokens"].shape[1])
+    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith(layers))
+    sizes = dict(width=width, depth=depth, heads=width // 64, mlp=sd[fc1].shape[0])
+    if clip:
+        grid = math.isqrt(sd["backbone.pos_embed"].shape[1] - 1)
+        return "clip", dict(sizes, proj=sd["backbone.proj.weight"].shape[0], image_size=16 * grid)
+    return "dinov3", dict(sizes, registers=sd["backbone.storage_tokens"].shape[1])
 
 
 def convert(path, sd, kind, ours, blocks_prefix):
@@ -170,26 +141,21 @@ def convert(path, sd, kind, ours, blocks_prefix):
     for key, t in sd.items():
         if key.endswith(".bias_mask") and key.removesuffix("_mask") in sd:
             continue  # applied with its bias below
-        rule = next(
-            ((re.fullmatch(p, key), target) for p, target in rules if re.fullmatch(p, key)), None
-        )
-        if rule is None:
+        name = next((m.expand(target) for p, target in rules if (m := re.fullmatch(p, key))), None)
+        if name is None:
             unused.append(key)
-            continue
-        name = rule[0].expand(rule[1])
-        if "{qkv}" not in name:
+        elif "{qkv}" not in name:
             out[name] = t
-            continue
-        # DINOv3: the effective qkv bias is bias * bias_mask
-        t = t * sd.get(key + "_mask", 1)
-        for part, chunk in zip("qkv", t.chunk(3)):
-            if name.replace("{qkv}", part) in ours:
-                out[name.replace("{qkv}", part)] = chunk
-            # transformers' DINOv3 has no key bias: it must be masked to 0
-            elif chunk.abs().max() > 0:
-                raise UserError(
-                    f"{path!r}: {key} has a non-zero {part} part, which our model has no tensor for"
-                )
+        else:
+            # DINOv3: the effective qkv bias is bias * bias_mask
+            for part, chunk in zip("qkv", (t * sd.get(key + "_mask", 1)).chunk(3)):
+                if name.replace("{qkv}", part) in ours:
+                    out[name.replace("{qkv}", part)] = chunk
+                # transformers' DINOv3 has no key bias: it must be masked to 0
+                elif chunk.abs().max() > 0:
+                    raise UserError(
+                        f"{path!r}: {key} has a non-zero {part} part, which our model has no tensor for"
+                    )
     missing, extra = sorted(set(ours) - set(out)), sorted(set(out) - set(ours))
     if unused or missing or extra:
         raise UserError(
@@ -201,8 +167,7 @@ def convert(path, sd, kind, ours, blocks_prefix):
             raise UserError(
                 f"{path!r}: a tensor of shape {tuple(t.shape)} for our {k} of shape {tuple(ours[k].shape)}"
             )
-        out[k] = t.reshape(ours[k].shape)
-    return out
+    return {k: t.reshape(ours[k].shape) for k, t in out.items()}
 
 
 def from_release(path, text=None):
@@ -212,31 +177,21 @@ def from_release(path, text=None):
     (theirs do)."""
     sd = read(path)
     kind, sizes = kind_and_sizes(path, sd)
-    if kind == "clip":
-        text = sd["_cached_text"] if "_cached_text" in sd else text
-        if text is None:
-            raise UserError(
-                f"{path!r} holds no class embeddings (_cached_text): pass the authors' "
-                f"concept-averaged [N, {sizes['proj']}] file with --text-embeddings"
-            )
-        if text.shape[1] != sizes["proj"]:
-            raise UserError(
-                f"--text-embeddings: {text.shape[1]}-d rows, but {path!r} projects to "
-                f"{sizes['proj']} dimensions"
-            )
-        sd = {**sd, "_cached_text": text}
-        num_classes = text.shape[0]
-    else:
-        text = None  # class embeddings belong to the CLIP student only
-        num_classes = (
-            sd["text_provider.emb.weight"].shape[0] if "text_provider.emb.weight" in sd else 0
+    # class embeddings belong to the CLIP student only; the file's, else `text`
+    text = sd.setdefault("_cached_text", text) if kind == "clip" else None
+    if kind == "clip" and (text is None or text.shape[1] != sizes["proj"]):
+        got = "none (no _cached_text)" if text is None else f"{text.shape[1]}-d rows"
+        raise UserError(
+            f"{path!r} projects to {sizes['proj']} dimensions, its class embeddings: {got}; pass the "
+            f"authors' concept-averaged [N, {sizes['proj']}] file with --text-embeddings"
         )
+    num_classes = len(text) if kind == "clip" else len(sd.get("text_provider.emb.weight", []))
     # random, then every tensor from the file
     backbone = build_backbone(kind, sizes, None, "release")
-    set_trainable(backbone, "attention")
-    student = Student(kind, backbone, num_classes, text=text, name=kind, numerics="release")
+    set_trainable(backbone)
+    student = Student(kind, backbone, num_classes, text=text, numerics="release")
     prefix = "backbone." + next(n for n, m in backbone.named_modules() if m is blocks(backbone))
-    student.load_state_dict(convert(path, sd, kind, student.state_dict(), blocks_prefix=prefix))
+    student.load_state_dict(convert(path, sd, kind, student.state_dict(), prefix))
     return student.eval()
 
 
@@ -245,32 +200,27 @@ def load_release(folder, dataset, data_root=None, text_embeddings=None):
     POTSDAM/1_32-74.30/ with best_clip.pth and/or best_dinov3.pth). text_embeddings: a [N, 512] file
     for a CLIP student whose file lacks them (only the CLIP student reads it; its width is checked
     against the file's projection)."""
-    files = [(k, os.path.join(folder, f"best_{k}.pth")) for k in ("clip", "dinov3")]
-    files = [(k, f) for k, f in files if os.path.isfile(f)]
+    files = [os.path.join(folder, f"best_{k}.pth") for k in ("clip", "dinov3")]
+    files = [f for f in files if os.path.isfile(f)]
     if not files:
         raise UserError(f"--release {folder!r} holds neither best_clip.pth nor best_dinov3.pth")
     info = dataset_info(dataset, data_root)
     text = load_text_embeddings(text_embeddings, len(info.classes)) if text_embeddings else None
-    students = [from_release(f, text=text if k == "clip" else None) for k, f in files]
+    # from_release gives the class embeddings to a CLIP student only
+    students = [from_release(f, text) for f in files]
     for s in students:
-        n = len(s.class_embeddings())
-        if n != len(info.classes):
+        if len(s.class_embeddings()) != len(info.classes):
             raise UserError(
-                f"the released {s.kind} student predicts {n} classes, {dataset} has "
-                f"{len(info.classes)}: check --dataset"
+                f"the released {s.kind} student predicts {len(s.class_embeddings())} classes, {dataset} has {len(info.classes)}: check --dataset"
             )
-    m = re.search(r"(\d+_\d+)-(\d+(?:\.\d+)?)$", os.path.basename(os.path.normpath(folder)))
-    clip = next((s for s in students if s.kind == "clip"), None)
-    cfg = dict(
-        dataset=dataset,
-        data_root=data_root or os.path.join("data", dataset),
-        splits=None,
-        seed=0,
-        ratio=m.group(1) if m else info.ratios[0].replace("/", "_"),
-        release=os.path.abspath(folder),
-        # a release stores its crop's position grid
-        crop=clip.backbone.config.image_size if clip else info.crop,
-    )
+    release = os.path.abspath(folder)
+    m = re.search(r"(\d+_\d+)-(\d+(?:\.\d+)?)$", os.path.basename(release))
+    ratio = m.group(1) if m else info.ratios[0].replace("/", "_")
+    # a release stores its crop's position grid
+    first = students[0]  # the CLIP student where there is one
+    crop = first.backbone.config.image_size if first.kind == "clip" else info.crop
+    cfg = dict(dataset=dataset, data_root=data_root or os.path.join("data", dataset), splits=None)
+    cfg.update(seed=0, ratio=ratio, release=release, crop=crop)
     return Co2S(students), info, cfg, float(m.group(2)) if m else None
 
 
@@ -278,47 +228,25 @@ def save_release(model, cfg, run_dir):
     """A converted release (release.load_release) as one of our run folders (best.pt): eval.py,
     --predict and train.py --init read it like any run."""
     os.makedirs(run_dir, exist_ok=True)
-    kinds = tuple(s.kind for s in model.students)
-    num_classes = len(model.students[0].class_embeddings())
-    spec = ModelSpec(
-        kinds,
-        num_classes,
-        size=vit_size([(s.kind, s.backbone) for s in model.students]),
-        numerics="release",
-        fusion=model.fusion,
-    )
-    cfg = dict(
-        cfg,
-        students=",".join(kinds),
-        numerics="release",
-        fusion=model.fusion,
-        train_backbone=spec.train_backbone,
-    )
+    kinds, first = tuple(s.kind for s in model.students), model.students[0]
+    size = vit_size(model.students)
+    spec = ModelSpec(kinds, len(first.class_embeddings()), size, "release", fusion=model.fusion)
+    cfg = dict(cfg, students=",".join(kinds), numerics="release", fusion=model.fusion)
+    cfg["train_backbone"] = spec.train_backbone
     runs.save_checkpoint(runs.Run(cfg, spec, model), os.path.join(run_dir, "best.pt"))
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Evaluate one of the authors' released experiments "
-        "their way (fp32, their numerics), or convert it to a run of ours."
-    )
-    p.add_argument(
-        "release",
-        metavar="DIR",
-        help="an experiment folder of the release "
-        "(best_clip.pth / best_dinov3.pth, e.g. POTSDAM/1_32-74.30)",
-    )
-    p.add_argument(
-        "--dataset", required=True, choices=CHOICES, help="the dataset it was trained on"
-    )
-    p.add_argument("--data-root", default=None, help="dataset folder (default: data/<dataset>)")
-    p.add_argument(
-        "--text-embeddings", help="[N, 512] CLIP class embeddings, if the file lacks them"
-    )
-    p.add_argument("--save", metavar="RUN_DIR", help="write the converted model as a run folder")
-    p.add_argument("--amp", choices=AMP, default="off", help="autocast (off: fp32, as the authors)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--workers", type=int, default=2, help="data loader processes")
+    p = argparse.ArgumentParser(description="Evaluate a released experiment, or make it a run.")
+    a = p.add_argument
+    a("release", metavar="DIR", help="a release's experiment folder, e.g. POTSDAM/1_32-74.30")
+    a("--dataset", required=True, choices=CHOICES, help="the dataset it was trained on")
+    a("--data-root", help="dataset folder (default: data/<dataset>)")
+    a("--text-embeddings", help="[N, 512] CLIP class embeddings, if the file lacks them")
+    a("--save", metavar="RUN_DIR", help="write the converted model as a run folder")
+    a("--amp", choices=AMP, default="off", help="autocast (off: fp32, as the authors)")
+    a("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--workers", type=int, default=2, help="data loader processes")
     return p.parse_args(argv)
 
 
@@ -330,24 +258,16 @@ def main(argv=None):
     if args.save:
         save_release(model, cfg, args.save)
         print(f"wrote {os.path.join(args.save, 'best.pt')}")
-    device = torch.device(args.device)
-    model.to(device)
+    model.to(args.device)
     loader = evaluation.split_loader(info, cfg, "val", workers=args.workers)
-    cms = evaluation.evaluate(model, loader, cfg["crop"], amp=autocast(device, args.amp))
-    print(
-        f"{args.release}: val split, {len(loader)} images, crop {cfg['crop']}, amp {args.amp}\n"
-        f"{evaluation.format_table(cms, info.classes)}"
-    )
+    cms = evaluation.evaluate(model, loader, cfg["crop"], amp=autocast(args.device, args.amp))
+    print(f"{args.release}: val split, {len(loader)} images, crop {cfg['crop']}, amp {args.amp}")
+    print(evaluation.format_table(cms, info.classes))
     if published is not None:  # the folder name carries the authors' figure (never fused)
         ours = ", ".join(f"{n} {100 * cm.miou():.2f}" for n, cm in cms.items())
         print(f"published {published:.2f} | ours: {ours}")
-    result = dict(
-        release=os.path.abspath(args.release),
-        crop=cfg["crop"],
-        amp=args.amp,
-        published=published,
-        results={n: cm.to_dict(info.classes) for n, cm in cms.items()},
-    )
+    result = dict(release=cfg["release"], crop=cfg["crop"], amp=args.amp, published=published)
+    result["results"] = {n: cm.to_dict(info.classes) for n, cm in cms.items()}
     if args.save:
         atomic.write_json(os.path.join(args.save, "eval_val.json"), result)
     return result
