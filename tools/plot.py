@@ -35,6 +35,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # The Agg canvas is attached to each figure explicitly rather than through pyplot: no global
 # backend switch for whoever imports this (train.py, a notebook), no pyplot figure registry that
@@ -63,6 +64,9 @@ PANELS = [
 NO_DATA = {"uni": "no data\n(<student>/uni is not in the log)"}
 STYLES = ["-", "--", ":"]  # overlay: student 1, student 2, fused
 LAMBDA_COLOUR = "0.25"  # one run: lambda is the run's, no series colour
+# every curve's line and markers; a panel's "no data" note
+LINE = dict(linewidth=1.6, markersize=5, markeredgecolor="black", markeredgewidth=0.5)
+NOTE = dict(ha="center", va="center", color="0.4")
 # ablate.summarise's columns, in ablate.chart's colours and order
 COLUMNS = [("student1", "student 1"), ("student2", "student 2"), ("fused", "fused")]
 
@@ -85,7 +89,7 @@ class Log:
     @property
     def students(self):
         """Named by the '<student>/loss' keys, then by the evals' result dicts (not 'fused')."""
-        names = [k[: -len("/loss")] for r in self.train for k in r if k.endswith("/loss")]
+        names = [k.removesuffix("/loss") for r in self.train for k in r if k.endswith("/loss")]
         names += [k for r in self.evals for k, v in r.items() if _result(v) and k != "fused"]
         return list(dict.fromkeys(names))
 
@@ -99,8 +103,7 @@ def read_log(run_dir):
         raise UserError(f"{path}: no such file; pass a run folder written by train.py")
     try:
         # bytes: a line that is not UTF-8 must not fail the decoding of the others
-        with open(path, "rb") as f:
-            lines = f.read().split(b"\n")
+        lines = Path(path).read_bytes().split(b"\n")
     except OSError as e:
         raise UserError(f"{path}: cannot read it ({e.strerror or e})") from e
     log = Log(path)
@@ -109,14 +112,13 @@ def read_log(run_dir):
             continue
         try:
             record = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            log.skipped.append(i)
-            continue
+        except ValueError:  # not JSON, or not UTF-8 (a UnicodeDecodeError)
+            record = None
         kind = record.get("type") if isinstance(record, dict) else None
-        if kind not in ("train", "eval") or _number(record.get("step")) is None:
+        if kind in ("train", "eval") and _number(record.get("step")) is not None:
+            (log.train if kind == "train" else log.evals).append(record)
+        else:
             log.skipped.append(i)
-            continue
-        (log.train if kind == "train" else log.evals).append(record)
     return log
 
 
@@ -133,29 +135,23 @@ def _result(v):
 def series(log, name, key):
     """[(step, value)] of one quantity: 'miou' of prediction `name` from the evals, 'lambda' of the
     run (name ignored), else the train records' '<name>/<key>'; missing values left out."""
-    if key == "miou":
-        pts = [(r["step"], r.get(name)) for r in log.evals]
-        pts = [(s, _number(v.get("miou")) if isinstance(v, dict) else None) for s, v in pts]
-    elif key == "lambda":
-        pts = [(r["step"], _number(r.get("lambda"))) for r in log.train]
-    else:
-        pts = [(r["step"], _value(r, name, key)) for r in log.train]
+    pts = [(r["step"], _value(r, name, key)) for r in (log.evals if key == "miou" else log.train)]
     return [(s, v) for s, v in pts if v is not None]
 
 
 def _value(record, name, key):
-    v = _number(record.get(f"{name}/{key}"))
+    if key == "miou":
+        return _number(record[name].get("miou")) if isinstance(record.get(name), dict) else None
     if key == "pl_acc" and _number(record.get(f"{name}/pl_cov")) == 0:
         return None  # nothing confident: train.py logs 0, but no accuracy exists
-    return v
+    return _number(record.get("lambda" if key == "lambda" else f"{name}/{key}"))
 
 
 def default_labels(run_dirs):
     """Each run's folder name; parent/name where two names clash (ablate's <row>/seed0)."""
-    names = [os.path.basename(os.path.normpath(p)) for p in run_dirs]
-    if len(set(names)) == len(names):
-        return names
-    return ["/".join(os.path.normpath(p).split(os.sep)[-2:]) for p in run_dirs]
+    parts = [os.path.normpath(p).split(os.sep) for p in run_dirs]
+    names = [p[-1] for p in parts]
+    return names if len(set(names)) == len(names) else ["/".join(p[-2:]) for p in parts]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,8 +163,7 @@ def _slots(log, key):
     lambda is one series per run."""
     if key == "lambda":
         return [(0, "lambda")]
-    names = log.students[:2] + ["fused"]
-    return [(2 if n == "fused" else j, n) for j, n in enumerate(names)]
+    return list(enumerate(log.students[:2])) + [(2, "fused")]
 
 
 def _pen(i_run, n_runs, slot, key):
@@ -207,36 +202,16 @@ def _draw_panel(ax, panel, logs):
     values = []
     for i, log in enumerate(logs):
         for slot, name in _slots(log, key):
-            pts = series(log, name, key)
-            if not pts:
-                continue
-            colour, style = _pen(i, len(logs), slot, key)
-            steps, ys = [s for s, _ in pts], [v for _, v in pts]
-            # a marker per evaluation; a series of one point would be no line at all
-            marker = "o" if key == "miou" or len(pts) == 1 else None
-            ax.plot(
-                steps,
-                ys,
-                color=colour,
-                linestyle=style,
-                linewidth=1.6,
-                marker=marker,
-                markersize=5,
-                markeredgecolor="black",
-                markeredgewidth=0.5,
-                label=f"{log.label}/{name}",
-            )
-            values += ys
+            if pts := series(log, name, key):
+                colour, style = _pen(i, len(logs), slot, key)
+                # a marker per evaluation; a series of one point would be no line at all
+                marker = "o" if key == "miou" or len(pts) == 1 else None
+                steps, ys = zip(*pts)
+                ax.plot(steps, ys, color=colour, linestyle=style, marker=marker, **LINE)
+                ax.lines[-1].set_label(f"{log.label}/{name}")
+                values += ys
     if not values:
-        ax.text(
-            0.5,
-            0.5,
-            NO_DATA.get(key, "no data"),
-            transform=ax.transAxes,
-            ha="center",
-            va="center",
-            color="0.4",
-        )
+        ax.text(0.5, 0.5, NO_DATA.get(key, "no data"), transform=ax.transAxes, **NOTE)
         ax.set_yticks([])
         return
     ax.set_ylim(*y_limits(kind, values))
@@ -247,22 +222,17 @@ def _draw_panel(ax, panel, logs):
 def _legend(fig, logs):
     """One run: a line per series. Several: a patch per run, then a line per style (students
     named when every run has the same ones, else 'student 1', 'student 2')."""
-    has_fused = any(series(g, "fused", k) for g in logs for k in ("pl_acc", "pl_cov", "miou"))
+    fused = any(series(g, "fused", k) for g in logs for k in ("pl_acc", "pl_cov", "miou"))
+    same = all(g.students == logs[0].students for g in logs)
+    names = list(enumerate(logs[0].students[:2] if same else ["student 1", "student 2"]))
+    names += [(2, "fused")] if fused else []
     if len(logs) == 1:
-        names = logs[0].students[:2] + (["fused"] if has_fused else [])
-        slots = [2 if n == "fused" else j for j, n in enumerate(names)]
-        handles = [Line2D([], [], color=f"C{s}", label=n) for s, n in zip(slots, names)]
+        handles = [Line2D([], [], color=f"C{j}", label=n) for j, n in names]
     else:
-        same = all(g.students == logs[0].students for g in logs)
-        handles = [
-            Patch(color=f"C{i % 10}", label=g.label + ("" if same else _students(g)))
-            for i, g in enumerate(logs)
-        ]
-        names = logs[0].students[:2] if same else ["student 1", "student 2"]
-        names = [(n, STYLES[j]) for j, n in enumerate(names)]
-        names += [("fused", STYLES[2])] if has_fused else []
-        handles += [Line2D([], [], color="black", linestyle=s, label=n) for n, s in names]
-    if handles:
+        runs = [g.label + ("" if same else _students(g)) for g in logs]
+        handles = [Patch(color=f"C{i % 10}", label=r) for i, r in enumerate(runs)]
+        handles += [Line2D([], [], color="black", linestyle=STYLES[j], label=n) for j, n in names]
+    if handles:  # below the panels, up to 8 a row
         fig.legend(
             handles=handles, loc="outside lower center", ncols=min(len(handles), 8), frameon=False
         )
@@ -321,38 +291,29 @@ def ablation_figure(table):
     student2, fused, ...}}, means in %; a column without a mean (one student) has no bar."""
     rows = list(table)
     fig = _new_figure((max(6.0, 2.0 + 1.4 * len(rows)), 4.8))
-    ax = fig.add_subplot()
-    ax.set_label("ablation")
-    width, drawn = 0.27, False
+    ax = fig.add_subplot(label="ablation")
+    width, error_kw = 0.27, {"ecolor": "black", "elinewidth": 1}
     for j, (key, name) in enumerate(COLUMNS):
-        xs, means, whiskers = [], [], ([], [])
-        for i, row in enumerate(rows):
-            _, mean, std = table[row][key]
-            if mean is None:
-                continue
-            xs.append(i + (j - 1) * width)
-            means.append(mean)
-            whiskers[0].append(min(std or 0.0, mean))  # an mIoU below 0 is no whisker
-            whiskers[1].append(std or 0.0)
-        if xs:
-            drawn = True
+        cells = [(i + (j - 1) * width, *table[r][key][1:]) for i, r in enumerate(rows)]
+        if bars := [(x, mean, std or 0.0) for x, mean, std in cells if mean is not None]:
+            xs, means, stds = zip(*bars)
+            low = [min(s, m) for m, s in zip(means, stds)]  # an mIoU below 0 is no whisker
             ax.bar(
                 xs,
                 means,
                 0.92 * width,
-                yerr=whiskers,
+                yerr=(low, stds),
                 capsize=3,
                 color=f"C{j}",
                 label=name,
-                error_kw={"ecolor": "black", "elinewidth": 1},
+                error_kw=error_kw,
             )
     ax.set_xticks(range(len(rows)), [f"{r}\n{', '.join(table[r]['students'])}" for r in rows])
-    ax.set_ylabel("mIoU (%) at the end of training")
+    ax.set(ylabel="mIoU (%) at the end of training", axisbelow=True)
     ax.set_title("ablation: mIoU per row, mean ± std over seeds", loc="left", fontsize=11)
     ax.grid(True, axis="y", color="0.9")
-    ax.set_axisbelow(True)
     ax.spines[["top", "right"]].set_visible(False)
-    if not drawn:
+    if not ax.containers:
         ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", color="0.4")
     else:
         ax.set_ylim(bottom=0)
@@ -374,9 +335,8 @@ def save(fig, path):
     beside it renamed over it, so a crash never leaves half a picture and a reader (a browser
     refreshing curves.png) sees the old one or the new one. Unwritable: a UserError naming path."""
     suffix = os.path.splitext(path)[1].lower()
-    fmt = suffix[1:] or "png"
     formats = fig.canvas.get_supported_filetypes()
-    if fmt not in formats:
+    if (suffix[1:] or "png") not in formats:
         valid = ", ".join(f".{k}" for k in sorted(formats))
         raise UserError(f"{path}: matplotlib cannot write a {suffix} picture; use one of {valid}")
     # the process id in the name: train.py redrawing RUN/curves.png at an evaluation and this CLI
@@ -384,7 +344,7 @@ def save(fig, path):
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(tmp, format=fmt)
+        fig.savefig(tmp, format=suffix[1:] or "png")
         os.replace(tmp, path)
     except OSError as e:
         raise UserError(f"{path}: cannot write it ({e.strerror or e})") from e
@@ -397,20 +357,15 @@ def save(fig, path):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m tools.plot", description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="run folders written by train.py (each holds log.jsonl)")
-    p.add_argument(
-        "--out",
-        default=None,
-        help="picture to write, its format from the suffix: .png, .svg, .pdf, ... "
-        "(default: RUN/curves.png for one run, ./curves.png for several)",
-    )
-    p.add_argument("--labels", default=None, help="comma list naming the runs (default: folders)")
+    out = "picture to write, its format from the suffix: .png, .svg, .pdf, ... (default: RUN/curves.png for one run, ./curves.png for several)"
+    p.add_argument("--out", help=out)
+    p.add_argument("--labels", help="comma list naming the runs (default: folders)")
     args = p.parse_args(argv)
     labels = args.labels.split(",") if args.labels else None
     if labels and len(labels) != len(args.runs):
         p.error(f"--labels: {len(labels)} names for {len(args.runs)} runs")
     one = os.path.join(args.runs[0], "curves.png")
-    out = args.out or (one if len(args.runs) == 1 else "curves.png")
-    print(plot(args.runs, out, labels))
+    print(plot(args.runs, args.out or (one if len(args.runs) == 1 else "curves.png"), labels))
 
 
 if __name__ == "__main__":
