@@ -67,6 +67,7 @@ LAMBDA_COLOUR = "0.25"  # one run: lambda is the run's, no series colour
 # every curve's line and markers; a panel's "no data" note
 LINE = dict(linewidth=1.6, markersize=5, markeredgecolor="black", markeredgewidth=0.5)
 NOTE = dict(ha="center", va="center", color="0.4")
+BAR = dict(capsize=3, error_kw={"ecolor": "black", "elinewidth": 1})  # a bar and its whisker
 # ablate.summarise's columns, in ablate.chart's colours and order
 COLUMNS = [("student1", "student 1"), ("student2", "student 2"), ("fused", "fused")]
 
@@ -94,7 +95,7 @@ class Log:
         return list(dict.fromkeys(names))
 
 
-def read_log(run_dir):
+def read_log(run_dir, label=""):
     """The records of <run_dir>/log.jsonl. A line that is not UTF-8, not JSON, not an object or
     has no finite step is skipped (its number kept in .skipped): the log is read while a training
     appends to it, and a killed run can leave a torn line anywhere."""
@@ -106,7 +107,7 @@ def read_log(run_dir):
         lines = Path(path).read_bytes().split(b"\n")
     except OSError as e:
         raise UserError(f"{path}: cannot read it ({e.strerror or e})") from e
-    log = Log(path)
+    log = Log(path, label=label)
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -158,22 +159,6 @@ def default_labels(run_dirs):
 # the drift plot
 
 
-def _slots(log, key):
-    """[(slot, name)] of the series a panel draws for one run: slot 0, 1 the students, 2 fused;
-    lambda is one series per run."""
-    if key == "lambda":
-        return [(0, "lambda")]
-    return list(enumerate(log.students[:2])) + [(2, "fused")]
-
-
-def _pen(i_run, n_runs, slot, key):
-    """(colour, line style): one run a colour per series; several a colour per run, a style per
-    series."""
-    if n_runs == 1:
-        return (LAMBDA_COLOUR if key == "lambda" else f"C{slot}"), "-"
-    return f"C{i_run % 10}", STYLES[slot]
-
-
 def y_limits(kind, values):
     """The y range of a panel. Accuracy lives near 100 %, where a drift of a few points would be
     flat on 0..100 %: its axis starts at a round value below the lowest point and ends at 100 %.
@@ -181,35 +166,36 @@ def y_limits(kind, values):
     if kind == "share":
         return -0.02, 1.02
     if kind == "acc":
-        lowest = min(values)
-        span = max(1.0 - lowest, 0.05)  # all at 100 %: still an axis
-        lo = min(MaxNLocator(5).tick_values(1.0 - span, 1.0)[0], lowest)
-        pad = 0.03 * (1.0 - lo)
-        return lo - pad, 1.0 + pad
+        lowest = min(values)  # all at 100 %: still an axis, from 95 %
+        lo = min(MaxNLocator(5).tick_values(min(lowest, 0.95), 1.0)[0], lowest)
+        return lo - 0.03 * (1.0 - lo), 1.0 + 0.03 * (1.0 - lo)
     lo, hi = min(min(values), 0.0), max(max(values), 0.0)
     hi = hi if hi > lo else lo + 1.0
     return lo - 0.03 * (hi - lo), hi + 0.08 * (hi - lo)
 
 
 def _draw_panel(ax, panel, logs):
-    """One panel: every run's series of one log key, or 'no data'."""
+    """One panel: every run's series of one log key (slot 0, 1 the students, 2 fused; lambda is one
+    series per run), or 'no data'. One run: a colour per series; several: a colour per run, a line
+    style per series."""
     key, title, kind = panel
     ax.set_title(title, loc="left", fontsize=10)
     # the tests (and any reader of the figure object) find a panel by its log key
     ax.set_label(key)
     ax.grid(True, color="0.9")
     ax.spines[["top", "right"]].set_visible(False)
-    values = []
+    values, one = [], len(logs) == 1
     for i, log in enumerate(logs):
-        for slot, name in _slots(log, key):
-            if pts := series(log, name, key):
-                colour, style = _pen(i, len(logs), slot, key)
-                # a marker per evaluation; a series of one point would be no line at all
-                marker = "o" if key == "miou" or len(pts) == 1 else None
-                steps, ys = zip(*pts)
-                ax.plot(steps, ys, color=colour, linestyle=style, marker=marker, **LINE)
-                ax.lines[-1].set_label(f"{log.label}/{name}")
-                values += ys
+        slots = [(0, "lambda")] if key == "lambda" else [*enumerate(log.students[:2]), (2, "fused")]
+        for slot, name in slots:
+            pts = series(log, name, key)
+            colour = f"C{i % 10}" if not one else LAMBDA_COLOUR if key == "lambda" else f"C{slot}"
+            # a marker per evaluation; a series of one point would be no line at all
+            marker = "o" if key == "miou" or len(pts) == 1 else ""
+            if pts:
+                style = dict(color=colour, label=f"{log.label}/{name}", **LINE)
+                ax.plot(*zip(*pts), ("-" if one else STYLES[slot]) + marker, **style)
+            values += [v for _, v in pts]
     if not values:
         ax.text(0.5, 0.5, NO_DATA.get(key, "no data"), transform=ax.transAxes, **NOTE)
         ax.set_yticks([])
@@ -254,9 +240,7 @@ def drift_figure(run_dirs, labels=None):
     labels = labels or default_labels(run_dirs)
     if len(labels) != len(run_dirs):
         raise UserError(f"labels: {len(labels)} names for {len(run_dirs)} runs")
-    logs = [read_log(d) for d in run_dirs]
-    for log, label in zip(logs, labels):
-        log.label = label
+    logs = [read_log(d, label) for d, label in zip(run_dirs, labels)]
     fig = _new_figure((16, 12))
     grid = fig.subplots(3, 3, sharex=True)
     for ax, panel in zip(grid.flat, PANELS):
@@ -266,11 +250,9 @@ def drift_figure(run_dirs, labels=None):
         ax.set_xlabel("step")
     steps = [r["step"] for g in logs for r in g.train + g.evals]
     grid[0, 0].set_xlim(0, 1.02 * max(steps + [1]))  # shared by all panels
-    if len(logs) == 1:
-        title = f"{labels[0]}: training curves ({logs[0].path})"
-    else:
-        title = f"training curves of {len(logs)} runs: {', '.join(labels)}"
-    fig.suptitle(title, fontsize=12)
+    one = f"{labels[0]}: training curves ({logs[0].path})"
+    several = f"training curves of {len(logs)} runs: {', '.join(labels)}"
+    fig.suptitle(one if len(logs) == 1 else several, fontsize=12)
     _legend(fig, logs)
     return fig
 
@@ -289,35 +271,25 @@ def ablation_figure(table):
     """Grouped bars per ablate.py row (student 1, student 2, fused): the mean mIoU over seeds with
     a whisker of one std. table: ablate.summarise's {row: {students, student1: (text, mean, std),
     student2, fused, ...}}, means in %; a column without a mean (one student) has no bar."""
-    rows = list(table)
+    rows, width = list(table), 0.27
     fig = _new_figure((max(6.0, 2.0 + 1.4 * len(rows)), 4.8))
     ax = fig.add_subplot(label="ablation")
-    width, error_kw = 0.27, {"ecolor": "black", "elinewidth": 1}
     for j, (key, name) in enumerate(COLUMNS):
         cells = [(i + (j - 1) * width, *table[r][key][1:]) for i, r in enumerate(rows)]
         if bars := [(x, mean, std or 0.0) for x, mean, std in cells if mean is not None]:
             xs, means, stds = zip(*bars)
             low = [min(s, m) for m, s in zip(means, stds)]  # an mIoU below 0 is no whisker
-            ax.bar(
-                xs,
-                means,
-                0.92 * width,
-                yerr=(low, stds),
-                capsize=3,
-                color=f"C{j}",
-                label=name,
-                error_kw=error_kw,
-            )
+            ax.bar(xs, means, 0.92 * width, yerr=(low, stds), color=f"C{j}", label=name, **BAR)
     ax.set_xticks(range(len(rows)), [f"{r}\n{', '.join(table[r]['students'])}" for r in rows])
     ax.set(ylabel="mIoU (%) at the end of training", axisbelow=True)
     ax.set_title("ablation: mIoU per row, mean ± std over seeds", loc="left", fontsize=11)
     ax.grid(True, axis="y", color="0.9")
     ax.spines[["top", "right"]].set_visible(False)
-    if not ax.containers:
-        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", color="0.4")
-    else:
+    if ax.containers:
         ax.set_ylim(bottom=0)
         ax.legend(frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", color="0.4")
     return fig
 
 
@@ -334,17 +306,17 @@ def save(fig, path):
     """fig to path, in the format its suffix names (PNG without one), atomically: a temporary file
     beside it renamed over it, so a crash never leaves half a picture and a reader (a browser
     refreshing curves.png) sees the old one or the new one. Unwritable: a UserError naming path."""
-    suffix = os.path.splitext(path)[1].lower()
+    fmt = os.path.splitext(path)[1][1:].lower() or "png"
     formats = fig.canvas.get_supported_filetypes()
-    if (suffix[1:] or "png") not in formats:
+    if fmt not in formats:
         valid = ", ".join(f".{k}" for k in sorted(formats))
-        raise UserError(f"{path}: matplotlib cannot write a {suffix} picture; use one of {valid}")
+        raise UserError(f"{path}: matplotlib cannot write a .{fmt} picture; use one of {valid}")
     # the process id in the name: train.py redrawing RUN/curves.png at an evaluation and this CLI
     # drawing it at the same moment must not share a temporary file
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(tmp, format=suffix[1:] or "png")
+        fig.savefig(tmp, format=fmt)
         os.replace(tmp, path)
     except OSError as e:
         raise UserError(f"{path}: cannot write it ({e.strerror or e})") from e
