@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # The Agg canvas is attached to each figure explicitly rather than through pyplot: no global
-# backend switch for whoever imports this (train.py, a notebook), no pyplot figure registry that
+# backend switch for whoever imports this (ablate.py, a notebook), no pyplot figure registry that
 # would keep every redrawn figure alive, and it renders without a display.
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -67,6 +67,7 @@ LAMBDA_COLOUR = "0.25"  # one run: lambda is the run's, no series colour
 # every curve's line and markers; a panel's "no data" note
 LINE = dict(linewidth=1.6, markersize=5, markeredgecolor="black", markeredgewidth=0.5)
 NOTE = dict(ha="center", va="center", color="0.4")
+LEGEND = dict(loc="outside lower center", frameon=False)  # below the panels, up to 8 a row
 BAR = dict(capsize=3, error_kw={"ecolor": "black", "elinewidth": 1})  # a bar and its whisker
 # ablate.summarise's columns, in ablate.chart's colours and order
 COLUMNS = [("student1", "student 1"), ("student2", "student 2"), ("fused", "fused")]
@@ -109,24 +110,21 @@ def read_log(run_dir, label=""):
         raise UserError(f"{path}: cannot read it ({e.strerror or e})") from e
     log = Log(path, label=label)
     for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
         try:
             record = json.loads(line.decode("utf-8"))
-        except ValueError:  # not JSON, or not UTF-8 (a UnicodeDecodeError)
+        except ValueError:  # not JSON (nor is a blank line), or not UTF-8 (UnicodeDecodeError)
             record = None
         kind = record.get("type") if isinstance(record, dict) else None
         if kind in ("train", "eval") and _number(record.get("step")) is not None:
             (log.train if kind == "train" else log.evals).append(record)
-        else:
+        elif line.strip():  # a blank line is no record, and not a skipped one
             log.skipped.append(i)
     return log
 
 
 def _number(v):
     """v if it is a finite number, else None (null, NaN, a string, a bool)."""
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    return v if ok else None
+    return v if type(v) in (int, float) and math.isfinite(v) else None  # JSON's numbers
 
 
 def _result(v):
@@ -166,8 +164,8 @@ def y_limits(kind, values):
     if kind == "share":
         return -0.02, 1.02
     if kind == "acc":
-        lowest = min(values)  # all at 100 %: still an axis, from 95 %
-        lo = min(MaxNLocator(5).tick_values(min(lowest, 0.95), 1.0)[0], lowest)
+        # a round tick below the lowest point; all at 100 %: still an axis, from 95 %
+        lo = min(MaxNLocator(5).tick_values(min(min(values), 0.95), 1.0)[0], min(values))
         return lo - 0.03 * (1.0 - lo), 1.0 + 0.03 * (1.0 - lo)
     lo, hi = min(min(values), 0.0), max(max(values), 0.0)
     hi = hi if hi > lo else lo + 1.0
@@ -184,18 +182,17 @@ def _draw_panel(ax, panel, logs):
     ax.set_label(key)
     ax.grid(True, color="0.9")
     ax.spines[["top", "right"]].set_visible(False)
-    values, one = [], len(logs) == 1
+    one = len(logs) == 1
+    values, styles = [], ["-"] * 3 if one else STYLES
     for i, log in enumerate(logs):
         slots = [(0, "lambda")] if key == "lambda" else [*enumerate(log.students[:2]), (2, "fused")]
         for slot, name in slots:
-            pts = series(log, name, key)
-            colour = f"C{i % 10}" if not one else LAMBDA_COLOUR if key == "lambda" else f"C{slot}"
-            # a marker per evaluation; a series of one point would be no line at all
-            marker = "o" if key == "miou" or len(pts) == 1 else ""
-            if pts:
-                style = dict(color=colour, label=f"{log.label}/{name}", **LINE)
-                ax.plot(*zip(*pts), ("-" if one else STYLES[slot]) + marker, **style)
-            values += [v for _, v in pts]
+            if pts := series(log, name, key):
+                colour = (f"C{slot}" if key != "lambda" else LAMBDA_COLOUR) if one else f"C{i % 10}"
+                # a marker per evaluation; a series of one point would be no line at all
+                fmt = styles[slot] + ("o" if key == "miou" or len(pts) == 1 else "")
+                ax.plot(*zip(*pts), fmt, color=colour, label=f"{log.label}/{name}", **LINE)
+                values += [v for _, v in pts]
     if not values:
         ax.text(0.5, 0.5, NO_DATA.get(key, "no data"), transform=ax.transAxes, **NOTE)
         ax.set_yticks([])
@@ -218,10 +215,8 @@ def _legend(fig, logs):
         runs = [g.label + ("" if same else _students(g)) for g in logs]
         handles = [Patch(color=f"C{i % 10}", label=r) for i, r in enumerate(runs)]
         handles += [Line2D([], [], color="black", linestyle=STYLES[j], label=n) for j, n in names]
-    if handles:  # below the panels, up to 8 a row
-        fig.legend(
-            handles=handles, loc="outside lower center", ncols=min(len(handles), 8), frameon=False
-        )
+    if handles:
+        fig.legend(handles=handles, ncols=min(len(handles), 8), **LEGEND)
 
 
 def _students(log):
@@ -311,8 +306,8 @@ def save(fig, path):
     if fmt not in formats:
         valid = ", ".join(f".{k}" for k in sorted(formats))
         raise UserError(f"{path}: matplotlib cannot write a .{fmt} picture; use one of {valid}")
-    # the process id in the name: train.py redrawing RUN/curves.png at an evaluation and this CLI
-    # drawing it at the same moment must not share a temporary file
+    # the process id in the name: two processes drawing RUN/curves.png at the same moment (a
+    # redraw while the run trains, and a user) must not share a temporary file
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
