@@ -157,14 +157,13 @@ with FlopCounterMode(display=False) as counter:
     step()
 tflop = counter.get_total_flops() / 1e12
 # the run's settings, then its figures, in this order in the JSON line and the table
-res = dict(size=args.size, crop=C, batch=f"{B}+{B}")
-res["device"] = torch.cuda.get_device_name() if cuda else "cpu"
-res["amp"] = str(amp_dtype(device, args.amp) or "fp32").replace("torch.", "")
+gpu = torch.cuda.get_device_name() if cuda else "cpu"
+precision = str(amp_dtype(device, args.amp) or "fp32").replace("torch.", "")
+res = dict(size=args.size, crop=C, batch=f"{B}+{B}", device=gpu, amp=precision)
 flags = ("mix_source", "grad_checkpoint", "train_backbone", "compile", "frozen_bf16")
-res.update({k: vars(args)[k] for k in flags})
-res.update(threads=torch.get_num_threads(), torch=torch.__version__)
-res.update(compile_s=round(first_s - step_s, 2) if args.compile else 0, step_s=round(step_s, 4))
-res.update(img_per_s=round(2 * B / step_s, 2), tflop=round(tflop, 3))
+res.update({k: vars(args)[k] for k in flags}, threads=torch.get_num_threads())
+res.update(torch=torch.__version__, compile_s=round(first_s - step_s, 2) if args.compile else 0)
+res.update(step_s=round(step_s, 4), img_per_s=round(2 * B / step_s, 2), tflop=round(tflop, 3))
 res.update(tflop_s=round(tflop / step_s, 2), floor_s=round(floor_s, 4))
 res["ratio"] = round(step_s / floor_s, 3)
 if args.eval:
