@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import train
 from plumbing.errors import cli
@@ -47,63 +48,45 @@ ROWS = {
 }
 
 
+# table.md: its columns, summarise's keys of the figures in them, its footnote (seeds)
+COLUMNS = "row|students|mIoU student 1|mIoU student 2|mIoU fused|PL accuracy|PL coverage".split("|")
+FIGURES = ("student1", "student2", "fused", "pl_acc", "pl_cov")
+NOTE = "mIoU (%) at the end of training, mean ± std over {} seed(s); PL: the fused pseudo-labels (E10 of the weak predictions) at tau, against the unlabelled images' labels, at the last logged step."
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], epilog="other flags are passed to train.py"
-    )
+    epilog = "other flags are passed to train.py"
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=epilog)
     p.add_argument("--dataset", default="demo")
     p.add_argument("--ratio", default="1/16")
-    p.add_argument(
-        "--iters",
-        type=int,
-        default=None,
-        help="optimizer steps per run (default: train.py's epochs)",
-    )
+    p.add_argument("--iters", type=int, help="optimizer steps per run (default: train.py's epochs)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per row")
     p.add_argument("--rows", default=",".join(ROWS), help="comma list of: " + ", ".join(ROWS))
-    p.add_argument(
-        "--out", default=None, help="table folder (default: runs/ablate-<dataset>-<ratio>)"
-    )
+    p.add_argument("--out", help="table folder (default: runs/ablate-<dataset>-<ratio>)")
     args, train_flags = p.parse_known_args(argv)
     args.rows = args.rows.split(",")
-    bad = [r for r in args.rows if r not in ROWS]
-    if bad:
+    if bad := [r for r in args.rows if r not in ROWS]:
         p.error(f"--rows: unknown {', '.join(bad)}; valid: {', '.join(ROWS)}")
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
-    args.out = args.out or os.path.join(
-        "runs", f"ablate-{args.dataset}-{args.ratio.replace('/', '_')}"
-    )
+    args.out = args.out or f"runs/ablate-{args.dataset}-{args.ratio.replace('/', '_')}"
     return args, train_flags
 
 
 def run_argv(args, train_flags, row, seed, out):
     """The train.py command line of one run: the table's dataset and budget, the user's flags,
     the row's flags."""
-    argv = [
-        "--dataset",
-        args.dataset,
-        "--ratio",
-        args.ratio,
-        "--seed",
-        str(seed),
-        "--out",
-        out,
-        *train_flags,
-        *ROWS[row],
-    ]
-    return argv + (["--iters", str(args.iters)] if args.iters else [])
+    argv = ["--dataset", args.dataset, "--ratio", args.ratio, "--seed", str(seed), "--out", out]
+    return argv + train_flags + ROWS[row] + (["--iters", str(args.iters)] if args.iters else [])
 
 
 def run_once(argv, out):
     """One train.py run; a finished one (metrics.json says done) is reused, an interrupted one
     resumed."""
-    metrics = os.path.join(out, "metrics.json")
-    if os.path.isfile(metrics):
-        with open(metrics) as f:
-            if json.load(f).get("done"):
-                return "reused"
-    if os.path.isfile(os.path.join(out, "last.pt")):
+    metrics = Path(out, "metrics.json")
+    if metrics.is_file() and json.loads(metrics.read_text()).get("done"):
+        return "reused"
+    if Path(out, "last.pt").is_file():
         train.main(["--resume", out])
         return "resumed"
     train.main(argv)
@@ -113,17 +96,12 @@ def run_once(argv, out):
 def read_run(out):
     """What the table needs from a finished run folder: final mIoU per prediction, last
     pseudo-label quality."""
-    with open(os.path.join(out, "metrics.json")) as f:
-        results = json.load(f)["last"]["results"]
-    with open(os.path.join(out, "log.jsonl")) as f:
-        logged = [json.loads(line) for line in f]
-    pl = [r for r in logged if r["type"] == "train" and "fused/pl_acc" in r]
-    return dict(
-        run=out,
-        miou={k: v["miou"] for k, v in results.items()},
-        pl_acc=pl[-1]["fused/pl_acc"] if pl else None,
-        pl_cov=pl[-1]["fused/pl_cov"] if pl else None,
-    )
+    results = json.loads(Path(out, "metrics.json").read_text())["last"]["results"]
+    logged = [json.loads(line) for line in Path(out, "log.jsonl").read_text().splitlines()]
+    # the last record with pseudo-label quality; a supervised run logs none
+    last = next((r for r in logged[::-1] if r["type"] == "train" and "fused/pl_acc" in r), {})
+    miou = {k: v["miou"] for k, v in results.items()}
+    return dict(run=out, miou=miou, **{k: last.get(f"fused/{k}") for k in ("pl_acc", "pl_cov")})
 
 
 def mean_std(values):
@@ -140,35 +118,18 @@ def summarise(rows):
     table = {}
     for row, runs in rows.items():
         names = [n for n in runs[0]["miou"] if n != "fused"]
-        table[row] = dict(
-            students=names,
-            student1=mean_std([r["miou"][names[0]] for r in runs]),
-            student2=mean_std([r["miou"][names[1]] for r in runs])
-            if len(names) > 1
-            else mean_std([]),
-            fused=mean_std([r["miou"]["fused"] for r in runs]),
-            pl_acc=mean_std([r["pl_acc"] for r in runs]),
-            pl_cov=mean_std([r["pl_cov"] for r in runs]),
-        )
+        # the prediction of each mIoU figure; one student: no student-2 figure
+        preds = dict(zip(FIGURES, [names[0], names[1] if len(names) > 1 else None, "fused"]))
+        figures = [dict(r, **{k: r["miou"].get(n) for k, n in preds.items()}) for r in runs]
+        table[row] = dict(students=names, **{k: mean_std([f[k] for f in figures]) for k in FIGURES})
     return table
 
 
 def markdown(table, seeds):
-    lines = [
-        "| row | students | mIoU student 1 | mIoU student 2 | mIoU fused | PL accuracy | PL coverage |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row, t in table.items():
-        lines.append(
-            f"| {row} | {', '.join(t['students'])} | "
-            + " | ".join(t[k][0] for k in ("student1", "student2", "fused", "pl_acc", "pl_cov"))
-            + " |"
-        )
-    lines.append(
-        f"\nmIoU (%) at the end of training, mean ± std over {seeds} seed(s); PL: the fused pseudo-labels "
-        f"(E10 of the weak predictions) at tau, against the unlabelled images' labels, at the last logged step."
-    )
-    return "\n".join(lines)
+    rows = [[r, ", ".join(t["students"])] + [t[k][0] for k in FIGURES] for r, t in table.items()]
+    lines = ["| " + " | ".join(cells) + " |" for cells in [COLUMNS, *rows]]
+    # the header, its rule, the rows
+    return "\n".join(lines[:1] + ["|---" * 7 + "|"] + lines[1:] + ["\n" + NOTE.format(seeds)])
 
 
 def overlay(runs, path):
@@ -178,37 +139,23 @@ def overlay(runs, path):
 
 def main(argv=None):
     args, train_flags = get_args(argv)
-    os.makedirs(args.out, exist_ok=True)
     start, runs = time.time(), {}
     for row in args.rows:
         for seed in range(args.seeds):
             out = os.path.join(args.out, row, f"seed{seed}")
             t = time.time()
             how = run_once(run_argv(args, train_flags, row, seed, out), out)
-            runs.setdefault(row, []).append(
-                dict(read_run(out), seed=seed, how=how, wall_s=round(time.time() - t, 1))
-            )
-            print(f"[ablate] {row} seed {seed}: {how} ({runs[row][-1]['wall_s']} s) -> {out}")
+            wall_s = round(time.time() - t, 1)
+            runs.setdefault(row, []).append(dict(read_run(out), seed=seed, how=how, wall_s=wall_s))
+            print(f"[ablate] {row} seed {seed}: {how} ({wall_s} s) -> {out}")
     table = summarise(runs)
     command = "python -m tools.ablate " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = (
-        f"{markdown(table, args.seeds)}\n\nCommand: `{command}`; wall time {time.time() - start:.0f} s "
-        f"(runs reused from an earlier call count 0 s).\n"
-    )
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(
-            dict(
-                command=command,
-                train_flags=train_flags,
-                rows={r: ROWS[r] for r in args.rows},
-                runs=runs,
-                table={r: {k: v for k, v in t.items()} for r, t in table.items()},
-            ),
-            f,
-            indent=2,
-        )
+    wall = f"wall time {time.time() - start:.0f} s (runs reused from an earlier call count 0 s)"
+    text = f"{markdown(table, args.seeds)}\n\nCommand: `{command}`; {wall}.\n"
+    Path(args.out, "table.md").write_text(text)
+    rows = {r: ROWS[r] for r in args.rows}
+    results = dict(command=command, train_flags=train_flags, rows=rows, runs=runs, table=table)
+    Path(args.out, "results.json").write_text(json.dumps(results, indent=2))
     ablation_chart(table, os.path.join(args.out, "chart.png"))
     overlay(runs, os.path.join(args.out, "curves.png"))
     print(text)

@@ -31,6 +31,7 @@ import time
 import warnings
 
 import torch
+from torch.profiler import ProfilerActivity
 from torch.utils.flop_counter import FlopCounterMode
 
 import co2s
@@ -42,36 +43,20 @@ from train import PAPER_RECIPE, param_groups
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--size", default="tiny", choices=["tiny", "base"])
 p.add_argument("--crop", type=int, default=128)
-p.add_argument(
-    "--batch", type=int, default=4, help="labelled images per step (the same again unlabelled)"
-)
+p.add_argument("--batch", type=int, default=4, help="labelled images per step (as many unlabelled)")
 p.add_argument("--classes", type=int, default=6)
 p.add_argument("--students", default="clip,dinov3")
 p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 p.add_argument("--amp", default="auto", choices=AMP)
-p.add_argument(
-    "--mix-source",
-    default="partner",
-    choices=["partner", "rolled"],
-    help="'same' costs what 'partner' does",
-)
+mix_help = "'same' costs what 'partner' does"
+p.add_argument("--mix-source", default="partner", choices=["partner", "rolled"], help=mix_help)
 p.add_argument("--grad-checkpoint", action="store_true")
-p.add_argument(
-    "--train-backbone",
-    default="attention",
-    choices=TRAIN_BACKBONE,
-    help="the paper's trainable set, or all of it (train.py's default for random students)",
-)
-p.add_argument(
-    "--compile",
-    action="store_true",
-    help="torch.compile blocks and heads (train.py --compile); compile time reported apart",
-)
-p.add_argument(
-    "--frozen-bf16",
-    action="store_true",
-    help="frozen backbone weights stored in bf16 under bf16 autocast (train.py --frozen-bf16)",
-)
+help_ = "the paper's trainable set, or all of it (train.py's default for random students)"
+p.add_argument("--train-backbone", default="attention", choices=TRAIN_BACKBONE, help=help_)
+help_ = "torch.compile blocks and heads (train.py --compile); compile time reported apart"
+p.add_argument("--compile", action="store_true", help=help_)
+help_ = "frozen backbone weights stored in bf16 under bf16 autocast (train.py --frozen-bf16)"
+p.add_argument("--frozen-bf16", action="store_true", help=help_)
 p.add_argument("--warmup", type=int, default=2)
 p.add_argument("--steps", type=int, default=5)
 p.add_argument("--eval", action="store_true", help="also time sliding-window inference")
@@ -81,21 +66,16 @@ for flag, low in (("crop", 16), ("batch", 1), ("classes", 1), ("warmup", 0), ("s
     if getattr(args, flag) < low:  # a number out of range is the user's mistake, not a traceback
         p.error(f"--{flag} {getattr(args, flag)}: must be >= {low}")
 device = torch.device(args.device)
-if device.type == "cuda" and not torch.cuda.is_available():
+cuda = device.type == "cuda"
+if cuda and not torch.cuda.is_available():
     sys.exit("--device cuda: no CUDA device is visible")
 torch.manual_seed(0)
 
 # Random-init students of the requested size; the CLIP class embeddings are the stand-in unit rows.
-kinds, N = args.students.split(","), args.classes
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    spec = ModelSpec(
-        tuple(kinds),
-        N,
-        size=args.size,
-        grad_checkpoint=args.grad_checkpoint,
-        train_backbone=args.train_backbone,
-    )
+B, C, N = args.batch, args.crop, args.classes
+options = dict(grad_checkpoint=args.grad_checkpoint, train_backbone=args.train_backbone)
+with warnings.catch_warnings(action="ignore"):
+    spec = ModelSpec(tuple(args.students.split(",")), N, size=args.size, **options)
     text = stand_in_embeddings(N, 512 if args.size == "base" else 128)
     model = build_model(spec, text=text).to(device).train()
 store_frozen(model, frozen_dtype(device, args.amp, args.frozen_bf16))
@@ -103,58 +83,48 @@ if args.compile:
     compile_model(model)
 students = list(model.students)
 hyper = {k: PAPER_RECIPE[k] for k in ("lr", "backbone_lr_mult", "head_lr_mult")}
-optimizers = [
-    torch.optim.AdamW(param_groups(s, weight_decay=0.01, **hyper), fused=device.type == "cuda")
-    for s in students
-]
+groups = [param_groups(s, weight_decay=0.01, **hyper) for s in students]
+optimizers = [torch.optim.AdamW(g, fused=cuda) for g in groups]
 amp = autocast(device, args.amp)
 scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, args.amp) == torch.float16)
 
-B, C = args.batch, args.crop
+image = lambda: torch.randn(B, 3, C, C, device=device)
+label = lambda: torch.randint(0, N, (B, C, C), device=device)
 
 
 def unlabelled():
     box = torch.zeros(B, C, C, dtype=torch.bool, device=device)
     box[:, C // 4 : C // 2, C // 4 : 3 * C // 4] = True
-    return dict(
-        img_w=torch.randn(B, 3, C, C, device=device),
-        img_s1=torch.randn(B, 3, C, C, device=device),
-        img_s2=torch.randn(B, 3, C, C, device=device),
-        ignore=torch.zeros(B, C, C, dtype=torch.bool, device=device),
-        box1=box,
-        box2=box.flip(-1),
-        label=torch.randint(0, N, (B, C, C), device=device),
-    )
+    views = dict(img_w=image(), img_s1=image(), img_s2=image())
+    return dict(views, ignore=torch.zeros_like(box), box1=box, box2=box.flip(-1), label=label())
 
 
-batch_l = dict(
-    img=torch.randn(B, 3, C, C, device=device), label=torch.randint(0, N, (B, C, C), device=device)
-)
+batch_l = dict(img=image(), label=label())
 batch_u, batch_mix = unlabelled(), unlabelled() if args.mix_source == "partner" else None
 batch = co2s.Batch(batch_l, batch_u, batch_mix)
 
 
-def sync():
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+sync = torch.cuda.synchronize if cuda else lambda: None
+
+
+def once(fn):
+    """Seconds of one call of fn, the device's queue drained before and after."""
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t
 
 
 def timed(fn, n):
-    times = []
-    for _ in range(n):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) if times else 0.0  # n = 0: a warm-up of none
+    """The median seconds of n calls of fn (n = 0: a warm-up of none)."""
+    return statistics.median(once(fn) for _ in range(n)) if n else 0.0
 
 
 def step():
     """train.py's optimizer step. tau 0: every pseudo-label and stability mask is full, the worst
     case."""
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
+    model.zero_grad()  # every student's gradients: what the optimizers' zero_grad clears
     with amp:
         out = co2s.iteration(students, batch, stability_weight=0.5, method=co2s.Method(tau=0.0))
     scaler.scale(sum(out.losses)).backward()
@@ -168,71 +138,47 @@ def floor():
     last tap)."""
     for s in students:
         with amp:
-            for x in (
-                torch.cat([batch_l["img"], batch_u["img_w"]]),
-                torch.cat([batch_u["img_s1"], batch_u["img_s2"]]),
-            ):
-                sum(f.float().mean() for f in s.features(x)).backward()
+            for x in ([batch_l["img"], batch_u["img_w"]], [batch_u["img_s1"], batch_u["img_s2"]]):
+                sum(f.float().mean() for f in s.features(torch.cat(x))).backward()
             if batch_mix is not None:
                 with torch.no_grad():
                     s.features(batch_mix["img_w"])
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
+    model.zero_grad()
 
 
-if device.type == "cuda":
+if cuda:
     torch.cuda.reset_peak_memory_stats()
 first_s = timed(step, 1)  # with --compile: the compilation of the step's shapes
 timed(step, args.warmup)
 step_s = timed(step, args.steps)
 timed(floor, 1)
 floor_s = timed(floor, args.steps)
-counter = FlopCounterMode(display=False)
-with counter:
+with FlopCounterMode(display=False) as counter:
     step()
 tflop = counter.get_total_flops() / 1e12
-res = dict(
-    size=args.size,
-    crop=C,
-    batch=f"{B}+{B}",
-    device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-    amp=str(amp_dtype(device, args.amp) or "fp32").replace("torch.", ""),
-    mix_source=args.mix_source,
-    grad_checkpoint=args.grad_checkpoint,
-    train_backbone=args.train_backbone,
-    compile=args.compile,
-    frozen_bf16=args.frozen_bf16,
-    threads=torch.get_num_threads(),
-    torch=torch.__version__,
-    compile_s=round(first_s - step_s, 2) if args.compile else 0,
-    step_s=round(step_s, 4),
-    img_per_s=round(2 * B / step_s, 2),
-    tflop=round(tflop, 3),
-    tflop_s=round(tflop / step_s, 2),
-    floor_s=round(floor_s, 4),
-    ratio=round(step_s / floor_s, 3),
-)
+# the run's settings, then its figures, in this order in the JSON line and the table
+gpu = torch.cuda.get_device_name() if cuda else "cpu"
+precision = str(amp_dtype(device, args.amp) or "fp32").replace("torch.", "")
+res = dict(size=args.size, crop=C, batch=f"{B}+{B}", device=gpu, amp=precision)
+flags = ("mix_source", "grad_checkpoint", "train_backbone", "compile", "frozen_bf16")
+res.update({k: vars(args)[k] for k in flags}, threads=torch.get_num_threads())
+res.update(torch=torch.__version__, compile_s=round(first_s - step_s, 2) if args.compile else 0)
+res.update(step_s=round(step_s, 4), img_per_s=round(2 * B / step_s, 2), tflop=round(tflop, 3))
+res.update(tflop_s=round(tflop / step_s, 2), floor_s=round(floor_s, 4))
+res["ratio"] = round(step_s / floor_s, 3)
 if args.eval:
     model.eval()
     imgs = torch.randn(1, 3, C, C, device=device)
     with amp:
         res["eval_img_per_s"] = round(1 / timed(lambda: predict(model, imgs, C), args.steps), 2)
     model.train()
-res["peak_mem_mb"] = round(
-    torch.cuda.max_memory_allocated() / 2**20
-    if device.type == "cuda"
-    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    1,
-)
+rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak
+res["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mb, 1)
 print(json.dumps(res))
-for k, v in res.items():
-    print(f"  {k:<15} {v}")
+print("\n".join(f"  {k:<15} {v}" for k, v in res.items()))
 if args.profile:
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as prof:
-        step()
-        sync()
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        once(step)
+    key = f"self_{device.type}_time_total"  # CUDA time on CUDA, CPU time on a CPU
     print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60))

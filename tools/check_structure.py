@@ -12,6 +12,7 @@ suite.
 """
 
 import ast
+import glob
 import os
 import sys
 
@@ -19,28 +20,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIX = {"co2s", "model", "losses", "data", "train", "eval"}
 SUPPORT = "plumbing"
 # the card's packages (huggingface_hub and safetensors come with transformers)
-PACKAGES = {
-    "torch",
-    "torchvision",
-    "transformers",
-    "numpy",
-    "PIL",
-    "tqdm",
-    "huggingface_hub",
-    "safetensors",
-}
+PACKAGES = set("torch torchvision transformers numpy PIL tqdm huggingface_hub safetensors".split())
 MAX_LINES, MAX_PARAMS, MAX_LONG_SHARE, WIDTH = 60, 6, 0.05, 100
 EXEMPT_LENGTH, EXEMPT_PARAMS = {"get_args"}, {"__init__", "get_args"}
-THIS = os.path.join("tools", "check_structure.py")
+# the files allowed to name torch.save: the one writer, and this checker
+SAVERS = (os.path.join(SUPPORT, "atomic.py"), os.path.join("tools", "check_structure.py"))
 
 
 def sources():
     """The project's Python files: top level, plumbing/, tools/ and tests/ (relative paths)."""
-    files = [f for f in os.listdir(ROOT) if f.endswith(".py")]
-    for sub in (SUPPORT, "tools", "tests"):
-        folder = os.path.join(ROOT, sub)
-        files += [os.path.join(sub, f) for f in os.listdir(folder) if f.endswith(".py")]
-    return sorted(files)
+    dirs = ("", SUPPORT, "tools", "tests")
+    return sorted(f for d in dirs for f in glob.glob(os.path.join(d, "*.py"), root_dir=ROOT))
 
 
 def module_name(path):
@@ -49,23 +39,14 @@ def module_name(path):
 
 def functions(tree):
     """(qualified name, node) of every function, methods as Class.name."""
-    out, methods = [], set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ClassDef):
-            for f in node.body:
-                if isinstance(f, ast.FunctionDef):
-                    out.append((f"{node.name}.{f.name}", f))
-                    methods.add(f)
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and node not in methods:
-            out.append((node.name, node))
-    return out
+    owner = {f: c.name for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for f in c.body}
+    fns = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
+    return [(f"{owner[f]}.{f.name}" if f in owner else f.name, f) for f in fns]
 
 
 def n_params(fn):
     a = fn.args
-    names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
-    names += [x.arg for x in (a.vararg, a.kwarg) if x]
+    names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs + [a.vararg, a.kwarg] if x]
     return len([n for n in names if n not in ("self", "cls")])
 
 
@@ -76,8 +57,7 @@ def imports(tree):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-            found |= {f"{node.module}.{a.name}" for a in node.names}
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
     return found
 
 
@@ -101,83 +81,55 @@ def cycles(graph):
 
 
 def foreign_imports(name, found, modules):
-    """What one of the six imports beyond the card's packages, stdlib and the support package."""
-    bad = []
-    for full in found:
-        top = full.split(".")[0]
-        if top in SIX or top == SUPPORT or top in PACKAGES or top in sys.stdlib_module_names:
-            continue
-        if full in modules or top not in modules:  # a module of ours outside the six, or a package
-            bad.append(full)
-    return sorted(bad)
+    """What one of the six imports beyond the card's packages, stdlib and the support package: a
+    module of ours outside the six, or a package."""
+    allowed = SIX | PACKAGES | {SUPPORT} | sys.stdlib_module_names
+    tops = {f: f.split(".")[0] for f in found if f.split(".")[0] not in allowed}
+    return sorted(f for f, top in tops.items() if f in modules or top not in modules)
 
 
 def measure():
     """Figures and broken rules of the tree."""
     files = sources()
+    texts = {f: open(os.path.join(ROOT, f)).read() for f in files}
     project = [f for f in files if not f.startswith("tests")]
     modules = {module_name(f) for f in project}
-    graph, long_fns, many_params, saves, foreign = {}, [], [], [], {}
-    total = long_lines = 0
-    per_file = {}
-    for f in files:
-        text = open(os.path.join(ROOT, f)).read()
-        tree = ast.parse(text)
-        lines = text.splitlines()
-        per_file[f] = len(lines)
-        if f.startswith("tests"):
-            continue
-        name, found = module_name(f), imports(tree)
-        graph[name] = {m for m in found if m in modules} - {name}
-        total += len(lines)
-        long_lines += sum(len(line) > WIDTH for line in lines)
-        if "torch.save(" in text and f not in (os.path.join(SUPPORT, "atomic.py"), THIS):
-            saves.append(f)
-        if name in SIX:
-            foreign[name] = foreign_imports(name, found, modules)
-        for fname, fn in functions(tree):
-            length = fn.end_lineno - fn.lineno + 1
-            if length > MAX_LINES and fname.split(".")[-1] not in EXEMPT_LENGTH:
-                long_fns.append((f"{f}:{fname}", length))
-            if n_params(fn) > MAX_PARAMS and fname.split(".")[-1] not in EXEMPT_PARAMS:
-                many_params.append((f"{f}:{fname}", n_params(fn)))
-    top = sorted(f[:-3] for f in files if os.sep not in f)
-    return dict(
-        files=per_file,
-        top=top,
-        cycles=cycles(graph),
-        long_functions=long_fns,
-        many_params=many_params,
-        long_line_share=long_lines / max(total, 1),
-        checkpoint_writers=saves,
-        foreign=foreign,
-    )
+    found, fns = {}, []  # module -> what it imports; (where, name, lines, parameters) per function
+    for f in project:
+        tree = ast.parse(texts[f])
+        found[module_name(f)] = imports(tree)
+        for q, fn in functions(tree):
+            fns.append((f"{f}:{q}", fn.name, fn.end_lineno - fn.lineno + 1, n_params(fn)))
+    graph = {n: {m for m in imp if m in modules} - {n} for n, imp in found.items()}
+    lines = [line for f in project for line in texts[f].splitlines()]
+    m = dict(files={f: len(t.splitlines()) for f, t in texts.items()}, cycles=cycles(graph))
+    m["top"] = sorted(f[:-3] for f in files if os.sep not in f)
+    m["foreign"] = {n: foreign_imports(n, imp, modules) for n, imp in found.items() if n in SIX}
+    m["long_functions"] = [(w, k) for w, n, k, _ in fns if k > MAX_LINES and n not in EXEMPT_LENGTH]
+    m["many_params"] = [(w, k) for w, n, _, k in fns if k > MAX_PARAMS and n not in EXEMPT_PARAMS]
+    m["long_line_share"] = sum(len(line) > WIDTH for line in lines) / max(len(lines), 1)
+    m["checkpoint_writers"] = [f for f in project if "torch.save(" in texts[f] and f not in SAVERS]
+    return m
 
 
 def problems(m):
-    out = []
-    if set(m["top"]) != SIX:
-        out.append(f"top-level files {m['top']}; the card's are {sorted(SIX)}")
+    """One line per broken rule."""
+    top = f"top-level files {m['top']}; the card's are {sorted(SIX)}"
+    out = [top] if set(m["top"]) != SIX else []
     out += [f"{n}.py imports {', '.join(bad)}" for n, bad in m["foreign"].items() if bad]
     out += [f"import cycle {' -> '.join(c)}" for c in m["cycles"]]
     out += [f"{n}: {k} lines (max {MAX_LINES})" for n, k in m["long_functions"]]
     out += [f"{n}: {k} parameters (max {MAX_PARAMS})" for n, k in m["many_params"]]
+    share, most = 100 * m["long_line_share"], 100 * MAX_LONG_SHARE
     if m["long_line_share"] > MAX_LONG_SHARE:
-        out.append(
-            f"{100 * m['long_line_share']:.1f} % of source lines over {WIDTH} characters "
-            f"(max {100 * MAX_LONG_SHARE:.0f} %)"
-        )
-    out += [
-        f"{f} calls torch.save: files are written by plumbing/atomic.py only"
-        for f in m["checkpoint_writers"]
-    ]
-    return out
+        out.append(f"{share:.1f} % of source lines over {WIDTH} characters (max {most:.0f} %)")
+    saves = "calls torch.save: files are written by plumbing/atomic.py only"
+    return out + [f"{f} {saves}" for f in m["checkpoint_writers"]]
 
 
 if __name__ == "__main__":
     m = measure()
-    for f, n in m["files"].items():
-        print(f"{n:6d}  {f}")
+    print("\n".join(f"{n:6d}  {f}" for f, n in m["files"].items()))
     print(f"lines over {WIDTH} characters: {100 * m['long_line_share']:.1f} %")
     broken = problems(m)
     print("\n".join(broken) if broken else "all rules hold")

@@ -35,9 +35,10 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # The Agg canvas is attached to each figure explicitly rather than through pyplot: no global
-# backend switch for whoever imports this (train.py, a notebook), no pyplot figure registry that
+# backend switch for whoever imports this (ablate.py, a notebook), no pyplot figure registry that
 # would keep every redrawn figure alive, and it renders without a display.
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -63,6 +64,11 @@ PANELS = [
 NO_DATA = {"uni": "no data\n(<student>/uni is not in the log)"}
 STYLES = ["-", "--", ":"]  # overlay: student 1, student 2, fused
 LAMBDA_COLOUR = "0.25"  # one run: lambda is the run's, no series colour
+# every curve's line and markers; a panel's "no data" note
+LINE = dict(linewidth=1.6, markersize=5, markeredgecolor="black", markeredgewidth=0.5)
+NOTE = dict(ha="center", va="center", color="0.4")
+LEGEND = dict(loc="outside lower center", frameon=False)  # below the panels, up to 8 a row
+BAR = dict(capsize=3, error_kw={"ecolor": "black", "elinewidth": 1})  # a bar and its whisker
 # ablate.summarise's columns, in ablate.chart's colours and order
 COLUMNS = [("student1", "student 1"), ("student2", "student 2"), ("fused", "fused")]
 
@@ -85,12 +91,12 @@ class Log:
     @property
     def students(self):
         """Named by the '<student>/loss' keys, then by the evals' result dicts (not 'fused')."""
-        names = [k[: -len("/loss")] for r in self.train for k in r if k.endswith("/loss")]
+        names = [k.removesuffix("/loss") for r in self.train for k in r if k.endswith("/loss")]
         names += [k for r in self.evals for k, v in r.items() if _result(v) and k != "fused"]
         return list(dict.fromkeys(names))
 
 
-def read_log(run_dir):
+def read_log(run_dir, label=""):
     """The records of <run_dir>/log.jsonl. A line that is not UTF-8, not JSON, not an object or
     has no finite step is skipped (its number kept in .skipped): the log is read while a training
     appends to it, and a killed run can leave a torn line anywhere."""
@@ -99,31 +105,26 @@ def read_log(run_dir):
         raise UserError(f"{path}: no such file; pass a run folder written by train.py")
     try:
         # bytes: a line that is not UTF-8 must not fail the decoding of the others
-        with open(path, "rb") as f:
-            lines = f.read().split(b"\n")
+        lines = Path(path).read_bytes().split(b"\n")
     except OSError as e:
         raise UserError(f"{path}: cannot read it ({e.strerror or e})") from e
-    log = Log(path)
+    log = Log(path, label=label)
     for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
         try:
             record = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            log.skipped.append(i)
-            continue
+        except ValueError:  # not JSON (nor is a blank line), or not UTF-8 (UnicodeDecodeError)
+            record = None
         kind = record.get("type") if isinstance(record, dict) else None
-        if kind not in ("train", "eval") or _number(record.get("step")) is None:
+        if kind in ("train", "eval") and _number(record.get("step")) is not None:
+            (log.train if kind == "train" else log.evals).append(record)
+        elif line.strip():  # a blank line is no record, and not a skipped one
             log.skipped.append(i)
-            continue
-        (log.train if kind == "train" else log.evals).append(record)
     return log
 
 
 def _number(v):
     """v if it is a finite number, else None (null, NaN, a string, a bool)."""
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    return v if ok else None
+    return v if type(v) in (int, float) and math.isfinite(v) else None  # JSON's numbers
 
 
 def _result(v):
@@ -133,50 +134,27 @@ def _result(v):
 def series(log, name, key):
     """[(step, value)] of one quantity: 'miou' of prediction `name` from the evals, 'lambda' of the
     run (name ignored), else the train records' '<name>/<key>'; missing values left out."""
-    if key == "miou":
-        pts = [(r["step"], r.get(name)) for r in log.evals]
-        pts = [(s, _number(v.get("miou")) if isinstance(v, dict) else None) for s, v in pts]
-    elif key == "lambda":
-        pts = [(r["step"], _number(r.get("lambda"))) for r in log.train]
-    else:
-        pts = [(r["step"], _value(r, name, key)) for r in log.train]
+    pts = [(r["step"], _value(r, name, key)) for r in (log.evals if key == "miou" else log.train)]
     return [(s, v) for s, v in pts if v is not None]
 
 
 def _value(record, name, key):
-    v = _number(record.get(f"{name}/{key}"))
+    if key == "miou":
+        return _number(record[name].get("miou")) if isinstance(record.get(name), dict) else None
     if key == "pl_acc" and _number(record.get(f"{name}/pl_cov")) == 0:
         return None  # nothing confident: train.py logs 0, but no accuracy exists
-    return v
+    return _number(record.get("lambda" if key == "lambda" else f"{name}/{key}"))
 
 
 def default_labels(run_dirs):
     """Each run's folder name; parent/name where two names clash (ablate's <row>/seed0)."""
-    names = [os.path.basename(os.path.normpath(p)) for p in run_dirs]
-    if len(set(names)) == len(names):
-        return names
-    return ["/".join(os.path.normpath(p).split(os.sep)[-2:]) for p in run_dirs]
+    parts = [os.path.normpath(p).split(os.sep) for p in run_dirs]
+    names = [p[-1] for p in parts]
+    return names if len(set(names)) == len(names) else ["/".join(p[-2:]) for p in parts]
 
 
 # ----------------------------------------------------------------------------------------------
 # the drift plot
-
-
-def _slots(log, key):
-    """[(slot, name)] of the series a panel draws for one run: slot 0, 1 the students, 2 fused;
-    lambda is one series per run."""
-    if key == "lambda":
-        return [(0, "lambda")]
-    names = log.students[:2] + ["fused"]
-    return [(2 if n == "fused" else j, n) for j, n in enumerate(names)]
-
-
-def _pen(i_run, n_runs, slot, key):
-    """(colour, line style): one run a colour per series; several a colour per run, a style per
-    series."""
-    if n_runs == 1:
-        return (LAMBDA_COLOUR if key == "lambda" else f"C{slot}"), "-"
-    return f"C{i_run % 10}", STYLES[slot]
 
 
 def y_limits(kind, values):
@@ -186,57 +164,37 @@ def y_limits(kind, values):
     if kind == "share":
         return -0.02, 1.02
     if kind == "acc":
-        lowest = min(values)
-        span = max(1.0 - lowest, 0.05)  # all at 100 %: still an axis
-        lo = min(MaxNLocator(5).tick_values(1.0 - span, 1.0)[0], lowest)
-        pad = 0.03 * (1.0 - lo)
-        return lo - pad, 1.0 + pad
+        # a round tick below the lowest point; all at 100 %: still an axis, from 95 %
+        lo = min(MaxNLocator(5).tick_values(min(min(values), 0.95), 1.0)[0], min(values))
+        return lo - 0.03 * (1.0 - lo), 1.0 + 0.03 * (1.0 - lo)
     lo, hi = min(min(values), 0.0), max(max(values), 0.0)
     hi = hi if hi > lo else lo + 1.0
     return lo - 0.03 * (hi - lo), hi + 0.08 * (hi - lo)
 
 
 def _draw_panel(ax, panel, logs):
-    """One panel: every run's series of one log key, or 'no data'."""
+    """One panel: every run's series of one log key (slot 0, 1 the students, 2 fused; lambda is one
+    series per run), or 'no data'. One run: a colour per series; several: a colour per run, a line
+    style per series."""
     key, title, kind = panel
     ax.set_title(title, loc="left", fontsize=10)
     # the tests (and any reader of the figure object) find a panel by its log key
     ax.set_label(key)
     ax.grid(True, color="0.9")
     ax.spines[["top", "right"]].set_visible(False)
-    values = []
+    one = len(logs) == 1
+    values, styles = [], ["-"] * 3 if one else STYLES
     for i, log in enumerate(logs):
-        for slot, name in _slots(log, key):
-            pts = series(log, name, key)
-            if not pts:
-                continue
-            colour, style = _pen(i, len(logs), slot, key)
-            steps, ys = [s for s, _ in pts], [v for _, v in pts]
-            # a marker per evaluation; a series of one point would be no line at all
-            marker = "o" if key == "miou" or len(pts) == 1 else None
-            ax.plot(
-                steps,
-                ys,
-                color=colour,
-                linestyle=style,
-                linewidth=1.6,
-                marker=marker,
-                markersize=5,
-                markeredgecolor="black",
-                markeredgewidth=0.5,
-                label=f"{log.label}/{name}",
-            )
-            values += ys
+        slots = [(0, "lambda")] if key == "lambda" else [*enumerate(log.students[:2]), (2, "fused")]
+        for slot, name in slots:
+            if pts := series(log, name, key):
+                colour = (f"C{slot}" if key != "lambda" else LAMBDA_COLOUR) if one else f"C{i % 10}"
+                # a marker per evaluation; a series of one point would be no line at all
+                fmt = styles[slot] + ("o" if key == "miou" or len(pts) == 1 else "")
+                ax.plot(*zip(*pts), fmt, color=colour, label=f"{log.label}/{name}", **LINE)
+                values += [v for _, v in pts]
     if not values:
-        ax.text(
-            0.5,
-            0.5,
-            NO_DATA.get(key, "no data"),
-            transform=ax.transAxes,
-            ha="center",
-            va="center",
-            color="0.4",
-        )
+        ax.text(0.5, 0.5, NO_DATA.get(key, "no data"), transform=ax.transAxes, **NOTE)
         ax.set_yticks([])
         return
     ax.set_ylim(*y_limits(kind, values))
@@ -247,25 +205,18 @@ def _draw_panel(ax, panel, logs):
 def _legend(fig, logs):
     """One run: a line per series. Several: a patch per run, then a line per style (students
     named when every run has the same ones, else 'student 1', 'student 2')."""
-    has_fused = any(series(g, "fused", k) for g in logs for k in ("pl_acc", "pl_cov", "miou"))
+    fused = any(series(g, "fused", k) for g in logs for k in ("pl_acc", "pl_cov", "miou"))
+    same = all(g.students == logs[0].students for g in logs)
+    names = list(enumerate(logs[0].students[:2] if same else ["student 1", "student 2"]))
+    names += [(2, "fused")] if fused else []
     if len(logs) == 1:
-        names = logs[0].students[:2] + (["fused"] if has_fused else [])
-        slots = [2 if n == "fused" else j for j, n in enumerate(names)]
-        handles = [Line2D([], [], color=f"C{s}", label=n) for s, n in zip(slots, names)]
+        handles = [Line2D([], [], color=f"C{j}", label=n) for j, n in names]
     else:
-        same = all(g.students == logs[0].students for g in logs)
-        handles = [
-            Patch(color=f"C{i % 10}", label=g.label + ("" if same else _students(g)))
-            for i, g in enumerate(logs)
-        ]
-        names = logs[0].students[:2] if same else ["student 1", "student 2"]
-        names = [(n, STYLES[j]) for j, n in enumerate(names)]
-        names += [("fused", STYLES[2])] if has_fused else []
-        handles += [Line2D([], [], color="black", linestyle=s, label=n) for n, s in names]
+        runs = [g.label + ("" if same else _students(g)) for g in logs]
+        handles = [Patch(color=f"C{i % 10}", label=r) for i, r in enumerate(runs)]
+        handles += [Line2D([], [], color="black", linestyle=STYLES[j], label=n) for j, n in names]
     if handles:
-        fig.legend(
-            handles=handles, loc="outside lower center", ncols=min(len(handles), 8), frameon=False
-        )
+        fig.legend(handles=handles, ncols=min(len(handles), 8), **LEGEND)
 
 
 def _students(log):
@@ -284,9 +235,7 @@ def drift_figure(run_dirs, labels=None):
     labels = labels or default_labels(run_dirs)
     if len(labels) != len(run_dirs):
         raise UserError(f"labels: {len(labels)} names for {len(run_dirs)} runs")
-    logs = [read_log(d) for d in run_dirs]
-    for log, label in zip(logs, labels):
-        log.label = label
+    logs = [read_log(d, label) for d, label in zip(run_dirs, labels)]
     fig = _new_figure((16, 12))
     grid = fig.subplots(3, 3, sharex=True)
     for ax, panel in zip(grid.flat, PANELS):
@@ -296,11 +245,9 @@ def drift_figure(run_dirs, labels=None):
         ax.set_xlabel("step")
     steps = [r["step"] for g in logs for r in g.train + g.evals]
     grid[0, 0].set_xlim(0, 1.02 * max(steps + [1]))  # shared by all panels
-    if len(logs) == 1:
-        title = f"{labels[0]}: training curves ({logs[0].path})"
-    else:
-        title = f"training curves of {len(logs)} runs: {', '.join(labels)}"
-    fig.suptitle(title, fontsize=12)
+    one = f"{labels[0]}: training curves ({logs[0].path})"
+    several = f"training curves of {len(logs)} runs: {', '.join(labels)}"
+    fig.suptitle(one if len(logs) == 1 else several, fontsize=12)
     _legend(fig, logs)
     return fig
 
@@ -319,44 +266,25 @@ def ablation_figure(table):
     """Grouped bars per ablate.py row (student 1, student 2, fused): the mean mIoU over seeds with
     a whisker of one std. table: ablate.summarise's {row: {students, student1: (text, mean, std),
     student2, fused, ...}}, means in %; a column without a mean (one student) has no bar."""
-    rows = list(table)
+    rows, width = list(table), 0.27
     fig = _new_figure((max(6.0, 2.0 + 1.4 * len(rows)), 4.8))
-    ax = fig.add_subplot()
-    ax.set_label("ablation")
-    width, drawn = 0.27, False
+    ax = fig.add_subplot(label="ablation")
     for j, (key, name) in enumerate(COLUMNS):
-        xs, means, whiskers = [], [], ([], [])
-        for i, row in enumerate(rows):
-            _, mean, std = table[row][key]
-            if mean is None:
-                continue
-            xs.append(i + (j - 1) * width)
-            means.append(mean)
-            whiskers[0].append(min(std or 0.0, mean))  # an mIoU below 0 is no whisker
-            whiskers[1].append(std or 0.0)
-        if xs:
-            drawn = True
-            ax.bar(
-                xs,
-                means,
-                0.92 * width,
-                yerr=whiskers,
-                capsize=3,
-                color=f"C{j}",
-                label=name,
-                error_kw={"ecolor": "black", "elinewidth": 1},
-            )
+        cells = [(i + (j - 1) * width, *table[r][key][1:]) for i, r in enumerate(rows)]
+        if bars := [(x, mean, std or 0.0) for x, mean, std in cells if mean is not None]:
+            xs, means, stds = zip(*bars)
+            low = [min(s, m) for m, s in zip(means, stds)]  # an mIoU below 0 is no whisker
+            ax.bar(xs, means, 0.92 * width, yerr=(low, stds), color=f"C{j}", label=name, **BAR)
     ax.set_xticks(range(len(rows)), [f"{r}\n{', '.join(table[r]['students'])}" for r in rows])
-    ax.set_ylabel("mIoU (%) at the end of training")
+    ax.set(ylabel="mIoU (%) at the end of training", axisbelow=True)
     ax.set_title("ablation: mIoU per row, mean ± std over seeds", loc="left", fontsize=11)
     ax.grid(True, axis="y", color="0.9")
-    ax.set_axisbelow(True)
     ax.spines[["top", "right"]].set_visible(False)
-    if not drawn:
-        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", color="0.4")
-    else:
+    if ax.containers:
         ax.set_ylim(bottom=0)
         ax.legend(frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", color="0.4")
     return fig
 
 
@@ -373,14 +301,13 @@ def save(fig, path):
     """fig to path, in the format its suffix names (PNG without one), atomically: a temporary file
     beside it renamed over it, so a crash never leaves half a picture and a reader (a browser
     refreshing curves.png) sees the old one or the new one. Unwritable: a UserError naming path."""
-    suffix = os.path.splitext(path)[1].lower()
-    fmt = suffix[1:] or "png"
+    fmt = os.path.splitext(path)[1][1:].lower() or "png"
     formats = fig.canvas.get_supported_filetypes()
     if fmt not in formats:
         valid = ", ".join(f".{k}" for k in sorted(formats))
-        raise UserError(f"{path}: matplotlib cannot write a {suffix} picture; use one of {valid}")
-    # the process id in the name: train.py redrawing RUN/curves.png at an evaluation and this CLI
-    # drawing it at the same moment must not share a temporary file
+        raise UserError(f"{path}: matplotlib cannot write a .{fmt} picture; use one of {valid}")
+    # the process id in the name: two processes drawing RUN/curves.png at the same moment (a
+    # redraw while the run trains, and a user) must not share a temporary file
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -397,20 +324,15 @@ def save(fig, path):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m tools.plot", description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="run folders written by train.py (each holds log.jsonl)")
-    p.add_argument(
-        "--out",
-        default=None,
-        help="picture to write, its format from the suffix: .png, .svg, .pdf, ... "
-        "(default: RUN/curves.png for one run, ./curves.png for several)",
-    )
-    p.add_argument("--labels", default=None, help="comma list naming the runs (default: folders)")
+    out = "picture to write, its format from the suffix: .png, .svg, .pdf, ... (default: RUN/curves.png for one run, ./curves.png for several)"
+    p.add_argument("--out", help=out)
+    p.add_argument("--labels", help="comma list naming the runs (default: folders)")
     args = p.parse_args(argv)
     labels = args.labels.split(",") if args.labels else None
     if labels and len(labels) != len(args.runs):
         p.error(f"--labels: {len(labels)} names for {len(args.runs)} runs")
     one = os.path.join(args.runs[0], "curves.png")
-    out = args.out or (one if len(args.runs) == 1 else "curves.png")
-    print(plot(args.runs, out, labels))
+    print(plot(args.runs, args.out or (one if len(args.runs) == 1 else "curves.png"), labels))
 
 
 if __name__ == "__main__":
