@@ -117,10 +117,14 @@ def results_of(state, folder):
     return last.get("results") if last.get("step") == state["step"] else None
 
 
-def card_data(config, pretrained):
-    """The card's metadata as the hub parses it: licence, base models, task, dataset, results."""
-    cfg, res = config["cfg"], config["results"] or {}
-    dataset = cfg["dataset"]
+def model_card(config):
+    """The README.md of an export: metadata the hub indexes (ModelCardData), then what the model
+    is, how good, how it was trained and under which terms; every sentence true of this model."""
+    cfg, args, res = config["cfg"], config["model_args"], config["results"] or {}
+    dataset, ratio = cfg["dataset"], cfg["ratio"].replace("_", "/")
+    pretrained = {k: cfg.get(f"{k}_weights") for k in dict.fromkeys(args["kinds"])}
+    pretrained = {k: w for k, w in pretrained.items() if w and w != "release-init"}
+    # the metadata as the hub parses it: licence, base models, task, dataset, results
     licences = [WEIGHT_LICENCES[k] for k in pretrained]
     other = next((lic for lic in licences if lic[0] == "other"), None)
     on = dict(task_type=TASK, dataset_type=dataset, dataset_name=dataset, dataset_split="val")
@@ -129,7 +133,7 @@ def card_data(config, pretrained):
         EvalResult(**on, metric_type="mean_iou", metric_name=n, metric_value=v)
         for n, v in scores.items()
     ]
-    return ModelCardData(
+    data = ModelCardData(
         license="other" if other else licences[0][0] if licences else "unknown",
         license_name="dinov3-license" if other else None,
         license_link=other and other[2],
@@ -141,15 +145,7 @@ def card_data(config, pretrained):
         model_name=f"co2s-{dataset}-{cfg['ratio']}",
         eval_results=results or None,
     )
-
-
-def model_card(config):
-    """The README.md of an export: metadata the hub indexes (ModelCardData), then what the model
-    is, how good, how it was trained and under which terms; every sentence true of this model."""
-    cfg, args, res = config["cfg"], config["model_args"], config["results"] or {}
-    dataset, ratio = cfg["dataset"], cfg["ratio"].replace("_", "/")
-    pretrained = {k: cfg.get(f"{k}_weights") for k in dict.fromkeys(args["kinds"])}
-    pretrained = {k: w for k, w in pretrained.items() if w and w != "release-init"}
+    # the card: what the model is, how good, how it was trained, under which terms
     names = list(res) or args["kinds"]
     miou = " | ".join(f"{100 * res[n]['miou']:.2f}" if n in res else "-" for n in names)
     step, total = config["step"], config.get("total_steps")
@@ -177,7 +173,7 @@ Class embeddings of the CLIP student: {config.get("text_source") or "none (no CL
 
 Pretrained weights it started from: {weights}. Data: {DATA_LICENCES.get(dataset, "the dataset's own terms")}.
 """
-    return ModelCard(f"---\n{card_data(config, pretrained).to_yaml()}\n---\n{body}")
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
 def main(argv=None):
