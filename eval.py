@@ -219,8 +219,9 @@ def colorize(label, palette):
 def predict_folder(model, palette, folder, out, crop, name=FUSED):
     """Predict every image of `folder` (or one image file) at its own resolution into
     `out`/<stem>_mask.png (palette PNG of class indices), with the same windows and fusion as the
-    evaluation, under the caller's autocast. `out` never overwrites what eval.py did not write there: a file of
-    that name is replaced only when `out`'s predictions.json lists it. Returns the files written."""
+    evaluation, under the caller's autocast. `out` never overwrites what eval.py did not write
+    there: a file of that name is replaced only when `out`'s predictions.json lists it. Returns the
+    files written."""
     paths = [folder] if os.path.isfile(folder) else data.list_images(folder)
     if os.path.abspath(out) in {os.path.abspath(os.path.dirname(p)) for p in paths}:
         raise UserError(f"--out {out!r} is the folder of the images: pass another folder")
