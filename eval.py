@@ -20,7 +20,6 @@ Deliberately left out: multi-scale and flip test-time augmentation (not in the p
 """
 
 import argparse
-import itertools
 import math
 import os
 from contextlib import nullcontext
@@ -53,10 +52,11 @@ def window_stride(crop, stride=None):
 def window_starts(size, crop, stride):
     """Window offsets along one axis: every `stride`, the last window flush with the border
     (mmseg's slide)."""
-    if size <= crop:
-        return [0]
-    n = math.ceil((size - crop) / stride) + 1
-    return [min(i * stride, size - crop) for i in range(n)]
+    last = max(size - crop, 0)
+    return [*range(0, last, stride), last]
+
+
+BLACK = [-m / s for m, s in zip(data.IMAGENET_MEAN, data.IMAGENET_STD)]  # 0 pixels, normalised
 
 
 def pad16(x):
@@ -64,14 +64,9 @@ def pad16(x):
     in training (data.weak_augment pads raw pixels with 0). Black is -mean/std after ImageNet
     normalisation."""
     ph, pw = -x.shape[-2] % 16, -x.shape[-1] % 16
-    if ph == 0 and pw == 0:
-        return x
-    black = torch.tensor(
-        [-m / s for m, s in zip(data.IMAGENET_MEAN, data.IMAGENET_STD)],
-        device=x.device,
-        dtype=x.dtype,
-    )
-    black = black.view(1, 3, 1, 1)
+    if ph == pw == 0:
+        return x  # as is: x - black + black would round x
+    black = x.new_tensor(BLACK).view(1, 3, 1, 1)
     return F.pad(x - black, (0, pw, 0, ph)) + black
 
 
@@ -87,20 +82,19 @@ def sliding_window(student, img, crop, stride=None, num_classes=None):
     logits, count = None, torch.zeros(1, 1, H, W, device=img.device)
     for y in window_starts(H, crop, stride):
         for x in window_starts(W, crop, stride):
-            out = at_least_fp32(
-                student(pad16(img[:, :, y : y + h, x : x + w]))[:, :, :h, :w]
-            )  # (B, N, h, w)
-            if logits is None:
-                logits = torch.zeros(B, out.shape[1], H, W, device=img.device, dtype=out.dtype)
-            logits[:, :, y : y + h, x : x + w] += out
-            count[:, :, y : y + h, x : x + w] += 1
-    if num_classes is not None and logits.shape[1] != num_classes:
-        raise ValueError(
-            f"the student predicts {logits.shape[1]} classes, the dataset has {num_classes}"
-        )
+            out = at_least_fp32(student(pad16(img[..., y : y + h, x : x + w]))[..., :h, :w])
+            if logits is None:  # (B, N, H, W) once the student said N
+                logits = img.new_zeros(B, out.shape[1], H, W, dtype=out.dtype)
+            logits[..., y : y + h, x : x + w] += out  # (B, N, h, w)
+            count[..., y : y + h, x : x + w] += 1
+    n = logits.shape[1]
+    if num_classes not in (None, n):
+        raise ValueError(f"the student predicts {n} classes, the dataset has {num_classes}")
     return logits / count  # every pixel is in >= 1 window
 
 
+# no_grad rather than inference_mode: evaluate's confusion matrices stay normal tensors that
+# train.py can all_reduce in place.
 @torch.no_grad()
 def predict(model, img, crop, stride=None, names=None, out_size=None):
     """Probabilities (B, N, H, W) by name: each student's, and 'fused' (E10) of all students.
@@ -108,16 +102,12 @@ def predict(model, img, crop, stride=None, names=None, out_size=None):
     averaged window logits are resized back to it (bilinear, align_corners=True, as the release)
     before the softmax."""
     names = model.check_names(names)
-    needed = [s.name for s in model.students] if FUSED in names else names
     probs = {}
-    for s in model.students:
-        if s.name in needed:
-            logits = sliding_window(s, img, crop, stride)
-            if out_size is not None and tuple(out_size) != tuple(logits.shape[-2:]):
-                logits = F.interpolate(
-                    logits, size=tuple(out_size), mode="bilinear", align_corners=True
-                )
-            probs[s.name] = logits.softmax(1)
+    for s in [s for s in model.students if s.name in names or FUSED in names]:
+        logits = sliding_window(s, img, crop, stride)
+        if out_size is not None and tuple(out_size) != logits.shape[-2:]:
+            logits = F.interpolate(logits, out_size, mode="bilinear", align_corners=True)
+        probs[s.name] = logits.softmax(1)
     # E10 after the window averaging: per pixel the more confident student (or the mean)
     if FUSED in names:
         probs[FUSED] = fuse(list(probs.values()), model.fusion)
@@ -139,26 +129,23 @@ class ConfusionMatrix:
     def update(self, pred, label):
         """pred, label: class maps of the same shape (any batch); one bincount, no per-pixel
         Python."""
-        label, pred = label.reshape(-1).long(), pred.reshape(-1).long()
-        keep = label != IGNORE
-        counts = torch.bincount(label[keep] * self.n + pred[keep], minlength=self.n * self.n)
-        if counts.numel() > self.n * self.n:
+        keep = label != IGNORE  # the masked pixels, flattened
+        counts = torch.bincount(label[keep].long() * self.n + pred[keep], minlength=self.n**2)
+        if counts.numel() > self.n**2:
             raise ValueError(f"labels hold values >= {self.n} that are not {IGNORE} (ignore)")
         self.mat += counts.view(self.n, self.n)
 
-    def iou(self):
-        """Per-class IoU = TP / (TP + FP + FN), as fractions; NaN for a class absent from labels
-        AND predictions."""
+    def iou(self, eps=0.0):
+        """Per-class IoU = TP / (TP + FP + FN + eps), as fractions; NaN for a class absent from
+        labels AND predictions unless eps > 0."""
         m = self.mat.double().cpu()
         tp = m.diag()
-        return tp / (m.sum(0) + m.sum(1) - tp)  # 0 / 0 = NaN
+        return tp / (m.sum(0) + m.sum(1) - tp + eps)  # 0 / 0 = NaN
 
     def miou(self):
         """mIoU as the release computes it: I / (U + 1e-10) averaged over ALL classes, so a class
         absent from labels and predictions counts as 0 (the paper's numbers)."""
-        m = self.mat.double().cpu()
-        tp = m.diag()
-        return (tp / (m.sum(0) + m.sum(1) - tp + 1e-10)).mean().item()
+        return self.iou(1e-10).mean().item()
 
     def miou_present(self):
         """mIoU over the classes present in labels or predictions (mmseg's nanmean); equal to miou()
@@ -172,36 +159,23 @@ class ConfusionMatrix:
         """Fractions 0..1 (as mmseg; tables print %): {'miou' (the release's), 'miou_present',
         'acc', 'iou': {class: IoU, None if absent}, 'pixels': labelled pixels}. None, not NaN:
         standard JSON."""
-        iou = [None if math.isnan(v) else v for v in self.iou().tolist()]
-        return dict(
-            miou=self.miou(),
-            miou_present=self.miou_present(),
-            acc=self.acc(),
-            iou=dict(zip(class_names, iou)),
-            pixels=int(self.mat.sum()),
-        )
-
-    def table(self, class_names):
-        return format_table({"IoU": self}, class_names)
+        iou = {c: None if math.isnan(v) else v for c, v in zip(class_names, self.iou().tolist())}
+        d = dict(miou=self.miou(), miou_present=self.miou_present(), acc=self.acc())
+        return {**d, "iou": iou, "pixels": int(self.mat.sum())}
 
 
 def format_table(cms, class_names):
     """Per-class IoU (%) with one column per prediction, then mIoU and pixel accuracy; '-' =
     class absent."""
-    width = max(len(c) for c in list(class_names) + ["class"])
-    cell = lambda v: f"{'-' if math.isnan(v) else f'{100 * v:.2f}':>9}"
-    lines = [f"{'class':<{width}}" + "".join(f"{n:>9}" for n in cms)]
-    ious = {n: cm.iou().tolist() for n, cm in cms.items()}
-    lines += [
-        f"{c:<{width}}" + "".join(cell(ious[n][k]) for n in cms) for k, c in enumerate(class_names)
-    ]
-    lines.append(f"{'mIoU':<{width}}" + "".join(cell(cm.miou()) for cm in cms.values()))
-    # some class never appears
-    if any(abs(cm.miou() - cm.miou_present()) > 1e-9 for cm in cms.values()):
-        lines.append(
-            f"{'mIoU present':<{width}}" + "".join(cell(cm.miou_present()) for cm in cms.values())
-        )
-    lines.append(f"{'aAcc':<{width}}" + "".join(cell(cm.acc()) for cm in cms.values()))
+    width = max(len(c) for c in [*class_names, "class"])
+    row = lambda name, cells: f"{name:<{width}}" + "".join(f"{c:>9}" for c in cells)
+    pct = lambda values: ["-" if math.isnan(v) else f"{100 * v:.2f}" for v in values]
+    ious = zip(*(cm.iou().tolist() for cm in cms.values()))  # per class, one IoU per prediction
+    lines = [row("class", cms)] + [row(c, pct(v)) for c, v in zip(class_names, ious)]
+    lines.append(row("mIoU", pct(cm.miou() for cm in cms.values())))
+    if any(abs(cm.miou() - cm.miou_present()) > 1e-9 for cm in cms.values()):  # a class never seen
+        lines.append(row("mIoU present", pct(cm.miou_present() for cm in cms.values())))
+    lines.append(row("aAcc", pct(cm.acc() for cm in cms.values())))
     return "\n".join(lines)
 
 
@@ -212,30 +186,20 @@ def evaluate(model, loader, crop, names=None, amp=None, stop=None):
     next image (runtime.Stopped), so a cluster's grace period is never spent on a validation pass.
     Restores the model's train/eval mode. Only rank 0 of a DDP run shows progress."""
     names = model.check_names(names)
-    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
-    num_classes = len(model.students[0].class_embeddings())
-    cms = {n: ConfusionMatrix(num_classes, device) for n in names}
-    progress = is_master()
-    ctx = amp or nullcontext()
+    emb = model.students[0].class_embeddings()  # (N, D) on the model's device
+    cms = {n: ConfusionMatrix(len(emb), emb.device) for n in names}
     was_training = model.training
     model.eval()
-    # no_grad rather than inference_mode: cm.mat must stay a normal tensor that train.py can
-    # all_reduce in place.
-    with torch.no_grad():
-        for batch in tqdm(
-            loader, desc="eval", disable=not progress, leave=False, dynamic_ncols=True
-        ):
-            if stop is not None and stop.received():
-                model.train(was_training)
-                raise Stopped
-            img, label = (
-                batch["img"].to(device),
-                batch["label"].to(device),
-            )  # (1, 3, H, W), (1, H, W)
-            with ctx:
-                probs = predict(model, img, crop, names=names, out_size=label.shape[-2:])
-            for n, p in probs.items():
-                cms[n].update(p.argmax(1), label)
+    for batch in tqdm(loader, "eval", disable=not is_master(), leave=False, dynamic_ncols=True):
+        if stop is not None and stop.received():
+            model.train(was_training)
+            raise Stopped
+        # (1, 3, H, W), (1, H, W) on the model's device
+        img, label = batch["img"].to(emb.device), batch["label"].to(emb.device)
+        with amp or nullcontext():
+            probs = predict(model, img, crop, names=names, out_size=label.shape[-2:])
+        for n, p in probs.items():
+            cms[n].update(p.argmax(1), label)
     model.train(was_training)
     return cms
 
@@ -247,40 +211,33 @@ def evaluate(model, loader, crop, names=None, amp=None, stop=None):
 def colorize(label, palette):
     """Class map -> palette PNG (mode 'P'): class k in palette[k], 255 (and anything unknown)
     black."""
-    flat = [v for colour in palette for v in colour]
     im = Image.fromarray(np.asarray(label).astype(np.uint8), mode="P")
-    im.putpalette(flat + [0] * (768 - len(flat)))
+    im.putpalette([v for rgb in palette for v in rgb] + [0] * (768 - 3 * len(palette)))
     return im
-
-
-MANIFEST = "predictions.json"  # what an --out folder of predictions holds: the files eval.py wrote
 
 
 def predict_folder(model, palette, folder, out, crop, name=FUSED):
     """Predict every image of `folder` (or one image file) at its own resolution into
     `out`/<stem>_mask.png (palette PNG of class indices), with the same windows and fusion as the
-    evaluation, under the caller's autocast. `out` never overwrites what eval.py did not write there: a file of
-    that name is replaced only when `out`'s predictions.json lists it. Returns the files written."""
+    evaluation, under the caller's autocast. `out` never overwrites what eval.py did not write
+    there: a file of that name is replaced only when `out`'s predictions.json lists it. Returns the
+    files written."""
     paths = [folder] if os.path.isfile(folder) else data.list_images(folder)
     if os.path.abspath(out) in {os.path.abspath(os.path.dirname(p)) for p in paths}:
         raise UserError(f"--out {out!r} is the folder of the images: pass another folder")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out!r} exists and is not a folder")
-    manifest = os.path.join(out, MANIFEST)
+    manifest = os.path.join(out, "predictions.json")  # the files eval.py wrote there
     ours = set(atomic.read_json(manifest)["files"]) if os.path.isfile(manifest) else set()
     targets = [os.path.splitext(os.path.basename(p))[0] + "_mask.png" for p in paths]
     foreign = [t for t in targets if os.path.exists(os.path.join(out, t)) and t not in ours]
     if foreign:
-        raise UserError(
-            f"--out {out!r} already holds {foreign[:3]}, not written by eval.py: "
-            f"pass an empty or new folder"
-        )
-    device = next(model.parameters()).device
+        held = f"--out {out!r} already holds {foreign[:3]}"
+        raise UserError(f"{held}, not written by eval.py: pass an empty or new folder")
     runs.check_writable(out, what="the prediction folder")
     for path, target in zip(tqdm(paths, desc="predict", dynamic_ncols=True), targets):
-        img = data.normalize(data.load_image(path))[None].to(device)
-        probs = predict(model, img, crop, names=[name])[name]
-        mask = probs[0].argmax(0).byte().cpu().numpy()
+        img = data.normalize(data.load_image(path))[None].to(next(model.parameters()).device)
+        mask = predict(model, img, crop, names=[name])[name][0].argmax(0).cpu()  # (H, W)
         try:
             colorize(mask, palette).save(os.path.join(out, target))
         except OSError as err:  # a full disk, a folder made read-only meanwhile
@@ -305,17 +262,13 @@ def get_args(argv=None):
     a("--predict", default=None, metavar="PATH", help="instead: predict this image or folder")
     a("--out", default=None, metavar="DIR", help="with --predict: where the palette PNGs go")
     a("--amp", choices=AMP, default=None, help="CUDA autocast (default: the run's own); CPU: fp32")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu")
     a("--workers", type=int, default=2, help="data loader processes (0: in this process)")
     args = p.parse_args(argv)
     if bool(args.predict) != bool(args.out):
         p.error("--predict PATH and --out DIR go together")
     if args.predict and not os.path.exists(args.predict):
         p.error(f"--predict {args.predict!r} does not exist (an image file or a folder of images)")
-    try:  # what can be checked before the (slow) model load
-        args.checkpoint = runs.resolve_checkpoint(args.path)
-    except UserError as e:
-        p.error(str(e))
     return args
 
 
@@ -331,37 +284,30 @@ def split_loader(info, cfg, split, data_root=None, splits_dir=None, workers=2):
 
 def main(argv=None):
     args = get_args(argv)
-    device = torch.device(args.device)
-    model, info, cfg = runs.load_run(args.checkpoint, device, args.data_root)
-    valid = model.names + ["all"]
+    args.checkpoint = runs.resolve_checkpoint(args.path)  # a bad path: before the (slow) load
+    model, info, cfg = runs.load_run(args.checkpoint, args.device, args.data_root)
+    valid, crop = model.names + ["all"], cfg["crop"]
     if args.student not in valid:
         raise UserError(f"--student {args.student!r} is not in this run; valid: {', '.join(valid)}")
     args.amp = args.amp or cfg.get("amp") or "auto"  # a release-recipe run: fp32, as it trained
-    amp = autocast(device, args.amp)
+    amp = autocast(args.device, args.amp)
     if args.predict:
         name = FUSED if args.student == "all" else args.student
         with amp:
-            done = predict_folder(model, info.palette, args.predict, args.out, cfg["crop"], name)
+            done = predict_folder(model, info.palette, args.predict, args.out, crop, name)
         print(f"predicted {len(done)} image(s) ({name} prediction) into {args.out}")
         return done
     folder = runs.run_folder(args.checkpoint)
     names = None if args.student == "all" else [args.student]
     splits_dir = os.path.join(folder, "splits")
     loader = split_loader(info, cfg, args.split, args.data_root, splits_dir, args.workers)
-    cms = evaluate(model, loader, cfg["crop"], names=names, amp=amp)
-    print(
-        f"{args.checkpoint}: {args.split} split, {len(loader)} images, crop {cfg['crop']}, "
-        f"fusion {model.fusion}, amp {args.amp}\n{format_table(cms, info.classes)}"
-    )
-    result = dict(
-        checkpoint=os.path.abspath(args.checkpoint),
-        split=args.split,
-        crop=cfg["crop"],
-        stride=window_stride(cfg["crop"]),
-        fusion=model.fusion,
-        amp=args.amp,
-        results={n: cm.to_dict(info.classes) for n, cm in cms.items()},
-    )
+    cms = evaluate(model, loader, crop, names=names, amp=amp)
+    head = f"{args.checkpoint}: {args.split} split, {len(loader)} images, crop {crop}"
+    print(f"{head}, fusion {model.fusion}, amp {args.amp}\n{format_table(cms, info.classes)}")
+    # eval_<split>.json: checkpoint, split, crop, stride, fusion, amp, results (in that order)
+    result = dict(checkpoint=os.path.abspath(args.checkpoint), split=args.split, crop=crop)
+    result.update(stride=window_stride(crop), fusion=model.fusion, amp=args.amp)
+    result["results"] = {n: cm.to_dict(info.classes) for n, cm in cms.items()}
     stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
     suffix = "" if os.path.isdir(args.checkpoint) or stem == "best" else f"_{stem}"
     out = os.path.join(folder, f"eval_{args.split}{suffix}.json")

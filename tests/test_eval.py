@@ -90,7 +90,7 @@ def test_confusion_matrix_hand_computed_miou():
         0.5
     )  # fractions (train prints %)
     json.dumps(d)  # JSON-safe (no NaN for the absent class)
-    table = cm.table(CLASSES)
+    table = ev.format_table({"IoU": cm}, CLASSES)
     assert (
         "37.50" in table
         and "66.67" in table
@@ -100,7 +100,9 @@ def test_confusion_matrix_hand_computed_miou():
     )
     full = ev.ConfusionMatrix(2)
     full.update(torch.tensor([0, 1]), torch.tensor([0, 1]))
-    assert "mIoU present" not in full.table(["a", "b"])  # shown only when it differs
+    assert "mIoU present" not in ev.format_table(
+        {"IoU": full}, ["a", "b"]
+    )  # shown only when it differs
 
 
 def test_confusion_matrix_predicted_but_absent_class_counts_zero():

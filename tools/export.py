@@ -23,18 +23,12 @@ import os
 import shutil
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from safetensors.torch import save_file
 
+from plumbing import runs
 from plumbing.atomic import read_json, replacing, write_json
 from plumbing.catalog import DatasetInfo, dataset_info
 from plumbing.errors import UserError, cli
-from plumbing.runs import (
-    EXPORT,
-    LOCAL_FOLDER,
-    is_export,
-    read_checkpoint,
-    resolve_checkpoint,
-    run_folder,
-)
 from plumbing.weights import DEFAULT_WEIGHTS
 
 # the settings of a run that are paths of the machine that trained it (dropped from config.json)
@@ -45,56 +39,45 @@ DATA_LICENCES = {
     "demo": "synthetic (plumbing/demo.py)",
 }
 # (hub licence id, name, link) of the pretrained weights a student starts from
+DINOV3_LICENCE = "https://ai.meta.com/resources/models-and-libraries/dinov3-license/"
 WEIGHT_LICENCES = {
     "clip": ("mit", "MIT (OpenAI CLIP)", "https://github.com/openai/CLIP/blob/main/LICENSE"),
-    "dinov3": (
-        "other",
-        "DINOv3 License (Meta)",
-        "https://ai.meta.com/resources/models-and-libraries/dinov3-license/",
-    ),
+    "dinov3": ("other", "DINOv3 License (Meta)", DINOV3_LICENCE),
 }
+TASK = "image-segmentation"  # the hub's pipeline tag, and the task of the results
 
 
 def export(checkpoint, out_dir):
     """Write the export of `checkpoint` (a run folder or .pt file) into out_dir; returns out_dir."""
-    state = read_checkpoint(checkpoint)
-    folder = run_folder(checkpoint)
-    if "dataset_info" in state:
-        info = DatasetInfo(**state["dataset_info"])
-    else:
-        info = dataset_info(state["cfg"]["dataset"], state["cfg"].get("data_root"))
+    state, folder = runs.read_checkpoint(checkpoint), runs.run_folder(checkpoint)
+    cfg, stored = state["cfg"], state.get("dataset_info")  # older checkpoints: the catalog's
+    info = DatasetInfo(**stored) if stored else dataset_info(cfg["dataset"], cfg.get("data_root"))
     check_target(out_dir, folder)
     run_config = os.path.join(folder, "config.json")
     try:
         saved = read_json(run_config) if os.path.isfile(run_config) else {}
     except ValueError as e:  # a config.json edited by hand, or truncated
         raise UserError(f"{run_config} is not valid JSON ({e}); restore it from the run") from e
-    cfg = {k: v for k, v in state["cfg"].items() if k not in PATHS}
+    cfg = {k: v for k, v in cfg.items() if k not in PATHS}
     for kind in DEFAULT_WEIGHTS:  # a hub id says what the weights are; a local folder says nothing
         w = cfg.get(f"{kind}_weights")
-        cfg[f"{kind}_weights"] = w if w is None or not os.path.exists(w) else LOCAL_FOLDER
-    classes = list(info.classes)
-    config = dict(
-        format=EXPORT,
-        version=2,
-        model_args=state["model_args"],
-        cfg=cfg,
-        dataset_info=dataclasses.asdict(info),
-        step=state["step"],
-        total_steps=saved.get("total_iters"),
-        chosen_by=state["best"].get("by"),
-        results=results_of(state, folder),
-        text_source=public(saved.get("text_source") or state.get("text_source")),
-        id2label={str(i): c for i, c in enumerate(classes)},
-        label2id={c: i for i, c in enumerate(classes)},
-    )
+        cfg[f"{kind}_weights"] = w if w is None or not os.path.exists(w) else runs.LOCAL_FOLDER
+    # config.json, in this order: what rebuilds the model, the step and its results, the labels
+    config = dict(format=runs.EXPORT, version=2, model_args=state["model_args"], cfg=cfg)
+    config.update(dataset_info=dataclasses.asdict(info), step=state["step"])
+    config.update(total_steps=saved.get("total_iters"), chosen_by=state["best"].get("by"))
+    config["results"] = results_of(state, folder)
+    config["text_source"] = public(saved.get("text_source") or state.get("text_source"))
+    config["id2label"] = {str(i): c for i, c in enumerate(info.classes)}
+    config["label2id"] = {c: i for i, c in enumerate(info.classes)}
     os.makedirs(out_dir, exist_ok=True)
-    write_weights(state["model"], os.path.join(out_dir, "model.safetensors"))
+    weights = {k: v.detach().cpu().contiguous().clone() for k, v in state["model"].items()}
+    with replacing(os.path.join(out_dir, "model.safetensors")) as tmp:
+        save_file(weights, tmp, metadata={"format": "pt"})
     write_json(os.path.join(out_dir, "config.json"), config)
-    if os.path.isdir(os.path.join(folder, "splits")):
-        shutil.copytree(
-            os.path.join(folder, "splits"), os.path.join(out_dir, "splits"), dirs_exist_ok=True
-        )
+    splits = os.path.join(folder, "splits")
+    if os.path.isdir(splits):
+        shutil.copytree(splits, os.path.join(out_dir, "splits"), dirs_exist_ok=True)
     with replacing(os.path.join(out_dir, "README.md")) as tmp:
         model_card(config).save(tmp)
     for dirpath, _, names in os.walk(out_dir):  # readable by all, whatever wrote them
@@ -110,26 +93,18 @@ def check_target(out_dir, run_dir):
         raise UserError(f"export target {out_dir!r} is a file: pass a new folder")
     if os.path.abspath(out_dir) == os.path.abspath(run_dir):
         raise UserError(f"export target {out_dir!r} is the run folder itself: pass a new folder")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not is_export(out_dir):
+    held = sorted(os.listdir(out_dir))[:4] if os.path.isdir(out_dir) else []
+    if held and not runs.is_export(out_dir):
         raise UserError(
             f"export target {out_dir!r} holds files that are not an export: "
-            f"{sorted(os.listdir(out_dir))[:4]}; pass a new or empty folder"
+            f"{held}; pass a new or empty folder"
         )
-
-
-def write_weights(tensors, path):
-    from safetensors.torch import save_file
-
-    with replacing(path) as tmp:
-        cpu = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-        save_file(cpu, tmp, metadata={"format": "pt"})
 
 
 def public(text):
     """A text_source without the machine's paths: 'file /home/x/t.npy' -> 'file t.npy'."""
-    if not text:
-        return text
-    return " ".join(os.path.basename(w) if os.path.isabs(w) else w for w in text.split(" "))
+    words = (os.path.basename(w) if os.path.isabs(w) else w for w in (text or "").split(" "))
+    return text and " ".join(words)
 
 
 def results_of(state, folder):
@@ -142,44 +117,6 @@ def results_of(state, folder):
     return last.get("results") if last.get("step") == state["step"] else None
 
 
-def card_data(config, base, licences):
-    """The card's metadata as the hub parses it: licence, base models, task, dataset, results."""
-    cfg, res = config["cfg"], config["results"] or {}
-    dataset = cfg["dataset"]
-    hub_licence = (
-        "other"
-        if any(lic[0] == "other" for lic in licences)
-        else licences[0][0]
-        if licences
-        else "unknown"
-    )
-    other = next((lic for lic in licences if lic[0] == "other"), None)
-    results = [
-        EvalResult(
-            task_type="image-segmentation",
-            dataset_type=dataset,
-            dataset_name=dataset,
-            dataset_split="val",
-            metric_type="mean_iou",
-            metric_name=f"mIoU ({name})",
-            metric_value=round(100 * r["miou"], 2),
-        )
-        for name, r in res.items()
-    ]
-    return ModelCardData(
-        license=hub_licence,
-        license_name="dinov3-license" if other else None,
-        license_link=other[2] if other else None,
-        library_name="co2s",
-        pipeline_tag="image-segmentation",
-        base_model=base or None,
-        datasets=[dataset],
-        tags=["semantic-segmentation", "remote-sensing", "semi-supervised"],
-        model_name=f"co2s-{dataset}-{cfg['ratio']}",
-        eval_results=results or None,
-    )
-
-
 def model_card(config):
     """The README.md of an export: metadata the hub indexes (ModelCardData), then what the model
     is, how good, how it was trained and under which terms; every sentence true of this model."""
@@ -187,19 +124,36 @@ def model_card(config):
     dataset, ratio = cfg["dataset"], cfg["ratio"].replace("_", "/")
     pretrained = {k: cfg.get(f"{k}_weights") for k in dict.fromkeys(args["kinds"])}
     pretrained = {k: w for k, w in pretrained.items() if w and w != "release-init"}
-    base = [w for w in pretrained.values() if w != LOCAL_FOLDER]
+    # the metadata as the hub parses it: licence, base models, task, dataset, results
     licences = [WEIGHT_LICENCES[k] for k in pretrained]
-    data = card_data(config, base, licences)
+    other = next((lic for lic in licences if lic[0] == "other"), None)
+    on = dict(task_type=TASK, dataset_type=dataset, dataset_name=dataset, dataset_split="val")
+    scores = {f"mIoU ({name})": round(100 * r["miou"], 2) for name, r in res.items()}
+    results = [
+        EvalResult(**on, metric_type="mean_iou", metric_name=n, metric_value=v)
+        for n, v in scores.items()
+    ]
+    data = ModelCardData(
+        license="other" if other else licences[0][0] if licences else "unknown",
+        license_name="dinov3-license" if other else None,
+        license_link=other and other[2],
+        library_name="co2s",
+        pipeline_tag=TASK,
+        base_model=[w for w in pretrained.values() if w != runs.LOCAL_FOLDER] or None,
+        datasets=[dataset],
+        tags=["semantic-segmentation", "remote-sensing", "semi-supervised"],
+        model_name=f"co2s-{dataset}-{cfg['ratio']}",
+        eval_results=results or None,
+    )
+    # the card: what the model is, how good, how it was trained, under which terms
     names = list(res) or args["kinds"]
     miou = " | ".join(f"{100 * res[n]['miou']:.2f}" if n in res else "-" for n in names)
     step, total = config["step"], config.get("total_steps")
     when = f"the checkpoint of step {step}" + (f" of a {total}-step run" if total else "")
     if config.get("chosen_by"):
         when += f" (the best by {config['chosen_by']} mIoU)"
-    weights = (
-        "; ".join(f"{k}: {w} ({WEIGHT_LICENCES[k][1]})" for k, w in pretrained.items())
-        or "none: every backbone started from random weights"
-    )
+    weights = "; ".join(f"{k}: {w} ({WEIGHT_LICENCES[k][1]})" for k, w in pretrained.items())
+    weights = weights or "none: every backbone started from random weights"
     size = args["size"] if isinstance(args["size"], str) else "as released"
     body = f"""
 # Co2S: {dataset} {ratio}
@@ -227,8 +181,8 @@ def main(argv=None):
     p.add_argument("path", help="run folder (its best.pt, else last.pt) or a .pt checkpoint")
     p.add_argument("out", help="the folder to write (new, empty, or a previous export)")
     args = p.parse_args(argv)
-    checkpoint = resolve_checkpoint(args.path)
-    if is_export(checkpoint):
+    checkpoint = runs.resolve_checkpoint(args.path)
+    if runs.is_export(checkpoint):
         raise UserError(f"{args.path!r} is an export already: copy the folder instead")
     try:
         print(f"wrote {export(checkpoint, args.out)}")
