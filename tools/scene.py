@@ -145,13 +145,14 @@ class Scene:
     crs: object  # the file's CRS, else its .prj's (GDAL's PNG / JPEG read world files only)
 
 
-def _read(src, bands, **where):
-    """(samples (3, h, w), valid (h, w) bool) read `where` (a window, or a decimated out_shape):
-    valid where some selected band is by GDAL's masks (the nodata value, an alpha band or an
-    internal mask: read_masks covers all three) and every selected sample is finite."""
-    raw = src.read(bands, **where)
-    valid = src.read_masks(bands, **where).any(0)
-    return raw, valid & np.isfinite(raw).all(0) if raw.dtype.kind == "f" else valid
+def _read(src, bands, out=(None, None), **where):
+    """(samples (3, h, w), valid (h, w) bool) read `where` (a window, or a decimated out_shape),
+    into `out` (samples, masks) if given: valid where some selected band is by GDAL's masks (the
+    nodata value, an alpha band or an internal mask: read_masks covers all three) and every
+    selected sample is finite."""
+    raw = src.read(bands, out=out[0], **where)
+    valid = src.read_masks(bands, out=out[1], **where).any(0)
+    return raw, valid & np.isfinite(raw).all(0) if raw.dtype.kind in "fc" else valid
 
 
 def _prj_crs(path):
@@ -206,8 +207,10 @@ def describe(src, path, bands, scale=None):
 def read_rows(scene, ys, h):
     """(y, pixels (h, W, 3) uint8, valid (h, W) bool) of each window row y: a window read of the
     file, no-data pixels black; pixels None where the row has no valid pixel."""
+    W, dtype = scene.src.width, np.result_type(*(scene.src.dtypes[b - 1] for b in scene.bands))
+    out = (np.empty((3, h, W), dtype), np.empty((3, h, W), np.uint8))  # reused: less heap to keep
     for y in ys:
-        raw, valid = _read(scene.src, scene.bands, window=Window(0, y, scene.src.width, h))
+        raw, valid = _read(scene.src, scene.bands, out, window=Window(0, y, W, h))
         if not valid.any():
             yield y, None, valid
             continue
@@ -310,9 +313,12 @@ class OpenRows:
         base = self.top
         while self.top < y:
             top, self.top = self.top, self.next[self.top]
-            rows = self.top - top
-            empty = (np.zeros((rows, self.W, 3), np.uint8), np.zeros((rows, self.W), bool))
-            pixels, valid = self.held.pop(top, empty)
+            rows, (pixels, valid) = self.top - top, self.held.pop(top, (None, None))
+            if valid is None:  # no window run: no valid pixel
+                pixels, valid = (
+                    np.zeros((rows, self.W, 3), np.uint8),
+                    np.zeros((rows, self.W), bool),
+                )
             yield Strip(
                 top, valid[:rows], pixels[:rows], self.h, self.fusion, self.sums, self.count
             )
@@ -384,13 +390,16 @@ def _create(path, scene, count, **options):
     return dst
 
 
-def _tile_rows(strips, name, H, overlay):
-    """(top, labels, pixels or None) of whole tile rows (BLOCK rows, the last one shorter) gathered
-    from the strips: every tile is then compressed once, complete (a JPEG tile is never decoded
-    and encoded again), and GDAL's cache holds no half-written tile."""
+def _tile_rows(strips, name, H, overlay, counts):
+    """(top, labels, pixels) of whole tile rows (BLOCK rows, the last one shorter) gathered from the
+    strips (pixels without channels unless overlay): every tile is then compressed once, complete
+    (a JPEG tile is never decoded and encoded again), and GDAL's cache holds no half-written tile.
+    The classes are counted into `counts` strip by strip (bincount's int64 copy stays small)."""
     done, parts = 0, []
     for s in strips:
-        parts.append((s.labels(name), s.pixels if overlay else s.pixels[:, :0]))
+        labels = s.labels(name)
+        counts += np.bincount(labels.ravel(), minlength=256)
+        parts.append((labels, s.pixels if overlay else s.pixels[:, :0].copy()))
         end = s.top + len(s.valid)
         if end // BLOCK > done // BLOCK or end == H:
             n = (end if end == H else end // BLOCK * BLOCK) - done
@@ -412,8 +421,7 @@ def write_masks(stem, scene, strips, info, opts):
         mask.write_colormap(1, cmap | {IGNORE: (0, 0, 0, 0)})  # no-data transparent
         mask.update_tags(1, CLASS_NAMES=json.dumps(list(info.classes)))  # also for rasterio
         mask.set_band_description(1, f"class index ({IGNORE}: no data)")
-        for top, labels, pixels in _tile_rows(strips, opts.name, mask.height, opts.overlay):
-            counts += np.bincount(labels.ravel(), minlength=256)
+        for top, labels, pixels in _tile_rows(strips, opts.name, mask.height, opts.overlay, counts):
             window = Window(0, top, mask.width, len(labels))
             mask.write(labels, 1, window=window)
             if overlay:  # the pixels blended 50 % with their class colours; no-data as they are
