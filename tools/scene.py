@@ -63,7 +63,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import numpy as np
-import rasterio
 import rasterio.features
 import torch
 from rasterio.enums import Resampling
@@ -145,13 +144,12 @@ class Scene:
     crs: object  # the file's CRS, else its .prj's (GDAL's PNG / JPEG read world files only)
 
 
-def _read(src, bands, out=(None, None), **where):
-    """(samples (3, h, w), valid (h, w) bool) read `where` (a window, or a decimated out_shape),
-    into `out` (samples, masks) if given: valid where some selected band is by GDAL's masks (the
-    nodata value, an alpha band or an internal mask: read_masks covers all three) and every
-    selected sample is finite."""
-    raw = src.read(bands, out=out[0], **where)
-    valid = src.read_masks(bands, out=out[1], **where).any(0)
+def _read(src, bands, **where):
+    """(samples (3, h, w), valid (h, w) bool) read `where` (a window, or a decimated out_shape):
+    valid where some selected band is by GDAL's masks (the nodata value, an alpha band or an
+    internal mask: read_masks covers all three) and every selected sample is finite."""
+    raw = src.read(bands, **where)
+    valid = src.read_masks(bands, **where).any(0)
     return raw, valid & np.isfinite(raw).all(0) if raw.dtype.kind in "fc" else valid
 
 
@@ -207,10 +205,8 @@ def describe(src, path, bands, scale=None):
 def read_rows(scene, ys, h):
     """(y, pixels (h, W, 3) uint8, valid (h, W) bool) of each window row y: a window read of the
     file, no-data pixels black; pixels None where the row has no valid pixel."""
-    W, dtype = scene.src.width, np.result_type(*(scene.src.dtypes[b - 1] for b in scene.bands))
-    out = (np.empty((3, h, W), dtype), np.empty((3, h, W), np.uint8))  # reused: less heap to keep
     for y in ys:
-        raw, valid = _read(scene.src, scene.bands, out, window=Window(0, y, W, h))
+        raw, valid = _read(scene.src, scene.bands, window=Window(0, y, scene.src.width, h))
         if not valid.any():
             yield y, None, valid
             continue
@@ -315,10 +311,8 @@ class OpenRows:
             top, self.top = self.top, self.next[self.top]
             rows, (pixels, valid) = self.top - top, self.held.pop(top, (None, None))
             if valid is None:  # no window run: no valid pixel
-                pixels, valid = (
-                    np.zeros((rows, self.W, 3), np.uint8),
-                    np.zeros((rows, self.W), bool),
-                )
+                shape = (rows, self.W)
+                pixels, valid = np.zeros((*shape, 3), np.uint8), np.zeros(shape, bool)
             yield Strip(
                 top, valid[:rows], pixels[:rows], self.h, self.fusion, self.sums, self.count
             )
@@ -501,7 +495,9 @@ def check_outputs(paths, out_dir, opts):
         raise UserError(f"--out {out_dir!r} is a file; give a folder")
     for p in paths:
         if os.path.realpath(os.path.dirname(os.path.abspath(p))) == os.path.realpath(out_dir):
-            raise UserError(f"--out {out_dir!r} holds the input {p!r}: give it a folder of its own")
+            raise UserError(
+                f"--out {out_dir!r} holds the input {p!r}: give the outputs a folder of their own"
+            )
         ours, stem = _ours(out_dir, _stem(p)), _stem(p)
         for name in targets(stem, opts):
             if os.path.lexists(os.path.join(out_dir, name)) and name not in ours:
@@ -585,7 +581,10 @@ def list_scenes(path):
     stems = [_stem(f) for f in names]
     twins = sorted({s for s in stems if stems.count(s) > 1})
     if twins:
-        raise UserError(f"{path!r}: images {twins} share a name in several formats (one output)")
+        raise UserError(
+            f"{path!r}: images {twins} share a name in several formats; their outputs would "
+            "overwrite each other"
+        )
     return [os.path.join(path, f) for f in names]
 
 
