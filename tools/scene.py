@@ -309,13 +309,10 @@ class OpenRows:
         base = self.top
         while self.top < y:
             top, self.top = self.top, self.next[self.top]
-            rows, (pixels, valid) = self.top - top, self.held.pop(top, (None, None))
+            n, (pixels, valid) = self.top - top, self.held.pop(top, (None, None))  # n: its rows
             if valid is None:  # no window run: no valid pixel
-                shape = (rows, self.W)
-                pixels, valid = np.zeros((*shape, 3), np.uint8), np.zeros(shape, bool)
-            yield Strip(
-                top, valid[:rows], pixels[:rows], self.h, self.fusion, self.sums, self.count
-            )
+                pixels, valid = np.zeros((n, self.W, 3), np.uint8), np.zeros((n, self.W), bool)
+            yield Strip(top, valid[:n], pixels[:n], self.h, self.fusion, self.sums, self.count)
         if base < y and self.lo < self.hi:
             s, cols = y - base, slice(self.lo, self.hi)  # only the columns written to
             for t in [*self.sums.values(), self.count]:  # drop s finished rows, s zero rows below
