@@ -534,8 +534,6 @@ def _cache_bytes(src, opts):
 
 def predict_scene(model, info, path, out_dir, opts):
     """Predict one raster file into out_dir (what is written: the module docstring); its summary."""
-    if not os.path.isfile(path):
-        raise UserError(f"image not found: {path}")
     os.makedirs(out_dir, exist_ok=True)
     stem, classes, stats = os.path.join(out_dir, _stem(path)), list(info.classes), {}
     ours = _ours(out_dir, _stem(path))  # an earlier run's overlay / polygons no longer match
@@ -547,7 +545,7 @@ def predict_scene(model, info, path, out_dir, opts):
         warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a plain PNG: pixel coordinates
         try:
             src = rasterio.open(path)
-        except RasterioIOError as e:
+        except RasterioIOError as e:  # a missing file too
             raise UserError(f"cannot read {path}: {e}") from None
         with src, rasterio.Env(GDAL_CACHEMAX=_cache_bytes(src, opts)):
             scene = describe(src, path, opts.bands, opts.scale)
