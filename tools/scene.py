@@ -612,7 +612,13 @@ def get_args(argv=None):
     a("model", metavar="RUN_OR_CHECKPOINT_OR_EXPORT", help="run, checkpoint, export or hub id")
     a("--input", required=True, metavar="PATH", help="a raster file, or a folder of them")
     a("--out", required=True, metavar="DIR", help="where the outputs go (not an input's folder)")
-    a("--student", dest="name", default="fused", help="'fused' (E10, default) or a student's name")
+    a(
+        "--student",
+        dest="name",
+        metavar="STUDENT",
+        default="fused",
+        help="'fused' (E10) or one student",
+    )
     a("--bands", default="1,2,3", help="the three bands the students read as RGB, 1-based")
     a("--scale", type=float, help="non-8-bit samples as value * 255 / SCALE (default: a per-band "
       "2-98 %% stretch over the valid pixels)")  # fmt: skip
