@@ -612,24 +612,18 @@ def get_args(argv=None):
     a("model", metavar="RUN_OR_CHECKPOINT_OR_EXPORT", help="run, checkpoint, export or hub id")
     a("--input", required=True, metavar="PATH", help="a raster file, or a folder of them")
     a("--out", required=True, metavar="DIR", help="where the outputs go (not an input's folder)")
-    a(
-        "--student",
-        dest="name",
-        metavar="STUDENT",
-        default="fused",
-        help="'fused' (E10) or one student",
-    )
-    a("--bands", default="1,2,3", help="the three bands the students read as RGB, 1-based")
+    a("--student", dest="name", metavar="STUDENT", help="'fused' (E10, default) or a student")
+    a("--bands", help="the three bands the students read as RGB, 1-based (default 1,2,3)")
     a("--scale", type=float, help="non-8-bit samples as value * 255 / SCALE (default: a per-band "
       "2-98 %% stretch over the valid pixels)")  # fmt: skip
-    a("--batch", type=int, default=8, help="windows per forward")
+    a("--batch", type=int, help="windows per forward (default 8)")
     a("--crop", type=int, help="window size (default: the run's training crop)")
     a("--stride", type=int, help="window stride (default: 5/6 of the crop)")
     a("--overlay", action="store_true", help="also <stem>_overlay.tif, the image tinted by class")
     a("--vector", action="store_true", help="also <stem>_polygons.geojson, the class regions")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--amp", choices=AMP, default="auto", help="CUDA autocast of the forwards")
-    args = vars(p.parse_args(argv))
+    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}  # else defaults
     return args.pop("model"), args.pop("input"), args.pop("out"), SceneOptions(**args)
 
 
