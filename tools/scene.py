@@ -275,7 +275,8 @@ def _zeros(shape, device):
     """Zeros of `shape` stored column by column (a view of reversed-shape memory), so that a range
     of the last axis is one stretch of memory: np.zeros (calloc) leaves the pages of columns no
     window touches unmapped, even as transparent huge pages, and a sparse scene's open rows hold
-    only the columns with data. Additions are elementwise: the layout changes no value."""
+    only the columns with data (on a GPU the zeros are copied there, once a scene). Additions
+    are elementwise: the layout changes no value."""
     return torch.from_numpy(np.zeros(shape[::-1], np.float32).T).to(device)
 
 
