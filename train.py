@@ -75,45 +75,40 @@ def number(convert, low, strict=False):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=Help)
     a, count, whole, rate = p.add_argument, number(int, 1), number(int, 0), number(float, 0)
+    flag = argparse.BooleanOptionalAction
     a("--recipe", default="paper", choices=recipes.RECIPES, help="paper: the method as the paper "
       "states it | release: the authors' code as they ran it (METHOD.md section 7; flags win)")
-    a("--config", help="start a NEW run with the settings of a saved run or exported model (its "
-      "folder, config.json or hub id); flags given here win")
+    a("--config", help="a NEW run with the settings of a saved run or export (folder, config.json "
+      "or hub id); flags win")
     # data (the defaults per dataset come from plumbing/catalog.py: crop, epochs, batch, size)
     a("--dataset", default="demo", help="one of: " + ", ".join(CHOICES))
     a("--ratio", default="1/16", help="labelled ratio, 1/16 or 1_16")
     a("--data-root", help="dataset folder (default: data/<dataset>)")
     a("--download", action="store_true", help="fetch a missing paper dataset from the hub")
-    a("--splits", help="split lists: a folder (paper layout or labeled/unlabeled/val.txt) or "
-      "'seeded' (default: the paper's lists in splits/)")
+    a("--splits", help="a folder of split lists, or 'seeded' (default: the paper's, in splits/)")
     a("--crop", type=number(int, 16), help="training crop and eval window (default: the dataset's)")
     a("--batch", type=count, help="GLOBAL labelled (and unlabelled) images per step (default: the "
-      "release's, 4 = 4 GPUs x 1, whdld 8; demo 2)")
+      "release's, 4 = 4 GPUs x 1)")
     a("--accum", type=count, help="micro-batches per step and process (default 1; --accum 4 on one "
-      "GPU runs as the release's 4 processes, slower)")
-    a("--workers", type=whole, help="loader processes per stream (default: a quarter of the CPU "
-      "cores, 1 to 4)")
+      "GPU: the release's 4 processes)")
+    a("--workers", type=whole, help="loader processes per stream (default: CPU cores / 4, 1 to 4)")
     # students (E1-E4)
-    a("--students", default="clip,dinov3", help="one or two of clip|dinov3, comma separated "
-      "(clip,dinov3: the paper)")
-    a("--size", choices=["base", "tiny"], help="ViT-B/16 (the paper) or the tiny CPU preset "
-      "(default: the dataset's)")
+    a("--students", default="clip,dinov3", help="one or two of clip|dinov3, comma separated")
+    a("--size", choices=["base", "tiny"], help="ViT-B/16 (paper) or the tiny CPU preset (default: "
+      "the dataset's)")
     for kind in model.KINDS:
         extra = "; 'release-init': as the release trains it" if kind == "dinov3" else ""
-        a(f"--{kind}-weights", help=f"hub id or local folder (base default "
-          f"{DEFAULT_WEIGHTS[kind]}); 'none' = random{extra}")
+        a(f"--{kind}-weights", help=f"hub id or folder (base default {DEFAULT_WEIGHTS[kind]}); "
+          f"'none' = random{extra}")
     a("--clip-guidance", default="text", choices=["text", "queries"], help="ablation: the CLIP "
       "student with learnable queries instead of text (E2)")
     a("--text-embeddings", help="precomputed [N, 512] .npy/.pt class embeddings")
-    a("--numerics", choices=NUMERICS, help="backbone numerics: the transformers checkpoints' (hf, "
-      "the default) or the authors' code's (release)")
-    a("--init", help="start from a checkpoint's weights (ours, or tools.release's), with its "
-      "students, size and numerics")
+    a("--numerics", choices=NUMERICS, help="backbone numerics: transformers' (hf, the default) or "
+      "the authors' code's (release)")
+    a("--init", help="start from a checkpoint's weights, students, size and numerics")
     a("--grad-checkpoint", action="store_true", help="recompute the trainable blocks (memory)")
-    a("--compile", action="store_true", help="torch.compile the backbone blocks and the heads "
-      "(static shapes)")
-    a("--frozen-bf16", action="store_true", help="under bf16 autocast, store the frozen backbone "
-      "weights in bf16")
+    a("--compile", action="store_true", help="torch.compile the backbone blocks and the heads")
+    a("--frozen-bf16", action="store_true", help="store frozen backbone weights in bf16 (bf16 AMP)")
     # method (co2s.Method)
     a("--method", default="co2s", choices=co2s.METHODS, help="co2s (E5-E8) | unimatch (no E8) "
       "| supervised (E5 only)")
@@ -123,36 +118,31 @@ def get_args(argv=None):
     a("--no-fp", action="store_true", help="ablation: drop the feature-perturbation branch (E4)")
     a("--strong-views", type=int, default=2, choices=[1, 2], help="ablation: one strong view")
     a("--mix-source", choices=data.MIX_SOURCES, help="CutMix partners: another unlabelled image "
-      "(the default), the same one again (the release), the batch rolled")
-    a("--data-order", choices=data.ORDERS, help="own: each stream its own seeded order (the "
-      "default) | shared: one sampler for both lists (the release)")
+      "(partner, the default), the same one again (the release), the batch rolled")
+    a("--data-order", choices=data.ORDERS, help="own: a seeded order per stream (the default) | "
+      "shared: one for both lists (the release)")
     a("--fusion", default="confidence", choices=model.FUSIONS, help="E10 fusion rule at inference")
     # optimisation (METHOD.md section 5)
     a("--lr", type=number(float, 0, strict=True), help="base lr (default: 1e-4, scratch 5e-4)")
     a("--weight-decay", type=rate, default=0.01)
-    a("--backbone-lr-mult", type=rate, help="trainable backbone weights "
-      "(default: 0.01, scratch 0.5)")
+    a("--backbone-lr-mult", type=rate, help="trainable backbone (default: 0.01, scratch 0.5)")
     a("--train-backbone", choices=model.TRAIN_BACKBONE, help="which backbone weights train "
-      "(default: attention, the paper; all from scratch)")
+      "(default: attention, the paper; scratch: all)")
     a("--head-lr-mult", type=rate, help="decoder head (default: 10, scratch 1); queries x1")
     a("--epochs", type=count, help="passes over the unlabelled list (default: the dataset's)")
     a("--iters", type=count, help="total optimizer steps (overrides --epochs)")
-    a("--round-iters", action=argparse.BooleanOptionalAction, help="round --iters up to whole "
-      "epochs, as the release does (default: under --recipe release)")
-    a("--amp", choices=runtime.AMP, help="CUDA autocast (auto, the default: bf16, else fp16; off: "
-      "fp32, the release)")
+    a("--round-iters", action=flag, help="round --iters up to whole epochs (default: release)")
+    a("--amp", choices=runtime.AMP, help="CUDA autocast (auto, the default: bf16, else fp16)")
     a("--seed", type=whole, default=0)
     # run folder
     a("--out", help="run folder (default: runs/<dataset>-<ratio>-<time>)")
-    a("--resume", help="run folder to continue with its own config (only --iters / --stop-at "
-      "change)")
+    a("--resume", help="run folder to continue (only --iters / --stop-at may change)")
     a("--eval-every", type=count, default=1, help="epochs between evaluations")
     a("--best-by", default="fused", help="student name (or fused) whose mIoU picks best.pt")
-    a("--best-per-student", action=argparse.BooleanOptionalAction, help="also keep "
-      "best_<student>.pt by its own mIoU, as the release does (default: under --recipe release)")
+    a("--best-per-student", action=flag, help="also keep best_<student>.pt, each by its own mIoU "
+      "(default: release)")
     a("--log-every", type=count, default=10)
-    a("--save-every", type=whole, default=0, help="also write last.pt every N steps (0: at epoch "
-      "ends only)")
+    a("--save-every", type=whole, default=0, help="also write last.pt every N steps (0: epochs)")
     a("--stop-at", type=whole, help="stop after this step (checkpointed)")
     a("--device", help="cuda or cpu (default: cuda if available)")
     args = p.parse_args(argv)
@@ -284,10 +274,10 @@ def poly(step, total):
 @dataclasses.dataclass
 class Loop:
     """The training loop's state: the run (runs.Run: config, model, optimizers, scaler, step,
-    best), its batch layout and where it computes; each rule of the loop written once below."""
+    best, dataset info), its batch layout and where it computes; each rule of the loop written
+    once below."""
 
     run: runs.Run
-    info: object  # plumbing.catalog.DatasetInfo
     layout: BatchLayout
     device: torch.device
     students: list = None  # as the step calls them: in their DDP wrappers on several processes
@@ -321,58 +311,63 @@ class Loop:
         return step % per_epoch == 0 or self.ends_after(step) or (every and step % every == 0)
 
     def evaluates_after(self, step):  # ... and for when the model is evaluated
-        per_epoch = self.cfg["iters_per_epoch"]
-        if step == self.total_steps:
-            return True
-        return step % per_epoch == 0 and (step // per_epoch) % self.cfg["eval_every"] == 0
+        every = self.cfg["iters_per_epoch"] * self.cfg["eval_every"]
+        return step == self.total_steps or step % every == 0
 
 
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = runtime.setup_ddp(args.device)
-    cfg, state, init, lock = configure(args, argv, rank, world)
+    cfg, state, lock, init = configure(args, argv, rank, world)
     # the folder's lock is released however the run ends (a kill -9: by the kernel)
     with lock or contextlib.nullcontext():
         run_training(cfg, state, init, rank, world, device)
 
 
 def run_training(cfg, state, init, rank, world, device):
-    """main's work once the run folder is decided and locked."""
+    """main's work once the run folder is decided and locked: the data, the model, the loop."""
     # how the global batch splits over the processes and --accum: one that does not fails at once
-    pad = cfg["epoch_rule"] == "release"
-    layout = BatchLayout(cfg["batch"], world, cfg["accum"], rank, pad=pad)
+    layout = BatchLayout(
+        cfg["batch"], world, cfg["accum"], rank, pad=cfg["epoch_rule"] == "release"
+    )
     for seed in (torch.manual_seed, np.random.seed, random.seed):
         seed(cfg["seed"])
     info = dataset_info(cfg["dataset"], cfg["data_root"])
     splits = prepare_data(cfg, info, os.path.join(cfg["out"], "splits") if state else None, world)
     cfg = schedule(cfg, layout, len(splits.unlabeled))  # the config is final from here on
     loop, text_source = build_loop(cfg, state, info, layout, device, init)
+    run, total = loop.run, loop.total_steps
     if loop.master:
-        best = len(loop.run.model.students) if cfg["best_per_student"] else 0
-        runs.check_room(cfg["out"], loop.run.model, copies=3 + best)
+        best = len(run.model.students) if cfg["best_per_student"] else 0
+        runs.check_room(cfg["out"], run.model, copies=3 + best)
         start_run(loop, splits, text_source, fresh=state is None)
-    run, method, amp = loop.run, method_of(cfg), runtime.autocast(device, cfg["amp"])
+    method, amp = method_of(cfg), runtime.autocast(device, cfg["amp"])
     pin, order = device.type == "cuda", cfg["data_order"]
     streams = data.Streams(cfg["crop"], cfg["seed"], cfg["mix_source"], cfg["workers"], pin, order)
-    steps = range(run.step, loop.total_steps)  # one sampler for the run: workers start once
+    steps = range(run.step, total)  # one sampler for the run: workers start once
     loaders = data.train_loaders(info, splits, layout, streams, steps, method.method)
     streams = {name: iter(loader) for name, loader in loaders.items()}
     workers = min(cfg["workers"], 2)
     val = data.val_loader(info, splits.val, workers=workers, rank=rank, world_size=world)
 
-    pbar = tqdm(
-        total=loop.total_steps, initial=run.step, disable=not loop.master, dynamic_ncols=True
-    )
+    pbar = tqdm(total=total, initial=run.step, disable=not loop.master, dynamic_ncols=True)
     run.model.train()
     with runtime.StopSignals(world, device) as stop:
         loop.stop = stop
-        if state and loop.evaluates_after(run.step) and not evaluated(loop):
-            evaluate_and_keep_best(loop, val, amp)  # stopped during it: the evaluation again
-        while run.step < loop.total_steps and run.step != cfg["stop_at"]:
+        if state and loop.evaluates_after(run.step) and not runs.evaluated(cfg["out"], run.step):
+            evaluate(loop, val, amp)  # stopped during it: the evaluation again
+        while run.step < total and run.step != cfg["stop_at"]:
             train_step(loop, streams, method, amp)
             pbar.update(1)
-            after_step(loop, val, amp, pbar)
-            if stop.requested() and run.step < loop.total_steps:  # a finished run just ends
+            # log, checkpoint, evaluate: each on its own rule (Loop), last.pt before the
+            # evaluation, so a crash during it loses nothing
+            if loop.logs_after(run.step):
+                log_train(loop, pbar)
+            if loop.master and loop.saves_after(run.step):
+                save_last(loop)
+            if loop.evaluates_after(run.step):
+                evaluate(loop, val, amp)
+            if stop.requested() and run.step < total:  # a finished run just ends
                 stopped(loop, stop.name)
     pbar.close()
     finish(loop)
@@ -385,39 +380,17 @@ def method_of(cfg):
 
 
 def configure(args, argv, rank, world):
-    """(config, the state to resume or None, the --init state or None, the run folder's lock):
+    """(config, the state to resume or None, the run folder's lock, the --init state or None):
     a new run, the same command again on its folder (a requeued job continues), or --resume."""
-    command = "python train.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    init, state, lock = None, None, None
-    if args.resume:
-        check_resume_flags(args)
+    init, cfg = None, None
+    if args.resume:  # it continues with its own config: a flag that would change it is an error
+        runs.check_resume_flags(args, vars(get_args([])))
     else:
         init = runs.read_checkpoint(runs.resolve_checkpoint(args.init)) if args.init else None
+        command = "python train.py " + shlex.join(sys.argv[1:] if argv is None else argv)
         cfg = dict(resolve(args, init, world), command=command)
     out = args.resume or cfg["out"]
-    requeue = not args.resume and os.path.isfile(os.path.join(out, "last.pt"))
-    if rank == 0:  # before any model is built or downloaded; one training per folder at a time
-        runs.check_writable(out)
-        if not args.resume and not requeue:
-            runs.check_fresh(out, cfg)
-        lock = runs.lock_run(out)
-    if args.resume:
-        cfg, state = runs.resume(args.resume, args.iters, args.stop_at, world)
-    elif requeue:  # the same command again on its folder (a requeued job): continue it
-        cfg, state = runs.requeued(cfg, args.iters, args.stop_at, world)
-    return cfg, state, init, lock
-
-
-def check_resume_flags(args):
-    """--resume continues a run with its own config: a flag that would change it is an error."""
-    defaults, free = vars(get_args([])), (*runs.FREE, "iters")
-    changed = [k for k, v in vars(args).items() if k not in free and v != defaults[k]]
-    if changed:
-        flags = ", ".join(f"--{k.replace('_', '-')}" for k in changed)
-        raise UserError(
-            f"--resume {args.resume}: {flags} cannot change a run in progress (it continues with "
-            f"its own config.json); start a new run with another --out"
-        )
+    return *runs.open_run(out, cfg, args.iters, args.stop_at, world, rank), init
 
 
 def train_step(loop, streams, method, amp):
@@ -453,37 +426,27 @@ def train_step(loop, streams, method, amp):
     run.step += 1
 
 
-def after_step(loop, val, amp, pbar):
-    """Log, checkpoint, evaluate: each on its own rule (Loop), last.pt before the evaluation, so a
-    crash during it loses nothing."""
-    step = loop.run.step
-    if loop.logs_after(step):
-        log_train(loop, pbar)
-    if loop.master and loop.saves_after(step):
-        save_last(loop)
-    if loop.evaluates_after(step):
-        evaluate_and_keep_best(loop, val, amp)
-
-
 def save_last(loop):
     runs.save_checkpoint(loop.run, os.path.join(loop.cfg["out"], "last.pt"), keep_previous=True)
 
 
-def evaluate_and_keep_best(loop, val, amp):
-    """The evaluation of the step, and best.pt. A stop signal during it ends it at the next image
-    (runtime.Stopped): last.pt of the step is already written, and the resumed run repeats it."""
+def evaluate(loop, val, amp):
+    """Sliding-window mIoU of every student and the fusion (eval.py), then best.pt (rank 0); under
+    DDP each rank takes its share of the images and the confusion matrices are summed. A stop
+    signal during it ends it at the next image (runtime.Stopped): last.pt of the step is already
+    written, and the resumed run repeats it."""
+    run, classes = loop.run, loop.run.info.classes
     try:
-        result = run_eval(loop, val, amp)
+        mats = evaluation.evaluate(run.model, val, run.cfg["crop"], amp=amp, stop=loop.stop)
     except runtime.Stopped:
         stopped(loop, loop.stop.name)
+    if loop.layout.world > 1:
+        for cm in mats.values():
+            dist.all_reduce(cm.mat)
+    run.model.train()
     if loop.master:
-        keep_best(loop, result)
-
-
-def evaluated(loop):
-    """Whether metrics.json records the evaluation of the step the run resumed at."""
-    path = os.path.join(loop.cfg["out"], "metrics.json")
-    return os.path.isfile(path) and atomic.read_json(path)["last"]["step"] == loop.run.step
+        print(f"\nstep {run.step}\n{evaluation.format_table(mats, classes)}")
+        keep_best(loop, {name: cm.to_dict(classes) for name, cm in mats.items()})
 
 
 def stopped(loop, signal_name):
@@ -525,13 +488,9 @@ def build_loop(cfg, state, info, layout, device, init=None):
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     run = runs.Run(cfg, spec_of(cfg, len(info.classes)), net, optimizers, scaler, info=info)
     if state:
-        for opt, s in zip(optimizers, state["optimizers"]):
-            opt.load_state_dict(s)
-        scaler.load_state_dict(state["scaler"])
-        runtime.set_rng_state(state["rng"])
-        run.step, run.best = state["step"], runs.best_of(state, cfg["out"])
+        runs.restore(run, state)
     students = runtime.replicate(net.students, layout.world)
-    return Loop(run, info, layout, device, students), text_source
+    return Loop(run, layout, device, students), text_source
 
 
 def prepare_data(cfg, info, splits_dir, world):
@@ -575,20 +534,6 @@ def log_train(loop, pbar):
         shown = {k: f"{v:.3f}" for k, v in vals.items() if k.endswith("/loss") or k == "lambda"}
         pbar.set_postfix(shown)
     loop.t_last = now
-
-
-def run_eval(loop, loader, amp):
-    """Sliding-window mIoU of every student and the fusion (eval.py); under DDP each rank takes
-    its share of the images and the confusion matrices are summed."""
-    run, classes = loop.run, loop.info.classes
-    mats = evaluation.evaluate(run.model, loader, run.cfg["crop"], amp=amp, stop=loop.stop)
-    if loop.layout.world > 1:
-        for cm in mats.values():
-            dist.all_reduce(cm.mat)
-    if loop.master:
-        print(f"\nstep {run.step}\n{evaluation.format_table(mats, classes)}")
-    run.model.train()
-    return {name: cm.to_dict(classes) for name, cm in mats.items()}
 
 
 def keep_best(loop, result):

@@ -28,7 +28,7 @@ from model import Co2S, ModelSpec, build_model
 from plumbing.atomic import read_json, save_atomic
 from plumbing.catalog import DatasetInfo, dataset_info
 from plumbing.errors import UserError
-from plumbing.runtime import is_master, rng_state
+from plumbing.runtime import is_master, rng_state, set_rng_state
 
 # what the numpy RNG state of checkpoints written before the weights_only format pickled
 _core = getattr(np, "_core", None) or np.core  # numpy 2 renamed it; 1.x pickles name numpy.core
@@ -58,18 +58,14 @@ class Run:
 
 def run_info():
     """Versions and git revision for config.json."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    here, git = os.path.dirname(os.path.abspath(__file__)), ["git", "rev-parse", "HEAD"]
     try:
-        proc = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here
-        )
-        git = proc.stdout.strip() or None
+        git = subprocess.run(git, capture_output=True, text=True, cwd=here).stdout.strip() or None
     except OSError:
         git = None
     versions = dict(python=platform.python_version(), torch=torch.__version__)
-    return dict(
-        versions=dict(versions, transformers=__import__("transformers").__version__), git=git
-    )
+    versions["transformers"] = __import__("transformers").__version__
+    return dict(versions=versions, git=git)
 
 
 # flags that may change between the runs of one job (--resume, a requeued job) without changing it
@@ -82,9 +78,8 @@ def resume(folder, iters=None, stop_at=None, world=1):
     path, previous = os.path.join(folder, "last.pt"), os.path.join(folder, "last.prev.pt")
     move = f"`mv {previous} {path}`"
     if not os.path.isfile(path):
-        hint = (
-            f"; {previous} is there: {move} to continue from it" if os.path.isfile(previous) else ""
-        )
+        there = os.path.isfile(previous)
+        hint = f"; {previous} is there: {move} to continue from it" if there else ""
         raise UserError(
             f"--resume {folder!r}: no last.pt there (a run folder of train.py holds one after its "
             f"first epoch, or after --save-every / --stop-at steps){hint}"
@@ -115,20 +110,62 @@ def differences(saved, cfg):
     return ", ".join(f"{k}: {saved[k]!r} there, {cfg[k]!r} here" for k in differ[:4])
 
 
-def requeued(cfg, iters=None, stop_at=None, world=1):
-    """The same command again on a run folder with a last.pt (a requeued cluster job): continue it
-    (resume) when its config is this command's `cfg`, else refuse and say what differs."""
-    out = cfg["out"]
+def open_run(out, cfg, iters, stop_at, world, rank):
+    """The folder `out` of a new run (cfg: its config), of the same command again on its folder (a
+    requeued job: continued when its config is the same) or of --resume (cfg None): checked before
+    any model is built or downloaded, and locked (one training per folder at a time). Returns
+    (config, the state to continue or None, the lock rank 0 holds or None)."""
+    again, lock = cfg is not None and os.path.isfile(os.path.join(out, "last.pt")), None
+    if rank == 0:
+        check_writable(out)
+        if cfg is not None and not again:
+            check_fresh(out, cfg)
+        lock = lock_run(out)
+    if cfg is not None and not again:
+        return cfg, None, lock
     old, state = resume(out, iters, stop_at, world)
-    what = differences(state["cfg"], cfg)
+    what = again and differences(state["cfg"], cfg)
     if what:
         raise UserError(
             f"--out {out} holds a run with another config ({what}); continue it with "
             f"--resume {out}, or pass another --out"
         )
-    if is_master():
+    if again and is_master():
         print(f"{out} holds last.pt of this command's run (step {state['step']}): continuing it")
-    return old, state
+    return old, state, lock
+
+
+def check_resume_flags(args, defaults):
+    """--resume continues a run with its own config: a flag given otherwise than its `defaults`
+    value (FREE ones and --iters aside) would change it, and is an error."""
+    free = (*FREE, "iters")
+    changed = [k for k, v in vars(args).items() if k not in free and v != defaults[k]]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in changed)
+        raise UserError(
+            f"--resume {args.resume}: {flags} cannot change a run in progress (it continues with "
+            f"its own config.json); start a new run with another --out"
+        )
+
+
+def restore(run, state):
+    """A resumed run as its checkpoint left it: optimizers, scaler, RNG, step, and the best
+    evaluation so far: the checkpoint's, or metrics.json's when that one is better (an evaluation
+    that ended after last.pt was written, then a kill)."""
+    for opt, s in zip(run.optimizers, state["optimizers"]):
+        opt.load_state_dict(s)
+    run.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    path, step, best = os.path.join(run.cfg["out"], "metrics.json"), state["step"], state["best"]
+    saved = read_json(path)["best"] if os.path.isfile(path) else {}
+    newer = saved.get("step", step + 1) <= step and saved["miou"] > best["miou"]
+    run.step, run.best = step, saved if newer else best
+
+
+def evaluated(out, step):
+    """Whether metrics.json records the evaluation of `step` (the step a run resumed at)."""
+    path = os.path.join(out, "metrics.json")
+    return os.path.isfile(path) and read_json(path)["last"]["step"] == step
 
 
 def check_fresh(out, cfg):
@@ -155,9 +192,8 @@ def lock_run(out):
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
         f.close()
+        holder = pathlib.Path(f.name).read_text().strip() or "another process"
         raise UserError(
             f"--out {out} is in use by the training of {holder}; wait for it or stop it, or pass "
             f"another --out"
@@ -179,9 +215,8 @@ def check_room(out, model, copies=3):
     free, gib = shutil.disk_usage(out).free, 2**30
     if free < need:
         raise UserError(
-            f"--out {out}: {free / gib:.2f} GiB free, a run of this model needs "
-            f"{need / gib:.2f} GiB ({copies} checkpoints of {one / gib:.2f} GiB); free some "
-            f"space or pass another --out"
+            f"--out {out}: {free / gib:.2f} GiB free, this run needs {need / gib:.2f} GiB "
+            f"({copies} checkpoints of {one / gib:.2f} GiB); free some space or pass another --out"
         )
 
 
@@ -198,15 +233,6 @@ def check_writable(out, what="the run folder", flag="--out"):
             f"{flag} {out}: cannot create or write {what} ({e.strerror or e}); pass a folder you "
             f"can write to"
         ) from e
-
-
-def best_of(state, out):
-    """The best evaluation so far of a resumed run: its checkpoint's, or metrics.json's when that
-    one is better (an evaluation that ended after last.pt was written, then a kill)."""
-    path, best, step = os.path.join(out, "metrics.json"), state["best"], state["step"]
-    saved = read_json(path)["best"] if os.path.isfile(path) else {}
-    newer = saved.get("step", step + 1) <= step and saved["miou"] > best["miou"]
-    return saved if newer else best
 
 
 # --------------------------------------------------------------------------------------------
