@@ -174,8 +174,7 @@ def resolve(args, init=None, world=1):
     info = dataset_info(args.dataset, args.data_root)
     cfg["data_root"] = args.data_root or os.path.join("data", args.dataset)
     cfg["ratio"] = parse_ratio(args.ratio)
-    for k in ("crop", "batch", "epochs", "size"):
-        cfg[k] = cfg[k] or getattr(info, k)
+    cfg.update({k: getattr(info, k) for k in ("crop", "batch", "epochs", "size") if not cfg[k]})
     if cfg["workers"] is None:
         cfg["workers"] = min(4, max(1, (os.cpu_count() or 4) // 4))
     switches = recipes.switches(cfg["recipe"], cfg["batch"], world)
@@ -398,7 +397,10 @@ def train_step(loop, streams, method, amp):
     micro-batches, backward (DDP averages the gradients over the ranks on the last micro-batch),
     one AdamW step per student."""
     run, device, accum = loop.run, loop.device, loop.layout.accum
-    set_lr(run, loop.total_steps)
+    for opt in run.optimizers:  # this step's lr (poly), and no gradient yet
+        opt.zero_grad(set_to_none=True)
+        for g in opt.param_groups:
+            g["lr"] = g["initial_lr"] * poly(run.step, loop.total_steps)
     weight_e9 = stability_weight(run.step, loop.total_steps)  # E9's lambda(t)
     rng = runtime.rng_state() if accum > 1 else None
     for micro in range(accum):
@@ -463,13 +465,6 @@ def stopped(loop, signal_name):
     if loop.layout.world > 1:
         dist.destroy_process_group()
     raise SystemExit(runtime.EXIT_STOPPED)
-
-
-def set_lr(run, total):
-    for opt in run.optimizers:
-        opt.zero_grad(set_to_none=True)
-        for g in opt.param_groups:
-            g["lr"] = g["initial_lr"] * poly(run.step, total)
 
 
 def build_loop(cfg, state, info, layout, device, init=None):
