@@ -15,6 +15,7 @@ with warmup, multi-crop evaluation (not in the paper).
 """
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -31,16 +32,8 @@ from tqdm import tqdm
 import co2s
 import data
 import eval as evaluation
+import model
 from losses import stability_weight
-from model import (
-    FUSIONS,
-    KINDS,
-    TRAIN_BACKBONE,
-    ModelSpec,
-    build_model,
-    class_embeddings,
-    prediction_names,
-)
 from plumbing import atomic, recipes, runs, runtime
 from plumbing.batches import BatchLayout
 from plumbing.catalog import CHOICES, dataset_info, parse_ratio
@@ -55,6 +48,8 @@ SCRATCH_RECIPE = dict(lr=5e-4, backbone_lr_mult=0.5, head_lr_mult=1.0, train_bac
 HYPER = ("lr", "weight_decay", "backbone_lr_mult", "head_lr_mult")
 # what a new run started with --config SAVED takes from it: every flag but these (its own)
 FRESH = ("out", "resume", "stop_at", "config")
+# the flags of the config that build the model (ModelSpec's, besides the students and classes)
+SPEC = ("size", "numerics", "clip_guidance", "fusion", "grad_checkpoint", "train_backbone")
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -62,121 +57,107 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def number(convert, low, strict=False):
+    """An argparse type: a number >= low (> low if strict). 0 is a value, not "the default" (a
+    flag not given, None, is never checked); NaN is in no range."""
+
+    def parse(text):
+        v = convert(text)
+        if not (v > low if strict else v >= low):
+            raise argparse.ArgumentTypeError(f"{text}: must be {'>' if strict else '>='} {low}")
+        return v
+
+    parse.__name__ = convert.__name__  # argparse's "invalid int value: 'x'"
+    return parse
+
+
 # fmt: off
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=Help)
-    a = p.add_argument
-    a("--recipe", default="paper", choices=recipes.RECIPES, help="paper: the method as the "
-      "paper states it | release: the authors' code as they ran it, every switch of METHOD.md "
-      "section 7 at once (a flag of its own, given, still wins)")
-    a("--config", default=None, help="start a NEW run with the settings of a saved run or "
-      "exported model (its folder, config.json or hub id); the flags given here override them")
+    a, count, whole, rate = p.add_argument, number(int, 1), number(int, 0), number(float, 0)
+    flag = argparse.BooleanOptionalAction
+    a("--recipe", default="paper", choices=recipes.RECIPES, help="paper: the method as the paper "
+      "states it | release: the authors' code as they ran it (METHOD.md section 7; flags win)")
+    a("--config", help="a NEW run with the settings of a saved run or export (folder, config.json "
+      "or hub id); flags win")
     # data (the defaults per dataset come from plumbing/catalog.py: crop, epochs, batch, size)
     a("--dataset", default="demo", help="one of: " + ", ".join(CHOICES))
     a("--ratio", default="1/16", help="labelled ratio, 1/16 or 1_16")
-    a("--data-root", default=None, help="dataset folder (default: data/<dataset>)")
+    a("--data-root", help="dataset folder (default: data/<dataset>)")
     a("--download", action="store_true", help="fetch a missing paper dataset from the hub")
-    a("--splits", default=None, help="split lists: a folder (paper layout or labeled/unlabeled/"
-      "val.txt), or 'seeded' for a seeded draw (default: the paper's lists in splits/)")
-    a("--crop", type=int, default=None, help="training crop and eval window (default: the "
-      "dataset's; paper 512, whdld 256)")
-    a("--batch", type=int, default=None, help="GLOBAL labelled (and unlabelled) images per step "
-      "(default: the release's: 4 = 4 GPUs x 1, whdld 8 = 4 x 2; demo 2; custom data 4)")
-    a("--accum", type=int, default=None, help="micro-batches per step and process: --accum 4 on "
-      "one GPU is a 4-process run of this code (slower); default 1, the batch at once (faster); "
-      "release recipe: 4, their processes")
-    a("--workers", type=int, default=None, help="data loader processes per stream (default: a "
-      "quarter of the CPU cores, 1 to 4; up to three streams run at once)")
+    a("--splits", help="a folder of split lists, or 'seeded' (default: the paper's, in splits/)")
+    a("--crop", type=number(int, 16), help="training crop and eval window (default: the dataset's)")
+    a("--batch", type=count, help="GLOBAL labelled (and unlabelled) images per step (default: the "
+      "release's, 4 = 4 GPUs x 1)")
+    a("--accum", type=count, help="micro-batches per step and process (default 1; --accum 4 on one "
+      "GPU: the release's 4 processes)")
+    a("--workers", type=whole, help="loader processes per stream (default: CPU cores / 4, 1 to 4)")
     # students (E1-E4)
-    a("--students", default="clip,dinov3", help="one or two of clip|dinov3, comma separated: "
-      "clip,dinov3 (paper), clip,clip, dinov3,dinov3, clip, dinov3")
-    a("--size", default=None, choices=["base", "tiny"], help="ViT-B/16 (the paper) or the tiny "
-      "CPU preset (default: the dataset's; tiny for the demo)")
-    for kind in KINDS:
+    a("--students", default="clip,dinov3", help="one or two of clip|dinov3, comma separated")
+    a("--size", choices=["base", "tiny"], help="ViT-B/16 (paper) or the tiny CPU preset (default: "
+      "the dataset's)")
+    for kind in model.KINDS:
         extra = "; 'release-init': as the release trains it" if kind == "dinov3" else ""
-        a(f"--{kind}-weights", default=None, help=f"hub id or local folder (base default "
-          f"{DEFAULT_WEIGHTS[kind]}); 'none' = random{extra}")
+        a(f"--{kind}-weights", help=f"hub id or folder (base default {DEFAULT_WEIGHTS[kind]}); "
+          f"'none' = random{extra}")
     a("--clip-guidance", default="text", choices=["text", "queries"], help="ablation: the CLIP "
       "student with learnable queries instead of text (E2)")
-    a("--text-embeddings", default=None, help="precomputed [N, 512] .npy/.pt class embeddings")
-    a("--numerics", default=None, choices=NUMERICS, help="backbone numerics: the transformers "
-      "checkpoints as they are (hf, the default), or as the authors' code ran them (release)")
-    a("--init", default=None, help="start from the weights of a checkpoint (ours, or a converted "
-      "release: python -m tools.release); its students, size and numerics are used")
+    a("--text-embeddings", help="precomputed [N, 512] .npy/.pt class embeddings")
+    a("--numerics", choices=NUMERICS, help="backbone numerics: transformers' (hf, the default) or "
+      "the authors' code's (release)")
+    a("--init", help="start from a checkpoint's weights, students, size and numerics")
     a("--grad-checkpoint", action="store_true", help="recompute the trainable blocks (memory)")
-    a("--compile", action="store_true", help="torch.compile the backbone blocks and the heads "
-      "with static shapes; off by default until measured on a GPU")
-    a("--frozen-bf16", action="store_true", help="under bf16 autocast, store the frozen backbone "
-      "weights in bf16 (what trains stays fp32); no effect on fp32 runs")
+    a("--compile", action="store_true", help="torch.compile the backbone blocks and the heads")
+    a("--frozen-bf16", action="store_true", help="store frozen backbone weights in bf16 (bf16 AMP)")
     # method (co2s.Method)
     a("--method", default="co2s", choices=co2s.METHODS, help="co2s (E5-E8) | unimatch (no E8) "
       "| supervised (E5 only)")
-    a("--stability", default=None, choices=co2s.STABILITY, help="E8: grad (paper, the default) "
-      "| released (the authors' code: no gradient) | off")
+    a("--stability", choices=co2s.STABILITY, help="E8: grad (paper, the default) | released (the "
+      "authors' code: no gradient) | off")
     a("--tau", type=float, default=0.95, help="confidence threshold of E6 and E8")
     a("--no-fp", action="store_true", help="ablation: drop the feature-perturbation branch (E4)")
     a("--strong-views", type=int, default=2, choices=[1, 2], help="ablation: one strong view")
-    a("--mix-source", default=None, choices=data.MIX_SOURCES, help="CutMix partners: another "
-      "unlabelled image (partner, the default), the same image augmented again (same, the "
-      "release), the batch rolled")
-    a("--data-order", default=None, choices=data.ORDERS, help="own: each stream its own seeded "
-      "order (the default) | shared: one sampler orders the labelled and unlabelled lists (the "
-      "release)")
-    a("--fusion", default="confidence", choices=FUSIONS, help="E10 fusion rule at inference")
+    a("--mix-source", choices=data.MIX_SOURCES, help="CutMix partners: another unlabelled image "
+      "(partner, the default), the same one again (the release), the batch rolled")
+    a("--data-order", choices=data.ORDERS, help="own: a seeded order per stream (the default) | "
+      "shared: one for both lists (the release)")
+    a("--fusion", default="confidence", choices=model.FUSIONS, help="E10 fusion rule at inference")
     # optimisation (METHOD.md section 5)
-    a("--lr", type=float, default=None, help="base lr (default: 1e-4 pretrained, 5e-4 scratch)")
-    a("--weight-decay", type=float, default=0.01)
-    a("--backbone-lr-mult", type=float, default=None, help="trainable backbone weights "
-      "(default: 0.01 pretrained, 0.5 scratch)")
-    a("--train-backbone", default=None, choices=TRAIN_BACKBONE, help="which backbone weights "
-      "train (default: attention for pretrained students, the paper; all from scratch)")
-    a("--head-lr-mult", type=float, default=None, help="decoder head (default: 10 pretrained, "
-      "1 scratch); queries x1")
-    a("--epochs", type=int, default=None, help="one epoch = one pass over the unlabelled list "
-      "(default: the dataset's; 80, mer 150)")
-    a("--iters", type=int, default=None, help="total optimizer steps (overrides --epochs)")
-    a("--round-iters", action=argparse.BooleanOptionalAction, default=None, help="round --iters "
-      "up to whole epochs, as the release does (default: only under --recipe release)")
-    a("--amp", default=None, choices=runtime.AMP, help="CUDA autocast (auto, the default: bf16, "
-      "else fp16; off: fp32, the release); CPU runs fp32")
-    a("--seed", type=int, default=0)
+    a("--lr", type=number(float, 0, strict=True), help="base lr (default: 1e-4, scratch 5e-4)")
+    a("--weight-decay", type=rate, default=0.01)
+    a("--backbone-lr-mult", type=rate, help="trainable backbone (default: 0.01, scratch 0.5)")
+    a("--train-backbone", choices=model.TRAIN_BACKBONE, help="which backbone weights train "
+      "(default: attention, the paper; scratch: all)")
+    a("--head-lr-mult", type=rate, help="decoder head (default: 10, scratch 1); queries x1")
+    a("--epochs", type=count, help="passes over the unlabelled list (default: the dataset's)")
+    a("--iters", type=count, help="total optimizer steps (overrides --epochs)")
+    a("--round-iters", action=flag, help="round --iters up to whole epochs (default: release)")
+    a("--amp", choices=runtime.AMP, help="CUDA autocast (auto, the default: bf16, else fp16)")
+    a("--seed", type=whole, default=0)
     # run folder
-    a("--out", default=None, help="run folder (default: runs/<dataset>-<ratio>-<time>)")
-    a("--resume", default=None, help="run folder to continue with its own config (only --iters "
-      "/ --stop-at may change)")
-    a("--eval-every", type=int, default=1, help="epochs between evaluations")
+    a("--out", help="run folder (default: runs/<dataset>-<ratio>-<time>)")
+    a("--resume", help="run folder to continue (only --iters / --stop-at may change)")
+    a("--eval-every", type=count, default=1, help="epochs between evaluations")
     a("--best-by", default="fused", help="student name (or fused) whose mIoU picks best.pt")
-    a("--best-per-student", action=argparse.BooleanOptionalAction, default=None, help="also "
-      "keep best_<student>.pt, each on its own mIoU, as the release keeps best_clip.pth (default: "
-      "only under --recipe release)")
-    a("--log-every", type=int, default=10)
-    a("--save-every", type=int, default=0, help="also write last.pt every N steps (0: at epoch "
-      "ends)")
-    a("--stop-at", type=int, default=None, help="stop after this step (checkpointed)")
-    a("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    a("--best-per-student", action=flag, help="also keep best_<student>.pt, each by its own mIoU "
+      "(default: release)")
+    a("--log-every", type=count, default=10)
+    a("--save-every", type=whole, default=0, help="also write last.pt every N steps (0: epochs)")
+    a("--stop-at", type=whole, help="stop after this step (checkpointed)")
+    a("--device", help="cuda or cpu (default: cuda if available)")
     args = p.parse_args(argv)
     if args.config:  # the saved run's flags become the defaults: those given here still win
-        saved = runs.saved_settings(args.config)
-        dests = {x.dest for x in p._actions}
-        p.set_defaults(**{k: v for k, v in saved.items() if k in dests and k not in FRESH})
+        saved = runs.saved_settings(args.config).items()
+        p.set_defaults(**{k: v for k, v in saved if k in vars(args) and k not in FRESH})
         args = p.parse_args(argv)
     if args.dataset not in CHOICES:
         p.error(f"--dataset {args.dataset!r} unknown; valid: {', '.join(CHOICES)}")
-    kinds = args.students.split(",")
-    if not 1 <= len(kinds) <= 2 or any(k not in KINDS for k in kinds):
-        p.error(f"--students {args.students!r}: one or two of {', '.join(KINDS)}, comma separated")
-    if args.best_by not in prediction_names(kinds):
-        valid = ", ".join(prediction_names(kinds))
+    kinds, valid = args.students.split(","), ", ".join(model.KINDS)
+    if not 1 <= len(kinds) <= 2 or any(k not in model.KINDS for k in kinds):
+        p.error(f"--students {args.students!r}: one or two of {valid}, comma separated")
+    if args.best_by not in model.prediction_names(kinds):
+        valid = ", ".join(model.prediction_names(kinds))
         p.error(f"--best-by {args.best_by!r}; valid for these students: {valid}")
-    # every number by its range (0 is a value, not "the default"; None is)
-    ranges = dict(crop=(16, "16"), batch=(1, "1"), accum=(1, "1"), workers=(0, "0"),
-                  epochs=(1, "1"), iters=(1, "1"), log_every=(1, "1"), eval_every=(1, "1"),
-                  save_every=(0, "0"), stop_at=(0, "0"), lr=(0, "above 0"), seed=(0, "0"),
-                  weight_decay=(0, "0"), backbone_lr_mult=(0, "0"), head_lr_mult=(0, "0"))
-    for k, (low, text) in ranges.items():
-        v = getattr(args, k)
-        if v is not None and (v < low or (k == "lr" and v <= 0) or v != v):
-            p.error(f"--{k.replace('_', '-')} {v}: must be {text if k == 'lr' else f'>= {text}'}")
     if not 0 < args.tau <= 1:
         p.error(f"--tau {args.tau}: a confidence threshold in (0, 1]")
     return args
@@ -193,48 +174,30 @@ def resolve(args, init=None, world=1):
     info = dataset_info(args.dataset, args.data_root)
     cfg["data_root"] = args.data_root or os.path.join("data", args.dataset)
     cfg["ratio"] = parse_ratio(args.ratio)
-    for k in ("crop", "batch", "epochs", "size"):
-        cfg[k] = cfg[k] or getattr(info, k)
+    cfg.update({k: getattr(info, k) for k in ("crop", "batch", "epochs", "size") if not cfg[k]})
     if cfg["workers"] is None:
         cfg["workers"] = min(4, max(1, (os.cpu_count() or 4) // 4))
     switches = recipes.switches(cfg["recipe"], cfg["batch"], world)
-    for k, v in {**recipes.PAPER, **switches}.items():
-        cfg[k] = v if cfg[k] is None else cfg[k]
-    for kind in KINDS:
+    cfg.update({k: v for k, v in {**recipes.PAPER, **switches}.items() if cfg[k] is None})
+    for kind in model.KINDS:
         w = cfg[f"{kind}_weights"] or (DEFAULT_WEIGHTS[kind] if cfg["size"] == "base" else "none")
         cfg[f"{kind}_weights"] = None if w == "none" else w
     if init:  # fine-tuning: the checkpoint decides what the students are
         spec = init["model_args"]
-        cfg.update(
-            students=",".join(spec["kinds"]),
-            size=spec["size"],
-            numerics=spec["numerics"],
-            clip_guidance=spec["clip_guidance"],
-            clip_weights=None,
-            dinov3_weights=None,
-        )
-    kinds = cfg["students"].split(",")
-    scratch = not init and all(cfg[f"{k}_weights"] is None for k in kinds)
-    cfg["hyper"] = (
-        "scratch: every student has random weights"
-        if scratch
-        else "paper: METHOD.md section 5's, for students that fine-tune (pretrained, release-init)"
-    )
-    for k, v in (SCRATCH_RECIPE if scratch else PAPER_RECIPE).items():
-        cfg[k] = v if cfg[k] is None else cfg[k]
-    cfg["epoch_rule"] = "release"  # epochs counted as the release's DistributedSampler counts them
-    # what the recipe switched, and where the run's value differs from it (a flag given, --init)
-    cfg["recipe_switches"] = switches
-    cfg["recipe_overrides"] = {k: cfg[k] for k, v in switches.items() if cfg[k] != v}
+        cfg.update({k: spec[k] for k in ("size", "numerics", "clip_guidance")})
+        cfg.update(students=",".join(spec["kinds"]), clip_weights=None, dinov3_weights=None)
+    scratch = not init and all(cfg[f"{k}_weights"] is None for k in cfg["students"].split(","))
+    paper = "paper: METHOD.md section 5's, for students that fine-tune (pretrained, release-init)"
+    cfg["hyper"] = "scratch: every student has random weights" if scratch else paper
+    hyper = SCRATCH_RECIPE if scratch else PAPER_RECIPE
+    cfg.update({k: v for k, v in hyper.items() if cfg[k] is None})
+    # epochs counted as the release's DistributedSampler counts them; what the recipe switched, and
+    # where the run's value differs from it (a flag given, --init)
+    overrides = {k: cfg[k] for k, v in switches.items() if cfg[k] != v}
+    cfg.update(epoch_rule="release", recipe_switches=switches, recipe_overrides=overrides)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     cfg["out"] = cfg["out"] or os.path.join("runs", f"{cfg['dataset']}-{cfg['ratio']}-{stamp}")
     return cfg
-
-
-def layout_of(cfg, world, rank):
-    """How the global batch splits over the processes and --accum (BatchLayout)."""
-    pad = cfg["epoch_rule"] == "release"
-    return BatchLayout(cfg["batch"], world, cfg["accum"], rank, pad=pad)
 
 
 def schedule(cfg, layout, n_unlabeled):
@@ -242,74 +205,44 @@ def schedule(cfg, layout, n_unlabeled):
     steps per epoch (one pass over the unlabelled list) and the total: --epochs of them, or
     --iters, rounded up to whole epochs under --round-iters as the release does (Co2S.py
     l.243-247: epochs = ceil(iters / steps per epoch), then epochs x steps per epoch)."""
-    steps_per_epoch = layout.steps_per_epoch(n_unlabeled)
-    if steps_per_epoch == 0:
+    per_epoch = layout.steps_per_epoch(n_unlabeled)
+    if per_epoch == 0:
         raise UserError(
             f"{n_unlabeled} unlabelled images are fewer than one {layout.describe()}; lower --batch"
         )
-    epochs, total = cfg["epochs"], cfg["iters"] or cfg["epochs"] * steps_per_epoch
+    epochs, total = cfg["epochs"], cfg["iters"] or cfg["epochs"] * per_epoch
     if cfg["iters"] and cfg["round_iters"]:
-        epochs = math.ceil(cfg["iters"] / steps_per_epoch)
-        total = epochs * steps_per_epoch
-    return dict(
-        cfg,
-        epochs=epochs,
-        global_batch=layout.global_batch,
-        micro_batch=layout.micro,
-        world_size=layout.world,
-        iters_per_epoch=steps_per_epoch,
-        total_iters=total,
+        epochs = math.ceil(cfg["iters"] / per_epoch)
+        total = epochs * per_epoch
+    sizes = dict(
+        global_batch=layout.global_batch, micro_batch=layout.micro, world_size=layout.world
     )
+    return dict(cfg, epochs=epochs, **sizes, iters_per_epoch=per_epoch, total_iters=total)
 
 
 def spec_of(cfg, num_classes):
     """What builds the model (saved in every checkpoint, so eval.py and --resume rebuild it)."""
-    return ModelSpec(
-        tuple(cfg["students"].split(",")),
-        num_classes,
-        size=cfg["size"],
-        numerics=cfg["numerics"],
-        clip_guidance=cfg["clip_guidance"],
-        fusion=cfg["fusion"],
-        grad_checkpoint=cfg["grad_checkpoint"],
-        train_backbone=cfg["train_backbone"],
-    )
-
-
-def method_of(cfg):
-    """The co2s.iteration switches of this run."""
-    return co2s.Method(
-        method=cfg["method"],
-        stability=cfg["stability"],
-        tau=cfg["tau"],
-        fp=not cfg["no_fp"],
-        strong_views=cfg["strong_views"],
-    )
+    kinds = tuple(cfg["students"].split(","))
+    return model.ModelSpec(kinds, num_classes, **{k: cfg[k] for k in SPEC})
 
 
 def new_model(cfg, info, init=None):
     """(model, text source) of a new run: pretrained backbones and the CLIP student's class
     embeddings (E2); or the weights of the --init checkpoint's state `init`."""
-    spec = spec_of(cfg, len(info.classes))
+    n = len(info.classes)
+    spec = spec_of(cfg, n)
     if init:
-        n = init["model_args"]["num_classes"]
-        if n != len(info.classes):
-            raise UserError(
-                f"--init {cfg['init']!r} predicts {n} classes, {cfg['dataset']} has "
-                f"{len(info.classes)}"
-            )
+        if init["model_args"]["num_classes"] != n:
+            m, name = init["model_args"]["num_classes"], cfg["dataset"]
+            raise UserError(f"--init {cfg['init']!r} predicts {m} classes, {name} has {n}")
         state = dict(init, model_args=dataclasses.asdict(spec))
         return runs.model_from_checkpoint(state), f"the checkpoint {cfg['init']}"
     text, source = None, None
     if "clip" in spec.kinds and cfg["clip_guidance"] == "text":
-        text, source = class_embeddings(
-            info.concepts,
-            size=cfg["size"],
-            clip_weights=cfg["clip_weights"],
-            file=cfg["text_embeddings"],
-        )
-    weights = {k: cfg[f"{k}_weights"] for k in KINDS}
-    return build_model(spec, weights=weights, text=text), source
+        where = dict(clip_weights=cfg["clip_weights"], file=cfg["text_embeddings"])
+        text, source = model.class_embeddings(info.concepts, size=cfg["size"], **where)
+    weights = {k: cfg[f"{k}_weights"] for k in model.KINDS}
+    return model.build_model(spec, weights=weights, text=text), source
 
 
 def param_groups(student, *, lr, weight_decay, backbone_lr_mult, head_lr_mult):
@@ -318,16 +251,13 @@ def param_groups(student, *, lr, weight_decay, backbone_lr_mult, head_lr_mult):
     decay on norms outside the head' leaves nothing to exempt (from scratch, --train-backbone all,
     the norms decay too)."""
     backbone = [p for p in student.backbone.parameters() if p.requires_grad]
+    name, head = student.name, list(student.head.parameters())
     groups = [
-        dict(name=f"{student.name}.backbone", lr=lr * backbone_lr_mult, params=backbone),
-        dict(
-            name=f"{student.name}.head",
-            lr=lr * head_lr_mult,
-            params=list(student.head.parameters()),
-        ),
+        dict(name=f"{name}.backbone", lr=lr * backbone_lr_mult, params=backbone),
+        dict(name=f"{name}.head", lr=lr * head_lr_mult, params=head),
     ]
     if student.queries is not None:
-        groups.append(dict(name=f"{student.name}.queries", lr=lr, params=[student.queries.weight]))
+        groups.append(dict(name=f"{name}.queries", lr=lr, params=[student.queries.weight]))
     for g in groups:
         g.update(initial_lr=g["lr"], weight_decay=weight_decay)
     return groups
@@ -343,10 +273,10 @@ def poly(step, total):
 @dataclasses.dataclass
 class Loop:
     """The training loop's state: the run (runs.Run: config, model, optimizers, scaler, step,
-    best), its batch layout and where it computes; each rule of the loop written once below."""
+    best, dataset info), its batch layout and where it computes; each rule of the loop written
+    once below."""
 
     run: runs.Run
-    info: object  # plumbing.catalog.DatasetInfo
     layout: BatchLayout
     device: torch.device
     students: list = None  # as the step calls them: in their DDP wrappers on several processes
@@ -380,129 +310,100 @@ class Loop:
         return step % per_epoch == 0 or self.ends_after(step) or (every and step % every == 0)
 
     def evaluates_after(self, step):  # ... and for when the model is evaluated
-        per_epoch = self.cfg["iters_per_epoch"]
-        if step == self.total_steps:
-            return True
-        return step % per_epoch == 0 and (step // per_epoch) % self.cfg["eval_every"] == 0
+        every = self.cfg["iters_per_epoch"] * self.cfg["eval_every"]
+        return step == self.total_steps or step % every == 0
 
 
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = runtime.setup_ddp(args.device)
-    cfg, state, init, lock = configure(args, argv, rank, world)
-    try:  # the folder's lock is released however the run ends (a kill -9: by the kernel)
+    cfg, state, lock, init = configure(args, argv, rank, world)
+    # the folder's lock is released however the run ends (a kill -9: by the kernel)
+    with lock or contextlib.nullcontext():
         run_training(cfg, state, init, rank, world, device)
-    finally:
-        if lock is not None:
-            lock.close()
 
 
 def run_training(cfg, state, init, rank, world, device):
-    """main's work once the run folder is decided and locked."""
-    layout = layout_of(cfg, world, rank)  # a --batch that does not split fails here, at once
-    torch.manual_seed(cfg["seed"])
-    np.random.seed(cfg["seed"])
-    random.seed(cfg["seed"])
+    """main's work once the run folder is decided and locked: the data, the model, the loop."""
+    # how the global batch splits over the processes and --accum: one that does not fails at once
+    layout = BatchLayout(
+        cfg["batch"], world, cfg["accum"], rank, pad=cfg["epoch_rule"] == "release"
+    )
+    for seed in (torch.manual_seed, np.random.seed, random.seed):
+        seed(cfg["seed"])
     info = dataset_info(cfg["dataset"], cfg["data_root"])
     splits = prepare_data(cfg, info, os.path.join(cfg["out"], "splits") if state else None, world)
     cfg = schedule(cfg, layout, len(splits.unlabeled))  # the config is final from here on
     loop, text_source = build_loop(cfg, state, info, layout, device, init)
+    run, total = loop.run, loop.total_steps
     if loop.master:
-        best = len(loop.run.model.students) if cfg["best_per_student"] else 0
-        runs.check_room(cfg["out"], loop.run.model, copies=3 + best)
+        best = len(run.model.students) if cfg["best_per_student"] else 0
+        runs.check_room(cfg["out"], run.model, copies=3 + best)
         start_run(loop, splits, text_source, fresh=state is None)
-    run, method, amp = loop.run, method_of(cfg), runtime.autocast(device, cfg["amp"])
-    streams = data.Streams(
-        cfg["crop"],
-        cfg["seed"],
-        cfg["mix_source"],
-        cfg["workers"],
-        pin_memory=device.type == "cuda",
-        order=cfg["data_order"],
-    )
-    steps = range(run.step, loop.total_steps)  # one sampler for the run: workers start once
+    method, amp = method_of(cfg), runtime.autocast(device, cfg["amp"])
+    pin, order = device.type == "cuda", cfg["data_order"]
+    streams = data.Streams(cfg["crop"], cfg["seed"], cfg["mix_source"], cfg["workers"], pin, order)
+    steps = range(run.step, total)  # one sampler for the run: workers start once
     loaders = data.train_loaders(info, splits, layout, streams, steps, method.method)
     streams = {name: iter(loader) for name, loader in loaders.items()}
-    val = data.val_loader(
-        info, splits.val, workers=min(cfg["workers"], 2), rank=rank, world_size=world
-    )
+    workers = min(cfg["workers"], 2)
+    val = data.val_loader(info, splits.val, workers=workers, rank=rank, world_size=world)
 
-    pbar = tqdm(
-        total=loop.total_steps, initial=run.step, disable=not loop.master, dynamic_ncols=True
-    )
+    pbar = tqdm(total=total, initial=run.step, disable=not loop.master, dynamic_ncols=True)
     run.model.train()
     with runtime.StopSignals(world, device) as stop:
         loop.stop = stop
-        if state and loop.evaluates_after(run.step) and not evaluated(loop):
-            evaluate_and_keep_best(loop, val, amp)  # stopped during it: the evaluation again
-        while run.step < loop.total_steps and run.step != cfg["stop_at"]:
+        if state and loop.evaluates_after(run.step) and not runs.evaluated(cfg["out"], run.step):
+            evaluate(loop, val, amp)  # stopped during it: the evaluation again
+        while run.step < total and run.step != cfg["stop_at"]:
             train_step(loop, streams, method, amp)
             pbar.update(1)
-            after_step(loop, val, amp, pbar)
-            if stop.requested() and run.step < loop.total_steps:  # a finished run just ends
+            # log, checkpoint, evaluate: each on its own rule (Loop), last.pt before the
+            # evaluation, so a crash during it loses nothing
+            if loop.logs_after(run.step):
+                log_train(loop, pbar)
+            if loop.master and loop.saves_after(run.step):
+                save_last(loop)
+            if loop.evaluates_after(run.step):
+                evaluate(loop, val, amp)
+            if stop.requested() and run.step < total:  # a finished run just ends
                 stopped(loop, stop.name)
     pbar.close()
     finish(loop)
 
 
+def method_of(cfg):
+    """The co2s.iteration switches of this run."""
+    switches = {k: cfg[k] for k in ("method", "stability", "tau", "strong_views")}
+    return co2s.Method(**switches, fp=not cfg["no_fp"])
+
+
 def configure(args, argv, rank, world):
-    """(config, the state to resume or None, the --init state or None, the run folder's lock):
+    """(config, the state to resume or None, the run folder's lock, the --init state or None):
     a new run, the same command again on its folder (a requeued job continues), or --resume."""
-    command = "python train.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    init, state, lock = None, None, None
-    if args.resume:
-        check_resume_flags(args)
+    init, cfg = None, None
+    if args.resume:  # it continues with its own config: a flag that would change it is an error
+        runs.check_resume_flags(args, vars(get_args([])))
     else:
         init = runs.read_checkpoint(runs.resolve_checkpoint(args.init)) if args.init else None
+        command = "python train.py " + shlex.join(sys.argv[1:] if argv is None else argv)
         cfg = dict(resolve(args, init, world), command=command)
     out = args.resume or cfg["out"]
-    requeue = not args.resume and os.path.isfile(os.path.join(out, "last.pt"))
-    if rank == 0:  # before any model is built or downloaded; one training per folder at a time
-        runs.check_writable(out)
-        if not args.resume and not requeue:
-            runs.check_fresh(out, cfg)
-        lock = runs.lock_run(out)
-    if args.resume:
-        cfg, state = runs.resume(args.resume, args.iters, args.stop_at, world)
-    elif requeue:  # the same command again on its folder (a requeued job): continue it
-        cfg, state = runs.requeued(cfg, args.iters, args.stop_at, world)
-    return cfg, state, init, lock
-
-
-def check_resume_flags(args):
-    """--resume continues a run with its own config: a flag that would change it is an error."""
-    defaults, free = (
-        vars(get_args([])),
-        (
-            "resume",
-            "iters",
-            "stop_at",
-            "workers",
-            "device",
-            "log_every",
-            "save_every",
-            "download",
-            "compile",
-        ),
-    )
-    changed = [k for k, v in vars(args).items() if k not in free and v != defaults[k]]
-    if changed:
-        flags = ", ".join(f"--{k.replace('_', '-')}" for k in changed)
-        raise UserError(
-            f"--resume {args.resume}: {flags} cannot change a run in progress (it "
-            f"continues with its own config.json); start a new run with another --out"
-        )
+    return *runs.open_run(out, cfg, args.iters, args.stop_at, world, rank), init
 
 
 def train_step(loop, streams, method, amp):
     """One optimizer step: lr and E9's weight from the step, the iteration's losses over the
     micro-batches, backward (DDP averages the gradients over the ranks on the last micro-batch),
     one AdamW step per student."""
-    run, device = loop.run, loop.device
-    set_lr(run, loop.total_steps)
+    run, device, accum = loop.run, loop.device, loop.layout.accum
+    for opt in run.optimizers:  # this step's lr (poly), and no gradient yet
+        opt.zero_grad(set_to_none=True)
+        for g in opt.param_groups:
+            g["lr"] = g["initial_lr"] * poly(run.step, loop.total_steps)
     weight_e9 = stability_weight(run.step, loop.total_steps)  # E9's lambda(t)
-    rng = runtime.rng_state() if loop.layout.accum > 1 else None
-    for micro in range(loop.layout.accum):
+    rng = runtime.rng_state() if accum > 1 else None
+    for micro in range(accum):
         # Every rank of a DDP run draws the same dropout masks (same seed, same calls);
         # micro-batch j replays the step's RNG state to draw what rank j of the --accum-process
         # run would.
@@ -513,13 +414,12 @@ def train_step(loop, streams, method, amp):
             for n, s in streams.items()
         }
         batch = co2s.Batch(**named)
-        last = micro == loop.layout.accum - 1
-        with amp, runtime.syncing(loop.students, sync=last):
+        with amp, runtime.syncing(loop.students, sync=micro == accum - 1):
             out = co2s.iteration(loop.students, batch, stability_weight=weight_e9, method=method)
             # The students' graphs are disjoint (E8 targets are detached): one backward of the
             # sum gives every student the gradient of its own loss; / accum averages
             # micro-batches as DDP averages ranks.
-            run.scaler.scale(sum(out.losses) / loop.layout.accum).backward()
+            run.scaler.scale(sum(out.losses) / accum).backward()
         quality = loop.logs_after(run.step + 1)
         accumulate(loop, co2s.diagnostics(out, batch, method, loop.cfg["fusion"], quality))
     for opt in run.optimizers:
@@ -528,33 +428,27 @@ def train_step(loop, streams, method, amp):
     run.step += 1
 
 
-def after_step(loop, val, amp, pbar):
-    """Log, checkpoint, evaluate: each on its own rule (Loop), last.pt before the evaluation, so a
-    crash during it loses nothing."""
-    run, step = loop.run, loop.run.step
-    if loop.logs_after(step):
-        log_train(loop, pbar)
-    if loop.master and loop.saves_after(step):
-        runs.save_checkpoint(run, os.path.join(run.cfg["out"], "last.pt"), keep_previous=True)
-    if loop.evaluates_after(step):
-        evaluate_and_keep_best(loop, val, amp)
+def save_last(loop):
+    runs.save_checkpoint(loop.run, os.path.join(loop.cfg["out"], "last.pt"), keep_previous=True)
 
 
-def evaluate_and_keep_best(loop, val, amp):
-    """The evaluation of the step, and best.pt. A stop signal during it ends it at the next image
-    (runtime.Stopped): last.pt of the step is already written, and the resumed run repeats it."""
+def evaluate(loop, val, amp):
+    """Sliding-window mIoU of every student and the fusion (eval.py), then best.pt (rank 0); under
+    DDP each rank takes its share of the images and the confusion matrices are summed. A stop
+    signal during it ends it at the next image (runtime.Stopped): last.pt of the step is already
+    written, and the resumed run repeats it."""
+    run, classes = loop.run, loop.run.info.classes
     try:
-        result = run_eval(loop, val, amp)
+        mats = evaluation.evaluate(run.model, val, run.cfg["crop"], amp=amp, stop=loop.stop)
     except runtime.Stopped:
         stopped(loop, loop.stop.name)
+    if loop.layout.world > 1:
+        for cm in mats.values():
+            dist.all_reduce(cm.mat)
+    run.model.train()
     if loop.master:
-        keep_best(loop, result)
-
-
-def evaluated(loop):
-    """Whether metrics.json records the evaluation of the step the run resumed at."""
-    path = os.path.join(loop.cfg["out"], "metrics.json")
-    return os.path.isfile(path) and atomic.read_json(path)["last"]["step"] == loop.run.step
+        print(f"\nstep {run.step}\n{evaluation.format_table(mats, classes)}")
+        keep_best(loop, {name: cm.to_dict(classes) for name, cm in mats.items()})
 
 
 def stopped(loop, signal_name):
@@ -562,7 +456,7 @@ def stopped(loop, signal_name):
     run, out = loop.run, loop.cfg["out"]
     if loop.master:
         if not loop.saves_after(run.step):  # (already written when the step was a save step)
-            runs.save_checkpoint(run, os.path.join(out, "last.pt"), keep_previous=True)
+            save_last(loop)
         print(
             f"\nstopped by {signal_name} after step {run.step}; last.pt is written. Continue "
             f"with: python train.py --resume {out} (or the same command with --out {out})",
@@ -573,49 +467,25 @@ def stopped(loop, signal_name):
     raise SystemExit(runtime.EXIT_STOPPED)
 
 
-def set_lr(run, total):
-    for opt in run.optimizers:
-        opt.zero_grad(set_to_none=True)
-        for g in opt.param_groups:
-            g["lr"] = g["initial_lr"] * poly(run.step, total)
-
-
 def build_loop(cfg, state, info, layout, device, init=None):
     """The Loop of a new or resumed run: model, one AdamW per student (METHOD.md section 4, step
     8), scaler. Returns (loop, the source of the class embeddings)."""
-    model, text_source = (
+    net, text_source = (
         (runs.model_from_checkpoint(state), None) if state else new_model(cfg, info, init)
     )
-    model.to(device)
-    runtime.store_frozen(model, runtime.frozen_dtype(device, cfg["amp"], cfg["frozen_bf16"]))
+    net.to(device)
+    runtime.store_frozen(net, runtime.frozen_dtype(device, cfg["amp"], cfg["frozen_bf16"]))
     if cfg["compile"]:
-        runtime.compile_model(model)
-    hyper = {k: cfg[k] for k in HYPER}
-    optimizers = [
-        torch.optim.AdamW(param_groups(s, **hyper), fused=device.type == "cuda")
-        for s in model.students
-    ]
+        runtime.compile_model(net)
+    hyper, fused = {k: cfg[k] for k in HYPER}, device.type == "cuda"
+    optimizers = [torch.optim.AdamW(param_groups(s, **hyper), fused=fused) for s in net.students]
     fp16 = runtime.amp_dtype(device, cfg["amp"]) == torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    run = runs.Run(cfg, spec_of(cfg, len(info.classes)), model, optimizers, scaler, info=info)
+    run = runs.Run(cfg, spec_of(cfg, len(info.classes)), net, optimizers, scaler, info=info)
     if state:
-        for opt, s in zip(optimizers, state["optimizers"]):
-            opt.load_state_dict(s)
-        scaler.load_state_dict(state["scaler"])
-        runtime.set_rng_state(state["rng"])
-        run.step, run.best = state["step"], best_of(state, cfg["out"])
-    students = runtime.replicate(model.students, layout.world)
-    return Loop(run, info, layout, device, students), text_source
-
-
-def best_of(state, out):
-    """The best evaluation so far of a resumed run: its checkpoint's, or metrics.json's when that
-    one is better (an evaluation that ended after last.pt was written, then a kill)."""
-    path, best = os.path.join(out, "metrics.json"), state["best"]
-    saved = atomic.read_json(path)["best"] if os.path.isfile(path) else {}
-    if saved.get("step", state["step"] + 1) <= state["step"] and saved["miou"] > best["miou"]:
-        return saved
-    return best
+        runs.restore(run, state)
+    students = runtime.replicate(net.students, layout.world)
+    return Loop(run, layout, device, students), text_source
 
 
 def prepare_data(cfg, info, splits_dir, world):
@@ -625,9 +495,8 @@ def prepare_data(cfg, info, splits_dir, world):
         ensure(info, cfg["data_root"], download=cfg["download"])
     if world > 1:
         dist.barrier()
-    splits = data.make_splits(
-        info, cfg["ratio"], cfg["data_root"], splits_dir or cfg["splits"], seed=cfg["seed"]
-    )
+    where = splits_dir or cfg["splits"]
+    splits = data.make_splits(info, cfg["ratio"], cfg["data_root"], where, seed=cfg["seed"])
     if runtime.is_master():
         scan_files(splits, info)
     return splits
@@ -654,34 +523,12 @@ def log_train(loop, pbar):
     now, steps = time.time(), step - (step - 1) // cfg["log_every"] * cfg["log_every"]
     if loop.master:
         lrs = {f"lr/{g['name']}": g["lr"] for opt in loop.run.optimizers for g in opt.param_groups}
-        record = dict(
-            type="train",
-            step=step,
-            epoch=round(loop.epoch(step), 4),
-            **lrs,
-            step_s=round((now - loop.t_last) / steps, 4),
-            **vals,
-        )
-        atomic.append_jsonl(os.path.join(cfg["out"], "log.jsonl"), record)
+        timing = dict(step_s=round((now - loop.t_last) / steps, 4))
+        record = dict(type="train", step=step, epoch=round(loop.epoch(step), 4), **lrs, **timing)
+        atomic.append_jsonl(os.path.join(cfg["out"], "log.jsonl"), dict(record, **vals))
         shown = {k: f"{v:.3f}" for k, v in vals.items() if k.endswith("/loss") or k == "lambda"}
         pbar.set_postfix(shown)
     loop.t_last = now
-
-
-def run_eval(loop, loader, amp):
-    """Sliding-window mIoU of every student and the fusion (eval.py); under DDP each rank takes
-    its share of the images and the confusion matrices are summed."""
-    run = loop.run
-    mats = evaluation.evaluate(run.model, loader, run.cfg["crop"], amp=amp, stop=loop.stop)
-    result = {}
-    for name, cm in mats.items():
-        if loop.layout.world > 1:
-            dist.all_reduce(cm.mat)
-        result[name] = cm.to_dict(loop.info.classes)
-    if loop.master:
-        print(f"\nstep {run.step}\n{evaluation.format_table(mats, loop.info.classes)}")
-    run.model.train()
-    return result
 
 
 def keep_best(loop, result):
@@ -689,17 +536,12 @@ def keep_best(loop, result):
     by each student's own mIoU (the release's best_clip.pth / best_dinov3.pth: it has no fusion);
     write metrics.json (done: the run ended). Each is a whole checkpoint of the run at its step."""
     run, out, key = loop.run, loop.cfg["out"], loop.cfg["best_by"]
-    epoch = round(loop.epoch(run.step), 4)
-    atomic.append_jsonl(
-        os.path.join(out, "log.jsonl"), dict(type="eval", step=run.step, epoch=epoch, **result)
-    )
+    record = dict(type="eval", step=run.step, epoch=round(loop.epoch(run.step), 4), **result)
+    atomic.append_jsonl(os.path.join(out, "log.jsonl"), record)
     per_student = loop.cfg["best_per_student"]
     each = dict(run.best.get("each", {}))  # student -> the miou and step of its best_<name>.pt
-    better = [
-        s.name
-        for s in run.model.students
-        if per_student and result[s.name]["miou"] > each.get(s.name, {"miou": -1.0})["miou"]
-    ]
+    names = [s.name for s in run.model.students] if per_student else []
+    better = [n for n in names if result[n]["miou"] > each.get(n, {"miou": -1.0})["miou"]]
     each.update({name: dict(miou=result[name]["miou"], step=run.step) for name in better})
     new_best = result[key]["miou"] > run.best["miou"]
     if new_best:
@@ -708,31 +550,22 @@ def keep_best(loop, result):
         run.best["each"] = each
     for name in (["best"] if new_best else []) + [f"best_{n}" for n in better]:
         runs.save_checkpoint(run, os.path.join(out, f"{name}.pt"))
-    atomic.write_json(
-        os.path.join(out, "metrics.json"),
-        dict(
-            last=dict(step=run.step, results=result),
-            best=run.best,
-            best_by=key,
-            total=loop.total_steps,
-            done=run.step == loop.total_steps,
-        ),
-    )
+    last, done = dict(step=run.step, results=result), run.step == loop.total_steps
+    metrics = dict(last=last, best=run.best, best_by=key, total=loop.total_steps, done=done)
+    atomic.write_json(os.path.join(out, "metrics.json"), metrics)
 
 
 def start_run(loop, splits, text_source, fresh):
     """Rank 0, before the first step: the run folder (splits, config.json) and a summary."""
-    cfg = loop.cfg
-    os.makedirs(cfg["out"], exist_ok=True)
+    cfg, out = loop.cfg, loop.cfg["out"]
+    os.makedirs(out, exist_ok=True)
     if fresh:
-        data.write_splits(splits, os.path.join(cfg["out"], "splits"))
-        open(os.path.join(cfg["out"], "log.jsonl"), "w").close()  # a fresh run, a fresh log
-        atomic.write_json(
-            os.path.join(cfg["out"], "config.json"),
-            dict(cfg, splits_source=splits.source, text_source=text_source, **runs.run_info()),
-        )
+        data.write_splits(splits, os.path.join(out, "splits"))
+        open(os.path.join(out, "log.jsonl"), "w").close()  # a fresh run, a fresh log
+        saved = dict(cfg, splits_source=splits.source, text_source=text_source, **runs.run_info())
+        atomic.write_json(os.path.join(out, "config.json"), saved)
     print(
-        f"run folder: {cfg['out']}\nsplits: {splits.source}: {len(splits.labeled)} labelled / "
+        f"run folder: {out}\nsplits: {splits.source}: {len(splits.labeled)} labelled / "
         f"{len(splits.unlabeled)} unlabelled / {len(splits.val)} val\n"
         f"{loop.layout.describe()}; {cfg['iters_per_epoch']} iterations per epoch, "
         f"{loop.total_steps} in all, device {loop.device}\n"
@@ -741,24 +574,18 @@ def start_run(loop, splits, text_source, fresh):
     )
     if text_source:
         print(f"CLIP class embeddings: {text_source}")
-    for opt in loop.run.optimizers:
-        for g in opt.param_groups:
-            n = sum(p.numel() for p in g["params"])
-            print(
-                f"  group {g['name']:<28} lr {g['initial_lr']:.2e}  wd {g['weight_decay']}  "
-                f"params {n:,}"
-            )
+    for g in (g for opt in loop.run.optimizers for g in opt.param_groups):
+        n, lr = sum(p.numel() for p in g["params"]), g["initial_lr"]
+        print(f"  group {g['name']:<28} lr {lr:.2e}  wd {g['weight_decay']}  params {n:,}")
 
 
 def finish(loop):
-    run, out = loop.run, loop.cfg["out"]
+    out = loop.cfg["out"]
     if loop.master:
-        if run.step == loop.total_steps:
+        if loop.run.step == loop.total_steps:
             last = atomic.read_json(os.path.join(out, "metrics.json"))["last"]["results"]
-            print(
-                "\nmIoU (%) at the end: "
-                + ", ".join(f"{k} {100 * v['miou']:.2f}" for k, v in last.items())
-            )
+            mious = ", ".join(f"{k} {100 * v['miou']:.2f}" for k, v in last.items())
+            print(f"\nmIoU (%) at the end: {mious}")
         print(f"run folder: {out}\ncurves: python -m tools.plot {out}")
     if loop.layout.world > 1:
         dist.destroy_process_group()

@@ -28,16 +28,8 @@ RELEASE = {
     "best_per_student": (True, "best_<student>.pt, each on its own mIoU, besides best.pt"),
 }
 # --recipe paper: the same switches at the paper's values (DINOv3: the dataset's default weights)
-PAPER = dict(
-    stability="grad",
-    numerics="hf",
-    amp="auto",
-    mix_source="partner",
-    accum=1,
-    data_order="own",
-    round_iters=False,
-    best_per_student=False,
-)
+PAPER = dict(stability="grad", numerics="hf", amp="auto", mix_source="partner", accum=1)
+PAPER |= dict(data_order="own", round_iters=False, best_per_student=False)
 RECIPES = ("paper", "release")
 
 
@@ -47,9 +39,8 @@ def switches(recipe, batch, world):
     into (the demo's batch of 2: 2), over `world` processes and --accum."""
     if recipe == "paper":
         return {}
-    chosen = {k: v for k, (v, _) in RELEASE.items()}
-    chosen["accum"] = max(1, math.gcd(RELEASE_PROCESSES, batch) // world)
-    return chosen
+    accum = max(1, math.gcd(RELEASE_PROCESSES, batch) // world)
+    return dict({k: v for k, (v, _) in RELEASE.items()}, accum=accum)
 
 
 def as_flag(key, value):
@@ -64,13 +55,11 @@ def summary(cfg):
     """The start summary's lines for --recipe: the recipe and each switch it set, with the flag
     that overrode it, if one did."""
     if not cfg["recipe_switches"]:
-        return (
-            f"recipe: {cfg['recipe']} (the method as the paper states it; --recipe release for "
-            f"the authors' code as they ran it)"
-        )
+        other = "--recipe release for the authors' code as they ran it"
+        return f"recipe: {cfg['recipe']} (the method as the paper states it; {other})"
     lines = [f"recipe: {cfg['recipe']} (the authors' code as they ran it, METHOD.md section 7):"]
+    over = cfg["recipe_overrides"]
     for k, v in cfg["recipe_switches"].items():
-        over = cfg["recipe_overrides"]
         note = f" (overridden here: {as_flag(k, over[k])})" if k in over else ""
         lines.append(f"  {as_flag(k, v):<30} {RELEASE[k][1]}{note}")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ was; log.jsonl is appended to, one record per line.
 import dataclasses
 import fcntl
 import os
+import pathlib
 import platform
 import re
 import shutil
@@ -27,7 +28,7 @@ from model import Co2S, ModelSpec, build_model
 from plumbing.atomic import read_json, save_atomic
 from plumbing.catalog import DatasetInfo, dataset_info
 from plumbing.errors import UserError
-from plumbing.runtime import is_master, rng_state
+from plumbing.runtime import is_master, rng_state, set_rng_state
 
 # what the numpy RNG state of checkpoints written before the weights_only format pickled
 _core = getattr(np, "_core", None) or np.core  # numpy 2 renamed it; 1.x pickles name numpy.core
@@ -52,72 +53,36 @@ class Run:
 
 
 # --------------------------------------------------------------------------------------------
-# Files, written atomically
+# The run folder
 
 
 def run_info():
     """Versions and git revision for config.json."""
+    here, git = os.path.dirname(os.path.abspath(__file__)), ["git", "rev-parse", "HEAD"]
     try:
-        git = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"],
-                capture_output=True,
-                text=True,
-                cwd=os.path.dirname(os.path.abspath(__file__)),
-            ).stdout.strip()
-            or None
-        )
+        git = subprocess.run(git, capture_output=True, text=True, cwd=here).stdout.strip() or None
     except OSError:
         git = None
-    versions = dict(
-        python=platform.python_version(),
-        torch=torch.__version__,
-        transformers=__import__("transformers").__version__,
-    )
+    versions = dict(python=platform.python_version(), torch=torch.__version__)
+    versions["transformers"] = __import__("transformers").__version__
     return dict(versions=versions, git=git)
 
 
-# --------------------------------------------------------------------------------------------
-# The checkpoint format
-
-
-def save_checkpoint(run, path, keep_previous=False):
-    """Everything to resume or evaluate the run, written atomically; never NaN weights over a good
-    file (returns False then). keep_previous: the file it replaces stays as <name>.prev.pt
-    (last.pt), in case the new one is lost to a failing disk. A failed write (disk full) leaves the
-    previous files intact and is a UserError saying so."""
-    if not all(torch.isfinite(p).all() for p in run.model.parameters()):
-        return False
-    state = dict(
-        format=FORMAT,
-        cfg=run.cfg,
-        model_args=dataclasses.asdict(run.spec),
-        model=run.model.state_dict(),
-        step=run.step,
-        best=run.best,
-        rng=rng_state(),
-        optimizers=[o.state_dict() for o in run.optimizers],
-        scaler=run.scaler.state_dict() if run.scaler is not None else None,
-    )
-    if run.info is not None:
-        state["dataset_info"] = dataclasses.asdict(run.info)
-    save_atomic(state, path, keep_previous)
-    return True
+# flags that may change between the runs of one job (--resume, a requeued job) without changing it
+FREE = ("resume", "stop_at", "workers", "device", "download", "log_every", "save_every", "compile")
 
 
 def resume(folder, iters=None, stop_at=None, world=1):
     """(config, state) of the run folder to continue: its own config, but for --iters / --stop-at.
     One read of last.pt; a missing or unreadable one is an error that says what to do."""
     path, previous = os.path.join(folder, "last.pt"), os.path.join(folder, "last.prev.pt")
+    move = f"`mv {previous} {path}`"
     if not os.path.isfile(path):
-        hint = (
-            f"; {previous} is there: `mv {previous} {path}` to continue from it"
-            if os.path.isfile(previous)
-            else ""
-        )
+        there = os.path.isfile(previous)
+        hint = f"; {previous} is there: {move} to continue from it" if there else ""
         raise UserError(
-            f"--resume {folder!r}: no last.pt there (a run folder of train.py holds "
-            f"one after its first epoch, or after --save-every / --stop-at steps){hint}"
+            f"--resume {folder!r}: no last.pt there (a run folder of train.py holds one after its "
+            f"first epoch, or after --save-every / --stop-at steps){hint}"
         )
     try:
         state = read_checkpoint(path)
@@ -126,8 +91,8 @@ def resume(folder, iters=None, stop_at=None, world=1):
             raise
         step = read_checkpoint(previous)["step"]  # itself an error if that one is bad too
         raise UserError(
-            f"{e}. The previous checkpoint {previous} (step {step}) is readable: "
-            f"`mv {previous} {path}` and resume again to continue from it"
+            f"{e}. The previous checkpoint {previous} (step {step}) is readable: {move} and resume "
+            f"again to continue from it"
         ) from e
     # the folder being resumed is the run folder, wherever it was started (moved, copied)
     cfg = dict(state["cfg"], resume=folder, stop_at=stop_at, out=folder)
@@ -137,64 +102,83 @@ def resume(folder, iters=None, stop_at=None, world=1):
     return cfg, state
 
 
-# flags that may differ between the runs of one requeued job without changing the run
-REQUEUE_FREE = (
-    "resume",
-    "stop_at",
-    "workers",
-    "device",
-    "download",
-    "log_every",
-    "save_every",
-    "command",
-    "compile",
-)
-
-
 def differences(saved, cfg):
-    """What a saved config sets otherwise than `cfg` (flags that may change between the runs of
-    one requeued job aside), as a readable list; empty: the same run."""
-    differ = sorted(k for k in cfg if k not in REQUEUE_FREE and k in saved and saved[k] != cfg[k])
+    """What a saved config sets otherwise than `cfg` (FREE flags and the command aside), as a
+    readable list; empty: the same run."""
+    free = (*FREE, "command")
+    differ = sorted(k for k in cfg if k not in free and k in saved and saved[k] != cfg[k])
     return ", ".join(f"{k}: {saved[k]!r} there, {cfg[k]!r} here" for k in differ[:4])
 
 
-def requeued(cfg, iters=None, stop_at=None, world=1):
-    """The same command again on a run folder with a last.pt (a requeued cluster job): continue it
-    (resume) when its config is this command's `cfg`, else refuse and say what differs."""
-    out = cfg["out"]
+def open_run(out, cfg, iters, stop_at, world, rank):
+    """The folder `out` of a new run (cfg: its config), of the same command again on its folder (a
+    requeued job: continued when its config is the same) or of --resume (cfg None): checked before
+    any model is built or downloaded, and locked (one training per folder at a time). Returns
+    (config, the state to continue or None, the lock rank 0 holds or None)."""
+    again, lock = cfg is not None and os.path.isfile(os.path.join(out, "last.pt")), None
+    if rank == 0:
+        check_writable(out)
+        if cfg is not None and not again:
+            check_fresh(out, cfg)
+        lock = lock_run(out)
+    if cfg is not None and not again:
+        return cfg, None, lock
     old, state = resume(out, iters, stop_at, world)
-    what = differences(state["cfg"], cfg)
+    what = again and differences(state["cfg"], cfg)
     if what:
         raise UserError(
             f"--out {out} holds a run with another config ({what}); continue it with "
             f"--resume {out}, or pass another --out"
         )
-    if is_master():
+    if again and is_master():
         print(f"{out} holds last.pt of this command's run (step {state['step']}): continuing it")
-    return old, state
+    return old, state, lock
+
+
+def check_resume_flags(args, defaults):
+    """--resume continues a run with its own config: a flag given otherwise than its `defaults`
+    value (FREE ones and --iters aside) would change it, and is an error."""
+    free = (*FREE, "iters")
+    changed = [k for k, v in vars(args).items() if k not in free and v != defaults[k]]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in changed)
+        raise UserError(
+            f"--resume {args.resume}: {flags} cannot change a run in progress (it continues with "
+            f"its own config.json); start a new run with another --out"
+        )
+
+
+def restore(run, state):
+    """A resumed run as its checkpoint left it: optimizers, scaler, RNG, step, and the best
+    evaluation so far: the checkpoint's, or metrics.json's when that one is better (an evaluation
+    that ended after last.pt was written, then a kill)."""
+    for opt, s in zip(run.optimizers, state["optimizers"]):
+        opt.load_state_dict(s)
+    run.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    path, step, best = os.path.join(run.cfg["out"], "metrics.json"), state["step"], state["best"]
+    saved = read_json(path)["best"] if os.path.isfile(path) else {}
+    newer = saved.get("step", step + 1) <= step and saved["miou"] > best["miou"]
+    run.step, run.best = step, saved if newer else best
+
+
+def evaluated(out, step):
+    """Whether metrics.json records the evaluation of `step` (the step a run resumed at)."""
+    path = os.path.join(out, "metrics.json")
+    return os.path.isfile(path) and read_json(path)["last"]["step"] == step
 
 
 def check_fresh(out, cfg):
     """A new run's --out holds nothing, or only this command's own run killed before its first
     checkpoint (the same config.json): never another run, an export or a user's files."""
-    mine = {".lock", ".write-test"}
-    found = sorted(f for f in os.listdir(out) if f not in mine) if os.path.isdir(out) else []
+    found = sorted(set(os.listdir(out)) - {".lock", ".write-test"}) if os.path.isdir(out) else []
     config = os.path.join(out, "config.json")
-    if not found or (
-        os.path.isfile(config)
-        and "last.pt" not in found
-        and not is_export(out)
-        and not differences(read_json(config), cfg)
-        and set(found) <= {"config.json", "log.jsonl", "splits"}
-    ):
+    run = os.path.isfile(config)  # (an export holds model.safetensors too, a killed run never)
+    mine = run and set(found) <= {"config.json", "log.jsonl", "splits"}
+    if not found or (mine and not differences(read_json(config), cfg)):
         return
-    what = (
-        "an exported model"
-        if is_export(out)
-        else "another run"
-        if os.path.isfile(config)
-        else f"files not written by train.py: {found[:3]}"
-    )
+    stray = f"files not written by train.py: {found[:3]}"
+    what = "an exported model" if is_export(out) else "another run" if run else stray
     raise UserError(
         f"--out {out} holds {what}; pass a new folder (or --resume {out} to continue a run there)"
     )
@@ -208,57 +192,73 @@ def lock_run(out):
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
         f.close()
+        holder = pathlib.Path(f.name).read_text().strip() or "another process"
         raise UserError(
-            f"--out {out} is in use by the training of {holder}; wait for it or stop "
-            f"it, or pass another --out"
+            f"--out {out} is in use by the training of {holder}; wait for it or stop it, or pass "
+            f"another --out"
         ) from None
-    f.seek(0)
-    f.truncate()
+    f.truncate(0)  # (opened to append: what follows is written at the start)
     f.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
     f.flush()
     return f
 
 
-def checkpoint_bytes(model):
-    """An estimate of one checkpoint's size: the state dict, plus AdamW's two fp32 moments for every
-    trainable parameter."""
-    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    return state + 2 * 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def check_room(out, model, copies=3):
     """Before the first step: room in the run folder for `copies` checkpoints (last.pt,
     last.prev.pt, best.pt, and best_<student>.pt under --best-per-student), counting those already
-    there (a resumed run replaces them)."""
-    there = [f for f in os.listdir(out) if f.endswith(".pt")] if os.path.isdir(out) else []
-    one = checkpoint_bytes(model)
-    need = copies * one - sum(os.path.getsize(os.path.join(out, f)) for f in there)
-    free = shutil.disk_usage(out).free
+    there (a resumed run replaces them). One checkpoint: the state dict, plus AdamW's two fp32
+    moments for every trainable parameter."""
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    one = state + 2 * 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    need = copies * one - sum(f.stat().st_size for f in pathlib.Path(out).glob("*.pt"))
+    free, gib = shutil.disk_usage(out).free, 2**30
     if free < need:
         raise UserError(
-            f"--out {out}: {free / 2**30:.2f} GiB free, a run of this model needs "
-            f"{need / 2**30:.2f} GiB ({copies} checkpoints of {one / 2**30:.2f} GiB); free some "
-            f"space or pass another --out"
+            f"--out {out}: {free / gib:.2f} GiB free, this run needs {need / gib:.2f} GiB "
+            f"({copies} checkpoints of {one / gib:.2f} GiB); free some space or pass another --out"
         )
 
 
 def check_writable(out, what="the run folder", flag="--out"):
     """A folder can be created and written (a run folder: checked before any model is built or
     downloaded)."""
+    probe = os.path.join(out, ".write-test")
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
+        pathlib.Path(probe).write_text("ok")
         os.remove(probe)
     except OSError as e:
         raise UserError(
-            f"{flag} {out}: cannot create or write {what} ({e.strerror or e}); "
-            f"pass a folder you can write to"
+            f"{flag} {out}: cannot create or write {what} ({e.strerror or e}); pass a folder you "
+            f"can write to"
         ) from e
+
+
+# --------------------------------------------------------------------------------------------
+# The checkpoint format
+
+
+def save_checkpoint(run, path, keep_previous=False):
+    """Everything to resume or evaluate the run, written atomically; never NaN weights over a good
+    file (returns False then). keep_previous: the file it replaces stays as <name>.prev.pt
+    (last.pt), in case the new one is lost to a failing disk. A failed write (disk full) leaves the
+    previous files intact and is a UserError saying so."""
+    if not all(torch.isfinite(p).all() for p in run.model.parameters()):
+        return False
+    scaler = run.scaler.state_dict() if run.scaler is not None else None
+    state = dict(format=FORMAT, cfg=run.cfg, model_args=dataclasses.asdict(run.spec))
+    state.update(model=run.model.state_dict(), step=run.step, best=run.best, rng=rng_state())
+    state.update(optimizers=[o.state_dict() for o in run.optimizers], scaler=scaler)
+    if run.info is not None:
+        state["dataset_info"] = dataclasses.asdict(run.info)
+    save_atomic(state, path, keep_previous)
+    return True
+
+
+def reason(e):
+    """An exception as one line: its type and the first line of its message."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
 
 
 def read_checkpoint(path):
@@ -270,14 +270,12 @@ def read_checkpoint(path):
         with torch.serialization.safe_globals(OLD_RNG):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, a pickle that wants to run code, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {reason})") from e
+        raise UserError(f"cannot read checkpoint {path!r} ({reason(e)})") from e
     if not isinstance(state, dict) or not {"cfg", "model", "model_args"} <= set(state):
         raise UserError(f"{path!r} is not a checkpoint of train.py (no cfg / model / model_args)")
     if state.get("format", 1) > FORMAT:
-        raise UserError(
-            f"{path!r} was written by a newer co2s (format {state['format']}); update the code"
-        )
+        new = state["format"]
+        raise UserError(f"{path!r} was written by a newer co2s (format {new}); update the code")
     if state.get("format", 1) == 1:
         state = _upgrade_from_1(state)
     state["cfg"] = upgrade_cfg(state["cfg"])
@@ -285,17 +283,9 @@ def read_checkpoint(path):
 
 
 # flags and records added while the format stayed 2: their values in the runs made before them
-ADDED = dict(
-    compile=False,
-    frozen_bf16=False,
-    epoch_rule="release",
-    recipe="paper",
-    data_order="own",
-    round_iters=False,
-    best_per_student=False,
-    recipe_switches={},
-    recipe_overrides={},
-)
+ADDED = dict(compile=False, frozen_bf16=False, round_iters=False, best_per_student=False)
+ADDED |= dict(epoch_rule="release", recipe="paper", data_order="own")
+ADDED |= dict(recipe_switches={}, recipe_overrides={})
 
 
 def upgrade_cfg(cfg):
@@ -324,10 +314,10 @@ def saved_settings(path):
     except (OSError, ValueError) as e:
         raise UserError(f"--config {path!r}: cannot read {file} ({e})") from e
     if config.get("format") == EXPORT:
-        folder = os.path.dirname(os.path.abspath(file))
+        splits = os.path.join(os.path.dirname(os.path.abspath(file)), "splits")
         cfg = {k: v for k, v in config["cfg"].items() if v != LOCAL_FOLDER}
-        if os.path.isdir(os.path.join(folder, "splits")):
-            cfg.setdefault("splits", os.path.join(folder, "splits"))
+        if os.path.isdir(splits):
+            cfg.setdefault("splits", splits)
     elif isinstance(config, dict) and {"dataset", "ratio", "students"} <= set(config):
         cfg = config
     else:
@@ -350,22 +340,16 @@ def _upgrade_from_1(state):
     return dict(state, format=FORMAT, cfg=cfg, model_args=args)
 
 
-def spec_of(state):
-    args = dict(state["model_args"])
-    return ModelSpec(**dict(args, kinds=tuple(args["kinds"])))
-
-
 def model_from_checkpoint(state, numerics=None):
     """The Co2S model of a checkpoint: built from its model_args (random backbones, no download),
     then every tensor (frozen backbone weights, CLIP text embeddings included) read from its state
     dict. numerics: run it with other numerics than it was trained with ('hf' | 'release')."""
-    spec, sd = spec_of(state), state["model"]
-    if numerics:
-        spec = dataclasses.replace(spec, numerics=numerics)
+    args, sd = state["model_args"], state["model"]
+    spec = ModelSpec(**dict(args, kinds=tuple(args["kinds"])))
+    spec = dataclasses.replace(spec, numerics=numerics) if numerics else spec
     text = next((v for k, v in sd.items() if k.endswith(".text")), None)
-    with warnings.catch_warnings():
-        # "random backbone weights": they are overwritten just below
-        warnings.simplefilter("ignore")
+    # "random backbone weights": they are overwritten just below
+    with warnings.catch_warnings(action="ignore"):
         try:
             model = build_model(spec, text=text)
         except ValueError as e:
@@ -389,7 +373,7 @@ def resolve_checkpoint(path, ckpt=None):
     """What a command was given -> what read_checkpoint reads: a run folder (its best.pt, else
     last.pt; or the one `ckpt` names), a .pt file, an exported model folder (config.json +
     model.safetensors), or the hub id of one (downloaded once into the Hugging Face cache)."""
-    if is_export(path):
+    if is_export(path) or (os.path.isfile(path) and path.endswith(".pt")):
         return path
     if os.path.isdir(path):
         wanted = [f"{ckpt}.pt"] if ckpt else ["best.pt", "last.pt"]
@@ -397,11 +381,9 @@ def resolve_checkpoint(path, ckpt=None):
             if os.path.isfile(os.path.join(path, f)):
                 return os.path.join(path, f)
         raise UserError(
-            f"run folder {path!r} holds no {' or '.join(wanted)}; expected a folder "
-            f"written by train.py, an exported model folder or a .pt checkpoint file"
+            f"run folder {path!r} holds no {' or '.join(wanted)}; expected a folder written by "
+            f"train.py, an exported model folder or a .pt checkpoint file"
         )
-    if os.path.isfile(path) and path.endswith(".pt"):
-        return path
     if not os.path.exists(path) and HUB_ID.fullmatch(path):
         return download_export(path)
     raise UserError(
@@ -442,13 +424,8 @@ EXPORT = "co2s-model"  # config.json's "format": what tells an exported folder f
 
 def is_export(path):
     config = os.path.join(path, "config.json")
-    if not (
-        os.path.isdir(path)
-        and os.path.isfile(config)
-        and os.path.isfile(os.path.join(path, "model.safetensors"))
-    ):
-        return False
-    return read_json(config).get("format") == EXPORT
+    both = os.path.isfile(config) and os.path.isfile(os.path.join(path, "model.safetensors"))
+    return both and read_json(config).get("format") == EXPORT
 
 
 def read_export(folder):
@@ -461,20 +438,11 @@ def read_export(folder):
     except Exception as e:
         raise UserError(f"cannot read {folder}/model.safetensors ({type(e).__name__}: {e})") from e
     results = config.get("results") or {}
-    best = dict(
-        miou=max((r["miou"] for r in results.values()), default=-1.0),
-        step=config["step"],
-        results=results,
-    )
+    miou = max((r["miou"] for r in results.values()), default=-1.0)
+    best = dict(miou=miou, step=config["step"], results=results)
+    state = {k: config[k] for k in ("cfg", "model_args", "step", "dataset_info")}
     return dict(
-        format=FORMAT,
-        cfg=config["cfg"],
-        model_args=config["model_args"],
-        model=weights,
-        step=config["step"],
-        best=best,
-        dataset_info=config["dataset_info"],
-        text_source=config.get("text_source"),
+        state, format=FORMAT, model=weights, best=best, text_source=config.get("text_source")
     )
 
 
@@ -487,10 +455,8 @@ def download_export(repo_id):
         folder = snapshot_download(repo_id)
     except Exception as e:  # offline, no such repository, gated, ...
         raise UserError(
-            f"could not fetch the model {repo_id!r} from the Hugging Face hub "
-            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
-            f"offline, download it elsewhere (`hf download {repo_id} --local-dir DIR`) and "
-            f"pass DIR"
+            f"could not fetch the model {repo_id!r} from the Hugging Face hub ({reason(e)}); "
+            f"offline, download it elsewhere (`hf download {repo_id} --local-dir DIR`) and pass DIR"
         ) from e
     if not is_export(folder):
         raise UserError(
