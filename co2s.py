@@ -42,9 +42,7 @@ class Method:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
         if self.stability not in STABILITY:
-            raise ValueError(
-                f"unknown stability mode {self.stability!r}; valid: {', '.join(STABILITY)}"
-            )
+            raise ValueError(f"unknown stability {self.stability!r}; valid: {', '.join(STABILITY)}")
         if self.strong_views not in (1, 2):
             raise ValueError(f"strong_views must be 1 or 2, got {self.strong_views}")
 
@@ -59,15 +57,6 @@ class Batch:
     labeled: dict
     unlabeled: dict = None
     partner: dict = None
-
-
-@dataclass
-class StrongView:
-    """A strong view after CutMix (step 2): the image, and the box b_j where the partner's pixels
-    (and so the partner's pseudo-labels and padding) were pasted."""
-
-    img: torch.Tensor  # (B, 3, H, W)
-    box: torch.Tensor  # (B, H, W) bool
 
 
 @dataclass
@@ -116,9 +105,8 @@ def iteration(students, batch, *, stability_weight, method=Method()):
     x_l, y_l = batch.labeled["img"], batch.labeled["label"]
     names = [s.name for s in students]
     if method.method == "supervised":  # E5 only (data.train_loaders loads no unlabelled image)
-        terms = [{"sup": supervised_loss(s(x_l), y_l)} for s in students]
-        terms = [dict(t, loss=t["sup"]) for t in terms]
-        return Outcome(names, [t["loss"] for t in terms], terms, [], [])
+        losses = [supervised_loss(s(x_l), y_l) for s in students]
+        return Outcome(names, losses, [{"sup": sup, "loss": sup} for sup in losses], [], [])
 
     u = batch.unlabeled
     x_w, valid = u["img_w"], ~u["ignore"]  # (B, H, W) non-padding
@@ -126,12 +114,10 @@ def iteration(students, batch, *, stability_weight, method=Method()):
     # by one, whose pseudo-labels are then our own weak ones rolled the same way (step 1 below).
     rolled = batch.partner is None
     mix = {k: v.roll(1, 0) for k, v in u.items()} if rolled else batch.partner
-    # 2. CutMix: paste the partners' strong views into ours, inside the boxes b1, b2.
-    views = [
-        StrongView(cutmix(u[f"img_s{j}"], mix[f"img_s{j}"], u[f"box{j}"]), u[f"box{j}"])
-        for j in range(1, method.strong_views + 1)
-    ]
-    x_s = torch.cat([v.img for v in views])
+    # 2. CutMix: paste the partners' strong views into ours, inside the boxes b_j (B, H, W) bool;
+    # inside b_j the partner's pseudo-labels and padding hold too (step 4).
+    boxes = [u[f"box{j}"] for j in range(1, method.strong_views + 1)]
+    x_s = torch.cat([cutmix(u[f"img_s{j}"], mix[f"img_s{j}"], b) for j, b in enumerate(boxes, 1)])
 
     weak, pseudo, terms = [], [], []
     for s in students:
@@ -147,9 +133,9 @@ def iteration(students, batch, *, stability_weight, method=Method()):
         conf_p, label_p = (conf_w.roll(1, 0), label_w.roll(1, 0)) if rolled else partner
         # 5. E5, and E6 on each mixed strong view and on the FP branch.
         t = {"sup": supervised_loss(z_l, y_l)}
-        for j, (z_sj, view) in enumerate(zip(z_strong, views), 1):
-            y_hat, c = cutmix(label_w, label_p, view.box), cutmix(conf_w, conf_p, view.box)
-            v = cutmix(valid, ~mix["ignore"], view.box)
+        for j, (z_sj, box) in enumerate(zip(z_strong, boxes), 1):
+            y_hat, c = cutmix(label_w, label_p, box), cutmix(conf_w, conf_p, box)
+            v = cutmix(valid, ~mix["ignore"], box)
             t[f"s{j}"] = pseudo_label_loss(z_sj, y_hat, c, v, method.tau)
         if method.fp:
             t["fp"] = pseudo_label_loss(z_fp, label_w, conf_w, valid, method.tau)
@@ -159,8 +145,7 @@ def iteration(students, batch, *, stability_weight, method=Method()):
     # 6-7. E7 per student, and E8 between the two, weighted by E9's lambda(t).
     e8 = uses_stability(method, len(students))
     for k, t in enumerate(terms):
-        other = weak[1 - k] if e8 else None
-        t.update(student_loss(t, weak[k], other, stability_weight, method))
+        t.update(student_loss(t, weak[k], weak[1 - k] if e8 else None, stability_weight, method))
     weight = stability_weight if e8 else None
     return Outcome(names, [t["loss"] for t in terms], terms, weak, pseudo, weight)
 
@@ -176,9 +161,8 @@ def student_loss(t, z_self, z_other, stability_weight, method):
     if z_other is None:
         return {"uni": uni, "loss": uni}
     # E8 on the clean weak predictions; 'released': on detached logits, so it trains nothing.
-    sta = stability_loss(
-        z_self if method.stability == "grad" else z_self.detach(), z_other, method.tau
-    )
+    z_self = z_self if method.stability == "grad" else z_self.detach()
+    sta = stability_loss(z_self, z_other, method.tau)
     return {"uni": uni, "sta": sta, "loss": uni + stability_weight * sta}
 
 
@@ -198,9 +182,7 @@ def diagnostics(out, batch, method, fusion="confidence", quality=False):
     student loss 'loss'), lambda where E8 ran and the share of confident valid pixels; with
     quality (log steps): the pseudo-labels' accuracy and coverage against the labels of the
     unlabelled images, per student and for the fused map (E10) of two students."""
-    logs = {}
-    for name, terms in zip(out.names, out.terms):
-        logs.update({f"{name}/{k}": v.detach() for k, v in terms.items()})
+    logs = {f"{n}/{k}": v.detach() for n, t in zip(out.names, out.terms) for k, v in t.items()}
     if out.stability_weight is not None:
         logs["lambda"] = torch.tensor(out.stability_weight)
     if not out.pseudo:
@@ -212,9 +194,8 @@ def diagnostics(out, batch, method, fusion="confidence", quality=False):
             acc, cov = pseudo_label_quality(conf, label, gt, valid, tau)
             logs[f"{name}/pl_acc"], logs[f"{name}/pl_cov"] = acc, cov
     if quality and len(out.weak) == 2:  # the map the fusion head would give
-        conf_f, label_f = fuse(
-            [at_least_fp32(z.detach()).softmax(1) for z in out.weak], fusion
-        ).max(1)
+        probs = [at_least_fp32(z.detach()).softmax(1) for z in out.weak]
+        conf_f, label_f = fuse(probs, fusion).max(1)
         acc, cov = pseudo_label_quality(conf_f, label_f, gt, valid, tau)
         logs["fused/pl_acc"], logs["fused/pl_cov"] = acc, cov
     return logs

@@ -86,10 +86,8 @@ def rope_tables(periods, h, w):
     """cos, sin (h*w, head_dim) of an h x w patch grid, in the dtype of `periods` (each step rounded
     to it, as the release computes them): patch centres in [-1, 1] per axis, angles
     2 pi coord / period, laid out [y | x] x 2."""
-    ys = torch.arange(0.5, h, dtype=periods.dtype, device=periods.device) / h
-    xs = torch.arange(0.5, w, dtype=periods.dtype, device=periods.device) / w
-    coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).flatten(0, 1)  # (hw, 2): y, x
-    coords = 2.0 * coords - 1.0
+    ys, xs = (torch.arange(0.5, n, dtype=periods.dtype, device=periods.device) / n for n in (h, w))
+    coords = 2.0 * torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).flatten(0, 1) - 1.0
     angles = 2 * math.pi * coords[:, :, None] / periods[None, None, :]
     angles = angles.flatten(1, 2).tile(2)  # (hw, head_dim)
     return torch.cos(angles), torch.sin(angles)
@@ -182,9 +180,8 @@ def class_embeddings(concepts, *, size, clip_weights=None, file=None):
 
 
 def conv_gn_relu(cin, cout, k=3, dilation=1):
-    pad = dilation * (k // 2)
     return nn.Sequential(
-        nn.Conv2d(cin, cout, k, padding=pad, dilation=dilation, bias=False),
+        nn.Conv2d(cin, cout, k, padding=dilation * (k // 2), dilation=dilation, bias=False),
         nn.GroupNorm(cout // 16, cout),
         nn.ReLU(inplace=True),
     )
@@ -290,11 +287,10 @@ class Student(nn.Module):
         self.run_block = clip_block if kind == "clip" else dinov3_block
         width = backbone.config.hidden_size
         f3_dim = backbone.config.projection_dim if kind == "clip" else width
-        if text is not None:  # explicit guidance: fixed text embeddings (E2), saved with the model
-            self.register_buffer("text", at_least_fp32(text).clone())
-            self.queries = None
-        else:  # implicit guidance: learnable class queries
-            self.text = None
+        # explicit guidance: fixed text embeddings (E2), saved with the model (a None buffer is not)
+        self.register_buffer("text", None if text is None else at_least_fp32(text).clone())
+        self.queries = None
+        if text is None:  # implicit guidance: learnable class queries
             self.queries = nn.Embedding(num_classes, f3_dim)
             nn.init.normal_(self.queries.weight, std=0.02)
         self.head = Co2SHead(feat_dim=width, embed_dim=f3_dim)
@@ -325,9 +321,9 @@ class Student(nn.Module):
                 self._frozen[key] = make(source, h, w)
         return self._frozen[key]
 
-    def _clip_features(self, x):
+    def _clip_features(self, x, hw):
         vm = self.backbone.vision_model
-        emb, (h, w) = vm.embeddings, (x.shape[-2] // 16, x.shape[-1] // 16)
+        emb, (h, w) = vm.embeddings, hw
         patches = emb.patch_embedding(x.to(emb.patch_embedding.weight.dtype))
         patches = patches.flatten(2).transpose(1, 2)  # (B, hw, C)
         tokens = torch.cat([emb.class_embedding.expand(len(x), 1, -1), patches], 1)  # (B, 1+hw, C)
@@ -337,10 +333,8 @@ class Student(nn.Module):
         for i, block in enumerate(blocks(self.backbone)):
             if i in self.taps:
                 # E1, value path: no token mixing; v = x + out(v(LN1 x)); v = v + MLP(LN2 v)
-                attn = block.self_attn
-                v = h + attn.out_proj(attn.v_proj(block.layer_norm1(h)))
-                v = v + block.mlp(block.layer_norm2(v))
-                maps.append(v)
+                v = h + block.self_attn.out_proj(block.self_attn.v_proj(block.layer_norm1(h)))
+                maps.append(v + block.mlp(block.layer_norm2(v)))
             if i == self.taps[-1]:
                 break  # the main path after the last tap is never used
             h = self._block(self.run_block, block, h)
@@ -348,9 +342,8 @@ class Student(nn.Module):
         maps[-1] = F.normalize(self.backbone.visual_projection(vm.post_layernorm(maps[-1])), dim=-1)
         return [m[:, 1:] for m in maps]  # drop CLS
 
-    def _dinov3_features(self, x):
+    def _dinov3_features(self, x, hw):
         bb = self.backbone
-        hw = (x.shape[-2] // 16, x.shape[-1] // 16)
         cos, sin = self._cached("rope", self.rope_periods, *hw, rope_tables)
         h = bb.embeddings(x)  # (B, 1+4+hw, C): CLS, registers, patches
         prefix = 1 + bb.config.num_register_tokens
@@ -363,8 +356,8 @@ class Student(nn.Module):
 
     def features(self, x):
         """The three tapped maps, fine to coarse, each (B, C, H/16, W/16)."""
-        tokens = self._clip_features(x) if self.kind == "clip" else self._dinov3_features(x)
         hw = (x.shape[-2] // 16, x.shape[-1] // 16)
+        tokens = self._clip_features(x, hw) if self.kind == "clip" else self._dinov3_features(x, hw)
         return [t.transpose(1, 2).reshape(t.shape[0], t.shape[2], *hw) for t in tokens]
 
     def forward(self, x, fp_from=None):
@@ -375,11 +368,8 @@ class Student(nn.Module):
         feats = self.features(x)
         if fp_from is not None:
             feats = [torch.cat([f, F.dropout2d(f[fp_from:], 0.5, training=True)]) for f in feats]
-        return self._logits(feats, x.shape[-2:])  # (B [+ B - fp_from], N, H, W)
-
-    def _logits(self, feats, size):
-        logits = self.head(feats, self.class_embeddings())  # (B, N, H/4, W/4)
-        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        logits = self.head(feats, self.class_embeddings())  # (B [+ B - fp_from], N, H/4, W/4)
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 @dataclass(frozen=True)
@@ -409,39 +399,32 @@ def build_student(kind, spec, *, weights=None, text=None, name=None):
     if guidance not in ("text", "queries"):
         raise UserError(f"guidance {guidance!r} for the clip student; valid: text, queries")
     shape = (spec.num_classes, vit_preset(spec.size).proj)
-    if guidance == "text" and (text is None or tuple(text.shape) != shape):
-        got = None if text is None else tuple(text.shape)
-        raise ValueError(
-            f"a CLIP student with text guidance needs its {shape} class embeddings, got {got}"
-        )
+    got = None if text is None else tuple(text.shape)
+    if guidance == "text" and got != shape:
+        raise ValueError(f"the CLIP text guidance needs its {shape} class embeddings, got {got}")
     # The backbone is built (and its pretrained weights loaded) first; the head and the queries
     # created after it are new modules, so nothing re-initialises the loaded weights (METHOD.md
     # section 7.3).
     backbone = build_backbone(kind, spec.size, weights, spec.numerics)
     set_trainable(backbone, spec.train_backbone)
     text = text if guidance == "text" else None
-    student = Student(
-        kind, backbone, spec.num_classes, text=text, name=name, numerics=spec.numerics
-    )
-    student.grad_checkpoint = spec.grad_checkpoint
-    return student
+    s = Student(kind, backbone, spec.num_classes, text=text, name=name, numerics=spec.numerics)
+    s.grad_checkpoint = spec.grad_checkpoint
+    return s
 
 
 def build_model(spec, weights=None, text=None):
     """The students of spec.kinds (E1-E4) inside the fusion head (E10).
     weights: {kind: hub id or folder or None}; text: the CLIP class embeddings (see build_student)."""
-    students = [
-        build_student(kind, spec, weights=(weights or {}).get(kind), text=text, name=name)
-        for kind, name in zip(spec.kinds, student_names(spec.kinds))
-    ]
+    weights, pairs = weights or {}, zip(spec.kinds, student_names(spec.kinds))
+    students = [build_student(k, spec, weights=weights.get(k), text=text, name=n) for k, n in pairs]
     return Co2S(students, fusion=spec.fusion)
 
 
 def student_names(kinds):
     """clip,dinov3 -> clip, dinov3; clip,clip -> clip1, clip2 (names must be unique)."""
-    kinds = list(kinds)
     return [
-        k if kinds.count(k) == 1 else f"{k}{kinds[: i + 1].count(k)}" for i, k in enumerate(kinds)
+        k if kinds.count(k) < 2 else f"{k}{kinds[:i].count(k) + 1}" for i, k in enumerate(kinds)
     ]
 
 
@@ -467,9 +450,7 @@ def fuse(probs, mode="confidence"):
     stacked = torch.stack(probs)  # (K, B, N, H, W)
     if mode == "mean":
         return stacked.mean(0)
-    winner = stacked.amax(2, keepdim=True).argmax(
-        0, keepdim=True
-    )  # (1, B, 1, H, W): most confident
+    winner = stacked.amax(2, keepdim=True).argmax(0, keepdim=True)  # (1, B, 1, H, W)
     return stacked.gather(0, winner.expand(1, *stacked.shape[1:]))[0]
 
 
