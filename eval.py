@@ -70,7 +70,7 @@ def pad16(x):
     return F.pad(x - black, (0, pw, 0, ph)) + black
 
 
-def sliding_window(student, img, crop, stride=None, num_classes=None):
+def sliding_window(student, img, crop, stride=None):
     """Averaged logits (B, N, H, W) of one student over windows of `crop` (fp32 whatever the
     autocast; float64 for a float64 student).
 
@@ -87,9 +87,6 @@ def sliding_window(student, img, crop, stride=None, num_classes=None):
                 logits = img.new_zeros(B, out.shape[1], H, W, dtype=out.dtype)
             logits[..., y : y + h, x : x + w] += out  # (B, N, h, w)
             count[..., y : y + h, x : x + w] += 1
-    n = logits.shape[1]
-    if num_classes not in (None, n):
-        raise ValueError(f"the student predicts {n} classes, the dataset has {num_classes}")
     return logits / count  # every pixel is in >= 1 window
 
 
@@ -185,9 +182,8 @@ def evaluate(model, loader, crop, names=None, amp=None, stop=None):
     averaged in fp32 anyway. stop: runtime.StopSignals, whose signal ends the evaluation at the
     next image (runtime.Stopped), so a cluster's grace period is never spent on a validation pass.
     Restores the model's train/eval mode. Only rank 0 of a DDP run shows progress."""
-    names = model.check_names(names)
     emb = model.students[0].class_embeddings()  # (N, D) on the model's device
-    cms = {n: ConfusionMatrix(len(emb), emb.device) for n in names}
+    cms = {n: ConfusionMatrix(len(emb), emb.device) for n in model.check_names(names)}
     was_training = model.training
     model.eval()
     for batch in tqdm(loader, "eval", disable=not is_master(), leave=False, dynamic_ncols=True):
@@ -197,7 +193,7 @@ def evaluate(model, loader, crop, names=None, amp=None, stop=None):
         # (1, 3, H, W), (1, H, W) on the model's device
         img, label = batch["img"].to(emb.device), batch["label"].to(emb.device)
         with amp or nullcontext():
-            probs = predict(model, img, crop, names=names, out_size=label.shape[-2:])
+            probs = predict(model, img, crop, names=list(cms), out_size=label.shape[-2:])
         for n, p in probs.items():
             cms[n].update(p.argmax(1), label)
     model.train(was_training)
@@ -225,16 +221,13 @@ def predict_folder(model, palette, folder, out, crop, name=FUSED):
     paths = [folder] if os.path.isfile(folder) else data.list_images(folder)
     if os.path.abspath(out) in {os.path.abspath(os.path.dirname(p)) for p in paths}:
         raise UserError(f"--out {out!r} is the folder of the images: pass another folder")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--out {out!r} exists and is not a folder")
     manifest = os.path.join(out, "predictions.json")  # the files eval.py wrote there
     ours = set(atomic.read_json(manifest)["files"]) if os.path.isfile(manifest) else set()
     targets = [os.path.splitext(os.path.basename(p))[0] + "_mask.png" for p in paths]
     foreign = [t for t in targets if os.path.exists(os.path.join(out, t)) and t not in ours]
     if foreign:
-        held = f"--out {out!r} already holds {foreign[:3]}"
-        raise UserError(f"{held}, not written by eval.py: pass an empty or new folder")
-    runs.check_writable(out, what="the prediction folder")
+        raise UserError(f"--out {out!r} holds {foreign[:3]}, not written by eval.py: pass another")
+    runs.check_writable(out, what="the prediction folder")  # also: `out` is a file
     for path, target in zip(tqdm(paths, desc="predict", dynamic_ncols=True), targets):
         img = data.normalize(data.load_image(path))[None].to(next(model.parameters()).device)
         mask = predict(model, img, crop, names=[name])[name][0].argmax(0).cpu()  # (H, W)

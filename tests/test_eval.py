@@ -142,7 +142,7 @@ def test_sliding_window_pads_to_16_with_black_and_crops_back(tiny):
     padded = black.expand(1, 3, 112, 128).clone()
     padded[..., :100, :120] = img
     with torch.no_grad():
-        out = ev.sliding_window(tiny, img, crop=128, num_classes=6)
+        out = ev.sliding_window(tiny, img, crop=128)
         assert out.shape == (1, 6, 100, 120)
         assert out.dtype == torch.float64  # the window sums stay float64
         helpers.assert_close(out, tiny(padded)[..., :100, :120], what="padded window vs image")
