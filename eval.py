@@ -291,10 +291,9 @@ def main(argv=None):
         print(f"predicted {len(done)} image(s) ({name} prediction) into {args.out}")
         return done
     folder = runs.run_folder(args.checkpoint)
-    names = None if args.student == "all" else [args.student]
     splits_dir = os.path.join(folder, "splits")
     loader = split_loader(info, cfg, args.split, args.data_root, splits_dir, args.workers)
-    cms = evaluate(model, loader, crop, names=names, amp=amp)
+    cms = evaluate(model, loader, crop, None if args.student == "all" else [args.student], amp)
     head = f"{args.checkpoint}: {args.split} split, {len(loader)} images, crop {crop}"
     print(f"{head}, fusion {model.fusion}, amp {args.amp}\n{format_table(cms, info.classes)}")
     # eval_<split>.json: checkpoint, split, crop, stride, fusion, amp, results (in that order)

@@ -87,6 +87,7 @@ def rope_tables(periods, h, w):
     to it, as the release computes them): patch centres in [-1, 1] per axis, angles
     2 pi coord / period, laid out [y | x] x 2."""
     ys, xs = (torch.arange(0.5, n, dtype=periods.dtype, device=periods.device) / n for n in (h, w))
+    # (hw, 2): y, x of each patch centre, in [-1, 1]
     coords = 2.0 * torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).flatten(0, 1) - 1.0
     angles = 2 * math.pi * coords[:, :, None] / periods[None, None, :]
     angles = angles.flatten(1, 2).tile(2)  # (hw, head_dim)
@@ -424,7 +425,7 @@ def build_model(spec, weights=None, text=None):
 def student_names(kinds):
     """clip,dinov3 -> clip, dinov3; clip,clip -> clip1, clip2 (names must be unique)."""
     return [
-        k if kinds.count(k) < 2 else f"{k}{kinds[:i].count(k) + 1}" for i, k in enumerate(kinds)
+        k if kinds.count(k) == 1 else f"{k}{kinds[: i + 1].count(k)}" for i, k in enumerate(kinds)
     ]
 
 
