@@ -99,9 +99,8 @@ def unlabelled():
     return dict(views, ignore=torch.zeros_like(box), box1=box, box2=box.flip(-1), label=label())
 
 
-batch_l = dict(img=image(), label=label())
-batch_u, batch_mix = unlabelled(), unlabelled() if args.mix_source == "partner" else None
-batch = co2s.Batch(batch_l, batch_u, batch_mix)
+batch_l, batch_u = dict(img=image(), label=label()), unlabelled()
+batch = co2s.Batch(batch_l, batch_u, unlabelled() if args.mix_source == "partner" else None)
 
 
 sync = torch.cuda.synchronize if cuda else lambda: None
@@ -140,9 +139,9 @@ def floor():
         with amp:
             for x in ([batch_l["img"], batch_u["img_w"]], [batch_u["img_s1"], batch_u["img_s2"]]):
                 sum(f.float().mean() for f in s.features(torch.cat(x))).backward()
-            if batch_mix is not None:
+            if batch.partner is not None:
                 with torch.no_grad():
-                    s.features(batch_mix["img_w"])
+                    s.features(batch.partner["img_w"])
     model.zero_grad()
 
 
