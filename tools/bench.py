@@ -26,7 +26,6 @@ import argparse
 import json
 import resource
 import statistics
-import sys
 import time
 import warnings
 
@@ -68,7 +67,7 @@ for flag, low in (("crop", 16), ("batch", 1), ("classes", 1), ("warmup", 0), ("s
 device = torch.device(args.device)
 cuda = device.type == "cuda"
 if cuda and not torch.cuda.is_available():
-    sys.exit("--device cuda: no CUDA device is visible")
+    p.error("--device cuda: no CUDA device is visible")
 torch.manual_seed(0)
 
 # Random-init students of the requested size; the CLIP class embeddings are the stand-in unit rows.
