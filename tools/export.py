@@ -141,10 +141,9 @@ def model_card(config):
     # the card: what the model is, how good, how it was trained, under which terms
     names = list(res) or args["kinds"]
     miou = " | ".join(f"{100 * res[n]['miou']:.2f}" if n in res else "-" for n in names)
-    step, total = config["step"], config.get("total_steps")
+    step, total, by = config["step"], config.get("total_steps"), config.get("chosen_by")
     when = f"the checkpoint of step {step}" + (f" of a {total}-step run" if total else "")
-    if config.get("chosen_by"):
-        when += f" (the best by {config['chosen_by']} mIoU)"
+    when += f" (the best by {by} mIoU)" if by else ""
     weights = "; ".join(f"{k}: {w} ({WEIGHT_LICENCES[k][1]})" for k, w in pretrained.items())
     weights = weights or "none: every backbone started from random weights"
     size = args["size"] if isinstance(args["size"], str) else "as released"
