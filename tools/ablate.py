@@ -27,7 +27,7 @@ from pathlib import Path
 
 import train
 from plumbing.errors import cli
-from tools.plot import ablation_chart, plot
+from tools.plot import ablation_chart, plot, read_log
 
 # row name -> the train.py flags that make it (the paper's default for everything else)
 ROWS = {
@@ -86,20 +86,17 @@ def run_once(argv, out):
     metrics = Path(out, "metrics.json")
     if metrics.is_file() and json.loads(metrics.read_text()).get("done"):
         return "reused"
-    if Path(out, "last.pt").is_file():
-        train.main(["--resume", out])
-        return "resumed"
-    train.main(argv)
-    return "ran"
+    resume = Path(out, "last.pt").is_file()
+    train.main(["--resume", out] if resume else argv)
+    return "resumed" if resume else "ran"
 
 
 def read_run(out):
     """What the table needs from a finished run folder: final mIoU per prediction, last
     pseudo-label quality."""
     results = json.loads(Path(out, "metrics.json").read_text())["last"]["results"]
-    logged = [json.loads(line) for line in Path(out, "log.jsonl").read_text().splitlines()]
     # the last record with pseudo-label quality; a supervised run logs none
-    last = next((r for r in logged[::-1] if r["type"] == "train" and "fused/pl_acc" in r), {})
+    last = next((r for r in read_log(out).train[::-1] if "fused/pl_acc" in r), {})
     miou = {k: v["miou"] for k, v in results.items()}
     return dict(run=out, miou=miou, **{k: last.get(f"fused/{k}") for k in ("pl_acc", "pl_cov")})
 

@@ -26,7 +26,6 @@ import argparse
 import json
 import resource
 import statistics
-import sys
 import time
 import warnings
 
@@ -68,7 +67,7 @@ for flag, low in (("crop", 16), ("batch", 1), ("classes", 1), ("warmup", 0), ("s
 device = torch.device(args.device)
 cuda = device.type == "cuda"
 if cuda and not torch.cuda.is_available():
-    sys.exit("--device cuda: no CUDA device is visible")
+    p.error("--device cuda: no CUDA device is visible")
 torch.manual_seed(0)
 
 # Random-init students of the requested size; the CLIP class embeddings are the stand-in unit rows.
@@ -99,9 +98,8 @@ def unlabelled():
     return dict(views, ignore=torch.zeros_like(box), box1=box, box2=box.flip(-1), label=label())
 
 
-batch_l = dict(img=image(), label=label())
-batch_u, batch_mix = unlabelled(), unlabelled() if args.mix_source == "partner" else None
-batch = co2s.Batch(batch_l, batch_u, batch_mix)
+batch_l, batch_u = dict(img=image(), label=label()), unlabelled()
+batch = co2s.Batch(batch_l, batch_u, unlabelled() if args.mix_source == "partner" else None)
 
 
 sync = torch.cuda.synchronize if cuda else lambda: None
@@ -140,9 +138,9 @@ def floor():
         with amp:
             for x in ([batch_l["img"], batch_u["img_w"]], [batch_u["img_s1"], batch_u["img_s2"]]):
                 sum(f.float().mean() for f in s.features(torch.cat(x))).backward()
-            if batch_mix is not None:
+            if batch.partner is not None:
                 with torch.no_grad():
-                    s.features(batch_mix["img_w"])
+                    s.features(batch.partner["img_w"])
     model.zero_grad()
 
 

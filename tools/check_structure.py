@@ -27,12 +27,6 @@ EXEMPT_LENGTH, EXEMPT_PARAMS = {"get_args"}, {"__init__", "get_args"}
 SAVERS = (os.path.join(SUPPORT, "atomic.py"), os.path.join("tools", "check_structure.py"))
 
 
-def sources():
-    """The project's Python files: top level, plumbing/, tools/ and tests/ (relative paths)."""
-    dirs = ("", SUPPORT, "tools", "tests")
-    return sorted(f for d in dirs for f in glob.glob(os.path.join(d, "*.py"), root_dir=ROOT))
-
-
 def module_name(path):
     return path[:-3].replace(os.sep, ".").removesuffix(".__init__")
 
@@ -52,30 +46,29 @@ def n_params(fn):
 
 def imports(tree):
     """Every module name a file imports, in full ('plumbing.runs', 'torch.nn', ...)."""
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-    return found
+    nodes = list(ast.walk(tree))
+    found = {a.name for n in nodes if isinstance(n, ast.Import) for a in n.names}
+    # absolute `from X import Y`: X and X.Y (Y may be a module)
+    froms = [n for n in nodes if isinstance(n, ast.ImportFrom) and n.module and n.level == 0]
+    found |= {n.module for n in froms}
+    return found | {f"{n.module}.{a.name}" for n in froms for a in n.names}
 
 
 def cycles(graph):
     """Every import cycle among the project's modules, as a list of module names."""
-    found, state = [], {}
+    found, seen = [], set()
 
+    # depth first; path: the modules being visited, so an import of one of them closes a cycle
     def visit(m, path):
-        state[m] = "open"
+        seen.add(m)
         for n in sorted(graph[m]):
-            if state.get(n) == "open":
+            if n in path:
                 found.append(path[path.index(n) :] + [n])
-            elif n not in state:
+            elif n not in seen:
                 visit(n, path + [n])
-        state[m] = "done"
 
     for m in sorted(graph):
-        if m not in state:
+        if m not in seen:
             visit(m, [m])
     return found
 
@@ -90,7 +83,9 @@ def foreign_imports(name, found, modules):
 
 def measure():
     """Figures and broken rules of the tree."""
-    files = sources()
+    # the project's Python files: top level, plumbing/, tools/ and tests/ (relative paths)
+    dirs = ("", SUPPORT, "tools", "tests")
+    files = sorted(f for d in dirs for f in glob.glob(os.path.join(d, "*.py"), root_dir=ROOT))
     texts = {f: open(os.path.join(ROOT, f)).read() for f in files}
     project = [f for f in files if not f.startswith("tests")]
     modules = {module_name(f) for f in project}

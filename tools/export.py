@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import os
 import shutil
+from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors.torch import save_file
@@ -45,6 +46,7 @@ WEIGHT_LICENCES = {
     "dinov3": ("other", "DINOv3 License (Meta)", DINOV3_LICENCE),
 }
 TASK = "image-segmentation"  # the hub's pipeline tag, and the task of the results
+TAGS = ["semantic-segmentation", "remote-sensing", "semi-supervised"]
 
 
 def export(checkpoint, out_dir):
@@ -80,9 +82,9 @@ def export(checkpoint, out_dir):
         shutil.copytree(splits, os.path.join(out_dir, "splits"), dirs_exist_ok=True)
     with replacing(os.path.join(out_dir, "README.md")) as tmp:
         model_card(config).save(tmp)
-    for dirpath, _, names in os.walk(out_dir):  # readable by all, whatever wrote them
-        for name in names:
-            os.chmod(os.path.join(dirpath, name), 0o644)
+    # readable by all, whatever wrote them
+    for f in [f for f in Path(out_dir).rglob("*") if f.is_file()]:
+        f.chmod(0o644)
     return out_dir
 
 
@@ -95,10 +97,8 @@ def check_target(out_dir, run_dir):
         raise UserError(f"export target {out_dir!r} is the run folder itself: pass a new folder")
     held = sorted(os.listdir(out_dir))[:4] if os.path.isdir(out_dir) else []
     if held and not runs.is_export(out_dir):
-        raise UserError(
-            f"export target {out_dir!r} holds files that are not an export: "
-            f"{held}; pass a new or empty folder"
-        )
+        why = f"holds files that are not an export: {held}"
+        raise UserError(f"export target {out_dir!r} {why}; pass a new or empty folder")
 
 
 def public(text):
@@ -127,31 +127,23 @@ def model_card(config):
     # the metadata as the hub parses it: licence, base models, task, dataset, results
     licences = [WEIGHT_LICENCES[k] for k in pretrained]
     other = next((lic for lic in licences if lic[0] == "other"), None)
-    on = dict(task_type=TASK, dataset_type=dataset, dataset_name=dataset, dataset_split="val")
+    licence = "other" if other else licences[0][0] if licences else "unknown"
+    terms = dict(license_name="dinov3-license", license_link=other[2]) if other else {}
+    hub = dict(library_name="co2s", pipeline_tag=TASK, datasets=[dataset], tags=TAGS)
+    hub["base_model"] = [w for w in pretrained.values() if w != runs.LOCAL_FOLDER] or None
+    # each result: mean IoU of one prediction on the dataset's val split
+    on = dict(task_type=TASK, dataset_type=dataset, dataset_name=dataset, metric_type="mean_iou")
+    on["dataset_split"] = "val"
     scores = {f"mIoU ({name})": round(100 * r["miou"], 2) for name, r in res.items()}
-    results = [
-        EvalResult(**on, metric_type="mean_iou", metric_name=n, metric_value=v)
-        for n, v in scores.items()
-    ]
-    data = ModelCardData(
-        license="other" if other else licences[0][0] if licences else "unknown",
-        license_name="dinov3-license" if other else None,
-        license_link=other and other[2],
-        library_name="co2s",
-        pipeline_tag=TASK,
-        base_model=[w for w in pretrained.values() if w != runs.LOCAL_FOLDER] or None,
-        datasets=[dataset],
-        tags=["semantic-segmentation", "remote-sensing", "semi-supervised"],
-        model_name=f"co2s-{dataset}-{cfg['ratio']}",
-        eval_results=results or None,
-    )
+    results = [EvalResult(**on, metric_name=n, metric_value=v) for n, v in scores.items()] or None
+    name = f"co2s-{dataset}-{cfg['ratio']}"
+    data = ModelCardData(license=licence, **terms, **hub, model_name=name, eval_results=results)
     # the card: what the model is, how good, how it was trained, under which terms
     names = list(res) or args["kinds"]
     miou = " | ".join(f"{100 * res[n]['miou']:.2f}" if n in res else "-" for n in names)
-    step, total = config["step"], config.get("total_steps")
+    step, total, by = config["step"], config.get("total_steps"), config.get("chosen_by")
     when = f"the checkpoint of step {step}" + (f" of a {total}-step run" if total else "")
-    if config.get("chosen_by"):
-        when += f" (the best by {config['chosen_by']} mIoU)"
+    when += f" (the best by {by} mIoU)" if by else ""
     weights = "; ".join(f"{k}: {w} ({WEIGHT_LICENCES[k][1]})" for k, w in pretrained.items())
     weights = weights or "none: every backbone started from random weights"
     size = args["size"] if isinstance(args["size"], str) else "as released"

@@ -63,7 +63,6 @@ PANELS = [
 ]
 NO_DATA = {"uni": "no data\n(<student>/uni is not in the log)"}
 STYLES = ["-", "--", ":"]  # overlay: student 1, student 2, fused
-LAMBDA_COLOUR = "0.25"  # one run: lambda is the run's, no series colour
 # every curve's line and markers; a panel's "no data" note
 LINE = dict(linewidth=1.6, markersize=5, markeredgecolor="black", markeredgewidth=0.5)
 NOTE = dict(ha="center", va="center", color="0.4")
@@ -188,7 +187,8 @@ def _draw_panel(ax, panel, logs):
         slots = [(0, "lambda")] if key == "lambda" else [*enumerate(log.students[:2]), (2, "fused")]
         for slot, name in slots:
             if pts := series(log, name, key):
-                colour = (f"C{slot}" if key != "lambda" else LAMBDA_COLOUR) if one else f"C{i % 10}"
+                # one run: a colour per series, lambda (the run's, no series) dark grey
+                colour = (f"C{slot}" if key != "lambda" else "0.25") if one else f"C{i % 10}"
                 # a marker per evaluation; a series of one point would be no line at all
                 fmt = styles[slot] + ("o" if key == "miou" or len(pts) == 1 else "")
                 ax.plot(*zip(*pts), fmt, color=colour, label=f"{log.label}/{name}", **LINE)
@@ -224,18 +224,16 @@ def _students(log):
 
 
 def _new_figure(size):
-    fig = Figure(figsize=size, layout="constrained")
-    FigureCanvasAgg(fig)  # attaches itself as fig.canvas
-    return fig
+    # the canvas attaches itself as fig.canvas
+    return FigureCanvasAgg(Figure(figsize=size, layout="constrained")).figure
 
 
 def drift_figure(run_dirs, labels=None):
     """The figure of the runs' curves: one run its drift plot, several their overlay. labels name
     the runs in the legend (default: their folder names)."""
     labels = labels or default_labels(run_dirs)
-    if len(labels) != len(run_dirs):
-        raise UserError(f"labels: {len(labels)} names for {len(run_dirs)} runs")
-    logs = [read_log(d, label) for d, label in zip(run_dirs, labels)]
+    # a label per run (main checks --labels; a caller's mismatch is a bug, not a user's mistake)
+    logs = [read_log(d, label) for d, label in zip(run_dirs, labels, strict=True)]
     fig = _new_figure((16, 12))
     grid = fig.subplots(3, 3, sharex=True)
     for ax, panel in zip(grid.flat, PANELS):
@@ -243,8 +241,8 @@ def drift_figure(run_dirs, labels=None):
         ax.tick_params(labelbottom=True)  # every panel keeps its step numbers
     for ax in grid[-1]:
         ax.set_xlabel("step")
-    steps = [r["step"] for g in logs for r in g.train + g.evals]
-    grid[0, 0].set_xlim(0, 1.02 * max(steps + [1]))  # shared by all panels
+    # shared by all panels: up to the last step of any run
+    grid[0, 0].set_xlim(0, 1.02 * max([1] + [r["step"] for g in logs for r in g.train + g.evals]))
     one = f"{labels[0]}: training curves ({logs[0].path})"
     several = f"training curves of {len(logs)} runs: {', '.join(labels)}"
     fig.suptitle(one if len(logs) == 1 else several, fontsize=12)
@@ -276,12 +274,12 @@ def ablation_figure(table):
             low = [min(s, m) for m, s in zip(means, stds)]  # an mIoU below 0 is no whisker
             ax.bar(xs, means, 0.92 * width, yerr=(low, stds), color=f"C{j}", label=name, **BAR)
     ax.set_xticks(range(len(rows)), [f"{r}\n{', '.join(table[r]['students'])}" for r in rows])
-    ax.set(ylabel="mIoU (%) at the end of training", axisbelow=True)
+    # from 0 (applied after the bars: the top stays theirs; no bars: the empty axis' 0..1)
+    ax.set(ylabel="mIoU (%) at the end of training", axisbelow=True, ylim=(0, None))
     ax.set_title("ablation: mIoU per row, mean ± std over seeds", loc="left", fontsize=11)
     ax.grid(True, axis="y", color="0.9")
     ax.spines[["top", "right"]].set_visible(False)
     if ax.containers:
-        ax.set_ylim(bottom=0)
         ax.legend(frameon=False)
     else:
         ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", color="0.4")
