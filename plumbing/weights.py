@@ -24,16 +24,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from plumbing.atomic import save_atomic
+from plumbing.atomic import read_json, save_atomic
 from plumbing.errors import UserError
 
 NUMERICS = ("hf", "release")
 # --dinov3-weights release-init: the DINOv3 student as the release trains it (release_init)
 RELEASE_INIT = "release-init"
-DEFAULT_WEIGHTS = {
-    "clip": "openai/clip-vit-base-patch16",
-    "dinov3": "facebook/dinov3-vitb16-pretrain-lvd1689m",
-}
+DEFAULT_WEIGHTS = dict(
+    clip="openai/clip-vit-base-patch16", dinov3="facebook/dinov3-vitb16-pretrain-lvd1689m"
+)
 # added to a failed download's message when the hub refused access
 GATED = " This repository is gated: accept Meta's DINOv3 licence on its hub page, run `hf auth login`, or download it elsewhere and pass the folder."
 
@@ -62,11 +61,9 @@ FIELDS = {
 
 def vit_preset(size):
     """A preset name, or the ViTSize fields themselves (a converted release: vit_size)."""
-    if isinstance(size, dict):
-        return ViTSize(**size)
-    if size not in SIZES:
+    if not isinstance(size, dict) and size not in SIZES:
         raise UserError(f"unknown size {size!r}; valid sizes: {', '.join(SIZES)}")
-    return SIZES[size]
+    return ViTSize(**size) if isinstance(size, dict) else SIZES[size]
 
 
 def vit_size(students):
@@ -78,54 +75,35 @@ def vit_size(students):
 # Configs and loading: built at random from a preset, or loaded with from_pretrained
 
 
-def config_overrides(kind, numerics):
-    """What every backbone's config is given, built or loaded: dropout and drop-path off, DINOv3's
-    RoPE coordinate augmentation off (so train mode is deterministic), and the numerics choice
-    (see the module docstring; 'hf' keeps the checkpoint's own)."""
-    if numerics not in NUMERICS:
-        raise UserError(f"unknown numerics {numerics!r}; valid: {', '.join(NUMERICS)}")
-    out = dict(attention_dropout=0.0)
-    if kind == "dinov3":
-        augment = dict(pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None)
-        out.update(drop_path_rate=0.0, **augment)
-    if numerics == "release":
-        out.update(layer_norm_eps=1e-6, **({"hidden_act": "gelu"} if kind == "clip" else {}))
-    return out
-
-
 def load_pretrained(cls, kind, weights, what="backbone", **overrides):
     """`cls.from_pretrained(weights)` with errors that say what was tried and how to fix it.
 
     `weights` is a hub id or a local folder (a `save_pretrained` / `hf download` folder). Missing
     weights are an error, never a silent random init."""
     flag, weights = f"--{kind}-weights", os.path.expanduser(weights)
-    cfg_path = os.path.join(weights, "config.json")
     if os.path.isdir(weights):
-        if not os.path.isfile(cfg_path):
-            raise UserError(
-                f"{weights!r} is not a transformers checkpoint folder (no config.json); "
-                f"pass a folder written by save_pretrained or `hf download` to {flag}"
-            )
-        with open(cfg_path) as f:
-            model_type = json.load(f).get("model_type")
+        # a transformers checkpoint folder: its config.json names the model type
+        cfg = os.path.join(weights, "config.json")
+        model_type = read_json(cfg).get("model_type") if os.path.isfile(cfg) else None
         types = ("clip", "clip_vision_model") if kind == "clip" else ("dinov3_vit",)
         if model_type not in types:
+            found = f"a {model_type!r} checkpoint" if os.path.isfile(cfg) else "no config.json"
             raise UserError(
-                f"{weights!r} holds a {model_type!r} checkpoint, not a {kind} one "
-                f"(expected model_type in {types}); check {flag}"
+                f"{weights!r} holds {found}, not a {kind} one: pass {flag} a save_pretrained or "
+                f"`hf download` folder whose config.json has model_type in {types}"
             )
     elif weights.startswith((".", "/", "~")) or weights.count("/") > 1:
         raise UserError(f"{flag}: local folder {weights!r} does not exist")
     try:
         model, info = cls.from_pretrained(weights, output_loading_info=True, **overrides)
     except (OSError, ValueError, RuntimeError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        # its type and the first line of its message
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
         gated = any(w in str(e).lower() for w in ("gated", "401", "403", "access to model"))
         raise UserError(
-            f"could not load the {kind} {what} from {weights!r} ({type(e).__name__}: {reason})."
-            f"{GATED if gated else ''} Without network access, download it once (`hf download "
-            f"{DEFAULT_WEIGHTS[kind]} --local-dir DIR`) and pass {flag} DIR, or set HF_HUB_OFFLINE=1"
-            " with a filled hub cache."
+            f"could not load the {kind} {what} from {weights!r} ({reason}).{GATED if gated else ''}"
+            f" Without network access, download it once (`hf download {DEFAULT_WEIGHTS[kind]} "
+            f"--local-dir DIR`) and pass {flag} DIR, or HF_HUB_OFFLINE=1 with a filled hub cache."
         ) from e
     if info["missing_keys"] or info["mismatched_keys"]:
         raise UserError(
@@ -146,7 +124,18 @@ def build_backbone(kind, size="base", weights=None, numerics="hf"):
             f"--{kind}-weights {RELEASE_INIT}: only the DINOv3 student was re-initialised "
             f"by the release; the {kind} student keeps its pretrained weights"
         )
-    s, overrides = vit_preset(size), config_overrides(kind, numerics)
+    if numerics not in NUMERICS:
+        raise UserError(f"unknown numerics {numerics!r}; valid: {', '.join(NUMERICS)}")
+    # What every config is given, built or loaded: dropout and drop-path off, DINOv3's RoPE
+    # coordinate augmentation off (so train mode is deterministic), and the numerics choice (see
+    # the module docstring; 'hf' keeps the checkpoint's own).
+    overrides = dict(attention_dropout=0.0)
+    if kind == "dinov3":
+        augment = dict(pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None)
+        overrides.update(drop_path_rate=0.0, **augment)
+    if numerics == "release":
+        overrides.update(layer_norm_eps=1e-6, **({"hidden_act": "gelu"} if kind == "clip" else {}))
+    s = vit_preset(size)
     if weights in (None, RELEASE_INIT):
         if weights is None and size == "base":
             warnings.warn(
@@ -173,27 +162,26 @@ def release_init(backbone):
     1 and 0; the patch embedding's weight and bias uniform +-sqrt(1 / (3 * 16 * 16)); CLS and register
     tokens normal std 0.02; the mask token 0; layer scale 1e-5. The loaded weights do not survive,
     so none are loaded here. With the paper's trainable set only attention trains: the layer scale
-    stays 1e-5, so every residual branch is scaled by 1e-5 for the whole run."""
-    with torch.no_grad():
-        emb, conv = backbone.embeddings, backbone.embeddings.patch_embeddings
-        for token in (emb.cls_token, emb.register_tokens):
-            torch.nn.init.normal_(token, std=0.02)
-        torch.nn.init.zeros_(emb.mask_token)
-        # fan-in: in_channels * kernel height * kernel width
-        bound = math.sqrt(1 / conv.weight[0].numel())
-        for p in (conv.weight, conv.bias):
-            torch.nn.init.uniform_(p, -bound, bound)
-        for m in backbone.modules():
-            if isinstance(m, torch.nn.Linear):
-                torch.nn.init.trunc_normal_(m.weight, std=0.02)
-            elif isinstance(m, torch.nn.LayerNorm):
-                torch.nn.init.ones_(m.weight)
-            # biases 0 (DINOv3's key projection has none)
-            if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm)) and m.bias is not None:
-                torch.nn.init.zeros_(m.bias)
-        for block in blocks(backbone):
-            for scale in (block.layer_scale1, block.layer_scale2):
-                scale.lambda1.fill_(1e-5)
+    stays 1e-5, so every residual branch is scaled by 1e-5 for the whole run. (torch.nn.init
+    writes without autograd.)"""
+    emb, conv = backbone.embeddings, backbone.embeddings.patch_embeddings
+    for token in (emb.cls_token, emb.register_tokens):
+        torch.nn.init.normal_(token, std=0.02)
+    torch.nn.init.zeros_(emb.mask_token)
+    # fan-in: in_channels * kernel height * kernel width
+    bound = math.sqrt(1 / conv.weight[0].numel())
+    for p in (conv.weight, conv.bias):
+        torch.nn.init.uniform_(p, -bound, bound)
+    for m in backbone.modules():
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.trunc_normal_(m.weight, std=0.02)
+        elif isinstance(m, torch.nn.LayerNorm):
+            torch.nn.init.ones_(m.weight)
+        elif hasattr(m, "lambda1"):  # a block's two layer scales
+            torch.nn.init.constant_(m.lambda1, 1e-5)
+        # biases 0 (DINOv3's key projection has none)
+        if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm)) and m.bias is not None:
+            torch.nn.init.zeros_(m.bias)
     return backbone
 
 
@@ -246,16 +234,14 @@ def text_embeddings(concepts, weights, encode, prompt, cache_dir=None):
 def load_text_embeddings(path, num_classes, dim=None):
     """A precomputed [N, D] .npy / .pt file (e.g. the authors' `*_conceptavg*_single.npy`), unit
     rows. dim None: any width (the caller checks it against its model)."""
-    if not os.path.isfile(path):
-        raise UserError(f"--text-embeddings: file {path!r} does not exist")
     try:
         t = np.load(path) if path.endswith(".npy") else torch.load(path, weights_only=True)
         t = torch.as_tensor(t)
     except Exception as e:
-        raise UserError(f"--text-embeddings {path!r}: cannot read it ({type(e).__name__})") from e
+        why = "cannot read it" if os.path.isfile(path) else "does not exist"
+        raise UserError(f"--text-embeddings {path!r}: {why} ({type(e).__name__})") from e
     if t.dim() != 2 or t.shape != (num_classes, dim or t.shape[1]):
         raise UserError(
-            f"--text-embeddings {path!r} has shape {tuple(t.shape)}, expected "
-            f"({num_classes}, {dim or 'D'}): one row per class"
+            f"--text-embeddings {path!r} has shape {tuple(t.shape)}, expected ({num_classes}, {dim or 'D'}): one row per class"
         )
     return torch.nn.functional.normalize(t.float(), dim=-1)

@@ -18,19 +18,18 @@ that is split in that order, '{blocks}' the DINOv3 block list (its path moved in
 """
 
 import argparse
-import math
 import os
 import re
 
 import torch
 
 import eval as evaluation
-from model import Co2S, ModelSpec, Student, set_trainable
+from model import KINDS, Co2S, ModelSpec, build_student
 from plumbing import atomic, runs
 from plumbing.catalog import CHOICES, dataset_info
 from plumbing.errors import UserError, cli
 from plumbing.runtime import AMP, autocast
-from plumbing.weights import blocks, build_backbone, load_text_embeddings, vit_size
+from plumbing.weights import blocks, load_text_embeddings, vit_size
 
 # fmt: off
 _W = r"(weight|bias)"
@@ -96,17 +95,15 @@ def read(path):
         # GPU tensors load on a CPU machine too
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
-        raise UserError(f"cannot read the released checkpoint {path!r} ({reason})") from e
+        raise UserError(f"cannot read the released checkpoint {path!r} ({runs.reason(e)})") from e
     sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
         raise UserError(
             f"{path!r} holds no state dict (expected {{'model': ..., 'optimizer': ..., 'epoch': ...}} as the authors' Co2S.py saves, or a plain state dict)"
         )
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    dropped = [k for k in sd if k.startswith(DROPPED)]
     # the authors' own eval.py deletes these before loading: the CLIP text tower's weights
-    if dropped:
+    if dropped := [k for k in sd if k.startswith(DROPPED)]:
         print(f"{path}: dropped {len(dropped)} '{DROPPED}*' keys, as the authors' evaluation does")
     return {k: v for k, v in sd.items() if not k.startswith(DROPPED)}
 
@@ -118,8 +115,7 @@ def kind_and_sizes(path, sd):
     layers = "backbone.layers." if clip else "backbone.blocks."
     fc1 = layers + ("0.ffn.layers.0.0.weight" if clip else "0.mlp.fc1.weight")
     own = ["backbone.proj.weight", "backbone.pos_embed"] if clip else ["backbone.storage_tokens"]
-    missing = [k for k in ["backbone.cls_token", fc1, *own] if k not in sd]
-    if missing:
+    if missing := [k for k in ["backbone.cls_token", fc1, *own] if k not in sd]:
         raise UserError(
             f"{path!r} is not a released Co2S student (neither backbone.ln0 of the CLIP student nor "
             f"backbone.storage_tokens of the DINOv3 one, or missing {missing}); its first keys: {list(sd)[:4]}"
@@ -128,7 +124,8 @@ def kind_and_sizes(path, sd):
     depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith(layers))
     sizes = dict(width=width, depth=depth, heads=width // 64, mlp=sd[fc1].shape[0])
     if clip:
-        grid = math.isqrt(sd["backbone.pos_embed"].shape[1] - 1)
+        # (1, 1 + grid^2, D): exact in floating point for any real grid
+        grid = round((sd["backbone.pos_embed"].shape[1] - 1) ** 0.5)
         return "clip", dict(sizes, proj=sd["backbone.proj.weight"].shape[0], image_size=16 * grid)
     return "dinov3", dict(sizes, registers=sd["backbone.storage_tokens"].shape[1])
 
@@ -139,34 +136,26 @@ def convert(path, sd, kind, ours, blocks_prefix):
     rules = [(p, t.replace("{blocks}", blocks_prefix)) for p, t in RULES[kind] + RULES["head"]]
     out, unused = {}, []
     for key, t in sd.items():
-        if key.endswith(".bias_mask") and key.removesuffix("_mask") in sd:
-            continue  # applied with its bias below
         name = next((m.expand(target) for p, target in rules if (m := re.fullmatch(p, key))), None)
-        if name is None:
+        # one tensor, or q, k, v (DINOv3: the effective qkv bias is bias * bias_mask)
+        if name is not None:
+            parts = (t * sd.get(key + "_mask", 1)).chunk(3) if "{qkv}" in name else [t]
+            out.update((name.replace("{qkv}", p), part) for p, part in zip("qkv", parts))
+        # a DINOv3 bias_mask (no rule matches it) is applied with its bias, above
+        elif not (key.endswith(".bias_mask") and key.removesuffix("_mask") in sd):
             unused.append(key)
-        elif "{qkv}" not in name:
-            out[name] = t
-        else:
-            # DINOv3: the effective qkv bias is bias * bias_mask
-            for part, chunk in zip("qkv", (t * sd.get(key + "_mask", 1)).chunk(3)):
-                if name.replace("{qkv}", part) in ours:
-                    out[name.replace("{qkv}", part)] = chunk
-                # transformers' DINOv3 has no key bias: it must be masked to 0
-                elif chunk.abs().max() > 0:
-                    raise UserError(
-                        f"{path!r}: {key} has a non-zero {part} part, which our model has no tensor for"
-                    )
+    # transformers' DINOv3 has no key bias: the release's must be masked to 0 (else it is an extra)
+    out = {k: t for k, t in out.items() if k in ours or t.any() or not k.endswith("k_proj.bias")}
     missing, extra = sorted(set(ours) - set(out)), sorted(set(out) - set(ours))
     if unused or missing or extra:
         raise UserError(
             f"{path!r} does not match the released format: release keys not understood {unused[:6]}, "
             f"our tensors not filled {missing[:6]}, renamed keys we do not have {extra[:6]}"
         )
-    for k, t in out.items():
-        if t.numel() != ours[k].numel():
-            raise UserError(
-                f"{path!r}: a tensor of shape {tuple(t.shape)} for our {k} of shape {tuple(ours[k].shape)}"
-            )
+    if bad := next((k for k, t in out.items() if t.numel() != ours[k].numel()), None):
+        raise UserError(
+            f"{path!r}: a tensor of shape {tuple(out[bad].shape)} for our {bad} of shape {tuple(ours[bad].shape)}"
+        )
     return {k: t.reshape(ours[k].shape) for k, t in out.items()}
 
 
@@ -186,11 +175,9 @@ def from_release(path, text=None):
             f"authors' concept-averaged [N, {sizes['proj']}] file with --text-embeddings"
         )
     num_classes = len(text) if kind == "clip" else len(sd.get("text_provider.emb.weight", []))
-    # random, then every tensor from the file
-    backbone = build_backbone(kind, sizes, None, "release")
-    set_trainable(backbone)
-    student = Student(kind, backbone, num_classes, text=text, numerics="release")
-    prefix = "backbone." + next(n for n, m in backbone.named_modules() if m is blocks(backbone))
+    # random (as build_student makes one of our students), then every tensor from the file
+    student = build_student(kind, ModelSpec((kind,), num_classes, sizes, "release"), text=text)
+    prefix = next(n for n, m in student.named_modules() if m is blocks(student.backbone))
     student.load_state_dict(convert(path, sd, kind, student.state_dict(), prefix))
     return student.eval()
 
@@ -200,27 +187,23 @@ def load_release(folder, dataset, data_root=None, text_embeddings=None):
     POTSDAM/1_32-74.30/ with best_clip.pth and/or best_dinov3.pth). text_embeddings: a [N, 512] file
     for a CLIP student whose file lacks them (only the CLIP student reads it; its width is checked
     against the file's projection)."""
-    files = [os.path.join(folder, f"best_{k}.pth") for k in ("clip", "dinov3")]
-    files = [f for f in files if os.path.isfile(f)]
+    files = [f for f in (os.path.join(folder, f"best_{k}.pth") for k in KINDS) if os.path.isfile(f)]
     if not files:
         raise UserError(f"--release {folder!r} holds neither best_clip.pth nor best_dinov3.pth")
     info = dataset_info(dataset, data_root)
     text = load_text_embeddings(text_embeddings, len(info.classes)) if text_embeddings else None
     # from_release gives the class embeddings to a CLIP student only
     students = [from_release(f, text) for f in files]
-    for s in students:
-        if len(s.class_embeddings()) != len(info.classes):
-            raise UserError(
-                f"the released {s.kind} student predicts {len(s.class_embeddings())} classes, {dataset} has {len(info.classes)}: check --dataset"
-            )
-    release = os.path.abspath(folder)
-    m = re.search(r"(\d+_\d+)-(\d+(?:\.\d+)?)$", os.path.basename(release))
+    if bad := next((s for s in students if len(s.class_embeddings()) != len(info.classes)), None):
+        raise UserError(
+            f"the released {bad.kind} student predicts {len(bad.class_embeddings())} classes, {dataset} has {len(info.classes)}: check --dataset"
+        )
+    m = re.search(r"(\d+_\d+)-(\d+(?:\.\d+)?)$", os.path.basename(os.path.abspath(folder)))
     ratio = m.group(1) if m else info.ratios[0].replace("/", "_")
-    # a release stores its crop's position grid
-    first = students[0]  # the CLIP student where there is one
-    crop = first.backbone.config.image_size if first.kind == "clip" else info.crop
+    # a release stores its crop's position grid; students[0] is the CLIP student where there is one
+    crop = students[0].backbone.config.image_size if students[0].kind == "clip" else info.crop
     cfg = dict(dataset=dataset, data_root=data_root or os.path.join("data", dataset), splits=None)
-    cfg.update(seed=0, ratio=ratio, release=release, crop=crop)
+    cfg.update(seed=0, ratio=ratio, release=os.path.abspath(folder), crop=crop)
     return Co2S(students), info, cfg, float(m.group(2)) if m else None
 
 
@@ -228,9 +211,8 @@ def save_release(model, cfg, run_dir):
     """A converted release (release.load_release) as one of our run folders (best.pt): eval.py,
     --predict and train.py --init read it like any run."""
     os.makedirs(run_dir, exist_ok=True)
-    kinds, first = tuple(s.kind for s in model.students), model.students[0]
-    size = vit_size(model.students)
-    spec = ModelSpec(kinds, len(first.class_embeddings()), size, "release", fusion=model.fusion)
+    kinds, n = tuple(s.kind for s in model.students), len(model.students[0].class_embeddings())
+    spec = ModelSpec(kinds, n, vit_size(model.students), "release", fusion=model.fusion)
     cfg = dict(cfg, students=",".join(kinds), numerics="release", fusion=model.fusion)
     cfg["train_backbone"] = spec.train_backbone
     runs.save_checkpoint(runs.Run(cfg, spec, model), os.path.join(run_dir, "best.pt"))
