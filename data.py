@@ -143,14 +143,14 @@ class Splits:
     source: str = field(default="", compare=False)
 
 
-def _read_list(path, root):
-    """Read one split file; lines `images/x labels/x` (or `images/x` for an image without a
-    label)."""
+def _read_list(path, root, labelled=True):
+    """Read one split file; lines `images/x labels/x` (or, unless `labelled`, `images/x` for an
+    image without a label)."""
     if not os.path.isfile(path):
         raise UserError(f"split file {path} not found")
     rows = [line.split() for line in Path(path).read_text().splitlines()]
     for n, row in enumerate(rows, 1):
-        if len(row) > 2:
+        if len(row) > 2 or (labelled and len(row) == 1):
             raise UserError(f"{path}:{n}: expected 'images/<file> labels/<file>', got {row}")
     full = lambda p: os.path.abspath(os.path.join(root, p))
     return [(full(p[0]), full(p[1]) if len(p) == 2 else None) for p in rows if p]
@@ -188,17 +188,14 @@ def make_splits(info, ratio, data_root=None, splits_dir=None, seed=0, check=True
         splits_dir = root  # else the data root's own lists, else (None) a seeded draw
     seeded = splits_dir in (None, SEEDED)
     splits = _draw(root, ratio, seed) if seeded else _read_splits(info, ratio, root, splits_dir)
-    # the same checks whatever the source: no empty set, labels where needed, no image in two
-    # sets, and (check) every listed file exists
+    # the same checks whatever the source: no empty set, no image in two sets, and (check) every
+    # listed file exists (labels where needed: _read_list; a draw labels only what has a label)
     for name, spelled in SETS.items():
         if not getattr(splits, name):
             raise UserError(
                 f"the {spelled} set of {info.name} (ratio {ratio.replace('_', '/')}) is empty; "
                 "use another ratio or more images"
             )
-    no_label = [img for img, lab in splits.labeled + splits.val if lab is None]
-    if no_label:
-        raise UserError(f"labelled / val entry {no_label[0]} has no label path")
     labeled, unlabeled, val = ({img for img, _ in getattr(splits, name)} for name in SETS)
     overlap = (labeled & unlabeled) | ((labeled | unlabeled) & val)
     if overlap:
@@ -236,7 +233,8 @@ def _read_splits(info, ratio, root, splits_dir):
     if os.path.abspath(splits_dir) == os.path.abspath(PAPER_SPLITS):
         source = f"the paper's lists (splits/{info.name}/{ratio})"
     files = [os.path.join(d, f"{s}.txt") for d, s in zip((ratio_dir, ratio_dir, val_dir), SETS)]
-    return Splits(*(_read_list(f, root) for f in files), os.path.abspath(root), source)
+    lists = [_read_list(f, root, labelled=s != "unlabeled") for f, s in zip(files, SETS)]
+    return Splits(*lists, os.path.abspath(root), source)
 
 
 def _draw(root, ratio, seed):
@@ -279,9 +277,8 @@ def write_splits(splits, folder):
     os.makedirs(folder, exist_ok=True)
     rel = lambda p: os.path.relpath(p, splits.root) if splits.root else p
     for name in SETS:
-        lines = [" ".join(rel(p) for p in pair if p) + "\n" for pair in getattr(splits, name)]
         with replacing(os.path.join(folder, f"{name}.txt")) as tmp, open(tmp, "w") as f:
-            f.writelines(lines)
+            f.writelines(" ".join(rel(p) for p in row if p) + "\n" for row in getattr(splits, name))
 
 
 # -----------------------------------------------------------------------------
