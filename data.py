@@ -419,7 +419,7 @@ class SemiDataset(Dataset):
     def __getitem__(self, key):
         epoch, index = key
         img_path, lab_path = self.items[index % len(self.items)]
-        # (a labelled or val item has a label: check_splits)
+        # (a labelled or val item has a label: _read_list, _draw)
         img, info = load_image(img_path), self.info
         label = load_label(lab_path, info) if lab_path else np.full(img.size[::-1], 255, np.uint8)
         if label.shape != img.size[::-1]:

@@ -156,8 +156,7 @@ def dataset_info(name, data_root=None):
     concepts, rgb = [], []
     # a comment is a whole line whose first character is '#': '#' may be in a name
     lines = [t for t in map(str.strip, Path(path).read_text().splitlines()) if t and t[0] != "#"]
-    for line in lines:
-        head, _, extra = line.partition("|")
+    for head, _, extra in (line.partition("|") for line in lines):
         # always matches: the name (m[1]), then maybe r,g,b (m[2:5]) or a hex colour #rrggbb (m[5])
         m = re.fullmatch(r"(.*?)(?:\s+(?:(\d+),\s*(\d+),\s*(\d+)|#([\da-fA-F]{6})))?", head.strip())
         colour = tuple(bytes.fromhex(m[5])) if m[5] else _default_palette(len(rgb))

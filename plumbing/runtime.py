@@ -69,9 +69,8 @@ def from_slurm():
             "srun with several tasks, but SLURM_JOB_NODELIST names no host: run one task per node "
             "with `srun --ntasks-per-node 1 torchrun --nproc_per_node N train.py ...` instead"
         )
-    host = m[1] + (m[2] or "")
     env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", 0)) % 1000))
-    local = env.get("SLURM_LOCALID", "0")
+    host, local = m[1] + (m[2] or ""), env.get("SLURM_LOCALID", "0")
     env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=str(tasks), LOCAL_RANK=local, MASTER_ADDR=host)
 
 
