@@ -47,6 +47,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 SEEDED = "seeded"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # both students take ImageNet-normalised images (METHOD.md 2)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_MEAN255, _STD255 = (torch.tensor(v).view(3, 1, 1) * 255 for v in (IMAGENET_MEAN, IMAGENET_STD))
 MIX_SOURCES = ("partner", "same", "rolled")
 # the streams' order: each its own seeded sampler (ours), or one shared by all (the release)
 ORDERS = ("own", "shared")
@@ -142,40 +143,29 @@ class Splits:
     source: str = field(default="", compare=False)
 
 
-def _read_list(path, root):
-    """Read one split file; lines `images/x labels/x` (or `images/x` for an image without a
-    label)."""
+def _read_list(path, root, labelled=True):
+    """Read one split file; lines `images/x labels/x` (or, unless `labelled`, `images/x` for an
+    image without a label)."""
     if not os.path.isfile(path):
         raise UserError(f"split file {path} not found")
-    lines = Path(path).read_text().splitlines()
-    for n, line in enumerate(lines, 1):
-        if len(line.split()) > 2:
-            raise UserError(
-                f"{path}:{n}: expected 'images/<file> labels/<file>', got '{line.strip()}'"
-            )
+    rows = [line.split() for line in Path(path).read_text().splitlines()]
+    for n, row in enumerate(rows, 1):
+        if len(row) > 2 or (labelled and len(row) == 1):
+            raise UserError(f"{path}:{n}: expected 'images/<file> labels/<file>', got {row}")
     full = lambda p: os.path.abspath(os.path.join(root, p))
-    return [(full(p[0]), full(p[1]) if len(p) == 2 else None) for p in map(str.split, lines) if p]
+    return [(full(p[0]), full(p[1]) if len(p) == 2 else None) for p in rows if p]
 
 
 # labels/<same name>, else labels/<stem>.png (e.g. mer: .jpg images)
-def _find_label(root, image_name):
-    names = (image_name, os.path.splitext(image_name)[0] + ".png")
-    paths = [os.path.abspath(os.path.join(root, "labels", name)) for name in names]
-    return next((p for p in paths if os.path.isfile(p)), None)
-
-
-def default_splits_dir(info, root):
-    """Where the lists come from without --splits: the paper's (shipped) for its six datasets; for
-    others labeled.txt / unlabeled.txt / val.txt in the data root when present; else None (a seeded
-    draw)."""
-    if os.path.isdir(os.path.join(PAPER_SPLITS, info.name)):
-        return PAPER_SPLITS
-    return root if os.path.isfile(os.path.join(root, "labeled.txt")) else None
+def _find_label(root, name):
+    paths = (os.path.join(root, "labels", n) for n in (name, os.path.splitext(name)[0] + ".png"))
+    return next((os.path.abspath(p) for p in paths if os.path.isfile(p)), None)
 
 
 def make_splits(info, ratio, data_root=None, splits_dir=None, seed=0, check=True):
     """Labelled / unlabelled / val lists. splits_dir:
-    - None: default_splits_dir (the paper's lists for the paper's datasets);
+    - None: the paper's lists for its six datasets; for others labeled.txt / unlabeled.txt / val.txt
+      in the data root when present; else a seeded draw;
     - a folder in the paper's layout, <dir>/<name>/<ratio>/{labeled,unlabeled}.txt and
       <dir>/<name>/val.txt, or holding labeled.txt, unlabeled.txt, val.txt itself (what write_splits
       wrote for a run): ratio ignored;
@@ -192,45 +182,39 @@ def make_splits(info, ratio, data_root=None, splits_dir=None, seed=0, check=True
             f"data root '{root}' not found: expected {root}/images/<file> and {root}/labels/<file>; pass "
             f"--data-root{f', or fetch it with `python -m tools.download {info.name}`' if info.hub_folder else ''}"
         )
-    splits_dir = default_splits_dir(info, root) if splits_dir is None else splits_dir
+    if splits_dir is None and os.path.isdir(os.path.join(PAPER_SPLITS, info.name)):
+        splits_dir = PAPER_SPLITS  # the paper's lists, for its six datasets
+    elif splits_dir is None and os.path.isfile(os.path.join(root, "labeled.txt")):
+        splits_dir = root  # else the data root's own lists, else (None) a seeded draw
     seeded = splits_dir in (None, SEEDED)
     splits = _draw(root, ratio, seed) if seeded else _read_splits(info, ratio, root, splits_dir)
-    check_splits(splits, info, ratio, root, files=check)
-    return splits
-
-
-def check_splits(splits, info, ratio, root, files=True):
-    """The same checks whatever the source: no empty set, labels where needed, no image in two
-    sets, and (files) every listed file exists."""
+    # the same checks whatever the source: no empty set, no image in two sets, and (check) every
+    # listed file exists (labels where needed: _read_list; a draw labels only what has a label)
     for name, spelled in SETS.items():
         if not getattr(splits, name):
             raise UserError(
                 f"the {spelled} set of {info.name} (ratio {ratio.replace('_', '/')}) is empty; "
                 "use another ratio or more images"
             )
-    no_label = [img for img, lab in splits.labeled + splits.val if lab is None]
-    if no_label:
-        raise UserError(f"labelled / val entry {no_label[0]} has no label path")
     labeled, unlabeled, val = ({img for img, _ in getattr(splits, name)} for name in SETS)
     overlap = (labeled & unlabeled) | ((labeled | unlabeled) & val)
     if overlap:
         raise UserError(f"{len(overlap)} image(s) are in two split lists, e.g. {min(overlap)}")
     listed = splits.labeled + splits.unlabeled + splits.val
-    missing = [p for pair in listed for p in pair if p and not os.path.isfile(p)] if files else []
+    missing = [p for pair in listed for p in pair if p and not os.path.isfile(p)] if check else []
     if missing:
         raise UserError(
             f"{len(missing)} file(s) listed in the splits ({splits.source}) are missing "
             f"under {root}, e.g. {missing[:3]}; check --data-root"
         )
+    return splits
 
 
 def _read_splits(info, ratio, root, splits_dir):
     """Split files: flat <dir>/{labeled,unlabeled,val}.txt (written by write_splits, or a user's
     own), or the paper's <dir>/<name>/<ratio>/..."""
     if not os.path.isdir(splits_dir):
-        raise UserError(
-            f"split folder '{splits_dir}' not found (--splits takes a folder, or '{SEEDED}')"
-        )
+        raise UserError(f"split folder '{splits_dir}' not found (--splits: a folder or '{SEEDED}')")
     subdirs = lambda d: sorted(x for x in os.listdir(d) if os.path.isdir(os.path.join(d, x)))
     ratio_dir = val_dir = splits_dir
     if not os.path.isfile(os.path.join(splits_dir, "labeled.txt")):  # the paper's layout
@@ -249,7 +233,8 @@ def _read_splits(info, ratio, root, splits_dir):
     if os.path.abspath(splits_dir) == os.path.abspath(PAPER_SPLITS):
         source = f"the paper's lists (splits/{info.name}/{ratio})"
     files = [os.path.join(d, f"{s}.txt") for d, s in zip((ratio_dir, ratio_dir, val_dir), SETS)]
-    return Splits(*(_read_list(f, root) for f in files), os.path.abspath(root), source)
+    lists = [_read_list(f, root, labelled=s != "unlabeled") for f, s in zip(files, SETS)]
+    return Splits(*lists, os.path.abspath(root), source)
 
 
 def _draw(root, ratio, seed):
@@ -280,10 +265,9 @@ def _draw(root, ratio, seed):
             f"in {root} have a label; use a smaller ratio or --ratio 1"
         )
     random.Random(seed).shuffle(candidates)
-    labeled = sorted(candidates[:n])
-    rest = sorted(set(pool) - set(labeled))  # in the pool's order: by image path
+    rest = sorted(set(pool) - set(candidates[:n]))  # in the pool's order: by image path
     source = f"seeded draw of {shown} (seed {seed})"
-    return Splits(labeled, rest, val, os.path.abspath(root), source)
+    return Splits(sorted(candidates[:n]), rest, val, os.path.abspath(root), source)
 
 
 def write_splits(splits, folder):
@@ -293,17 +277,12 @@ def write_splits(splits, folder):
     os.makedirs(folder, exist_ok=True)
     rel = lambda p: os.path.relpath(p, splits.root) if splits.root else p
     for name in SETS:
-        lines = [" ".join(rel(p) for p in pair if p) + "\n" for pair in getattr(splits, name)]
         with replacing(os.path.join(folder, f"{name}.txt")) as tmp, open(tmp, "w") as f:
-            f.writelines(lines)
+            f.writelines(" ".join(rel(p) for p in row if p) + "\n" for row in getattr(splits, name))
 
 
 # -----------------------------------------------------------------------------
 # augmentations (METHOD.md section 5); every random draw comes from `rng`, a random.Random
-
-
-def _sample_seed(seed, epoch, index):  # augmentations are a pure function of (seed, epoch, index)
-    return int.from_bytes(hashlib.sha256(f"{seed}/{epoch}/{index}".encode()).digest()[:8], "little")
 
 
 def rescale_size(w, h, rng, base_size, resize="cv2"):
@@ -411,15 +390,9 @@ def resize_bilinear(im, size):
 def resize_nearest(label, size):
     """(H, W) array -> size (w, h), as OpenCV's INTER_NEAREST: output pixel x reads source pixel
     floor(x * src / dst) (in OpenCV's double arithmetic), not the pixel under its centre as PIL."""
-    # source index of each output index (dst of them, from n)
-    src = lambda dst, n: np.minimum(
-        np.floor(np.arange(dst) * (1.0 / (dst / n))).astype(np.int64), n - 1
-    )
+    # source index of each output index (dst of them, from n); astype truncates: floor, as >= 0
+    src = lambda dst, n: np.minimum((np.arange(dst) * (1.0 / (dst / n))).astype(np.int64), n - 1)
     return label[src(size[1], label.shape[0])[:, None], src(size[0], label.shape[1])[None, :]]
-
-
-_MEAN255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
-_STD255 = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
 
 
 def normalize(img):
@@ -437,8 +410,6 @@ class SemiDataset(Dataset):
     num_workers."""
 
     def __init__(self, info, items, mode, *, crop=None, seed=0, length=None):
-        if mode not in ("labeled", "unlabeled", "val"):
-            raise ValueError(f"unknown mode '{mode}'; valid: labeled, unlabeled, val")
         self.info, self.items, self.mode = info, list(items), mode
         self.crop, self.seed, self.length = crop or info.crop, seed, length or len(items)
 
@@ -448,7 +419,7 @@ class SemiDataset(Dataset):
     def __getitem__(self, key):
         epoch, index = key
         img_path, lab_path = self.items[index % len(self.items)]
-        # (a labelled or val item has a label: check_splits)
+        # (a labelled or val item has a label: _read_list, _draw)
         img, info = load_image(img_path), self.info
         label = load_label(lab_path, info) if lab_path else np.full(img.size[::-1], 255, np.uint8)
         if label.shape != img.size[::-1]:
@@ -460,7 +431,9 @@ class SemiDataset(Dataset):
         if self.mode == "val":
             img, name = normalize(eval_resize(img, info.eval_size)), os.path.basename(img_path)
             return {"img": img, "label": torch.from_numpy(label).long(), "name": name}
-        rng = random.Random(_sample_seed(self.seed, epoch, index))
+        # augmentations are a pure function of (seed, epoch, index)
+        digest = hashlib.sha256(f"{self.seed}/{epoch}/{index}".encode()).digest()
+        rng = random.Random(int.from_bytes(digest[:8], "little"))
         # (c, c) each
         img, label, pad = weak_augment(img, label, rng, info.base_size, self.crop, info.resize)
         if self.mode == "labeled":

@@ -16,9 +16,8 @@ from pathlib import Path
 
 from plumbing.errors import UserError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
-# the authors' lists (GitHub XavierJiezou/Co2S, splits/)
-PAPER_SPLITS = os.path.join(REPO, "splits")
+# the authors' lists (GitHub XavierJiezou/Co2S, splits/), in the repository root
+PAPER_SPLITS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "splits")
 # the authors' prepared datasets (Hugging Face, repo type dataset)
 HUB_DATASETS = "XavierJiezou/co2s-datasets"
 # the released runs: 4 GPUs; an epoch is counted as their DistributedSampler counts it
@@ -100,8 +99,9 @@ _CONCEPTS = {
 # fmt: on
 
 
-def _info(name, palette, zero_label, ratios, **kw):  # zero_label: reduce_zero_label
-    concepts = _CONCEPTS[name if name != "demo" else "potsdam"]
+# zero_label: reduce_zero_label; concepts: those of _CONCEPTS (the demo: Potsdam's) unless given
+def _info(name, palette, zero_label, ratios, concepts=None, **kw):
+    concepts = concepts or _CONCEPTS[name if name != "demo" else "potsdam"]
     return DatasetInfo(name, [c[0] for c in concepts], concepts, palette, zero_label, ratios, **kw)
 
 
@@ -153,34 +153,29 @@ def dataset_info(name, data_root=None):
             f"custom dataset needs {path}: one class per line, 'name' or 'name r,g,b' "
             f"or 'name r,g,b | concept a, concept b' (pass the folder with --data-root)"
         )
-    names, concepts, rgb = [], [], []
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):  # a comment is a whole line: '#' may be in a name
-            continue
-        head, _, extra = line.partition("|")
-        m = re.fullmatch(r"(.+?)\s+(?:(\d+),\s*(\d+),\s*(\d+)|#([0-9a-fA-F]{6}))", head.strip())
-        cname, colour = m[1] if m else head.strip(), _default_palette(len(names))
-        if m:  # r,g,b or a hex colour #rrggbb
-            colour = tuple(bytes.fromhex(m[5])) if m[5] else tuple(map(int, m.groups()[1:4]))
+    concepts, rgb = [], []
+    # a comment is a whole line whose first character is '#': '#' may be in a name
+    lines = [t for t in map(str.strip, Path(path).read_text().splitlines()) if t and t[0] != "#"]
+    for head, _, extra in (line.partition("|") for line in lines):
+        # always matches: the name (m[1]), then maybe r,g,b (m[2:5]) or a hex colour #rrggbb (m[5])
+        m = re.fullmatch(r"(.*?)(?:\s+(?:(\d+),\s*(\d+),\s*(\d+)|#([\da-fA-F]{6})))?", head.strip())
+        colour = tuple(bytes.fromhex(m[5])) if m[5] else _default_palette(len(rgb))
+        colour = tuple(map(int, m.groups()[1:4])) if m[2] else colour
         if max(colour) > 255:
-            raise UserError(f"{path}: colour {colour} of class '{cname}' is not 0..255 per channel")
-        names.append(cname)
-        concepts.append([cname] + [c.strip() for c in extra.split(",") if c.strip()])
+            raise UserError(f"{path}: colour {colour} of class '{m[1]}' is not 0..255 per channel")
+        concepts.append([m[1]] + [c.strip() for c in extra.split(",") if c.strip()])
         rgb.append(colour)
-    if not 1 <= len(names) <= 255:
-        raise UserError(f"{path} lists {len(names)} classes; need 1..255 (255 is the ignore index)")
-    return DatasetInfo("custom", names, concepts, rgb, False, [], base_size=None, eval_size=None)
+    if not 1 <= len(rgb) <= 255:
+        raise UserError(f"{path} lists {len(rgb)} classes; need 1..255 (255 is the ignore index)")
+    return _info("custom", rgb, False, [], concepts, base_size=None, eval_size=None)
 
 
 def parse_ratio(ratio):
     """'1/16' or '1_16' -> '1_16' (the paper's folder name); '1' = every labelled image of the pool."""
-    if str(ratio).strip() == "1":
-        return "1"
-    m = re.fullmatch(r"\s*(\d+)\s*[/_]\s*(\d+)\s*", str(ratio))
-    if not m or int(m.group(2)) == 0 or not 0 < int(m.group(1)) < int(m.group(2)):
+    m = re.fullmatch(r"\s*(?:1|(\d+)\s*[/_]\s*(\d+))\s*", str(ratio))  # '1', or a fraction
+    if not m or (m[1] and not 0 < int(m[1]) < int(m[2])):
         raise UserError(
             f"invalid ratio '{ratio}'; write a fraction below 1 as '1/16' or '1_16' "
             f"(paper ratios: 1/32 1/24 1/16 1/8 1/4 1/40), or '1' for every labelled image"
         )
-    return f"{int(m.group(1))}_{int(m.group(2))}"
+    return f"{int(m[1])}_{int(m[2])}" if m[1] else "1"

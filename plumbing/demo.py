@@ -35,10 +35,9 @@ class _Canvas:
     Every random draw comes from `rng`, in the order the painters below make them."""
 
     def __init__(self, rng, size):
-        self.rng, self.size = rng, size
+        # s, the scene scale: the same objects at a different ground resolution
+        self.rng, self.size, self.s = rng, size, rng.uniform(0.6, 1.5)
         self.yy, self.xx = np.mgrid[0:size, 0:size].astype(np.float32)
-        # scene scale: the same objects at a different ground resolution
-        self.s = rng.uniform(0.6, 1.5)
         self.noise = rng.standard_normal((size, size, 1)).astype(np.float32)  # one texture for all
         self.img = self.pick(_GRASS) + 18 * self.smooth(12)[..., None] + 8 * self.noise
         self.lab = np.full((size, size), 2, np.uint8)
@@ -61,13 +60,11 @@ class _Canvas:
 
     def paint(self, mask, colour, cls, tex=6.0):  # fill with a noisy colour and set the class
         colour = np.asarray(colour, np.float32) * self.rng.uniform(0.9, 1.1)
-        self.img[mask] = colour + tex * self.noise[mask]
-        self.lab[mask] = cls
+        self.img[mask], self.lab[mask] = colour + tex * self.noise[mask], cls
 
     def shadow(self, mask, d):  # darken what lies to the bottom-right of an object (not its label)
         d = max(1, int(d))
-        cast = np.pad(mask[:-d, :-d], ((d, 0), (d, 0)))
-        self.img[cast & ~mask] *= 0.55
+        self.img[np.pad(mask[:-d, :-d], ((d, 0), (d, 0))) & ~mask] *= 0.55  # mask moved by (d, d)
 
 
 def _at(cy, cx, a, t, v):  # the point t along and v across direction a from (cy, cx)
@@ -108,8 +105,7 @@ def _parking_lot(c, rng, s):  # a paved lot (impervious) with rows of parked car
 def _building(c, rng, s):  # a rectangle or L-shape, maybe rotated; gable roof, shadow
     cy, cx = rng.uniform(0, c.size), rng.uniform(0, c.size)
     h, w = rng.uniform(12, 26) * s, rng.uniform(16, 36) * s
-    a = rng.choice([0.0, math.pi / 2])
-    a += rng.uniform(0, math.pi) if rng.random() < 0.3 else 0.0
+    a = rng.choice([0.0, math.pi / 2]) + (rng.uniform(0, math.pi) if rng.random() < 0.3 else 0.0)
     m = c.rect(cy, cx, h, w, a)
     if rng.random() < 0.4:  # L-shape: a wing at one end of the long side
         h2 = rng.uniform(0.8, 1.6) * h
@@ -134,8 +130,7 @@ def _trees(c, rng, s):  # a cluster of textured, shaded, shadow-casting crowns
         m = d2 < 1
         c.shadow(m, r * 0.6)
         # darker towards the crown's edge, leafy texture
-        c.img[m] = c.pick(_TREES) * (1 - 0.35 * d2[m][:, None]) + leaves[m]
-        c.lab[m] = 3
+        c.img[m], c.lab[m] = c.pick(_TREES) * (1 - 0.35 * d2[m][:, None]) + leaves[m], 3
 
 
 # What a tile holds, painted in this order: (painter, fewest, most + 1 objects)
@@ -153,8 +148,7 @@ def _demo_scene(rng, size=128):
     # imaging: exposure, illumination gradient, sensor noise
     img = c.img * rng.uniform(0.8, 1.2) + rng.uniform(-15, 15)
     img = img + rng.uniform(-15, 15) * (c.xx / size - 0.5)[..., None]
-    img = img + 4 * rng.standard_normal(img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8), c.lab
+    return np.clip(img + 4 * rng.standard_normal(img.shape), 0, 255).astype(np.uint8), c.lab
 
 
 def prepare_demo(root, seed=0, n_train=256, n_val=64):
@@ -168,10 +162,9 @@ def prepare_demo(root, seed=0, n_train=256, n_val=64):
         raise UserError(f"{root} is not a demo folder (no demo.json); refusing to overwrite it")
     tmp = Path(f"{root}.tmp{os.getpid()}")  # written aside, then moved: no half-written demo
     names = [f"demo_{i:04d}.png" for i in range(n_train + n_val)]
-    for sub in ("images", "labels"):
-        (tmp / sub).mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(names):
         for sub, a in zip(("images", "labels"), _demo_scene(np.random.default_rng([seed, i]))):
+            (tmp / sub).mkdir(parents=True, exist_ok=True)
             Image.fromarray(a).save(tmp / sub / name, compress_level=1)
     (tmp / "val.txt").write_text("".join(f"images/{n} labels/{n}\n" for n in names[n_train:]))
     (tmp / "demo.json").write_text(json.dumps(marker))

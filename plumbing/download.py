@@ -18,10 +18,9 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from PIL import Image
 from tqdm import tqdm
 
-from data import load_label
+from data import load_image, load_label
 from plumbing.catalog import HUB_DATASETS, PAPER_SPLITS
 from plumbing.demo import prepare_demo
 from plumbing.errors import UserError
@@ -33,16 +32,12 @@ def ensure(info, root, *, download=False):
         return
     if info.generated:
         return prepare_demo(root)
-    if download and info.hub_folder:
-        return fetch(info, root)
-    how = f"fetch it with `python -m tools.download {info.name} --data-root {root}` (or add --download to train.py), "
-    where = f"no {info.name} data at {root!r} (expected {root}/images/<file> and {root}/labels/<file>): "
-    raise UserError(where + (how if info.hub_folder else "") + "or pass --data-root to where it is")
-
-
-def fetch(info, root):
-    """Download info.hub_folder of the authors' dataset repository into root, in the loader's
-    layout, and verify it."""
+    if not (download and info.hub_folder):
+        how = f"fetch it with `python -m tools.download {info.name} --data-root {root}` (or add --download to train.py), "
+        what = f"no {info.name} data at {root!r} (expected {root}/images/<file> and {root}/labels/<file>): "
+        raise UserError(f"{what}{how if info.hub_folder else ''}or pass --data-root to where it is")
+    # --download: info.hub_folder of the authors' dataset repository into root, in the loader's
+    # layout, then verified
     staging = os.path.abspath(root.rstrip("/")) + ".download"
     print(f"downloading {info.hub_folder}/ of hf://datasets/{HUB_DATASETS} into {staging}")
     snapshot(info.hub_folder, staging)
@@ -107,19 +102,17 @@ def verify(info, root):
 
 
 def _check_pair(info, image, label):
-    """'' if an (image, label) pair opens and agrees in size, else what is wrong with it."""
+    """'' if an (image, label) pair loads as training loads it (data.load_image, load_label) and
+    agrees in size, else what is wrong with it."""
     try:
-        with Image.open(image) as im:
-            im.load()  # decodes every pixel: catches truncated and corrupt files
-        w, h = im.size
-        if label:
-            lh, lw = load_label(label, info).shape  # (H, W)
-            if (lh, lw) != (h, w):
-                return f"size mismatch: image {image} is {w}x{h}, label {label} is {lw}x{lh}"
+        w, h = load_image(image).size  # decodes every pixel: catches truncated and corrupt files
+        lh, lw = load_label(label, info).shape if label else (h, w)  # (H, W)
     except UserError as e:
         return str(e)
     except Exception as e:  # PIL raises many types for a bad file
         return f"cannot read image {image}: {type(e).__name__}: {e}"
+    if (lh, lw) != (h, w):
+        return f"size mismatch: image {image} is {w}x{h}, label {label} is {lw}x{lh}"
     return ""
 
 

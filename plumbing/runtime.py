@@ -52,12 +52,6 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def first_host(nodelist):
-    """The first host of a SLURM node list: 'gpu[03-05,09],cpu1' -> 'gpu03'; None if unreadable."""
-    m = re.match(r"([^,\[]+)(?:\[([0-9]+)[^\]]*\])?", nodelist.strip())
-    return (m.group(1) + (m.group(2) or "")) if m else None
-
-
 def from_slurm():
     """`srun --ntasks N python train.py` starts N processes without torchrun: each takes its rank,
     the world size and its local rank from SLURM's variables, and the rendezvous from the job's
@@ -67,14 +61,16 @@ def from_slurm():
     tasks = int(env.get("SLURM_NTASKS", "1"))
     if "RANK" in env or tasks <= 1 or "SLURM_PROCID" not in env:
         return
-    host = first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
-    if host is None:
+    nodes = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", ""))
+    # its first host: 'gpu[03-05,09],cpu1' -> 'gpu03'
+    m = re.match(r"([^,\[]+)(?:\[([0-9]+)[^\]]*\])?", nodes.strip())
+    if m is None:
         raise UserError(
             "srun with several tasks, but SLURM_JOB_NODELIST names no host: run one task per node "
             "with `srun --ntasks-per-node 1 torchrun --nproc_per_node N train.py ...` instead"
         )
     env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", 0)) % 1000))
-    local = env.get("SLURM_LOCALID", "0")
+    host, local = m[1] + (m[2] or ""), env.get("SLURM_LOCALID", "0")
     env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=str(tasks), LOCAL_RANK=local, MASTER_ADDR=host)
 
 
@@ -229,9 +225,8 @@ def store_frozen(model, dtype):
     Autocast would round them to the same values, so the arithmetic is unchanged; norms, layer
     scales, tokens and position tables stay fp32 (autocast runs their ops in fp32). What trains
     keeps its fp32 master weights. dtype None (frozen_dtype of an fp32 run): nothing changes."""
-    for s in model.students if dtype is not None else []:
-        for m in s.backbone.modules():
-            frozen = not any(p.requires_grad for p in m.parameters())
-            if frozen and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-                m.to(dtype)
+    for m in (m for s in model.students for m in s.backbone.modules() if dtype is not None):
+        frozen = not any(p.requires_grad for p in m.parameters())
+        if frozen and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            m.to(dtype)
     return model
