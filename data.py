@@ -410,6 +410,7 @@ class SemiDataset(Dataset):
     num_workers."""
 
     def __init__(self, info, items, mode, *, crop=None, seed=0, length=None):
+        assert mode in ("labeled", "unlabeled", "val"), f"unknown mode {mode!r}"  # never a fallback
         self.info, self.items, self.mode = info, list(items), mode
         self.crop, self.seed, self.length = crop or info.crop, seed, length or len(items)
 
