@@ -336,7 +336,15 @@ def run_training(cfg, state, init, rank, world, device):
     for seed in (torch.manual_seed, np.random.seed, random.seed):
         seed(cfg["seed"])
     info = dataset_info(cfg["dataset"], cfg["data_root"])
-    splits = prepare_data(cfg, info, os.path.join(cfg["out"], "splits") if state else None, world)
+    if rank == 0:  # the data on disk: generated, downloaded or already there
+        ensure(info, cfg["data_root"], download=cfg["download"])
+    if world > 1:
+        dist.barrier()
+    # the split lists (a resumed run reads its own), and a scan of every listed file
+    where = os.path.join(cfg["out"], "splits") if state else cfg["splits"]
+    splits = data.make_splits(info, cfg["ratio"], cfg["data_root"], where, seed=cfg["seed"])
+    if rank == 0:
+        scan_files(splits, info)
     cfg = schedule(cfg, layout, len(splits.unlabeled))  # the config is final from here on
     loop, text_source = build_loop(cfg, state, info, layout, device, init)
     run, total = loop.run, loop.total_steps
@@ -470,20 +478,6 @@ def build_loop(cfg, state, info, layout, device, init=None):
     return Loop(run, layout, device, students), source
 
 
-def prepare_data(cfg, info, splits_dir, world):
-    """The data on disk (generated, downloaded or already there), the split lists (a resumed run
-    reads its own, splits_dir), and a scan of every listed file before the first step."""
-    if runtime.is_master():
-        ensure(info, cfg["data_root"], download=cfg["download"])
-    if world > 1:
-        dist.barrier()
-    where = splits_dir or cfg["splits"]
-    splits = data.make_splits(info, cfg["ratio"], cfg["data_root"], where, seed=cfg["seed"])
-    if runtime.is_master():
-        scan_files(splits, info)
-    return splits
-
-
 def log_train(loop, pbar):
     """Stop on a non-finite loss, else one log.jsonl record (rank 0) of the means over the steps
     since the last record, with the lr each optimizer group stepped with."""
@@ -540,11 +534,10 @@ def start_run(loop, splits, text_source, fresh):
         atomic.write_json(os.path.join(out, "config.json"), saved)
     print(
         f"run folder: {out}\nsplits: {splits.source}: {len(splits.labeled)} labelled / "
-        f"{len(splits.unlabeled)} unlabelled / {len(splits.val)} val\n"
-        f"{loop.layout.describe()}; {cfg['iters_per_epoch']} iterations per epoch, "
-        f"{loop.total_steps} in all, device {loop.device}\n"
-        f"hyper-parameters: {cfg['hyper']}; backbone weights that train: {cfg['train_backbone']}"
-        f"\n{recipes.summary(cfg)}"
+        f"{len(splits.unlabeled)} unlabelled / {len(splits.val)} val\n{loop.layout.describe()}; "
+        f"{cfg['iters_per_epoch']} iterations per epoch, {loop.total_steps} in all, device "
+        f"{loop.device}\nhyper-parameters: {cfg['hyper']}; backbone weights that train: "
+        f"{cfg['train_backbone']}\n{recipes.summary(cfg)}"
     )
     if text_source:
         print(f"CLIP class embeddings: {text_source}")
