@@ -229,10 +229,9 @@ def new_model(cfg, info, init=None):
     embeddings (E2); or the weights of the --init checkpoint's state `init`."""
     n = len(info.classes)
     spec = spec_of(cfg, n)
+    if init and (m := init["model_args"]["num_classes"]) != n:
+        raise UserError(f"--init {cfg['init']!r} predicts {m} classes, {cfg['dataset']} has {n}")
     if init:
-        if init["model_args"]["num_classes"] != n:
-            m, name = init["model_args"]["num_classes"], cfg["dataset"]
-            raise UserError(f"--init {cfg['init']!r} predicts {m} classes, {name} has {n}")
         state = dict(init, model_args=dataclasses.asdict(spec))
         return runs.model_from_checkpoint(state), f"the checkpoint {cfg['init']}"
     text, source = None, None

@@ -216,7 +216,7 @@ def check_room(out, model, copies=3):
         )
 
 
-def check_writable(out, what="the run folder", flag="--out"):
+def check_writable(out, what="the run folder"):
     """A folder can be created and written (a run folder: checked before any model is built or
     downloaded)."""
     probe = os.path.join(out, ".write-test")
@@ -226,7 +226,7 @@ def check_writable(out, what="the run folder", flag="--out"):
         os.remove(probe)
     except OSError as e:
         raise UserError(
-            f"{flag} {out}: cannot create or write {what} ({e.strerror or e}); pass a folder you "
+            f"--out {out}: cannot create or write {what} ({e.strerror or e}); pass a folder you "
             f"can write to"
         ) from e
 
