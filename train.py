@@ -50,6 +50,8 @@ HYPER = ("lr", "weight_decay", "backbone_lr_mult", "head_lr_mult")
 FRESH = ("out", "resume", "stop_at", "config")
 # the flags of the config that build the model (ModelSpec's, besides the students and classes)
 SPEC = ("size", "numerics", "clip_guidance", "fusion", "grad_checkpoint", "train_backbone")
+# ... and those of co2s.Method, the switches of co2s.iteration (besides fp = not --no-fp)
+METHOD = ("method", "stability", "tau", "strong_views")
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -200,30 +202,26 @@ def resolve(args, init=None, world=1):
     return cfg
 
 
-def schedule(cfg, layout, n_unlabeled):
+def schedule(cfg, lay, n):
     """The config with the schedule's figures (config.json records them): the batch layout,
-    steps per epoch (one pass over the unlabelled list) and the total: --epochs of them, or
+    steps per epoch (one pass over the n unlabelled images) and the total: --epochs of them, or
     --iters, rounded up to whole epochs under --round-iters as the release does (Co2S.py
     l.243-247: epochs = ceil(iters / steps per epoch), then epochs x steps per epoch)."""
-    per_epoch = layout.steps_per_epoch(n_unlabeled)
+    per_epoch = lay.steps_per_epoch(n)
     if per_epoch == 0:
-        raise UserError(
-            f"{n_unlabeled} unlabelled images are fewer than one {layout.describe()}; lower --batch"
-        )
+        raise UserError(f"{n} unlabelled images are fewer than one {lay.describe()}; lower --batch")
     epochs, total = cfg["epochs"], cfg["iters"] or cfg["epochs"] * per_epoch
     if cfg["iters"] and cfg["round_iters"]:
         epochs = math.ceil(cfg["iters"] / per_epoch)
         total = epochs * per_epoch
-    sizes = dict(
-        global_batch=layout.global_batch, micro_batch=layout.micro, world_size=layout.world
-    )
+    sizes = dict(global_batch=lay.global_batch, micro_batch=lay.micro, world_size=lay.world)
     return dict(cfg, epochs=epochs, **sizes, iters_per_epoch=per_epoch, total_iters=total)
 
 
-def spec_of(cfg, num_classes):
-    """What builds the model (saved in every checkpoint, so eval.py and --resume rebuild it)."""
-    kinds = tuple(cfg["students"].split(","))
-    return model.ModelSpec(kinds, num_classes, **{k: cfg[k] for k in SPEC})
+def spec_of(cfg, n):
+    """What builds the model of n classes (saved in every checkpoint, so eval.py and --resume
+    rebuild it)."""
+    return model.ModelSpec(tuple(cfg["students"].split(",")), n, **{k: cfg[k] for k in SPEC})
 
 
 def new_model(cfg, info, init=None):
@@ -231,10 +229,9 @@ def new_model(cfg, info, init=None):
     embeddings (E2); or the weights of the --init checkpoint's state `init`."""
     n = len(info.classes)
     spec = spec_of(cfg, n)
+    if init and (m := init["model_args"]["num_classes"]) != n:
+        raise UserError(f"--init {cfg['init']!r} predicts {m} classes, {cfg['dataset']} has {n}")
     if init:
-        if init["model_args"]["num_classes"] != n:
-            m, name = init["model_args"]["num_classes"], cfg["dataset"]
-            raise UserError(f"--init {cfg['init']!r} predicts {m} classes, {name} has {n}")
         state = dict(init, model_args=dataclasses.asdict(spec))
         return runs.model_from_checkpoint(state), f"the checkpoint {cfg['init']}"
     text, source = None, None
@@ -251,16 +248,15 @@ def param_groups(student, *, lr, weight_decay, backbone_lr_mult, head_lr_mult):
     decay on norms outside the head' leaves nothing to exempt (from scratch, --train-backbone all,
     the norms decay too)."""
     backbone = [p for p in student.backbone.parameters() if p.requires_grad]
-    name, head = student.name, list(student.head.parameters())
-    groups = [
-        dict(name=f"{name}.backbone", lr=lr * backbone_lr_mult, params=backbone),
-        dict(name=f"{name}.head", lr=lr * head_lr_mult, params=head),
+    head = list(student.head.parameters())
+    parts = [("backbone", lr * backbone_lr_mult, backbone), ("head", lr * head_lr_mult, head)]
+    if student.queries is not None:  # the learnable queries (--clip-guidance queries): lr x1
+        parts.append(("queries", lr, [student.queries.weight]))
+    # (group, its lr, its parameters); initial_lr: the base of the poly schedule (train_step)
+    return [
+        dict(name=f"{student.name}.{g}", lr=r, initial_lr=r, weight_decay=weight_decay, params=ps)
+        for g, r, ps in parts
     ]
-    if student.queries is not None:
-        groups.append(dict(name=f"{name}.queries", lr=lr, params=[student.queries.weight]))
-    for g in groups:
-        g.update(initial_lr=g["lr"], weight_decay=weight_decay)
-    return groups
 
 
 def poly(step, total):
@@ -280,7 +276,7 @@ class Loop:
     layout: BatchLayout
     device: torch.device
     students: list = None  # as the step calls them: in their DDP wrappers on several processes
-    window: dict = dataclasses.field(default_factory=dict)  # log key -> (sum, count)
+    window: dict = dataclasses.field(default_factory=dict)  # log key -> the micro-batches' values
     stop: runtime.StopSignals = None  # the stop signals (set by main)
     t_last: float = dataclasses.field(default_factory=time.time)
 
@@ -317,7 +313,15 @@ class Loop:
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = runtime.setup_ddp(args.device)
-    cfg, state, lock, init = configure(args, argv, rank, world)
+    # a new run, the same command again on its folder (a requeued job continues), or --resume
+    if args.resume:  # it continues with its own config: a flag that would change it is an error
+        runs.check_resume_flags(args, vars(get_args([])))  # (--init among them)
+    init = runs.read_checkpoint(runs.resolve_checkpoint(args.init)) if args.init else None
+    command = "python train.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    cfg = None if args.resume else dict(resolve(args, init, world), command=command)
+    # the config, the state to resume or None, the lock of the run folder (rank 0's)
+    out = args.resume or cfg["out"]
+    cfg, state, lock = runs.open_run(out, cfg, args.iters, args.stop_at, world, rank)
     # the folder's lock is released however the run ends (a kill -9: by the kernel)
     with lock or contextlib.nullcontext():
         run_training(cfg, state, init, rank, world, device)
@@ -325,14 +329,21 @@ def main(argv=None):
 
 def run_training(cfg, state, init, rank, world, device):
     """main's work once the run folder is decided and locked: the data, the model, the loop."""
-    # how the global batch splits over the processes and --accum: one that does not fails at once
-    layout = BatchLayout(
-        cfg["batch"], world, cfg["accum"], rank, pad=cfg["epoch_rule"] == "release"
-    )
+    # how the global batch splits over the processes and --accum: one that does not fails at once;
+    # pad: epochs counted as the release counts them (runs older than that rule drop the remainder)
+    layout = BatchLayout(cfg["batch"], world, cfg["accum"], rank, cfg["epoch_rule"] == "release")
     for seed in (torch.manual_seed, np.random.seed, random.seed):
         seed(cfg["seed"])
     info = dataset_info(cfg["dataset"], cfg["data_root"])
-    splits = prepare_data(cfg, info, os.path.join(cfg["out"], "splits") if state else None, world)
+    if rank == 0:  # the data on disk: generated, downloaded or already there
+        ensure(info, cfg["data_root"], download=cfg["download"])
+    if world > 1:
+        dist.barrier()
+    # the split lists (a resumed run reads its own), and a scan of every listed file
+    where = os.path.join(cfg["out"], "splits") if state else cfg["splits"]
+    splits = data.make_splits(info, cfg["ratio"], cfg["data_root"], where, seed=cfg["seed"])
+    if rank == 0:
+        scan_files(splits, info)
     cfg = schedule(cfg, layout, len(splits.unlabeled))  # the config is final from here on
     loop, text_source = build_loop(cfg, state, info, layout, device, init)
     run, total = loop.run, loop.total_steps
@@ -340,12 +351,14 @@ def run_training(cfg, state, init, rank, world, device):
         best = len(run.model.students) if cfg["best_per_student"] else 0
         runs.check_room(cfg["out"], run.model, copies=3 + best)
         start_run(loop, splits, text_source, fresh=state is None)
-    method, amp = method_of(cfg), runtime.autocast(device, cfg["amp"])
+    method = co2s.Method(**{k: cfg[k] for k in METHOD}, fp=not cfg["no_fp"])
+    amp = runtime.autocast(device, cfg["amp"])
     pin, order = device.type == "cuda", cfg["data_order"]
     streams = data.Streams(cfg["crop"], cfg["seed"], cfg["mix_source"], cfg["workers"], pin, order)
     steps = range(run.step, total)  # one sampler for the run: workers start once
     loaders = data.train_loaders(info, splits, layout, streams, steps, method.method)
-    streams = {name: iter(loader) for name, loader in loaders.items()}
+    to_device = lambda batch: {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    streams = {name: map(to_device, loader) for name, loader in loaders.items()}  # batches there
     workers = min(cfg["workers"], 2)
     val = data.val_loader(info, splits.val, workers=workers, rank=rank, world_size=world)
 
@@ -372,31 +385,11 @@ def run_training(cfg, state, init, rank, world, device):
     finish(loop)
 
 
-def method_of(cfg):
-    """The co2s.iteration switches of this run."""
-    switches = {k: cfg[k] for k in ("method", "stability", "tau", "strong_views")}
-    return co2s.Method(**switches, fp=not cfg["no_fp"])
-
-
-def configure(args, argv, rank, world):
-    """(config, the state to resume or None, the run folder's lock, the --init state or None):
-    a new run, the same command again on its folder (a requeued job continues), or --resume."""
-    init, cfg = None, None
-    if args.resume:  # it continues with its own config: a flag that would change it is an error
-        runs.check_resume_flags(args, vars(get_args([])))
-    else:
-        init = runs.read_checkpoint(runs.resolve_checkpoint(args.init)) if args.init else None
-        command = "python train.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-        cfg = dict(resolve(args, init, world), command=command)
-    out = args.resume or cfg["out"]
-    return *runs.open_run(out, cfg, args.iters, args.stop_at, world, rank), init
-
-
 def train_step(loop, streams, method, amp):
     """One optimizer step: lr and E9's weight from the step, the iteration's losses over the
     micro-batches, backward (DDP averages the gradients over the ranks on the last micro-batch),
     one AdamW step per student."""
-    run, device, accum = loop.run, loop.device, loop.layout.accum
+    run, accum = loop.run, loop.layout.accum
     for opt in run.optimizers:  # this step's lr (poly), and no gradient yet
         opt.zero_grad(set_to_none=True)
         for g in opt.param_groups:
@@ -409,11 +402,7 @@ def train_step(loop, streams, method, amp):
         # run would.
         if micro:
             runtime.set_rng_state(rng)
-        named = {
-            n: {k: v.to(device, non_blocking=True) for k, v in next(s).items()}
-            for n, s in streams.items()
-        }
-        batch = co2s.Batch(**named)
+        batch = co2s.Batch(**{name: next(s) for name, s in streams.items()})
         with amp, runtime.syncing(loop.students, sync=micro == accum - 1):
             out = co2s.iteration(loop.students, batch, stability_weight=weight_e9, method=method)
             # The students' graphs are disjoint (E8 targets are detached): one backward of the
@@ -421,7 +410,9 @@ def train_step(loop, streams, method, amp):
             # micro-batches as DDP averages ranks.
             run.scaler.scale(sum(out.losses) / accum).backward()
         quality = loop.logs_after(run.step + 1)
-        accumulate(loop, co2s.diagnostics(out, batch, method, loop.cfg["fusion"], quality))
+        logs = co2s.diagnostics(out, batch, method, loop.cfg["fusion"], quality)
+        for k, v in logs.items():  # kept for the next log record (no host sync)
+            loop.window.setdefault(k, []).append(v.detach())
     for opt in run.optimizers:
         run.scaler.step(opt)
     run.scaler.update()
@@ -470,9 +461,7 @@ def stopped(loop, signal_name):
 def build_loop(cfg, state, info, layout, device, init=None):
     """The Loop of a new or resumed run: model, one AdamW per student (METHOD.md section 4, step
     8), scaler. Returns (loop, the source of the class embeddings)."""
-    net, text_source = (
-        (runs.model_from_checkpoint(state), None) if state else new_model(cfg, info, init)
-    )
+    net, source = (runs.model_from_checkpoint(state), None) if state else new_model(cfg, info, init)
     net.to(device)
     runtime.store_frozen(net, runtime.frozen_dtype(device, cfg["amp"], cfg["frozen_bf16"]))
     if cfg["compile"]:
@@ -485,35 +474,14 @@ def build_loop(cfg, state, info, layout, device, init=None):
     if state:
         runs.restore(run, state)
     students = runtime.replicate(net.students, layout.world)
-    return Loop(run, layout, device, students), text_source
-
-
-def prepare_data(cfg, info, splits_dir, world):
-    """The data on disk (generated, downloaded or already there), the split lists (a resumed run
-    reads its own, splits_dir), and a scan of every listed file before the first step."""
-    if runtime.is_master():
-        ensure(info, cfg["data_root"], download=cfg["download"])
-    if world > 1:
-        dist.barrier()
-    where = splits_dir or cfg["splits"]
-    splits = data.make_splits(info, cfg["ratio"], cfg["data_root"], where, seed=cfg["seed"])
-    if runtime.is_master():
-        scan_files(splits, info)
-    return splits
-
-
-def accumulate(loop, logs):
-    """Add one micro-batch's diagnostics to the record being built (no host sync)."""
-    for k, v in logs.items():
-        total, n = loop.window.get(k, (0, 0))
-        loop.window[k] = (total + v.detach(), n + 1)
+    return Loop(run, layout, device, students), source
 
 
 def log_train(loop, pbar):
     """Stop on a non-finite loss, else one log.jsonl record (rank 0) of the means over the steps
     since the last record, with the lr each optimizer group stepped with."""
     step, cfg = loop.run.step, loop.cfg
-    vals = {k: round(float(v / n), 5) for k, (v, n) in loop.window.items()}
+    vals = {k: round(float(sum(v) / len(v)), 5) for k, v in loop.window.items()}
     loop.window = {}
     if not all(np.isfinite(list(vals.values()))):
         raise SystemExit(
@@ -538,15 +506,14 @@ def keep_best(loop, result):
     run, out, key = loop.run, loop.cfg["out"], loop.cfg["best_by"]
     record = dict(type="eval", step=run.step, epoch=round(loop.epoch(run.step), 4), **result)
     atomic.append_jsonl(os.path.join(out, "log.jsonl"), record)
-    per_student = loop.cfg["best_per_student"]
     each = dict(run.best.get("each", {}))  # student -> the miou and step of its best_<name>.pt
-    names = [s.name for s in run.model.students] if per_student else []
+    names = [s.name for s in run.model.students] if loop.cfg["best_per_student"] else []
     better = [n for n in names if result[n]["miou"] > each.get(n, {"miou": -1.0})["miou"]]
     each.update({name: dict(miou=result[name]["miou"], step=run.step) for name in better})
     new_best = result[key]["miou"] > run.best["miou"]
     if new_best:
         run.best = dict(miou=result[key]["miou"], step=run.step, by=key, results=result)
-    if per_student:
+    if names:  # --best-per-student
         run.best["each"] = each
     for name in (["best"] if new_best else []) + [f"best_{n}" for n in better]:
         runs.save_checkpoint(run, os.path.join(out, f"{name}.pt"))
@@ -566,11 +533,10 @@ def start_run(loop, splits, text_source, fresh):
         atomic.write_json(os.path.join(out, "config.json"), saved)
     print(
         f"run folder: {out}\nsplits: {splits.source}: {len(splits.labeled)} labelled / "
-        f"{len(splits.unlabeled)} unlabelled / {len(splits.val)} val\n"
-        f"{loop.layout.describe()}; {cfg['iters_per_epoch']} iterations per epoch, "
-        f"{loop.total_steps} in all, device {loop.device}\n"
-        f"hyper-parameters: {cfg['hyper']}; backbone weights that train: {cfg['train_backbone']}"
-        f"\n{recipes.summary(cfg)}"
+        f"{len(splits.unlabeled)} unlabelled / {len(splits.val)} val\n{loop.layout.describe()}; "
+        f"{cfg['iters_per_epoch']} iterations per epoch, {loop.total_steps} in all, device "
+        f"{loop.device}\nhyper-parameters: {cfg['hyper']}; backbone weights that train: "
+        f"{cfg['train_backbone']}\n{recipes.summary(cfg)}"
     )
     if text_source:
         print(f"CLIP class embeddings: {text_source}")

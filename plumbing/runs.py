@@ -124,8 +124,7 @@ def open_run(out, cfg, iters, stop_at, world, rank):
     if cfg is not None and not again:
         return cfg, None, lock
     old, state = resume(out, iters, stop_at, world)
-    what = again and differences(state["cfg"], cfg)
-    if what:
+    if again and (what := differences(state["cfg"], cfg)):
         raise UserError(
             f"--out {out} holds a run with another config ({what}); continue it with "
             f"--resume {out}, or pass another --out"
@@ -138,8 +137,7 @@ def open_run(out, cfg, iters, stop_at, world, rank):
 def check_resume_flags(args, defaults):
     """--resume continues a run with its own config: a flag given otherwise than its `defaults`
     value (FREE ones and --iters aside) would change it, and is an error."""
-    free = (*FREE, "iters")
-    changed = [k for k, v in vars(args).items() if k not in free and v != defaults[k]]
+    changed = [k for k, v in vars(args).items() if k not in (*FREE, "iters") and v != defaults[k]]
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in changed)
         raise UserError(
@@ -171,7 +169,7 @@ def evaluated(out, step):
 def check_fresh(out, cfg):
     """A new run's --out holds nothing, or only this command's own run killed before its first
     checkpoint (the same config.json): never another run, an export or a user's files."""
-    found = sorted(set(os.listdir(out)) - {".lock", ".write-test"}) if os.path.isdir(out) else []
+    found = sorted(set(os.listdir(out)) - {".lock", ".write-test"})  # (open_run made the folder)
     config = os.path.join(out, "config.json")
     run = os.path.isfile(config)  # (an export holds model.safetensors too, a killed run never)
     mine = run and set(found) <= {"config.json", "log.jsonl", "splits"}
@@ -198,9 +196,7 @@ def lock_run(out):
             f"--out {out} is in use by the training of {holder}; wait for it or stop it, or pass "
             f"another --out"
         ) from None
-    f.truncate(0)  # (opened to append: what follows is written at the start)
-    f.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
-    f.flush()
+    pathlib.Path(f.name).write_text(f"host {socket.gethostname()} pid {os.getpid()}\n")
     return f
 
 
@@ -220,7 +216,7 @@ def check_room(out, model, copies=3):
         )
 
 
-def check_writable(out, what="the run folder", flag="--out"):
+def check_writable(out, what="the run folder"):
     """A folder can be created and written (a run folder: checked before any model is built or
     downloaded)."""
     probe = os.path.join(out, ".write-test")
@@ -230,7 +226,7 @@ def check_writable(out, what="the run folder", flag="--out"):
         os.remove(probe)
     except OSError as e:
         raise UserError(
-            f"{flag} {out}: cannot create or write {what} ({e.strerror or e}); pass a folder you "
+            f"--out {out}: cannot create or write {what} ({e.strerror or e}); pass a folder you "
             f"can write to"
         ) from e
 
@@ -273,11 +269,17 @@ def read_checkpoint(path):
         raise UserError(f"cannot read checkpoint {path!r} ({reason(e)})") from e
     if not isinstance(state, dict) or not {"cfg", "model", "model_args"} <= set(state):
         raise UserError(f"{path!r} is not a checkpoint of train.py (no cfg / model / model_args)")
-    if state.get("format", 1) > FORMAT:
-        new = state["format"]
-        raise UserError(f"{path!r} was written by a newer co2s (format {new}); update the code")
-    if state.get("format", 1) == 1:
-        state = _upgrade_from_1(state)
+    version = state.get("format", 1)
+    if version > FORMAT:
+        raise UserError(f"{path!r} was written by a newer co2s (format {version}); update the code")
+    if version == 1:
+        # no train_backbone before it was a choice (attention); --batch counted per process and
+        # epochs dropped the remainder: kept as such, so that a resumed run continues as it started
+        cfg = {"train_backbone": "attention", **state["cfg"]}
+        args = {"train_backbone": "attention", **state["model_args"]}
+        if "batch" in cfg and "global_batch" not in cfg:
+            cfg["batch_per_process"], cfg["epoch_rule"] = cfg.pop("batch"), "drop"
+        state = dict(state, format=FORMAT, cfg=cfg, model_args=args)
     state["cfg"] = upgrade_cfg(state["cfg"])
     return state
 
@@ -306,8 +308,7 @@ def saved_settings(path):
     holding one, or an exported model's hub id (downloaded once). An export keeps no path of the
     machine that trained it: the weights it names as LOCAL_FOLDER are left to the defaults, and its
     own split lists are used."""
-    if not os.path.exists(path) and HUB_ID.fullmatch(path):
-        path = download_export(path)
+    path = download_export(path)
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     try:
         config = read_json(file)
@@ -326,18 +327,6 @@ def saved_settings(path):
             f"that of an exported model"
         )
     return upgrade_cfg(cfg)
-
-
-def _upgrade_from_1(state):
-    """Format 1: no train_backbone before it was a choice (attention); --batch counted per process
-    and epochs dropped the remainder: kept as such, so that a resumed run continues as it
-    started."""
-    cfg, args = dict(state["cfg"]), dict(state["model_args"])
-    cfg.setdefault("train_backbone", "attention")
-    args.setdefault("train_backbone", "attention")
-    if "batch" in cfg and "global_batch" not in cfg:
-        cfg["batch_per_process"], cfg["epoch_rule"] = cfg.pop("batch"), "drop"
-    return dict(state, format=FORMAT, cfg=cfg, model_args=args)
 
 
 def model_from_checkpoint(state, numerics=None):
@@ -373,6 +362,7 @@ def resolve_checkpoint(path, ckpt=None):
     """What a command was given -> what read_checkpoint reads: a run folder (its best.pt, else
     last.pt; or the one `ckpt` names), a .pt file, an exported model folder (config.json +
     model.safetensors), or the hub id of one (downloaded once into the Hugging Face cache)."""
+    path = download_export(path)
     if is_export(path) or (os.path.isfile(path) and path.endswith(".pt")):
         return path
     if os.path.isdir(path):
@@ -384,8 +374,6 @@ def resolve_checkpoint(path, ckpt=None):
             f"run folder {path!r} holds no {' or '.join(wanted)}; expected a folder written by "
             f"train.py, an exported model folder or a .pt checkpoint file"
         )
-    if not os.path.exists(path) and HUB_ID.fullmatch(path):
-        return download_export(path)
     raise UserError(
         f"{path!r} is neither a run folder (with best.pt / last.pt), a .pt checkpoint, an "
         f"exported model folder (config.json + model.safetensors) nor a hub id (user/name)"
@@ -447,8 +435,10 @@ def read_export(folder):
 
 
 def download_export(repo_id):
-    """A hub id -> the local folder of that exported model (downloaded once, then from the
-    cache)."""
+    """A hub id (user/name, no local path) -> the local folder of that exported model (downloaded
+    once, then from the cache); any other path as it is."""
+    if os.path.exists(repo_id) or not HUB_ID.fullmatch(repo_id):
+        return repo_id
     from huggingface_hub import snapshot_download
 
     try:
