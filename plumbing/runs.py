@@ -257,14 +257,15 @@ def reason(e):
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
 
 
-def read_checkpoint(path):
+def read_checkpoint(path, mmap=False):
     """torch.load of one of our checkpoints, upgraded to the current format, or an exported folder;
-    a clear error otherwise."""
+    a clear error otherwise. mmap: the tensors stay in the file until read (a model loaded for
+    prediction never brings the optimizers' moments, twice the weights, into memory)."""
     if os.path.isdir(path):
         return read_export(path)
     try:  # weights_only: a checkpoint from anywhere can never run code when it is read
         with torch.serialization.safe_globals(OLD_RNG):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated, not a torch file, a pickle that wants to run code, ...
         raise UserError(f"cannot read checkpoint {path!r} ({reason(e)})") from e
     if not isinstance(state, dict) or not {"cfg", "model", "model_args"} <= set(state):
@@ -388,7 +389,7 @@ def run_folder(checkpoint):
 
 def load_run(path, device="cpu", data_root=None, numerics=None):
     """(model in eval mode, dataset info, cfg) of anything resolve_checkpoint takes."""
-    state = read_checkpoint(resolve_checkpoint(path))
+    state = read_checkpoint(resolve_checkpoint(path), mmap=True)
     cfg = state["cfg"]
     if "dataset_info" in state:  # a checkpoint (or an export) carries its classes and palette
         info = DatasetInfo(**state["dataset_info"])
