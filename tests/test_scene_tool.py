@@ -453,7 +453,7 @@ def test_mask_geotiff_has_grid_colours_category_names_overviews_and_tiles(model,
     for f in files:  # readable by all, writable by the owner only (umask permitting)
         assert os.stat(out / f).st_mode & 0o444 == 0o444
     with rasterio.open(out / "scene_mask.tif") as m:
-        assert m.block_shapes == [(256, 256)] and m.is_tiled and m.compression.name == "deflate"
+        assert m.block_shapes == [(256, 256)] and m.compression.name == "deflate"
         assert m.overviews(1) == [2] and m.nodata == 255
         assert json.loads(m.tags(1)["CLASS_NAMES"]) == info.classes
         cmap = m.colormap(1)
