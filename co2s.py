@@ -60,6 +60,15 @@ class Batch:
 
 
 @dataclass
+class StrongView:
+    """A strong view after CutMix (step 2): the image, and the box b_j where the partner's pixels
+    (and so the partner's pseudo-labels and padding) were pasted."""
+
+    img: torch.Tensor  # (B, 3, H, W)
+    box: torch.Tensor  # (B, H, W) bool
+
+
+@dataclass
 class Outcome:
     """What one iteration computed, per student: its loss L_k (with its graph), its terms (E5, E6
     on each strong view and FP, E7's L_uni, E8, L_k), its clean weak logits and their pseudo-labels
@@ -114,10 +123,10 @@ def iteration(students, batch, *, stability_weight, method=Method()):
     # by one, whose pseudo-labels are then our own weak ones rolled the same way (step 1 below).
     rolled = batch.partner is None
     mix = {k: v.roll(1, 0) for k, v in u.items()} if rolled else batch.partner
-    # 2. CutMix: paste the partners' strong views into ours, inside the boxes b_j (B, H, W) bool;
-    # inside b_j the partner's pseudo-labels and padding hold too (step 4).
-    boxes = [u[f"box{j}"] for j in range(1, method.strong_views + 1)]
-    x_s = torch.cat([cutmix(u[f"img_s{j}"], mix[f"img_s{j}"], b) for j, b in enumerate(boxes, 1)])
+    # 2. CutMix: paste the partners' strong views into ours, inside the boxes b1, b2.
+    pasted = lambda j: cutmix(u[f"img_s{j}"], mix[f"img_s{j}"], u[f"box{j}"])
+    views = [StrongView(pasted(j), u[f"box{j}"]) for j in range(1, method.strong_views + 1)]
+    x_s = torch.cat([v.img for v in views])
 
     weak, pseudo, terms = [], [], []
     for s in students:
@@ -133,9 +142,9 @@ def iteration(students, batch, *, stability_weight, method=Method()):
         conf_p, label_p = (conf_w.roll(1, 0), label_w.roll(1, 0)) if rolled else partner
         # 5. E5, and E6 on each mixed strong view and on the FP branch.
         t = {"sup": supervised_loss(z_l, y_l)}
-        for j, (z_sj, box) in enumerate(zip(z_strong, boxes), 1):
-            y_hat, c = cutmix(label_w, label_p, box), cutmix(conf_w, conf_p, box)
-            v = cutmix(valid, ~mix["ignore"], box)
+        for j, (z_sj, view) in enumerate(zip(z_strong, views), 1):
+            y_hat, c = cutmix(label_w, label_p, view.box), cutmix(conf_w, conf_p, view.box)
+            v = cutmix(valid, ~mix["ignore"], view.box)
             t[f"s{j}"] = pseudo_label_loss(z_sj, y_hat, c, v, method.tau)
         if method.fp:
             t["fp"] = pseudo_label_loss(z_fp, label_w, conf_w, valid, method.tau)
