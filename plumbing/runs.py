@@ -19,6 +19,7 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import warnings
 
 import numpy as np
@@ -165,7 +166,8 @@ def evaluated(out, step):
 def check_fresh(out, cfg):
     """A new run's --out holds nothing, or only this command's own run killed before its first
     checkpoint (the same config.json): never another run, an export or a user's files."""
-    found = sorted(set(os.listdir(out)) - {".lock", ".write-test"})  # (open_run made the folder)
+    # (open_run made the folder; .write-test: the probe of an older check_writable, left by a kill)
+    found = sorted(set(os.listdir(out)) - {".lock", ".write-test"})
     config = os.path.join(out, "config.json")
     run = os.path.isfile(config)  # (an export holds model.safetensors too, a killed run never)
     mine = run and set(found) <= {"config.json", "log.jsonl", "splits"}
@@ -215,11 +217,9 @@ def check_room(out, model, copies=3):
 def check_writable(out, what="the run folder"):
     """A folder can be created and written (a run folder: checked before any model is built or
     downloaded)."""
-    probe = os.path.join(out, ".write-test")
     try:
         os.makedirs(out, exist_ok=True)
-        pathlib.Path(probe).write_text("ok")
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=out).close()  # a file can be created there (and is gone again)
     except OSError as e:
         raise UserError(
             f"--out {out}: cannot create or write {what} ({e.strerror or e}); pass a folder you "
