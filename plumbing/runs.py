@@ -380,10 +380,11 @@ def run_folder(checkpoint):
 def load_run(path, device="cpu", data_root=None, numerics=None):
     """(model in eval mode, dataset info, cfg) of anything resolve_checkpoint takes."""
     state = read_checkpoint(resolve_checkpoint(path), mmap=True)
-    # a checkpoint (or an export) carries its classes and palette; an older one: the catalog's
-    cfg, info = state["cfg"], state.get("dataset_info")
-    root = data_root or cfg["data_root"]
-    info = DatasetInfo(**info) if info else dataset_info(cfg["dataset"], root)
+    cfg = state["cfg"]
+    if "dataset_info" in state:  # a checkpoint (or an export) carries its classes and palette
+        info = DatasetInfo(**state["dataset_info"])
+    else:  # (an export's cfg holds no data_root: read only here)
+        info = dataset_info(cfg["dataset"], data_root or cfg["data_root"])
     return model_from_checkpoint(state, numerics).to(device).eval(), info, cfg
 
 
