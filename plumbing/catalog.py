@@ -131,9 +131,8 @@ DATASETS = {
 CHOICES = list(DATASETS) + ["custom"]
 
 
-# distinct colours for custom classes without one (Pascal VOC's bit pattern, skipping black)
-def _default_palette(k):
-    i = k + 1  # bit 3b + ch of i goes to bit 7 - b of channel ch
+# distinct colours for custom classes without one: Pascal VOC's colour of index i (1 on: no black)
+def _default_palette(i):  # bit 3b + ch of i goes to bit 7 - b of channel ch
     return tuple(sum(((i >> (3 * b + ch)) & 1) << (7 - b) for b in range(8)) for ch in range(3))
 
 
@@ -159,7 +158,7 @@ def dataset_info(name, data_root=None):
     for head, _, extra in (line.partition("|") for line in lines):
         # always matches: the name (m[1]), then maybe r,g,b (m[2:5]) or a hex colour #rrggbb (m[5])
         m = re.fullmatch(r"(.*?)(?:\s+(?:(\d+),\s*(\d+),\s*(\d+)|#([\da-fA-F]{6})))?", head.strip())
-        colour = tuple(bytes.fromhex(m[5])) if m[5] else _default_palette(len(rgb))
+        colour = tuple(bytes.fromhex(m[5])) if m[5] else _default_palette(len(rgb) + 1)
         colour = tuple(map(int, m.groups()[1:4])) if m[2] else colour
         if max(colour) > 255:
             raise UserError(f"{path}: colour {colour} of class '{m[1]}' is not 0..255 per channel")

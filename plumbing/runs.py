@@ -19,6 +19,7 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import warnings
 
 import numpy as np
@@ -76,23 +77,20 @@ def resume(folder, iters=None, stop_at=None, world=1):
     """(config, state) of the run folder to continue: its own config, but for --iters / --stop-at.
     One read of last.pt; a missing or unreadable one is an error that says what to do."""
     path, previous = os.path.join(folder, "last.pt"), os.path.join(folder, "last.prev.pt")
-    move = f"`mv {previous} {path}`"
-    if not os.path.isfile(path):
-        there = os.path.isfile(previous)
-        hint = f"; {previous} is there: {move} to continue from it" if there else ""
-        raise UserError(
-            f"--resume {folder!r}: no last.pt there (a run folder of train.py holds one after its "
-            f"first epoch, or after --save-every / --stop-at steps){hint}"
-        )
-    try:
+    try:  # a missing or unreadable last.pt: last.prev.pt, when it is readable, is the way on
+        if not os.path.isfile(path):
+            raise UserError(
+                f"--resume {folder!r}: no last.pt there (a run folder of train.py holds one after "
+                f"its first epoch, or after --save-every / --stop-at steps)"
+            )
         state = read_checkpoint(path)
     except UserError as e:
         if not os.path.isfile(previous):
             raise
         step = read_checkpoint(previous)["step"]  # itself an error if that one is bad too
         raise UserError(
-            f"{e}. The previous checkpoint {previous} (step {step}) is readable: {move} and resume "
-            f"again to continue from it"
+            f"{e}. The previous checkpoint {previous} (step {step}) is readable: `mv {previous} "
+            f"{path}` and resume again to continue from it"
         ) from e
     # the folder being resumed is the run folder, wherever it was started (moved, copied)
     cfg = dict(state["cfg"], resume=folder, stop_at=stop_at, out=folder)
@@ -105,8 +103,7 @@ def resume(folder, iters=None, stop_at=None, world=1):
 def differences(saved, cfg):
     """What a saved config sets otherwise than `cfg` (FREE flags and the command aside), as a
     readable list; empty: the same run."""
-    free = (*FREE, "command")
-    differ = sorted(k for k in cfg if k not in free and k in saved and saved[k] != cfg[k])
+    differ = sorted(k for k in cfg.keys() & saved.keys() - {*FREE, "command"} if saved[k] != cfg[k])
     return ", ".join(f"{k}: {saved[k]!r} there, {cfg[k]!r} here" for k in differ[:4])
 
 
@@ -169,7 +166,8 @@ def evaluated(out, step):
 def check_fresh(out, cfg):
     """A new run's --out holds nothing, or only this command's own run killed before its first
     checkpoint (the same config.json): never another run, an export or a user's files."""
-    found = sorted(set(os.listdir(out)) - {".lock", ".write-test"})  # (open_run made the folder)
+    # (open_run made the folder; .write-test: the probe of an older check_writable, left by a kill)
+    found = sorted(set(os.listdir(out)) - {".lock", ".write-test"})
     config = os.path.join(out, "config.json")
     run = os.path.isfile(config)  # (an export holds model.safetensors too, a killed run never)
     mine = run and set(found) <= {"config.json", "log.jsonl", "splits"}
@@ -219,11 +217,9 @@ def check_room(out, model, copies=3):
 def check_writable(out, what="the run folder"):
     """A folder can be created and written (a run folder: checked before any model is built or
     downloaded)."""
-    probe = os.path.join(out, ".write-test")
     try:
         os.makedirs(out, exist_ok=True)
-        pathlib.Path(probe).write_text("ok")
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=out).close()  # a file can be created there (and is gone again)
     except OSError as e:
         raise UserError(
             f"--out {out}: cannot create or write {what} ({e.strerror or e}); pass a folder you "
@@ -281,8 +277,7 @@ def read_checkpoint(path, mmap=False):
         if "batch" in cfg and "global_batch" not in cfg:
             cfg["batch_per_process"], cfg["epoch_rule"] = cfg.pop("batch"), "drop"
         state = dict(state, format=FORMAT, cfg=cfg, model_args=args)
-    state["cfg"] = upgrade_cfg(state["cfg"])
-    return state
+    return dict(state, cfg=upgrade_cfg(state["cfg"]))
 
 
 # flags and records added while the format stayed 2: their values in the runs made before them
@@ -315,19 +310,18 @@ def saved_settings(path):
         config = read_json(file)
     except (OSError, ValueError) as e:
         raise UserError(f"--config {path!r}: cannot read {file} ({e})") from e
-    if config.get("format") == EXPORT:
+    if isinstance(config, dict) and config.get("format") == EXPORT:
         splits = os.path.join(os.path.dirname(os.path.abspath(file)), "splits")
         cfg = {k: v for k, v in config["cfg"].items() if v != LOCAL_FOLDER}
         if os.path.isdir(splits):
             cfg.setdefault("splits", splits)
-    elif isinstance(config, dict) and {"dataset", "ratio", "students"} <= set(config):
-        cfg = config
-    else:
-        raise UserError(
-            f"--config {path!r}: {file} is neither the config.json of a train.py run folder nor "
-            f"that of an exported model"
-        )
-    return upgrade_cfg(cfg)
+        return upgrade_cfg(cfg)
+    if isinstance(config, dict) and {"dataset", "ratio", "students"} <= set(config):
+        return upgrade_cfg(config)
+    raise UserError(
+        f"--config {path!r}: {file} is neither the config.json of a train.py run folder nor that "
+        f"of an exported model"
+    )
 
 
 def model_from_checkpoint(state, numerics=None):
@@ -356,9 +350,6 @@ def model_from_checkpoint(state, numerics=None):
     return model
 
 
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-
-
 def resolve_checkpoint(path, ckpt=None):
     """What a command was given -> what read_checkpoint reads: a run folder (its best.pt, else
     last.pt; or the one `ckpt` names), a .pt file, an exported model folder (config.json +
@@ -368,9 +359,8 @@ def resolve_checkpoint(path, ckpt=None):
         return path
     if os.path.isdir(path):
         wanted = [f"{ckpt}.pt"] if ckpt else ["best.pt", "last.pt"]
-        for f in wanted:
-            if os.path.isfile(os.path.join(path, f)):
-                return os.path.join(path, f)
+        if found := [f for f in wanted if os.path.isfile(os.path.join(path, f))]:
+            return os.path.join(path, found[0])
         raise UserError(
             f"run folder {path!r} holds no {' or '.join(wanted)}; expected a folder written by "
             f"train.py, an exported model folder or a .pt checkpoint file"
@@ -393,7 +383,7 @@ def load_run(path, device="cpu", data_root=None, numerics=None):
     cfg = state["cfg"]
     if "dataset_info" in state:  # a checkpoint (or an export) carries its classes and palette
         info = DatasetInfo(**state["dataset_info"])
-    else:
+    else:  # (an export's cfg holds no data_root: read only here)
         info = dataset_info(cfg["dataset"], data_root or cfg["data_root"])
     return model_from_checkpoint(state, numerics).to(device).eval(), info, cfg
 
@@ -428,17 +418,15 @@ def read_export(folder):
         raise UserError(f"cannot read {folder}/model.safetensors ({type(e).__name__}: {e})") from e
     results = config.get("results") or {}
     miou = max((r["miou"] for r in results.values()), default=-1.0)
-    best = dict(miou=miou, step=config["step"], results=results)
     state = {k: config[k] for k in ("cfg", "model_args", "step", "dataset_info")}
-    return dict(
-        state, format=FORMAT, model=weights, best=best, text_source=config.get("text_source")
-    )
+    state["best"] = dict(miou=miou, step=config["step"], results=results)
+    return dict(state, format=FORMAT, model=weights, text_source=config.get("text_source"))
 
 
 def download_export(repo_id):
     """A hub id (user/name, no local path) -> the local folder of that exported model (downloaded
     once, then from the cache); any other path as it is."""
-    if os.path.exists(repo_id) or not HUB_ID.fullmatch(repo_id):
+    if os.path.exists(repo_id) or not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
         return repo_id
     from huggingface_hub import snapshot_download
 
@@ -451,7 +439,7 @@ def download_export(repo_id):
         ) from e
     if not is_export(folder):
         raise UserError(
-            f"the hub repository {repo_id!r} is not a model exported by eval.py --export "
+            f"the hub repository {repo_id!r} is not a model exported by tools/export.py "
             f"(no config.json of format {EXPORT!r} with model.safetensors)"
         )
     return folder

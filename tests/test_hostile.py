@@ -162,6 +162,17 @@ def test_every_number_is_checked_when_parsed(flag, value, capsys):
     assert e.value.code == 2 and flag in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text", ["[1, 2]", '"potsdam"', "3"])
+def test_a_config_file_that_is_not_a_json_object_is_one_line(tmp_path, capsys, text):
+    """--config on valid JSON that is not an object (a list, a string, a number): the one-line
+    error naming the file, exit 2, no traceback."""
+    path = tmp_path / "list.json"
+    path.write_text(text)
+    code, err = exit_code(["--config", str(path)], capsys)
+    assert code == 2 and "neither the config.json" in err and str(path) in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_a_flag_that_cannot_apply_on_resume_is_an_error(micro_root, tmp_path, capsys):
     out = tmp_path / "run"
     train.main(micro_args(micro_root, out, "--iters", "2", "--stop-at", "1"))

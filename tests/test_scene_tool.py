@@ -513,8 +513,8 @@ def test_reads_are_windows_of_one_strip_never_the_whole_raster(tmp_path):
     assert len(windows) == 6 and all(w.height == CROP and w.width == 2100 for w in windows)
     # the stretch from every 2nd pixel: within 1 % of the percentiles of all valid pixels
     p2, p98 = np.percentile(full[:, valid], (2, 98), axis=1)
-    assert np.allclose(scene.low, p2, atol=0.01 * (p98 - p2).max())
-    assert np.allclose(scene.high, p98, atol=0.01 * (p98 - p2).max())
+    assert np.allclose(scene.scaling["low"], p2, atol=0.01 * (p98 - p2).max())
+    assert np.allclose(scene.scaling["high"], p98, atol=0.01 * (p98 - p2).max())
     assert "one pixel in 2 x 2" in scene.scaling["rule"]
     assert rows[1][0] == stride and rows[1][1].shape == (CROP, 2100, 3)
 

@@ -171,11 +171,10 @@ def y_limits(kind, values):
     return lo - 0.03 * (hi - lo), hi + 0.08 * (hi - lo)
 
 
-def _draw_panel(ax, panel, logs):
-    """One panel: every run's series of one log key (slot 0, 1 the students, 2 fused; lambda is one
-    series per run), or 'no data'. One run: a colour per series; several: a colour per run, a line
-    style per series."""
-    key, title, kind = panel
+def _draw_panel(ax, logs, key, title, kind):
+    """One panel (key, title, kind: a PANELS row): every run's series of one log key (slot 0, 1
+    the students, 2 fused; lambda is one series per run), or 'no data'. One run: a colour per
+    series; several: a colour per run, a line style per series."""
     ax.set_title(title, loc="left", fontsize=10)
     # the tests (and any reader of the figure object) find a panel by its log key
     ax.set_label(key)
@@ -237,7 +236,7 @@ def drift_figure(run_dirs, labels=None):
     fig = _new_figure((16, 12))
     grid = fig.subplots(3, 3, sharex=True)
     for ax, panel in zip(grid.flat, PANELS):
-        _draw_panel(ax, panel, logs)
+        _draw_panel(ax, logs, *panel)
         ax.tick_params(labelbottom=True)  # every panel keeps its step numbers
     for ax in grid[-1]:
         ax.set_xlabel("step")
@@ -300,8 +299,7 @@ def save(fig, path):
     beside it renamed over it, so a crash never leaves half a picture and a reader (a browser
     refreshing curves.png) sees the old one or the new one. Unwritable: a UserError naming path."""
     fmt = os.path.splitext(path)[1][1:].lower() or "png"
-    formats = fig.canvas.get_supported_filetypes()
-    if fmt not in formats:
+    if fmt not in (formats := fig.canvas.get_supported_filetypes()):
         valid = ", ".join(f".{k}" for k in sorted(formats))
         raise UserError(f"{path}: matplotlib cannot write a .{fmt} picture; use one of {valid}")
     # the process id in the name: two processes drawing RUN/curves.png at the same moment (a
@@ -314,7 +312,7 @@ def save(fig, path):
     except OSError as e:
         raise UserError(f"{path}: cannot write it ({e.strerror or e})") from e
     finally:
-        if os.path.isfile(tmp):
+        if os.path.isfile(tmp):  # not unlink(missing_ok=True): it raises where the folder is a file
             os.remove(tmp)
     return path
 

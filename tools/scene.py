@@ -108,9 +108,8 @@ class SceneOptions:
 
     def __post_init__(self):
         for key in ("crop", "stride", "batch"):
-            value = getattr(self, key)
-            if value is not None and not (isinstance(value, int) and value >= 1):
-                raise UserError(f"--{key} {value}: must be >= 1 (leave it out for the default)")
+            if (v := getattr(self, key)) is not None and not (isinstance(v, int) and v >= 1):
+                raise UserError(f"--{key} {v}: must be >= 1 (leave it out for the default)")
         if self.crop and self.stride and self.stride > self.crop:
             raise UserError(f"--stride {self.stride} must be at most --crop {self.crop} (no gaps)")
         if self.crop:
@@ -139,9 +138,9 @@ class Scene:
 
     src: object  # the open rasterio dataset
     bands: list  # the selected bands, 1-based
-    low: list  # per band: (value - low) * 255 / (high - low); None: 8-bit samples as stored
-    high: list
-    scaling: dict  # the rule, low / high per band, share of valid samples clipped
+    # the rule; low / high per band, (value - low) * 255 / (high - low), none for 8-bit samples as
+    # stored; the share of valid samples clipped
+    scaling: dict
     crs: object  # the file's CRS, else its .prj's (GDAL's PNG / JPEG read world files only)
 
 
@@ -192,15 +191,11 @@ def describe(src, path, bands, scale=None):
     for b in bands:
         if not 1 <= b <= n:
             hint = " (--bands 1,1,1 for a grey image)" if n == 1 else ""
-            raise UserError(
-                f"{path}: band {b} does not exist; the file has {n} band{'s' * (n != 1)} "
-                f"(bands are numbered from 1, as in GDAL){hint}"
-            )
-    scaling = {"rule": "none: 8-bit samples as stored"}
-    if scale is not None or any(src.dtypes[b - 1] != "uint8" for b in bands):
-        scaling = _stretch(src, bands, scale)
-    crs = src.crs or _prj_crs(path)
-    return Scene(src, bands, scaling.get("low"), scaling.get("high"), scaling, crs)
+            has = f"the file has {n} band{'s' * (n != 1)} (bands are numbered from 1, as in GDAL)"
+            raise UserError(f"{path}: band {b} does not exist; {has}{hint}")
+    stretch = scale is not None or any(src.dtypes[b - 1] != "uint8" for b in bands)
+    scaling = _stretch(src, bands, scale) if stretch else {"rule": "none: 8-bit samples as stored"}
+    return Scene(src, bands, scaling, src.crs or _prj_crs(path))
 
 
 def read_rows(scene, ys, h):
@@ -213,8 +208,8 @@ def read_rows(scene, ys, h):
             continue
         pixels = np.empty((*valid.shape, 3), np.uint8)
         for j, band in enumerate(raw):
-            if scene.low is not None:  # (value - low) * 255 / (high - low), clipped; NaN -> 0
-                low, high = scene.low[j], scene.high[j]
+            if "low" in scene.scaling:  # (value - low) * 255 / (high - low), clipped; NaN -> 0
+                low, high = scene.scaling["low"][j], scene.scaling["high"][j]
                 v = (band.astype(np.float32) - np.float32(low)) * np.float32(255 / (high - low))
                 band = np.rint(np.nan_to_num(np.clip(v, 0, 255)))
             pixels[..., j] = band
@@ -249,9 +244,8 @@ class Strip:
 
     def logits(self, student, cols=slice(None)):
         """(N, rows, cols) fp32 window-averaged logits of `student`, as eval.sliding_window's."""
-        rows = len(self.valid)
-        count = self.count[:rows, cols].clamp(min=1)  # >= 1 at every valid pixel: the same quotient
-        return self.sums[student][:, :rows, cols] / count
+        rows = len(self.valid)  # >= 1 window at every valid pixel: the same quotient
+        return self.sums[student][:, :rows, cols] / self.count[:rows, cols].clamp(min=1)
 
     def probs(self, name, cols=slice(None)):
         """(N, rows, cols) probabilities of `name`: softmax per student (eval's (1, N, H, W)
@@ -439,12 +433,12 @@ def write_masks(stem, scene, strips, info, opts):
     return counts
 
 
-def write_polygons(mask_path, out_path, classes):
-    """<stem>_polygons.geojson from the finished mask, read back in VECTOR_BLOCK blocks: a polygon
+def write_polygons(stem, classes):
+    """<stem>_polygons.geojson from <stem>_mask.tif, read back in VECTOR_BLOCK blocks: a polygon
     per 4-connected class region of a block (cut at block edges), written feature by feature.
     Returns the number of polygons."""
     n = 0
-    with rasterio.open(mask_path) as src, open(out_path, "w") as f:
+    with rasterio.open(stem + "_mask.tif") as src, open(stem + "_polygons.geojson", "w") as f:
         epsg = src.crs.to_epsg() if src.crs else None
         crs = {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{epsg}"}}
         # GeoJSON 2008's "crs" member, which GDAL and QGIS honour
@@ -497,13 +491,12 @@ def check_outputs(paths, out_dir, opts):
             raise UserError(
                 f"--out {out_dir!r} holds the input {p!r}: give the outputs a folder of their own"
             )
-        ours, stem = _ours(out_dir, _stem(p)), _stem(p)
-        for name in targets(stem, opts):
-            if os.path.lexists(os.path.join(out_dir, name)) and name not in ours:
+        stem, ours = _stem(p), _ours(out_dir, _stem(p))
+        for where in (os.path.join(out_dir, n) for n in targets(stem, opts) if n not in ours):
+            if os.path.lexists(where):
                 raise UserError(
-                    f"{os.path.join(out_dir, name)} exists and was not written by tools/scene.py "
-                    f"(no summary {stem}.json of it lists it); not overwritten: move it or "
-                    f"choose another --out"
+                    f"{where} exists and was not written by tools/scene.py (no summary {stem}.json "
+                    "of it lists it); not overwritten: move it or choose another --out"
                 )
 
 
@@ -560,8 +553,7 @@ def predict_scene(model, info, path, out_dir, opts):
             strips = stream_strips(model, rows, src.shape, opts, stats=stats)
             counts = write_masks(stem, scene, strips, info, opts)
             if opts.vector:
-                polygons = stem + "_polygons.geojson"
-                stats["polygons"] = write_polygons(stem + "_mask.tif", polygons, classes)
+                stats["polygons"] = write_polygons(stem, classes)
             summary = _summary(path, scene, opts, classes, stats, counts)
     pathlib.Path(stem + ".json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -577,8 +569,7 @@ def list_scenes(path):
     if not names:
         raise UserError(f"no images in {path!r}; accepted extensions: {' '.join(SCENE_EXTS)}")
     stems = [_stem(f) for f in names]
-    twins = sorted({s for s in stems if stems.count(s) > 1})
-    if twins:
+    if twins := sorted({s for s in stems if stems.count(s) > 1}):
         raise UserError(
             f"{path!r}: images {twins} share a name in several formats; their outputs would "
             "overwrite each other"
@@ -589,7 +580,7 @@ def list_scenes(path):
 def predict_path(model, info, path, out_dir, opts):
     """predict_scene for a raster file or every raster of a folder; returns the summaries."""
     paths = list_scenes(path)
-    valid = [s.name for s in model.students] + ["fused"]
+    valid = model.names  # the students' and 'fused'
     if opts.name not in valid:  # a bad name fails before any file is read
         raise UserError(f"--student {opts.name!r} is not in this model; valid: {', '.join(valid)}")
     check_outputs(paths, out_dir, opts)
