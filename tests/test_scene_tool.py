@@ -483,7 +483,10 @@ def test_mask_geotiff_has_grid_colours_category_names_overviews_and_tiles(model,
     assert np.array_equal(burnt, mask)  # the polygons cover exactly the mask's classes
 
 
-def test_reads_are_windows_of_one_strip_never_the_whole_raster(tmp_path):
+def test_reads_are_whole_block_units_each_once_never_the_whole_raster(tmp_path):
+    """read_rows reads the file in units of its 32 x 32 tiles (READ = 256 a side), each unit once
+    (samples, then masks) however many window rows it spans, and assembles every window row
+    exactly as the whole raster read at once would give it."""
     path, bands, valid = make("nodata-rgbi16", tmp_path, H=2100, W=2100)  # > 2**22 pixels
     calls = []
 
@@ -505,18 +508,47 @@ def test_reads_are_windows_of_one_strip_never_the_whole_raster(tmp_path):
     with rasterio.open(path) as src:
         scene = tool.describe(Recorder(src), path, bands)
         stride = ev.window_stride(CROP)
-        rows = list(tool.read_rows(scene, ev.window_starts(2100, CROP, stride)[:3], CROP))
+        ys = ev.window_starts(2100, CROP, stride)
+        rows = list(tool.read_rows(scene, ys, CROP))
         full = src.read(list(bands))
     decimated = [c for c in calls if "out_shape" in c]
     assert len(decimated) == 2 and all(c["out_shape"] == (3, 1050, 1050) for c in decimated)
+    assert scene.unit == (256, 256) == (tool.READ, tool.READ)
     windows = [c["window"] for c in calls if "window" in c]
-    assert len(windows) == 6 and all(w.height == CROP and w.width == 2100 for w in windows)
+    units = {(w.row_off, w.col_off, w.height, w.width) for w in windows}
+    edges = [(o, min(256, 2100 - o)) for o in range(0, 2100, 256)]
+    assert units == {(y, x, h, w) for y, h in edges for x, w in edges}  # block-aligned, all
+    assert len(windows) == 2 * len(units)  # each unit read once: its samples and its masks
+    # every window row as the whole raster gives it (a valid pixel's value, no-data black)
+    whole = tool._pixels(scene, full, valid)
+    for y, pixels, row_valid in rows:
+        assert np.array_equal(row_valid, valid[y : y + CROP])
+        assert np.array_equal(pixels, whole[y : y + CROP])
     # the stretch from every 2nd pixel: within 1 % of the percentiles of all valid pixels
     p2, p98 = np.percentile(full[:, valid], (2, 98), axis=1)
     assert np.allclose(scene.scaling["low"], p2, atol=0.01 * (p98 - p2).max())
     assert np.allclose(scene.scaling["high"], p98, atol=0.01 * (p98 - p2).max())
     assert "one pixel in 2 x 2" in scene.scaling["rule"]
-    assert rows[1][0] == stride and rows[1][1].shape == (CROP, 2100, 3)
+    assert [r[0] for r in rows] == ys and rows[1][1].shape == (CROP, 2100, 3)
+
+
+def test_units_without_a_valid_pixel_are_not_kept(tmp_path):
+    """A sparse scene: read_unit keeps only the units that hold a valid pixel (what read_rows holds
+    is the data, not the scene's width); a window row of no valid pixel has pixels None."""
+    H, W = 600, 2000
+    base = {"driver": "GTiff", "width": W, "height": H, "count": 3, "dtype": "uint8"}
+    path = tmp_path / "sparse.tif"
+    with rasterio.open(path, "w", **base, nodata=0, sparse_ok=True, **TILES) as dst:
+        dst.write(
+            np.full((3, 32, 32), 7, np.uint8), window=rasterio.windows.Window(1024, 288, 32, 32)
+        )
+    with rasterio.open(path) as src:
+        scene = tool.describe(src, str(path), (1, 2, 3))
+        assert [x for x, _, _ in tool.read_unit(scene, 256)] == [1024]
+        assert tool.read_unit(scene, 0) == [] == tool.read_unit(scene, 512)
+        rows = dict((y, (p, v)) for y, p, v in tool.read_rows(scene, [0, 260, 536], 64))
+    assert rows[0][0] is None and rows[536][0] is None and not rows[0][1].any()
+    assert rows[260][1].sum() == 32 * 32 and (rows[260][0][28:60, 1024:1056] == 7).all()
 
 
 def test_fixed_scale_maps_scale_to_255_and_estimates_the_clipped_share(model, info, tmp_path):

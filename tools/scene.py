@@ -5,11 +5,14 @@
 
 Input: anything GDAL reads, one file or a folder of them (GeoTIFF tiled or striped, COG, BigTIFF,
 any codec and predictor, sparse files, JPEG 2000, VRT, PNG / JPEG with a world file and a .prj).
-It is read window by window, never whole: each row of sliding windows (crop height x scene width x
-the three bands) is read when its windows are due. Memory is bounded by that strip, the open-row
-logit sums (students x classes x crop x width, fp32, only the columns windows ran in), one batch
-of windows and one tile row of each output, whatever the height; GDAL's block cache is sized to
-the input blocks two window rows share (its default, 5 % of the RAM, fills up on a big scene).
+It is read in units of its own blocks (whole blocks, READ pixels a side at least; a striped file
+whole rows), never whole: each unit once, when the first window row that needs it is due, kept
+only while window rows still need it and only if it holds a valid pixel. Memory is bounded by one
+row of units (of a sparse scene only its units with data), one window row of pixels (crop height
+x scene width x the three bands), the open-row logit sums (students x classes x crop x width,
+fp32, only the columns windows ran in), one batch of windows and one tile row of each output,
+whatever the height; GDAL's block cache holds one unit (its default, 5 % of the RAM, fills up on
+a big scene).
 
 Pixels: `bands` (1-based, as GDAL) become the students' 0..255 RGB: 8-bit samples as stored; with
 `scale` value * 255 / scale; otherwise a per-band stretch maps the 2nd..98th percentile of the
@@ -85,6 +88,7 @@ OPTIONAL = {"overlay": "_overlay.tif", "vector": "_polygons.geojson"}  # flag ->
 PERCENTILES = (2, 98)  # the default stretch of non-8-bit samples
 STRETCH_SAMPLES = 2**20  # about this many pixels per band estimate the percentiles
 BLOCK = 256  # output tiles; overviews down to one tile
+READ = 256  # input is read in whole blocks, at least this many rows and columns at a time
 COLUMNS = 2048  # probabilities are computed this many columns at a time (small temporaries)
 VECTOR_BLOCK = 1024  # the finished mask is read back in such blocks for the polygons
 
@@ -142,6 +146,7 @@ class Scene:
     # stored; the share of valid samples clipped
     scaling: dict
     crs: object  # the file's CRS, else its .prj's (GDAL's PNG / JPEG read world files only)
+    unit: tuple  # (rows, columns) of a read: whole blocks, READ a side at least (read_unit)
 
 
 def _read(src, bands, **where):
@@ -195,26 +200,52 @@ def describe(src, path, bands, scale=None):
             raise UserError(f"{path}: band {b} does not exist; {has}{hint}")
     stretch = scale is not None or any(src.dtypes[b - 1] != "uint8" for b in bands)
     scaling = _stretch(src, bands, scale) if stretch else {"rule": "none: 8-bit samples as stored"}
-    return Scene(src, bands, scaling, src.crs or _prj_crs(path))
+    return Scene(src, bands, scaling, src.crs or _prj_crs(path), _unit(src))
+
+
+def _pixels(scene, raw, valid):
+    """The students' (h, w, 3) uint8 of samples `raw` (3, h, w): stretched or as stored, no-data
+    black (the padding the students saw in training)."""
+    pixels = np.empty((*valid.shape, 3), np.uint8)
+    for j, band in enumerate(raw):
+        if "low" in scene.scaling:  # (value - low) * 255 / (high - low), clipped; NaN -> 0
+            low, high = scene.scaling["low"][j], scene.scaling["high"][j]
+            v = (band.astype(np.float32) - np.float32(low)) * np.float32(255 / (high - low))
+            band = np.rint(np.nan_to_num(np.clip(v, 0, 255)))
+        pixels[..., j] = band
+    pixels[~valid] = 0
+    return pixels
+
+
+def read_unit(scene, top):
+    """[(x, pixels, valid)] of the read units from row `top` (one unit row) that hold a valid
+    pixel: the file's own blocks, READ pixels a side at least (a striped file: whole rows)."""
+    src, (uh, uw) = scene.src, scene.unit
+    h, found = min(uh, src.height - top), []
+    for x in range(0, src.width, uw):
+        raw, valid = _read(src, scene.bands, window=Window(x, top, min(uw, src.width - x), h))
+        if valid.any():
+            found.append((x, _pixels(scene, raw, valid), valid))
+    return found
 
 
 def read_rows(scene, ys, h):
-    """(y, pixels (h, W, 3) uint8, valid (h, W) bool) of each window row y: a window read of the
-    file, no-data pixels black; pixels None where the row has no valid pixel."""
+    """(y, pixels (h, W, 3) uint8, valid (h, W) bool) of each window row y, no-data pixels black;
+    pixels None where the row has no valid pixel. The file is read in units of its blocks, each
+    once: the window rows a unit row spans reuse it, and only units with a valid pixel are kept
+    (a sparse scene holds its data, not its width; GDAL's cache needs one unit)."""
+    units, uh, W = {}, scene.unit[0], scene.src.width  # unit row's top -> read_unit of it
     for y in ys:
-        raw, valid = _read(scene.src, scene.bands, window=Window(0, y, scene.src.width, h))
-        if not valid.any():
-            yield y, None, valid
-            continue
-        pixels = np.empty((*valid.shape, 3), np.uint8)
-        for j, band in enumerate(raw):
-            if "low" in scene.scaling:  # (value - low) * 255 / (high - low), clipped; NaN -> 0
-                low, high = scene.scaling["low"][j], scene.scaling["high"][j]
-                v = (band.astype(np.float32) - np.float32(low)) * np.float32(255 / (high - low))
-                band = np.rint(np.nan_to_num(np.clip(v, 0, 255)))
-            pixels[..., j] = band
-        pixels[~valid] = 0  # black, as the padding the students saw in training
-        yield y, pixels, valid
+        tops = range(y // uh * uh, y + h, uh)
+        units = {t: units[t] if t in units else read_unit(scene, t) for t in tops}
+        valid, pixels = np.zeros((h, W), bool), None
+        for t, found in units.items():
+            a, b = max(t, y), min(t + uh, y + h)  # the window row's rows in this unit row
+            for x, p, v in found:
+                pixels = np.zeros((h, W, 3), np.uint8) if pixels is None else pixels
+                pixels[a - y : b - y, x : x + v.shape[1]] = p[a - t : b - t]
+                valid[a - y : b - y, x : x + v.shape[1]] = v[a - t : b - t]
+        yield y, pixels if valid.any() else None, valid
 
 
 def array_rows(pixels, valid, opts):
@@ -517,15 +548,20 @@ def _summary(path, scene, opts, classes, stats, counts):
     return summary | {"files": targets(_stem(path), opts)}
 
 
-def _cache_bytes(src, opts):
-    """GDAL's block cache for one scene: the input block rows one window row spans (the next window
-    rows, inside the last of them, find it decoded; a row of blocks that the overlap of two window
-    rows straddles is decoded twice at most), 8 MB more (the outputs are written in whole tiles:
-    _tile_rows). GDAL's default, 5 % of the RAM, would fill up with a big scene's blocks."""
-    block_rows = src.block_shapes[0][0]
-    rows_in = -(-min(opts.crop, src.height) // block_rows) * block_rows
+def _unit(src):
+    """(rows, columns) read at a time: whole blocks (of band 1; GDAL's formats block all bands
+    alike), READ a side at least, at most 2 READ rows (a file of one giant strip)."""
+    bh, bw = src.block_shapes[0]
+    return min(bh * -(-READ // bh), 2 * READ), bw * -(-READ // bw)
+
+
+def _cache_bytes(src):
+    """GDAL's block cache for one scene: the blocks of one read unit (GDAL reads them for the
+    samples, then for the masks: decoded once), 8 MB more (the outputs are written in whole tiles:
+    _tile_rows). GDAL's default, 5 % of the RAM, would fill up with a big scene's blocks; the
+    window rows that share a unit reuse read_rows' copy of it, not GDAL's."""
     sample = max(np.dtype(t).itemsize for t in src.dtypes)
-    return min(rows_in * src.width * src.count * sample, 2**31) + 8 * 2**20
+    return math.prod(_unit(src)) * src.count * sample + 8 * 2**20
 
 
 def predict_scene(model, info, path, out_dir, opts):
@@ -543,7 +579,7 @@ def predict_scene(model, info, path, out_dir, opts):
             src = rasterio.open(path)
         except RasterioIOError as e:  # a missing file too
             raise UserError(f"cannot read {path}: {e}") from None
-        with src, rasterio.Env(GDAL_CACHEMAX=_cache_bytes(src, opts)):
+        with src, rasterio.Env(GDAL_CACHEMAX=_cache_bytes(src)):
             scene = describe(src, path, opts.bands, opts.scale)
             planned = _summary(path, scene, opts, classes, {}, np.zeros(256, int))
             # written before any output: a rerun after a crash may replace what this lists
