@@ -62,9 +62,17 @@ def options(**kw):
     return tool.SceneOptions(**({"crop": CROP, "progress": False} | kw))
 
 
+def array_rows(pixels, valid, opts):
+    """What tools.scene.read_rows yields, of an (H, W, 3) uint8 image in memory (valid None: all)."""
+    valid = np.ones(pixels.shape[:2], bool) if valid is None else valid
+    h = min(opts.crop, len(pixels))
+    for y in ev.window_starts(len(pixels), opts.crop, opts.stride):
+        yield y, pixels[y : y + h], valid[y : y + h]
+
+
 def streamed_labels(model, pixels, valid, opts):
     """The mask the streamed window gives for an (H, W, 3) uint8 image held in memory."""
-    rows = tool.array_rows(pixels, valid, opts)
+    rows = array_rows(pixels, valid, opts)
     strips = tool.stream_strips(model, rows, pixels.shape[:2], opts)
     return np.concatenate([s.labels(opts.name) for s in strips])
 
@@ -163,7 +171,7 @@ def test_streamed_probabilities_equal_the_whole_image_sliding_window(
     model = model if batch == 1 else model64
     pixels, ref_logits, ref_probs = reference(H, W, model)
     opts = options(batch=batch)
-    rows = tool.array_rows(pixels, None, opts)
+    rows = array_rows(pixels, None, opts)
     logits, probs = {n: [] for n in ref_logits}, {n: [] for n in ref_probs}
     for strip in tool.stream_strips(model, rows, (H, W), opts, ["fused", "dinov3"]):
         for n in ref_logits:  # a strip is read before the next: the stream reuses its buffer
@@ -203,7 +211,7 @@ def test_open_row_buffer_holds_one_window_height_and_strips_tile_the_image(model
     H, W = 600, 100  # tall: 11 rows of windows
     pixels = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
     opts = options(batch=3)
-    strips = list(tool.stream_strips(model, tool.array_rows(pixels, None, opts), (H, W), opts))
+    strips = list(tool.stream_strips(model, array_rows(pixels, None, opts), (H, W), opts))
     assert len(strips) == len(ev.window_starts(H, CROP, opts.stride))
     assert max(s.held for s in strips) == CROP <= CROP + opts.stride
     rows = [s.valid.shape[0] for s in strips]
@@ -222,7 +230,7 @@ def test_windows_without_a_valid_pixel_are_not_run_and_valid_pixels_keep_their_l
     def run(mask, stats=None):
         """(labels, logits of the valid pixels per strip) of the stream with `mask` as valid."""
         labels, logits = [], []
-        rows = tool.array_rows(pixels, mask, opts)
+        rows = array_rows(pixels, mask, opts)
         for s in tool.stream_strips(model, rows, (H, W), opts, stats=stats):
             labels.append(s.labels("fused"))
             keep = valid[s.top : s.top + len(s.valid)]

@@ -238,22 +238,14 @@ def read_rows(scene, ys, h):
     for y in ys:
         tops = range(y // uh * uh, y + h, uh)
         units = {t: units[t] if t in units else read_unit(scene, t) for t in tops}
-        valid, pixels = np.zeros((h, W), bool), None
+        # (zeros from calloc: the pages of columns without data are never touched)
+        valid, pixels = np.zeros((h, W), bool), np.zeros((h, W, 3), np.uint8)
         for t, found in units.items():
             a, b = max(t, y), min(t + uh, y + h)  # the window row's rows in this unit row
             for x, p, v in found:
-                pixels = np.zeros((h, W, 3), np.uint8) if pixels is None else pixels
                 pixels[a - y : b - y, x : x + v.shape[1]] = p[a - t : b - t]
                 valid[a - y : b - y, x : x + v.shape[1]] = v[a - t : b - t]
         yield y, pixels if valid.any() else None, valid
-
-
-def array_rows(pixels, valid, opts):
-    """read_rows of an (H, W, 3) uint8 image in memory as the students read it (valid None: all)."""
-    valid = np.ones(pixels.shape[:2], bool) if valid is None else valid
-    h = min(opts.crop, len(pixels))
-    for y in evaluation.window_starts(len(pixels), opts.crop, opts.stride):
-        yield y, pixels[y : y + h], valid[y : y + h]
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,7 +355,7 @@ def _windows(rows, xs, w, held, stats):
 @torch.no_grad()
 def stream_strips(model, rows, shape, opts, names=None, stats=None):
     """Yield the Strips of a scene of `shape` (H, W), top to bottom, for `names` (default
-    opts.name). rows: (y, pixels, valid) of every window row in order (read_rows, array_rows).
+    opts.name). rows: (y, pixels, valid) of every window row in order (read_rows; the tests' array_rows for an image in memory).
     Windows without a valid pixel are not run; stats (a dict) gets windows, skipped, forwards."""
     names = model.check_names(names or [opts.name])
     students = [s for s in model.students if "fused" in names or s.name in names]
