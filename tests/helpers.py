@@ -1,7 +1,9 @@
 """Short builders for tests: one student or a two-student model from a few keywords; float64 copies
-and the bound of the equivalence tests."""
+and the bound of the equivalence tests; train.py's flags of a micro run and its torchrun command."""
 
 import itertools
+import os
+import sys
 
 import torch
 
@@ -16,6 +18,8 @@ import model
 # is ten times that worst case and 1e3 to 1e5 times what is measured, and still six orders below
 # the smallest real difference the tests look for (a dropped term, a tap off by one block: > 1e-4).
 F64_BOUND = 1e-10
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # Where a comparison must stay in fp32 (bf16 autocast; a run of train.py through its fp32 data
@@ -125,3 +129,10 @@ def micro_args(root, out, *extra):
     step, no loader processes; later flags win."""
     common = ["--data-root", root, "--out", str(out), "--ratio", "1/4", "--crop", "64"]
     return common + ["--batch", "2", "--workers", "0", *extra]
+
+
+def torchrun_cmd(port, *argv):
+    """The command line of `train.py argv` under torchrun: 2 processes on this machine (gloo on
+    CPU), meeting at `port` (one port per test, so that tests never meet each other's ranks)."""
+    head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    return [*head, "--master_port", str(port), os.path.join(ROOT, "train.py"), *argv]

@@ -84,27 +84,29 @@ def test_a_second_ctrl_c_stops_at_once(micro_root, tmp_path, monkeypatch):
         train.main(micro_args(micro_root, tmp_path / "run", "--iters", "5"))
 
 
+def start_job(cmd, ready):
+    """cmd started in a process group of its own, as a cluster starts a job, one thread a process;
+    returned once ready() holds, an assertion (with its stderr) if it ends or 240 s pass first."""
+    env, pipe = dict(os.environ, OMP_NUM_THREADS="1"), subprocess.PIPE
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=pipe, stderr=pipe, text=True, start_new_session=True, env=env
+    )
+    deadline = time.time() + 240
+    while not ready():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.2)
+    return proc
+
+
 def test_sigterm_to_the_whole_process_group_with_loader_workers(micro_root, tmp_path):
     """As a cluster sends it: to every process of the job, the loader workers included."""
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "train.py"),
-        *micro_args(micro_root, out, "--iters", "400", "--workers", "1"),
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    argv = micro_args(micro_root, out, "--iters", "400", "--workers", "1")
+    log = out / "log.jsonl"
+    proc = start_job(
+        [sys.executable, os.path.join(ROOT, "train.py"), *argv],
+        lambda: log.is_file() and log.read_text().count("\n") >= 2,
     )
-    deadline, log = time.time() + 240, out / "log.jsonl"
-    while not (log.is_file() and log.read_text().count("\n") >= 2):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
-        time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == runtime.EXIT_STOPPED, stderr[-2000:]
@@ -218,32 +220,10 @@ def test_a_checkpoint_of_another_model_is_named(micro_root, tmp_path, capsys):
 
 def test_a_killed_rank_ends_the_two_process_run_with_the_checkpoint_kept(micro_root, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29531",
-        os.path.join(ROOT, "train.py"),
-        *micro_args(
-            micro_root, out, "--iters", "400", "--save-every", "1", "--mix-source", "rolled"
-        ),
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    argv = micro_args(
+        micro_root, out, "--iters", "400", "--save-every", "1", "--mix-source", "rolled"
     )
-    deadline = time.time() + 240
-    while not (out / "last.pt").is_file():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
-        time.sleep(0.2)
+    proc = start_job(helpers.torchrun_cmd(29531, *argv), (out / "last.pt").is_file)
     rank1 = [
         int(p)
         for p in os.listdir("/proc")

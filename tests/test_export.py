@@ -7,40 +7,21 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import micro_args
 from PIL import Image
 
 import eval as ev
 import train
 from plumbing import runs
-from plumbing.demo import prepare_demo
 from plumbing.errors import cli
 from tools import export
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("demo"))
-    prepare_demo(root, seed=0, n_train=16, n_val=2)
+def run(micro_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "run"
-    train.main(
-        [
-            "--data-root",
-            root,
-            "--out",
-            str(out),
-            "--ratio",
-            "1/4",
-            "--crop",
-            "64",
-            "--batch",
-            "2",
-            "--workers",
-            "0",
-            "--iters",
-            "2",
-        ]
-    )
-    return root, out
+    train.main(micro_args(micro_root, out, "--iters", "2"))
+    return micro_root, out
 
 
 def test_an_exported_folder_evaluates_predicts_and_fine_tunes_like_its_run(run, tmp_path):
@@ -70,28 +51,10 @@ def test_an_exported_folder_evaluates_predicts_and_fine_tunes_like_its_run(run, 
         np.array(Image.open(tmp_path / "m2" / "x_mask.png")),
     )
     # and train.py starts from its weights
-    train.main(
-        [
-            "--data-root",
-            root,
-            "--init",
-            str(folder),
-            "--out",
-            str(tmp_path / "ft"),
-            "--ratio",
-            "1/4",
-            "--crop",
-            "64",
-            "--batch",
-            "2",
-            "--workers",
-            "0",
-            "--iters",
-            "1",
-            "--eval-every",
-            "100",
-        ]
+    ft = micro_args(
+        root, tmp_path / "ft", "--init", str(folder), "--iters", "1", "--eval-every", "100"
     )
+    train.main(ft)
     assert runs.read_checkpoint(str(tmp_path / "ft" / "last.pt"))["step"] == 1
     weights = runs.read_checkpoint(str(folder))["model"]
     best = runs.read_checkpoint(str(out / "best.pt"))["model"]

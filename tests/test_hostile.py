@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from helpers import micro_args
+from helpers import micro_args, torchrun_cmd
 
 import eval as evaluation
 import train
@@ -303,17 +303,7 @@ def test_the_readmes_torchrun_requeue_recipe_continues_the_run(micro_root, tmp_p
         argv = micro_args(
             micro_root, out, "--iters", "6", "--eval-every", "100", "--log-every", "1"
         )
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(port),
-            "train.py",
-            *argv,
-        ]
+        cmd = torchrun_cmd(port, *argv)
         return subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )

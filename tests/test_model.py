@@ -353,15 +353,13 @@ def saved(tmp_path_factory):
     from transformers import CLIPConfig, CLIPModel, DINOv3ViTConfig, DINOv3ViTModel
 
     torch.manual_seed(1)
-    vision = dict(
+    vit = dict(  # both students' tiny ViT, in HF's names
         hidden_size=TINY.width,
         num_hidden_layers=TINY.depth,
         num_attention_heads=TINY.heads,
         intermediate_size=TINY.mlp,
-        patch_size=16,
-        image_size=224,
-        projection_dim=TINY.proj,
     )
+    vision = dict(vit, patch_size=16, image_size=224, projection_dim=TINY.proj)
     clip = CLIPModel(
         CLIPConfig(
             vision_config=vision,
@@ -373,16 +371,7 @@ def saved(tmp_path_factory):
     clip.save_pretrained(clip_dir)
     tiny_clip_tokenizer().save_pretrained(clip_dir)
     # Like the released checkpoint: registers, layer scale 1 and HF's default train-time RoPE rescaling (2.0)
-    dino = DINOv3ViTModel(
-        DINOv3ViTConfig(
-            hidden_size=TINY.width,
-            num_hidden_layers=TINY.depth,
-            num_attention_heads=TINY.heads,
-            intermediate_size=TINY.mlp,
-            num_register_tokens=4,
-            pos_embed_rescale=2.0,
-        )
-    )
+    dino = DINOv3ViTModel(DINOv3ViTConfig(**vit, num_register_tokens=4, pos_embed_rescale=2.0))
     dino_dir = str(tmp_path_factory.mktemp("dinov3"))
     dino.save_pretrained(dino_dir)
     return {"clip": (clip_dir, clip.state_dict()), "dinov3": (dino_dir, dino.state_dict())}

@@ -53,6 +53,11 @@ def micro_args(root, out, *extra):
     return helpers.micro_args(root, out, "--log-every", "1", *extra)
 
 
+def custom_flags(data_root, *extra):
+    """The flags of a tiny-size run on the custom dataset in `data_root` (toy_data.custom_root)."""
+    return ["--dataset", "custom", "--size", "tiny", "--data-root", data_root, *extra]
+
+
 def weights(run):
     return torch.load(os.path.join(run, "last.pt"), map_location="cpu", weights_only=False)
 
@@ -283,16 +288,7 @@ def test_user_mistakes_exit_2_with_one_message_and_no_traceback(micro_root, tmp_
     assert "no last.pt" in user_error(train.main, ["--resume", str(tmp_path)], capsys)
     assert "shape (3, 7), expected (5, 128)" in user_error(
         train.main,
-        run(
-            "--dataset",
-            "custom",
-            "--size",
-            "tiny",
-            "--data-root",
-            root,
-            "--text-embeddings",
-            npy(tmp_path / "t.npy", (3, 7)),
-        ),
+        run(*custom_flags(root, "--text-embeddings", npy(tmp_path / "t.npy", (3, 7)))),
         capsys,
     )
     # bad files: each is found by the scan before the first step, and named
@@ -305,16 +301,7 @@ def test_user_mistakes_exit_2_with_one_message_and_no_traceback(micro_root, tmp_
         name = damage(broken)
         err = user_error(
             train.main,
-            run(
-                "--dataset",
-                "custom",
-                "--size",
-                "tiny",
-                "--data-root",
-                broken,
-                "--out",
-                str(tmp_path / damage.__name__ / "run"),
-            ),
+            run(*custom_flags(broken, "--out", str(tmp_path / damage.__name__ / "run"))),
             capsys,
         )
         assert message in err and name in err, err
@@ -341,16 +328,7 @@ def test_a_corrupt_val_image_stops_the_cli_in_seconds_with_exit_2(micro_root, tm
         [
             sys.executable,
             os.path.join(ROOT, "train.py"),
-            *micro_args(
-                micro_root,
-                tmp_path / "r",
-                "--dataset",
-                "custom",
-                "--size",
-                "tiny",
-                "--data-root",
-                root,
-            ),
+            *micro_args(micro_root, tmp_path / "r", *custom_flags(root)),
         ],
         capture_output=True,
         text=True,
@@ -386,22 +364,17 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(micro_root, tmp_pa
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_torchrun_two_processes_gloo(micro_root, tmp_path):
-    out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29517",
-        os.path.join(ROOT, "train.py"),
-        *micro_args(micro_root, out, "--iters", "2", "--mix-source", "rolled"),
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def torchrun(port, *argv):
+    """train.py under a 2-process torchrun (gloo), one thread each, run to its end; the process."""
+    cmd, env = helpers.torchrun_cmd(port, *argv), dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_torchrun_two_processes_gloo(micro_root, tmp_path):
+    out = tmp_path / "ddp"
+    proc = torchrun(29517, *micro_args(micro_root, out, "--iters", "2", "--mix-source", "rolled"))
     cfg = json.load(open(out / "config.json"))
     assert cfg["world_size"] == 2
     metrics = json.load(open(out / "metrics.json"))
@@ -427,32 +400,8 @@ def assert_within_the_floor(a, b, c, what):
 def two_processes_and_one(root, ddp, single, port, *args, single_extra=()):
     """The same train.py flags under torchrun with 2 processes (gloo) and on this process (plus
     single_extra), both at one thread, so that their reductions round alike; the two last.pt."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(port),
-        os.path.join(ROOT, "train.py"),
-        *micro_args(root, ddp, *args),
-    ]
-    proc = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train.main(micro_args(root, single, *args, *single_extra))
-    finally:
-        torch.set_num_threads(threads)
+    torchrun(port, *micro_args(root, ddp, *args))
+    helpers.at_threads(1, train.main, micro_args(root, single, *args, *single_extra))
     return weights(ddp)["model"], weights(single)["model"]
 
 
@@ -487,17 +436,20 @@ def test_accum_on_one_process_is_the_two_process_run(micro_root, tmp_path):
 # ----------------------------------------------------------------------------- --recipe
 
 
-RELEASED = dict(
-    stability="released",
-    dinov3_weights="release-init",
-    numerics="release",
-    amp="off",
-    mix_source="same",
-    accum=4,
-    data_order="shared",
-    round_iters=True,
-    best_per_student=True,
+# Each difference of METHOD.md section 7: (the value its flag had before --recipe, the release's).
+SWITCHES = dict(
+    stability=("grad", "released"),
+    dinov3_weights=(DEFAULT_WEIGHTS["dinov3"], "release-init"),
+    numerics=("hf", "release"),
+    amp=("auto", "off"),
+    mix_source=("partner", "same"),
+    accum=(1, 4),
+    data_order=("own", "shared"),
+    round_iters=(False, True),
+    best_per_student=(False, True),
 )
+OLD_DEFAULTS = {k: old for k, (old, _) in SWITCHES.items()}
+RELEASED = {k: new for k, (_, new) in SWITCHES.items()}
 
 
 def resolved(*argv, world=1):
@@ -508,18 +460,7 @@ def test_the_paper_recipe_is_the_old_defaults_and_the_release_sets_every_switch(
     """--recipe paper (the default) keeps every value the flags had before --recipe; release sets
     each difference of METHOD.md section 7 at once and config.json records them."""
     paper = resolved()
-    old_defaults = dict(
-        stability="grad",
-        numerics="hf",
-        amp="auto",
-        mix_source="partner",
-        accum=1,
-        data_order="own",
-        round_iters=False,
-        best_per_student=False,
-    )
-    assert {k: paper[k] for k in old_defaults} == old_defaults
-    assert paper["dinov3_weights"] == DEFAULT_WEIGHTS["dinov3"] and paper["recipe_switches"] == {}
+    assert {k: paper[k] for k in OLD_DEFAULTS} == OLD_DEFAULTS and paper["recipe_switches"] == {}
     release = resolved("--recipe", "release")
     assert {k: release[k] for k in RELEASED} == RELEASED == release["recipe_switches"]
     assert release["recipe_overrides"] == {} and set(RELEASED) == set(recipes.RELEASE)
