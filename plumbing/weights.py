@@ -16,7 +16,6 @@ accident. Dropout and drop-path are off (as in the paper's recipe).
 
 import hashlib
 import json
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -129,10 +128,9 @@ def build_backbone(kind, size="base", weights=None, numerics="hf"):
     # What every config is given, built or loaded: dropout and drop-path off, DINOv3's RoPE
     # coordinate augmentation off (so train mode is deterministic), and the numerics choice (see
     # the module docstring; 'hf' keeps the checkpoint's own).
-    overrides = dict(attention_dropout=0.0)
-    if kind == "dinov3":
-        augment = dict(pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None)
-        overrides.update(drop_path_rate=0.0, **augment)
+    augment = dict(pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None)
+    dinov3 = dict(drop_path_rate=0.0, **augment) if kind == "dinov3" else {}
+    overrides = dict(attention_dropout=0.0, **dinov3)
     if numerics == "release":
         overrides.update(layer_norm_eps=1e-6, **({"hidden_act": "gelu"} if kind == "clip" else {}))
     s = vit_preset(size)
@@ -169,7 +167,7 @@ def release_init(backbone):
         torch.nn.init.normal_(token, std=0.02)
     torch.nn.init.zeros_(emb.mask_token)
     # fan-in: in_channels * kernel height * kernel width
-    bound = math.sqrt(1 / conv.weight[0].numel())
+    bound = conv.weight[0].numel() ** -0.5
     for p in (conv.weight, conv.bias):
         torch.nn.init.uniform_(p, -bound, bound)
     for m in backbone.modules():
