@@ -16,7 +16,6 @@ accident. Dropout and drop-path are off (as in the paper's recipe).
 
 import hashlib
 import json
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -107,8 +106,7 @@ def load_pretrained(cls, kind, weights, what="backbone", **overrides):
         ) from e
     if info["missing_keys"] or info["mismatched_keys"]:
         raise UserError(
-            f"{weights!r} is not a complete {kind} {what}: missing "
-            f"{sorted(info['missing_keys'])[:5]} mismatched {info['mismatched_keys'][:5]}"
+            f"{weights!r} is not a complete {kind} {what}: missing {sorted(info['missing_keys'])[:5]} mismatched {info['mismatched_keys'][:5]}"
         )
     return model
 
@@ -121,18 +119,16 @@ def build_backbone(kind, size="base", weights=None, numerics="hf"):
     cls = CLIPVisionModelWithProjection if kind == "clip" else DINOv3ViTModel
     if weights == RELEASE_INIT and kind != "dinov3":
         raise UserError(
-            f"--{kind}-weights {RELEASE_INIT}: only the DINOv3 student was re-initialised "
-            f"by the release; the {kind} student keeps its pretrained weights"
+            f"--{kind}-weights {RELEASE_INIT}: only the DINOv3 student was re-initialised by the release; the {kind} student keeps its pretrained weights"
         )
     if numerics not in NUMERICS:
         raise UserError(f"unknown numerics {numerics!r}; valid: {', '.join(NUMERICS)}")
     # What every config is given, built or loaded: dropout and drop-path off, DINOv3's RoPE
     # coordinate augmentation off (so train mode is deterministic), and the numerics choice (see
     # the module docstring; 'hf' keeps the checkpoint's own).
-    overrides = dict(attention_dropout=0.0)
-    if kind == "dinov3":
-        augment = dict(pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None)
-        overrides.update(drop_path_rate=0.0, **augment)
+    augment = dict(pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None)
+    dinov3 = dict(drop_path_rate=0.0, **augment) if kind == "dinov3" else {}
+    overrides = dict(attention_dropout=0.0, **dinov3)
     if numerics == "release":
         overrides.update(layer_norm_eps=1e-6, **({"hidden_act": "gelu"} if kind == "clip" else {}))
     s = vit_preset(size)
@@ -169,7 +165,7 @@ def release_init(backbone):
         torch.nn.init.normal_(token, std=0.02)
     torch.nn.init.zeros_(emb.mask_token)
     # fan-in: in_channels * kernel height * kernel width
-    bound = math.sqrt(1 / conv.weight[0].numel())
+    bound = conv.weight[0].numel() ** -0.5
     for p in (conv.weight, conv.bias):
         torch.nn.init.uniform_(p, -bound, bound)
     for m in backbone.modules():
@@ -218,8 +214,7 @@ def text_embeddings(concepts, weights, encode, prompt, cache_dir=None):
         tokenizer = CLIPTokenizer.from_pretrained(weights)
     except OSError as e:
         raise UserError(
-            f"no CLIP tokenizer in {weights!r} ({e}); the folder needs vocab.json/merges.txt "
-            "or tokenizer.json next to the weights"
+            f"no CLIP tokenizer in {weights!r} ({e}); the folder needs vocab.json/merges.txt or tokenizer.json next to the weights"
         ) from e
     if len(tokenizer) < 1000:
         raise UserError(

@@ -33,7 +33,6 @@ from plumbing.weights import blocks, load_text_embeddings, vit_size
 
 # fmt: off
 _W = r"(weight|bias)"
-DROPPED = "clip_encoder."   # keys a released file may carry that the authors' eval.py deletes
 # our CLIP tower and its block \1; the head's class-attention layer \1 in the release and ours
 _V, _E = "backbone.vision_model.", r"backbone.vision_model.encoder.layers.\1."
 _A, _H = r"decode_head\.layers\.(\d)\.transformer\.", r"head.class_attn.\1.layer."
@@ -70,7 +69,8 @@ RULES = {
         (r"decode_head\.aspp\.aspp_convs\.([0-3])\.([01])\.(.+)", r"head.aspp.branches.\1.\2.\3"),
         (r"decode_head\.aspp\.aspp_convs\.4\.gap\.1\.weight", "head.aspp.pool.0.weight"),
         (rf"decode_head\.aspp\.aspp_convs\.4\.gap\.2\.{_W}", r"head.aspp.pool.1.\1"),
-        (r"decode_head\.aspp\.project\.([01])\.(.+)", r"head.aspp.project.\1.\2"),
+        # the same names in both
+        (rf"decode_head\.(aspp\.project\.[01]|up[12]\.up)\.{_W}", r"head.\1.\2"),
         (rf"decode_head\.text_proj\.0\.{_W}", r"head.guide.0.\1"),
         (rf"{_A}ln([12])\.{_W}", _H + r"norm\2.\3"),
         (rf"{_A}attn\.attn\.(in_proj_|out_proj\.){_W}", _H + r"self_attn.\2\3"),
@@ -79,7 +79,6 @@ RULES = {
         # the deeper skip (f2) feeds up1
         (rf"decode_head\.skip_proj\.0\.0\.{_W}", r"head.up1.skip.0.\1"),
         (rf"decode_head\.skip_proj\.1\.0\.{_W}", r"head.up2.skip.0.\1"),
-        (rf"decode_head\.up([12])\.up\.{_W}", r"head.up\1.up.\2"),
         # conv, GN, (ReLU), conv, GN
         (r"decode_head\.up([12])\.conv\.([01])\.(.+)", r"head.up\1.convs.0.\2.\3"),
         (r"decode_head\.up([12])\.conv\.3\.weight", r"head.up\1.convs.1.0.weight"),
@@ -103,9 +102,9 @@ def read(path):
         )
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     # the authors' own eval.py deletes these before loading: the CLIP text tower's weights
-    if dropped := [k for k in sd if k.startswith(DROPPED)]:
-        print(f"{path}: dropped {len(dropped)} '{DROPPED}*' keys, as the authors' evaluation does")
-    return {k: v for k, v in sd.items() if not k.startswith(DROPPED)}
+    if drop := [k for k in sd if k.startswith("clip_encoder.")]:
+        print(f"{path}: dropped {len(drop)} 'clip_encoder.*' keys, as the authors' evaluation does")
+    return {k: v for k, v in sd.items() if k not in drop}
 
 
 def kind_and_sizes(path, sd):
@@ -153,9 +152,8 @@ def convert(path, sd, kind, ours, blocks_prefix):
             f"our tensors not filled {missing[:6]}, renamed keys we do not have {extra[:6]}"
         )
     if bad := next((k for k, t in out.items() if t.numel() != ours[k].numel()), None):
-        raise UserError(
-            f"{path!r}: a tensor of shape {tuple(out[bad].shape)} for our {bad} of shape {tuple(ours[bad].shape)}"
-        )
+        theirs, shape = tuple(out[bad].shape), tuple(ours[bad].shape)
+        raise UserError(f"{path!r}: a tensor of shape {theirs} for our {bad} of shape {shape}")
     return {k: t.reshape(ours[k].shape) for k, t in out.items()}
 
 
