@@ -106,7 +106,8 @@ def load_pretrained(cls, kind, weights, what="backbone", **overrides):
         ) from e
     if info["missing_keys"] or info["mismatched_keys"]:
         raise UserError(
-            f"{weights!r} is not a complete {kind} {what}: missing {sorted(info['missing_keys'])[:5]} mismatched {info['mismatched_keys'][:5]}"
+            f"{weights!r} is not a complete {kind} {what}: missing "
+            f"{sorted(info['missing_keys'])[:5]} mismatched {info['mismatched_keys'][:5]}"
         )
     return model
 
@@ -119,7 +120,8 @@ def build_backbone(kind, size="base", weights=None, numerics="hf"):
     cls = CLIPVisionModelWithProjection if kind == "clip" else DINOv3ViTModel
     if weights == RELEASE_INIT and kind != "dinov3":
         raise UserError(
-            f"--{kind}-weights {RELEASE_INIT}: only the DINOv3 student was re-initialised by the release; the {kind} student keeps its pretrained weights"
+            f"--{kind}-weights {RELEASE_INIT}: only the DINOv3 student was re-initialised "
+            f"by the release; the {kind} student keeps its pretrained weights"
         )
     if numerics not in NUMERICS:
         raise UserError(f"unknown numerics {numerics!r}; valid: {', '.join(NUMERICS)}")
@@ -214,7 +216,8 @@ def text_embeddings(concepts, weights, encode, prompt, cache_dir=None):
         tokenizer = CLIPTokenizer.from_pretrained(weights)
     except OSError as e:
         raise UserError(
-            f"no CLIP tokenizer in {weights!r} ({e}); the folder needs vocab.json/merges.txt or tokenizer.json next to the weights"
+            f"no CLIP tokenizer in {weights!r} ({e}); the folder needs vocab.json/merges.txt "
+            "or tokenizer.json next to the weights"
         ) from e
     if len(tokenizer) < 1000:
         raise UserError(
