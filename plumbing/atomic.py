@@ -40,11 +40,9 @@ def save_atomic(obj, path, keep_previous=False):
             if keep_previous and os.path.isfile(path):
                 os.replace(path, previous)
     except OSError as e:
-        kept = [f for f in (path, previous) if os.path.isfile(f)]
-        raise UserError(
-            f"could not write {path} ({e.strerror or e}); kept: {', '.join(kept) or 'nothing'}; "
-            f"free some space, then continue with --resume {os.path.dirname(path) or '.'}"
-        ) from e
+        kept = ", ".join(f for f in (path, previous) if os.path.isfile(f)) or "nothing"
+        hint = f"free some space, then continue with --resume {os.path.dirname(path) or '.'}"
+        raise UserError(f"could not write {path} ({e.strerror or e}); kept: {kept}; {hint}") from e
 
 
 def write_json(path, obj):

@@ -181,7 +181,7 @@ def _draw_panel(ax, logs, key, title, kind):
     ax.grid(True, color="0.9")
     ax.spines[["top", "right"]].set_visible(False)
     one = len(logs) == 1
-    values, styles = [], ["-"] * 3 if one else STYLES
+    styles = ["-"] * 3 if one else STYLES
     for i, log in enumerate(logs):
         slots = [(0, "lambda")] if key == "lambda" else [*enumerate(log.students[:2]), (2, "fused")]
         for slot, name in slots:
@@ -191,12 +191,11 @@ def _draw_panel(ax, logs, key, title, kind):
                 # a marker per evaluation; a series of one point would be no line at all
                 fmt = styles[slot] + ("o" if key == "miou" or len(pts) == 1 else "")
                 ax.plot(*zip(*pts), fmt, color=colour, label=f"{log.label}/{name}", **LINE)
-                values += [v for _, v in pts]
-    if not values:
+    if not ax.lines:
         ax.text(0.5, 0.5, NO_DATA.get(key, "no data"), transform=ax.transAxes, **NOTE)
         ax.set_yticks([])
         return
-    ax.set_ylim(*y_limits(kind, values))
+    ax.set_ylim(*y_limits(kind, [y for line in ax.lines for y in line.get_ydata()]))
     if kind != "num":
         ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
 
@@ -211,15 +210,13 @@ def _legend(fig, logs):
     if len(logs) == 1:
         handles = [Line2D([], [], color=f"C{j}", label=n) for j, n in names]
     else:
-        runs = [g.label + ("" if same else _students(g)) for g in logs]
+        # a run's students after its label, where they differ between runs
+        who = [", ".join(g.students) for g in logs]
+        runs = [g.label + (f" ({w})" if w and not same else "") for g, w in zip(logs, who)]
         handles = [Patch(color=f"C{i % 10}", label=r) for i, r in enumerate(runs)]
         handles += [Line2D([], [], color="black", linestyle=STYLES[j], label=n) for j, n in names]
     if handles:
         fig.legend(handles=handles, ncols=min(len(handles), 8), **LEGEND)
-
-
-def _students(log):
-    return f" ({', '.join(log.students)})" if log.students else ""
 
 
 def _new_figure(size):
