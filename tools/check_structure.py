@@ -33,10 +33,8 @@ def module_name(path):
 
 def functions(tree):
     """(qualified name, node) of every function, methods as Class.name."""
-    prefix = {
-        f: f"{c.name}." for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for f in c.body
-    }
-    return [(prefix.get(f, "") + f.name, f) for f in ast.walk(tree) if type(f) is ast.FunctionDef]
+    owner = {f: f"{c.name}." for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for f in c.body}
+    return [(owner.get(f, "") + f.name, f) for f in ast.walk(tree) if type(f) is ast.FunctionDef]
 
 
 def n_params(fn):
