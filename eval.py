@@ -172,8 +172,7 @@ def format_table(cms, class_names):
     lines.append(row("mIoU", pct(cm.miou() for cm in cms.values())))
     if any(abs(cm.miou() - cm.miou_present()) > 1e-9 for cm in cms.values()):  # a class never seen
         lines.append(row("mIoU present", pct(cm.miou_present() for cm in cms.values())))
-    lines.append(row("aAcc", pct(cm.acc() for cm in cms.values())))
-    return "\n".join(lines)
+    return "\n".join([*lines, row("aAcc", pct(cm.acc() for cm in cms.values()))])
 
 
 def evaluate(model, loader, crop, names=None, amp=None, stop=None):

@@ -46,6 +46,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
+from plumbing.atomic import replacing
 from plumbing.errors import UserError, cli
 
 # (log key, title, y axis): "acc" zoomed percent ending at 100 %, "share" percent 0..100 %,
@@ -91,7 +92,8 @@ class Log:
     def students(self):
         """Named by the '<student>/loss' keys, then by the evals' result dicts (not 'fused')."""
         names = [k.removesuffix("/loss") for r in self.train for k in r if k.endswith("/loss")]
-        names += [k for r in self.evals for k, v in r.items() if _result(v) and k != "fused"]
+        results = [(k, v) for r in self.evals for k, v in r.items() if isinstance(v, dict)]
+        names += [k for k, v in results if "miou" in v and k != "fused"]
         return list(dict.fromkeys(names))
 
 
@@ -124,10 +126,6 @@ def read_log(run_dir, label=""):
 def _number(v):
     """v if it is a finite number, else None (null, NaN, a string, a bool)."""
     return v if type(v) in (int, float) and math.isfinite(v) else None  # JSON's numbers
-
-
-def _result(v):
-    return isinstance(v, dict) and "miou" in v
 
 
 def series(log, name, key):
@@ -299,18 +297,12 @@ def save(fig, path):
     if fmt not in (formats := fig.canvas.get_supported_filetypes()):
         valid = ", ".join(f".{k}" for k in sorted(formats))
         raise UserError(f"{path}: matplotlib cannot write a .{fmt} picture; use one of {valid}")
-    # the process id in the name: two processes drawing RUN/curves.png at the same moment (a
-    # redraw while the run trains, and a user) must not share a temporary file
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(tmp, format=fmt)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:  # the project's one atomic write (plumbing/atomic.py)
+            fig.savefig(tmp, format=fmt)
     except OSError as e:
         raise UserError(f"{path}: cannot write it ({e.strerror or e})") from e
-    finally:
-        if os.path.isfile(tmp):  # not unlink(missing_ok=True): it raises where the folder is a file
-            os.remove(tmp)
     return path
 
 
