@@ -172,8 +172,7 @@ def format_table(cms, class_names):
     lines.append(row("mIoU", pct(cm.miou() for cm in cms.values())))
     if any(abs(cm.miou() - cm.miou_present()) > 1e-9 for cm in cms.values()):  # a class never seen
         lines.append(row("mIoU present", pct(cm.miou_present() for cm in cms.values())))
-    lines.append(row("aAcc", pct(cm.acc() for cm in cms.values())))
-    return "\n".join(lines)
+    return "\n".join([*lines, row("aAcc", pct(cm.acc() for cm in cms.values()))])
 
 
 def evaluate(model, loader, crop, names=None, amp=None, stop=None):
@@ -224,8 +223,7 @@ def predict_folder(model, palette, folder, out, crop, name=FUSED):
     manifest = os.path.join(out, "predictions.json")  # the files eval.py wrote there
     ours = set(atomic.read_json(manifest)["files"]) if os.path.isfile(manifest) else set()
     targets = [os.path.splitext(os.path.basename(p))[0] + "_mask.png" for p in paths]
-    foreign = [t for t in targets if os.path.exists(os.path.join(out, t)) and t not in ours]
-    if foreign:
+    if foreign := [t for t in targets if os.path.exists(os.path.join(out, t)) and t not in ours]:
         raise UserError(f"--out {out!r} holds {foreign[:3]}, not written by eval.py: pass another")
     runs.check_writable(out, what="the prediction folder")  # also: `out` is a file
     for path, target in zip(tqdm(paths, desc="predict", dynamic_ncols=True), targets):

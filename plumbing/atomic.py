@@ -1,4 +1,5 @@
-"""plumbing/atomic.py: the one atomic write of the project, for checkpoints and JSON files.
+"""plumbing/atomic.py: the one atomic write of the project, for checkpoints, JSON files and
+tools/plot.py's pictures.
 
 `replacing` yields a temporary path beside the target and renames it over the target only when
 the block succeeds, so a reader never sees half a file and a crash (a kill, a full disk) leaves the
@@ -18,7 +19,9 @@ from plumbing.errors import UserError
 def replacing(path):
     """The one atomic write of the project: yields a temporary path beside `path`, renamed over it
     when the block succeeds and removed when it fails, so a reader never sees half a file."""
-    tmp = f"{path}.tmp"
+    # the process id in the name: two processes writing one file at the same moment (a redraw of
+    # RUN/curves.png while the run trains, and a user) must not share a temporary file
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         yield tmp
         os.replace(tmp, path)
@@ -40,11 +43,9 @@ def save_atomic(obj, path, keep_previous=False):
             if keep_previous and os.path.isfile(path):
                 os.replace(path, previous)
     except OSError as e:
-        kept = [f for f in (path, previous) if os.path.isfile(f)]
-        raise UserError(
-            f"could not write {path} ({e.strerror or e}); kept: {', '.join(kept) or 'nothing'}; "
-            f"free some space, then continue with --resume {os.path.dirname(path) or '.'}"
-        ) from e
+        kept = ", ".join(f for f in (path, previous) if os.path.isfile(f)) or "nothing"
+        hint = f"free some space, then continue with --resume {os.path.dirname(path) or '.'}"
+        raise UserError(f"could not write {path} ({e.strerror or e}); kept: {kept}; {hint}") from e
 
 
 def write_json(path, obj):

@@ -112,14 +112,16 @@ def mean_std(values):
 
 def summarise(rows):
     """Per row: the students' names and, for each column, (text, mean, std)."""
-    table = {}
-    for row, runs in rows.items():
-        names = [n for n in runs[0]["miou"] if n != "fused"]
-        # the prediction of each mIoU figure; one student: no student-2 figure
-        preds = dict(zip(FIGURES, [names[0], names[1] if len(names) > 1 else None, "fused"]))
-        figures = [dict(r, **{k: r["miou"].get(n) for k, n in preds.items()}) for r in runs]
-        table[row] = dict(students=names, **{k: mean_std([f[k] for f in figures]) for k in FIGURES})
-    return table
+    return {row: row_summary(runs) for row, runs in rows.items()}
+
+
+def row_summary(runs):
+    """One row of summarise from its runs (one per seed)."""
+    names = [n for n in runs[0]["miou"] if n != "fused"]
+    # the prediction of each mIoU figure; one student: no student-2 figure
+    preds = dict(zip(FIGURES, [names[0], names[1] if len(names) > 1 else None, "fused"]))
+    figures = [dict(r, **{k: r["miou"].get(n) for k, n in preds.items()}) for r in runs]
+    return dict(students=names, **{k: mean_std([f[k] for f in figures]) for k in FIGURES})
 
 
 def markdown(table, seeds):
@@ -139,8 +141,7 @@ def main(argv=None):
     start, runs = time.time(), {}
     for row in args.rows:
         for seed in range(args.seeds):
-            out = os.path.join(args.out, row, f"seed{seed}")
-            t = time.time()
+            out, t = os.path.join(args.out, row, f"seed{seed}"), time.time()
             how = run_once(run_argv(args, train_flags, row, seed, out), out)
             wall_s = round(time.time() - t, 1)
             runs.setdefault(row, []).append(dict(read_run(out), seed=seed, how=how, wall_s=wall_s))

@@ -33,9 +33,8 @@ def module_name(path):
 
 def functions(tree):
     """(qualified name, node) of every function, methods as Class.name."""
-    owner = {f: c.name for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for f in c.body}
-    fns = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
-    return [(f"{owner[f]}.{f.name}" if f in owner else f.name, f) for f in fns]
+    owner = {f: f"{c.name}." for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for f in c.body}
+    return [(owner.get(f, "") + f.name, f) for f in ast.walk(tree) if type(f) is ast.FunctionDef]
 
 
 def n_params(fn):
@@ -50,8 +49,7 @@ def imports(tree):
     found = {a.name for n in nodes if isinstance(n, ast.Import) for a in n.names}
     # absolute `from X import Y`: X and X.Y (Y may be a module)
     froms = [n for n in nodes if isinstance(n, ast.ImportFrom) and n.module and n.level == 0]
-    found |= {n.module for n in froms}
-    return found | {f"{n.module}.{a.name}" for n in froms for a in n.names}
+    return found | {x for n in froms for a in n.names for x in (n.module, f"{n.module}.{a.name}")}
 
 
 def cycles(graph):

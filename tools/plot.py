@@ -46,6 +46,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
+from plumbing.atomic import replacing
 from plumbing.errors import UserError, cli
 
 # (log key, title, y axis): "acc" zoomed percent ending at 100 %, "share" percent 0..100 %,
@@ -91,7 +92,8 @@ class Log:
     def students(self):
         """Named by the '<student>/loss' keys, then by the evals' result dicts (not 'fused')."""
         names = [k.removesuffix("/loss") for r in self.train for k in r if k.endswith("/loss")]
-        names += [k for r in self.evals for k, v in r.items() if _result(v) and k != "fused"]
+        results = [(k, v) for r in self.evals for k, v in r.items() if isinstance(v, dict)]
+        names += [k for k, v in results if "miou" in v and k != "fused"]
         return list(dict.fromkeys(names))
 
 
@@ -124,10 +126,6 @@ def read_log(run_dir, label=""):
 def _number(v):
     """v if it is a finite number, else None (null, NaN, a string, a bool)."""
     return v if type(v) in (int, float) and math.isfinite(v) else None  # JSON's numbers
-
-
-def _result(v):
-    return isinstance(v, dict) and "miou" in v
 
 
 def series(log, name, key):
@@ -181,7 +179,7 @@ def _draw_panel(ax, logs, key, title, kind):
     ax.grid(True, color="0.9")
     ax.spines[["top", "right"]].set_visible(False)
     one = len(logs) == 1
-    values, styles = [], ["-"] * 3 if one else STYLES
+    styles = ["-"] * 3 if one else STYLES
     for i, log in enumerate(logs):
         slots = [(0, "lambda")] if key == "lambda" else [*enumerate(log.students[:2]), (2, "fused")]
         for slot, name in slots:
@@ -191,12 +189,11 @@ def _draw_panel(ax, logs, key, title, kind):
                 # a marker per evaluation; a series of one point would be no line at all
                 fmt = styles[slot] + ("o" if key == "miou" or len(pts) == 1 else "")
                 ax.plot(*zip(*pts), fmt, color=colour, label=f"{log.label}/{name}", **LINE)
-                values += [v for _, v in pts]
-    if not values:
+    if not ax.lines:
         ax.text(0.5, 0.5, NO_DATA.get(key, "no data"), transform=ax.transAxes, **NOTE)
         ax.set_yticks([])
         return
-    ax.set_ylim(*y_limits(kind, values))
+    ax.set_ylim(*y_limits(kind, [y for line in ax.lines for y in line.get_ydata()]))
     if kind != "num":
         ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
 
@@ -211,15 +208,13 @@ def _legend(fig, logs):
     if len(logs) == 1:
         handles = [Line2D([], [], color=f"C{j}", label=n) for j, n in names]
     else:
-        runs = [g.label + ("" if same else _students(g)) for g in logs]
+        # a run's students after its label, where they differ between runs
+        who = [", ".join(g.students) for g in logs]
+        runs = [g.label + (f" ({w})" if w and not same else "") for g, w in zip(logs, who)]
         handles = [Patch(color=f"C{i % 10}", label=r) for i, r in enumerate(runs)]
         handles += [Line2D([], [], color="black", linestyle=STYLES[j], label=n) for j, n in names]
     if handles:
         fig.legend(handles=handles, ncols=min(len(handles), 8), **LEGEND)
-
-
-def _students(log):
-    return f" ({', '.join(log.students)})" if log.students else ""
 
 
 def _new_figure(size):
@@ -302,18 +297,12 @@ def save(fig, path):
     if fmt not in (formats := fig.canvas.get_supported_filetypes()):
         valid = ", ".join(f".{k}" for k in sorted(formats))
         raise UserError(f"{path}: matplotlib cannot write a .{fmt} picture; use one of {valid}")
-    # the process id in the name: two processes drawing RUN/curves.png at the same moment (a
-    # redraw while the run trains, and a user) must not share a temporary file
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(tmp, format=fmt)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:  # the project's one atomic write (plumbing/atomic.py)
+            fig.savefig(tmp, format=fmt)
     except OSError as e:
         raise UserError(f"{path}: cannot write it ({e.strerror or e})") from e
-    finally:
-        if os.path.isfile(tmp):  # not unlink(missing_ok=True): it raises where the folder is a file
-            os.remove(tmp)
     return path
 
 
