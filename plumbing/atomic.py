@@ -10,8 +10,6 @@ import contextlib
 import json
 import os
 
-import torch
-
 from plumbing.errors import UserError
 
 
@@ -33,6 +31,8 @@ def replacing(path):
 def save_atomic(obj, path, keep_previous=False):
     """torch.save through `replacing`. keep_previous: the file it replaces stays as <name>.prev.pt.
     A failed write (disk full) leaves the previous files intact and is a UserError naming them."""
+    import torch  # here, not above: tools/plot.py imports this module without torch (2 s less)
+
     previous = os.path.splitext(path)[0] + ".prev.pt"
     try:
         if keep_previous and os.path.isfile(previous) and os.path.isfile(path):
