@@ -51,11 +51,10 @@ def ensure(info, root, *, download=False):
 def snapshot(folder, dest):
     """The one call into huggingface_hub: files under `folder/` of the repository, with progress
     bars, resumable (finished files are skipped, partial ones continued)."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download as download
 
     try:
-        pattern = [f"{folder}/*"]
-        snapshot_download(HUB_DATASETS, repo_type="dataset", allow_patterns=pattern, local_dir=dest)
+        download(HUB_DATASETS, repo_type="dataset", allow_patterns=[f"{folder}/*"], local_dir=dest)
     except Exception as e:  # offline, no such repository, interrupted: all the user can act on
         reason = (str(e).strip().splitlines() or [""])[0]
         raise UserError(

@@ -37,13 +37,14 @@ import co2s
 from eval import predict
 from model import TRAIN_BACKBONE, ModelSpec, build_model, stand_in_embeddings
 from plumbing.runtime import AMP, amp_dtype, autocast, compile_model, frozen_dtype, store_frozen
-from train import PAPER_RECIPE, param_groups
+from train import HYPER, PAPER_RECIPE, number, param_groups
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+pos = number(int, 1)  # argparse types: a number out of range is the user's mistake (exit 2)
 p.add_argument("--size", default="tiny", choices=["tiny", "base"])
-p.add_argument("--crop", type=int, default=128)
-p.add_argument("--batch", type=int, default=4, help="labelled images per step (as many unlabelled)")
-p.add_argument("--classes", type=int, default=6)
+p.add_argument("--crop", type=number(int, 16), default=128)
+p.add_argument("--batch", type=pos, default=4, help="labelled images per step (as many unlabelled)")
+p.add_argument("--classes", type=pos, default=6)
 p.add_argument("--students", default="clip,dinov3")
 p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 p.add_argument("--amp", default="auto", choices=AMP)
@@ -56,14 +57,11 @@ help_ = "torch.compile blocks and heads (train.py --compile); compile time repor
 p.add_argument("--compile", action="store_true", help=help_)
 help_ = "frozen backbone weights stored in bf16 under bf16 autocast (train.py --frozen-bf16)"
 p.add_argument("--frozen-bf16", action="store_true", help=help_)
-p.add_argument("--warmup", type=int, default=2)
-p.add_argument("--steps", type=int, default=5)
+p.add_argument("--warmup", type=number(int, 0), default=2)
+p.add_argument("--steps", type=pos, default=5)
 p.add_argument("--eval", action="store_true", help="also time sliding-window inference")
 p.add_argument("--profile", action="store_true", help="print the top operators of one step")
 args = p.parse_args()
-for flag, low in (("crop", 16), ("batch", 1), ("classes", 1), ("warmup", 0), ("steps", 1)):
-    if getattr(args, flag) < low:  # a number out of range is the user's mistake, not a traceback
-        p.error(f"--{flag} {getattr(args, flag)}: must be >= {low}")
 device = torch.device(args.device)
 cuda = device.type == "cuda"
 if cuda and not torch.cuda.is_available():
@@ -81,9 +79,9 @@ store_frozen(model, frozen_dtype(device, args.amp, args.frozen_bf16))
 if args.compile:
     compile_model(model)
 students = list(model.students)
-hyper = {k: PAPER_RECIPE[k] for k in ("lr", "backbone_lr_mult", "head_lr_mult")}
-groups = [param_groups(s, weight_decay=0.01, **hyper) for s in students]
-optimizers = [torch.optim.AdamW(g, fused=cuda) for g in groups]
+# the paper's recipe; weight_decay, which it leaves to train.py's default: 0.01
+hyper = {k: PAPER_RECIPE.get(k, 0.01) for k in HYPER}
+optimizers = [torch.optim.AdamW(param_groups(s, **hyper), fused=cuda) for s in students]
 amp = autocast(device, args.amp)
 scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, args.amp) == torch.float16)
 

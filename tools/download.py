@@ -21,11 +21,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     info = DATASETS[args.dataset]
     root = args.data_root or os.path.join("data", info.name)
-    if os.path.isdir(os.path.join(root, "images")):
-        verify(info, root)
-        print(f"{info.name} is already in {root}: every file the split lists name is there")
-        return
-    ensure(info, root, download=True)
+    if not os.path.isdir(os.path.join(root, "images")):
+        return ensure(info, root, download=True)
+    verify(info, root)
+    print(f"{info.name} is already in {root}: every file the split lists name is there")
 
 
 if __name__ == "__main__":

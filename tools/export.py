@@ -34,17 +34,13 @@ from plumbing.weights import DEFAULT_WEIGHTS
 
 # the settings of a run that are paths of the machine that trained it (dropped from config.json)
 PATHS = ("out", "resume", "data_root", "splits", "init", "text_embeddings", "command")
-DATA_LICENCES = {
-    "potsdam": "ISPRS 2D semantic labelling benchmark terms (research use)",
-    "loveda": "CC BY-NC-SA 4.0",
-    "demo": "synthetic (plumbing/demo.py)",
-}
-# (hub licence id, name, link) of the pretrained weights a student starts from
+DATA_LICENCES = dict(potsdam="ISPRS 2D semantic labelling benchmark terms (research use)")
+DATA_LICENCES |= dict(loveda="CC BY-NC-SA 4.0", demo="synthetic (plumbing/demo.py)")
+# the licence of the pretrained weights a student starts from, as the card names it; on the hub
+# CLIP's is "mit" (https://github.com/openai/CLIP/blob/main/LICENSE), DINOv3's is "other" with
+# this name and link
 DINOV3_LICENCE = "https://ai.meta.com/resources/models-and-libraries/dinov3-license/"
-WEIGHT_LICENCES = {
-    "clip": ("mit", "MIT (OpenAI CLIP)", "https://github.com/openai/CLIP/blob/main/LICENSE"),
-    "dinov3": ("other", "DINOv3 License (Meta)", DINOV3_LICENCE),
-}
+WEIGHT_LICENCES = dict(clip="MIT (OpenAI CLIP)", dinov3="DINOv3 License (Meta)")
 TASK = "image-segmentation"  # the hub's pipeline tag, and the task of the results
 TAGS = ["semantic-segmentation", "remote-sensing", "semi-supervised"]
 
@@ -61,9 +57,9 @@ def export(checkpoint, out_dir):
     except ValueError as e:  # a config.json edited by hand, or truncated
         raise UserError(f"{run_config} is not valid JSON ({e}); restore it from the run") from e
     cfg = {k: v for k, v in cfg.items() if k not in PATHS}
-    for kind in DEFAULT_WEIGHTS:  # a hub id says what the weights are; a local folder says nothing
-        w = cfg.get(f"{kind}_weights")
-        cfg[f"{kind}_weights"] = w if w is None or not os.path.exists(w) else runs.LOCAL_FOLDER
+    # a hub id says what the weights are; a local folder says nothing
+    for k in [f"{kind}_weights" for kind in DEFAULT_WEIGHTS]:
+        cfg[k] = runs.LOCAL_FOLDER if cfg.get(k) and os.path.exists(cfg[k]) else cfg.get(k)
     # config.json, in this order: what rebuilds the model, the step and its results, the labels
     config = dict(format=runs.EXPORT, version=2, model_args=state["model_args"], cfg=cfg)
     config.update(dataset_info=dataclasses.asdict(info), step=state["step"])
@@ -125,26 +121,24 @@ def model_card(config):
     pretrained = {k: cfg.get(f"{k}_weights") for k in dict.fromkeys(args["kinds"])}
     pretrained = {k: w for k, w in pretrained.items() if w and w != "release-init"}
     # the metadata as the hub parses it: licence, base models, task, dataset, results
-    licences = [WEIGHT_LICENCES[k] for k in pretrained]
-    other = next((lic for lic in licences if lic[0] == "other"), None)
-    licence = "other" if other else licences[0][0] if licences else "unknown"
-    terms = dict(license_name="dinov3-license", license_link=other[2]) if other else {}
-    hub = dict(library_name="co2s", pipeline_tag=TASK, datasets=[dataset], tags=TAGS)
+    # (DINOv3's licence is the hub's "other", named and linked; with CLIP's alone it is "mit")
+    dinov3 = dict(license="other", license_name="dinov3-license", license_link=DINOV3_LICENCE)
+    hub = dinov3 if "dinov3" in pretrained else dict(license="mit" if pretrained else "unknown")
+    hub.update(library_name="co2s", pipeline_tag=TASK, datasets=[dataset], tags=TAGS)
     hub["base_model"] = [w for w in pretrained.values() if w != runs.LOCAL_FOLDER] or None
     # each result: mean IoU of one prediction on the dataset's val split
     on = dict(task_type=TASK, dataset_type=dataset, dataset_name=dataset, metric_type="mean_iou")
     on["dataset_split"] = "val"
     scores = {f"mIoU ({name})": round(100 * r["miou"], 2) for name, r in res.items()}
     results = [EvalResult(**on, metric_name=n, metric_value=v) for n, v in scores.items()] or None
-    name = f"co2s-{dataset}-{cfg['ratio']}"
-    data = ModelCardData(license=licence, **terms, **hub, model_name=name, eval_results=results)
+    data = ModelCardData(**hub, model_name=f"co2s-{dataset}-{cfg['ratio']}", eval_results=results)
     # the card: what the model is, how good, how it was trained, under which terms
     names = list(res) or args["kinds"]
     miou = " | ".join(f"{100 * res[n]['miou']:.2f}" if n in res else "-" for n in names)
     step, total, by = config["step"], config.get("total_steps"), config.get("chosen_by")
     when = f"the checkpoint of step {step}" + (f" of a {total}-step run" if total else "")
     when += f" (the best by {by} mIoU)" if by else ""
-    weights = "; ".join(f"{k}: {w} ({WEIGHT_LICENCES[k][1]})" for k, w in pretrained.items())
+    weights = "; ".join(f"{k}: {w} ({WEIGHT_LICENCES[k]})" for k, w in pretrained.items())
     weights = weights or "none: every backbone started from random weights"
     size = args["size"] if isinstance(args["size"], str) else "as released"
     body = f"""
@@ -180,7 +174,6 @@ def main(argv=None):
         print(f"wrote {export(checkpoint, args.out)}")
     except OSError as e:  # a read-only or full target
         raise UserError(f"export to {args.out!r} failed: {e.strerror or e}") from e
-    return args.out
 
 
 if __name__ == "__main__":
