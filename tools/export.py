@@ -34,8 +34,11 @@ from plumbing.weights import DEFAULT_WEIGHTS
 
 # the settings of a run that are paths of the machine that trained it (dropped from config.json)
 PATHS = ("out", "resume", "data_root", "splits", "init", "text_embeddings", "command")
-DATA_LICENCES = dict(potsdam="ISPRS 2D semantic labelling benchmark terms (research use)")
-DATA_LICENCES |= dict(loveda="CC BY-NC-SA 4.0", demo="synthetic (plumbing/demo.py)")
+DATA_LICENCES = {
+    "potsdam": "ISPRS 2D semantic labelling benchmark terms (research use)",
+    "loveda": "CC BY-NC-SA 4.0",
+    "demo": "synthetic (plumbing/demo.py)",
+}
 # the licence of the pretrained weights a student starts from, as the card names it; on the hub
 # CLIP's is "mit" (https://github.com/openai/CLIP/blob/main/LICENSE), DINOv3's is "other" with
 # this name and link
