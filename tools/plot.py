@@ -309,7 +309,8 @@ def save(fig, path):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m tools.plot", description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="run folders written by train.py (each holds log.jsonl)")
-    out = "picture to write, its format from the suffix: .png, .svg, .pdf, ... (default: RUN/curves.png for one run, ./curves.png for several)"
+    out = "picture to write, its format from the suffix: .png, .svg, .pdf, ... "
+    out += "(default: RUN/curves.png for one run, ./curves.png for several)"
     p.add_argument("--out", help=out)
     p.add_argument("--labels", help="comma list naming the runs (default: folders)")
     args = p.parse_args(argv)

@@ -267,7 +267,8 @@ class Strip:
 
     def logits(self, student, cols=slice(None)):
         """(N, rows, cols) fp32 window-averaged logits of `student`, as eval.sliding_window's."""
-        rows = len(self.valid)  # >= 1 window at every valid pixel: the same quotient
+        rows = len(self.valid)
+        # count >= 1 at every valid pixel: the clamp changes no quotient there
         return self.sums[student][:, :rows, cols] / self.count[:rows, cols].clamp(min=1)
 
     def probs(self, name, cols=slice(None)):
@@ -355,8 +356,9 @@ def _windows(rows, xs, w, held, stats):
 @torch.no_grad()
 def stream_strips(model, rows, shape, opts, names=None, stats=None):
     """Yield the Strips of a scene of `shape` (H, W), top to bottom, for `names` (default
-    opts.name). rows: (y, pixels, valid) of every window row in order (read_rows; the tests' array_rows for an image in memory).
-    Windows without a valid pixel are not run; stats (a dict) gets windows, skipped, forwards."""
+    opts.name). rows: (y, pixels, valid) of every window row in order (read_rows; the tests'
+    array_rows for an image in memory). Windows without a valid pixel are not run; stats (a
+    dict) gets windows, skipped, forwards."""
     names = model.check_names(names or [opts.name])
     students = [s for s in model.students if "fused" in names or s.name in names]
     (H, W), device = shape, torch.device(opts.device)
