@@ -157,9 +157,8 @@ def get_args(argv=None):
     kinds, valid = args.students.split(","), ", ".join(model.KINDS)
     if not 1 <= len(kinds) <= 2 or any(k not in model.KINDS for k in kinds):
         p.error(f"--students {args.students!r}: one or two of {valid}, comma separated")
-    if args.best_by not in model.prediction_names(kinds):
-        valid = ", ".join(model.prediction_names(kinds))
-        p.error(f"--best-by {args.best_by!r}; valid for these students: {valid}")
+    if args.best_by not in (names := model.prediction_names(kinds)):
+        p.error(f"--best-by {args.best_by!r}; valid for these students: {', '.join(names)}")
     if not 0 < args.tau <= 1:
         p.error(f"--tau {args.tau}: a confidence threshold in (0, 1]")
     return args
@@ -174,8 +173,7 @@ def resolve(args, init=None, world=1):
     the config never changes (config.json)."""
     cfg = vars(args).copy()
     info = dataset_info(args.dataset, args.data_root)
-    cfg["data_root"] = args.data_root or os.path.join("data", args.dataset)
-    cfg["ratio"] = parse_ratio(args.ratio)
+    cfg.update(data_root=args.data_root or f"data/{args.dataset}", ratio=parse_ratio(args.ratio))
     cfg.update({k: getattr(info, k) for k in ("crop", "batch", "epochs", "size") if not cfg[k]})
     if cfg["workers"] is None:
         cfg["workers"] = min(4, max(1, (os.cpu_count() or 4) // 4))
@@ -409,9 +407,9 @@ def train_step(loop, streams, method, amp):
             # sum gives every student the gradient of its own loss; / accum averages
             # micro-batches as DDP averages ranks.
             run.scaler.scale(sum(out.losses) / accum).backward()
-        quality = loop.logs_after(run.step + 1)
-        logs = co2s.diagnostics(out, batch, method, loop.cfg["fusion"], quality)
-        for k, v in logs.items():  # kept for the next log record (no host sync)
+        quality = loop.logs_after(run.step + 1)  # (a log step: the pseudo-labels' quality too)
+        # kept for the next log record (no host sync)
+        for k, v in co2s.diagnostics(out, batch, method, loop.cfg["fusion"], quality).items():
             loop.window.setdefault(k, []).append(v.detach())
     for opt in run.optimizers:
         run.scaler.step(opt)
@@ -473,8 +471,7 @@ def build_loop(cfg, state, info, layout, device, init=None):
     run = runs.Run(cfg, spec_of(cfg, len(info.classes)), net, optimizers, scaler, info=info)
     if state:
         runs.restore(run, state)
-    students = runtime.replicate(net.students, layout.world)
-    return Loop(run, layout, device, students), source
+    return Loop(run, layout, device, runtime.replicate(net.students, layout.world)), source
 
 
 def log_train(loop, pbar):
@@ -510,8 +507,7 @@ def keep_best(loop, result):
     names = [s.name for s in run.model.students] if loop.cfg["best_per_student"] else []
     better = [n for n in names if result[n]["miou"] > each.get(n, {"miou": -1.0})["miou"]]
     each.update({name: dict(miou=result[name]["miou"], step=run.step) for name in better})
-    new_best = result[key]["miou"] > run.best["miou"]
-    if new_best:
+    if new_best := result[key]["miou"] > run.best["miou"]:
         run.best = dict(miou=result[key]["miou"], step=run.step, by=key, results=result)
     if names:  # --best-per-student
         run.best["each"] = each

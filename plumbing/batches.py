@@ -66,10 +66,8 @@ class BatchLayout:
         return len(self.epoch_order(list(range(n)))) // self.global_batch
 
     def describe(self):
-        return (
-            f"global batch {self.global_batch} = {self.world} process{'es' if self.world > 1 else ''} "
-            f"x accum {self.accum} x micro-batch {self.micro}"
-        )
+        split = f"{self.global_batch} = {self.world} process{'es' if self.world > 1 else ''}"
+        return f"global batch {split} x accum {self.accum} x micro-batch {self.micro}"
 
 
 class RunSampler(Sampler):

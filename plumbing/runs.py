@@ -17,7 +17,6 @@ import pathlib
 import platform
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import warnings
@@ -175,9 +174,8 @@ def check_fresh(out, cfg):
         return
     stray = f"files not written by train.py: {found[:3]}"
     what = "an exported model" if is_export(out) else "another run" if run else stray
-    raise UserError(
-        f"--out {out} holds {what}; pass a new folder (or --resume {out} to continue a run there)"
-    )
+    hint = f"pass a new folder (or --resume {out} to continue a run there)"
+    raise UserError(f"--out {out} holds {what}; {hint}")
 
 
 def lock_run(out):
@@ -194,7 +192,7 @@ def lock_run(out):
             f"--out {out} is in use by the training of {holder}; wait for it or stop it, or pass "
             f"another --out"
         ) from None
-    pathlib.Path(f.name).write_text(f"host {socket.gethostname()} pid {os.getpid()}\n")
+    pathlib.Path(f.name).write_text(f"host {platform.node()} pid {os.getpid()}\n")
     return f
 
 
