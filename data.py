@@ -58,24 +58,25 @@ SETS = {"labeled": "labelled", "unlabeled": "unlabelled", "val": "val"}
 # reading files
 
 
-def _images(folder):
-    """The names of a folder's images (extensions IMAGE_EXTS), sorted."""
-    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
+def _images(folder, exts=IMAGE_EXTS):
+    """The names of a folder's images (extensions `exts`), sorted."""
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(exts))
 
 
-def list_images(folder):
-    """The images of a folder (extensions IMAGE_EXTS), sorted; two formats of one stem would give
-    one output name, so they are an error."""
-    if not os.path.isdir(folder):
-        raise UserError(f"{folder!r} does not exist (expected an image file or a folder of images)")
-    names = _images(folder)
-    if not names:
-        raise UserError(f"no images in {folder!r}; accepted extensions: {' '.join(IMAGE_EXTS)}")
+def list_images(path, exts=IMAGE_EXTS):
+    """[path] for an image file; the images of a folder (extensions `exts`), sorted. Two formats of
+    one stem would give one output name, so they are an error (eval.py's masks, tools/scene.py's
+    outputs are named by the stem)."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise UserError(f"{path!r} does not exist (expected an image file or a folder of images)")
+    if not (names := _images(path, exts)):
+        raise UserError(f"no images in {path!r}; accepted extensions: {' '.join(exts)}")
     stems = [os.path.splitext(f)[0] for f in names]
-    twins = sorted({s for s in stems if stems.count(s) > 1})
-    if twins:
-        raise UserError(f"{folder!r}: images {twins} share a name in several formats")
-    return [os.path.join(folder, f) for f in names]
+    if twins := sorted({s for s in stems if stems.count(s) > 1}):
+        raise UserError(f"{path!r}: images {twins} share a name in several formats (one output)")
+    return [os.path.join(path, f) for f in names]
 
 
 def _open(path, what):

@@ -217,7 +217,7 @@ def predict_folder(model, palette, folder, out, crop, name=FUSED):
     evaluation, under the caller's autocast. `out` never overwrites what eval.py did not write
     there: a file of that name is replaced only when `out`'s predictions.json lists it. Returns the
     files written."""
-    paths = [folder] if os.path.isfile(folder) else data.list_images(folder)
+    paths = data.list_images(folder)
     if os.path.abspath(out) in {os.path.abspath(os.path.dirname(p)) for p in paths}:
         raise UserError(f"--out {out!r} is the folder of the images: pass another folder")
     manifest = os.path.join(out, "predictions.json")  # the files eval.py wrote there

@@ -18,6 +18,7 @@ from data import (  # noqa: E402
     Splits,
     Streams,  # noqa: E402
     cutmix_box,
+    list_images,
     load_label,
     make_splits,
     rescale,
@@ -456,6 +457,23 @@ def test_truncated_image_and_size_mismatch(tmp_path):
             [(os.path.join(root, "images", "001.png"), os.path.join(root, "labels", "001.png"))],
             "val",
         )[(0, 0)]
+
+
+def test_list_images_of_a_file_a_folder_and_its_mistakes(tmp_path):
+    """What eval.py --predict and tools/scene.py --input take: a file as itself, a folder's images
+    by extension and sorted; a missing path, no image, two formats of one stem are UserErrors."""
+    for name in ("b.png", "a.tif", "c.jp2", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert list_images(str(tmp_path / "notes.txt")) == [str(tmp_path / "notes.txt")]
+    assert list_images(str(tmp_path)) == [str(tmp_path / n) for n in ("a.tif", "b.png")]
+    assert list_images(str(tmp_path), (".jp2", ".png"))[0] == str(tmp_path / "b.png")
+    with pytest.raises(UserError, match="does not exist"):
+        list_images(str(tmp_path / "gone"))
+    with pytest.raises(UserError, match=r"no images in .*accepted extensions: \.bmp"):
+        list_images(str(tmp_path), (".bmp",))
+    (tmp_path / "b.jpg").write_bytes(b"")
+    with pytest.raises(UserError, match=r"images \['b'\] share a name"):
+        list_images(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- augmentations
