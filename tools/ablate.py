@@ -27,7 +27,7 @@ from pathlib import Path
 
 import train
 from plumbing.errors import cli
-from tools.plot import ablation_chart, plot, read_log
+from tools.plot import ablation_figure, drift_figure, read_log, save
 
 # row name -> the train.py flags that make it (the paper's default for everything else)
 ROWS = {
@@ -133,7 +133,7 @@ def markdown(table, seeds):
 
 def overlay(runs, path):
     """curves.png: seed 0 of every row (its first run), one colour per row, labelled by the row."""
-    return plot([r[0]["run"] for r in runs.values()], path, list(runs))
+    return save(drift_figure([r[0]["run"] for r in runs.values()], list(runs)), path)
 
 
 def main(argv=None):
@@ -154,7 +154,7 @@ def main(argv=None):
     rows = {r: ROWS[r] for r in args.rows}
     results = dict(command=command, train_flags=train_flags, rows=rows, runs=runs, table=table)
     Path(args.out, "results.json").write_text(json.dumps(results, indent=2))
-    ablation_chart(table, os.path.join(args.out, "chart.png"))
+    save(ablation_figure(table), os.path.join(args.out, "chart.png"))
     overlay(runs, os.path.join(args.out, "curves.png"))
     print(text)
     return table

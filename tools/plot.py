@@ -69,7 +69,7 @@ LINE = dict(linewidth=1.6, markersize=5, markeredgecolor="black", markeredgewidt
 NOTE = dict(ha="center", va="center", color="0.4")
 LEGEND = dict(loc="outside lower center", frameon=False)  # below the panels, up to 8 a row
 BAR = dict(capsize=3, error_kw={"ecolor": "black", "elinewidth": 1})  # a bar and its whisker
-# ablate.summarise's columns, in ablate.chart's colours and order
+# ablate.summarise's columns, in the ablation chart's colours and order
 COLUMNS = [("student1", "student 1"), ("student2", "student 2"), ("fused", "fused")]
 
 
@@ -244,12 +244,6 @@ def drift_figure(run_dirs, labels=None):
     return fig
 
 
-def plot(run_dirs, out_path, labels=None):
-    """Draw the runs' curves (one run: its drift plot; several: their overlay) to out_path, in the
-    format its suffix names (PNG without one); returns out_path."""
-    return save(drift_figure(run_dirs, labels), out_path)
-
-
 # ----------------------------------------------------------------------------------------------
 # the ablation chart
 
@@ -278,11 +272,6 @@ def ablation_figure(table):
     else:
         ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", color="0.4")
     return fig
-
-
-def ablation_chart(table, path):
-    """ablation_figure(table) saved to path (format from its suffix); returns path."""
-    return save(ablation_figure(table), path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,8 +306,8 @@ def main(argv=None):
     labels = args.labels.split(",") if args.labels else None
     if labels and len(labels) != len(args.runs):
         p.error(f"--labels: {len(labels)} names for {len(args.runs)} runs")
-    one = os.path.join(args.runs[0], "curves.png")
-    print(plot(args.runs, args.out or (one if len(args.runs) == 1 else "curves.png"), labels))
+    default = os.path.join(args.runs[0], "curves.png") if len(args.runs) == 1 else "curves.png"
+    print(save(drift_figure(args.runs, labels), args.out or default))
 
 
 if __name__ == "__main__":

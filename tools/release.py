@@ -97,9 +97,8 @@ def read(path):
         raise UserError(f"cannot read the released checkpoint {path!r} ({runs.reason(e)})") from e
     sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
-        raise UserError(
-            f"{path!r} holds no state dict (expected {{'model': ..., 'optimizer': ..., 'epoch': ...}} as the authors' Co2S.py saves, or a plain state dict)"
-        )
+        layout = "{'model': ..., 'optimizer': ..., 'epoch': ...} as the authors' Co2S.py saves"
+        raise UserError(f"{path!r} holds no state dict (expected {layout}, or a plain state dict)")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     # the authors' own eval.py deletes these before loading: the CLIP text tower's weights
     if drop := [k for k in sd if k.startswith("clip_encoder.")]:
@@ -193,9 +192,8 @@ def load_release(folder, dataset, data_root=None, text_embeddings=None):
     # from_release gives the class embeddings to a CLIP student only
     students = [from_release(f, text) for f in files]
     if bad := next((s for s in students if len(s.class_embeddings()) != len(info.classes)), None):
-        raise UserError(
-            f"the released {bad.kind} student predicts {len(bad.class_embeddings())} classes, {dataset} has {len(info.classes)}: check --dataset"
-        )
+        got = f"the released {bad.kind} student predicts {len(bad.class_embeddings())} classes"
+        raise UserError(f"{got}, {dataset} has {len(info.classes)}: check --dataset")
     m = re.search(r"(\d+_\d+)-(\d+(?:\.\d+)?)$", os.path.basename(os.path.abspath(folder)))
     ratio = m.group(1) if m else info.ratios[0].replace("/", "_")
     # a release stores its crop's position grid; students[0] is the CLIP student where there is one
