@@ -60,15 +60,13 @@ def get_args(argv=None):
     p.add_argument("--dataset", default="demo")
     p.add_argument("--ratio", default="1/16")
     p.add_argument("--iters", type=int, help="optimizer steps per run (default: train.py's epochs)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per row")
+    p.add_argument("--seeds", type=train.number(int, 1), default=3, help="seeds 0 .. N-1 per row")
     p.add_argument("--rows", default=",".join(ROWS), help="comma list of: " + ", ".join(ROWS))
     p.add_argument("--out", help="table folder (default: runs/ablate-<dataset>-<ratio>)")
     args, train_flags = p.parse_known_args(argv)
     args.rows = args.rows.split(",")
     if bad := [r for r in args.rows if r not in ROWS]:
         p.error(f"--rows: unknown {', '.join(bad)}; valid: {', '.join(ROWS)}")
-    if args.seeds < 1:
-        p.error("--seeds must be >= 1")
     args.out = args.out or f"runs/ablate-{args.dataset}-{args.ratio.replace('/', '_')}"
     return args, train_flags
 
