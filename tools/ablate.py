@@ -108,13 +108,9 @@ def mean_std(values):
     return f"{m:.2f} ± {s:.2f}", m, s
 
 
-def summarise(rows):
-    """Per row: the students' names and, for each column, (text, mean, std)."""
-    return {row: row_summary(runs) for row, runs in rows.items()}
-
-
-def row_summary(runs):
-    """One row of summarise from its runs (one per seed)."""
+def summarise(runs):
+    """One row of the table from its runs (one per seed): the students' names and, for each
+    column, (text, mean, std)."""
     names = [n for n in runs[0]["miou"] if n != "fused"]
     # the prediction of each mIoU figure; one student: no student-2 figure
     preds = dict(zip(FIGURES, [names[0], names[1] if len(names) > 1 else None, "fused"]))
@@ -144,7 +140,7 @@ def main(argv=None):
             wall_s = round(time.time() - t, 1)
             runs.setdefault(row, []).append(dict(read_run(out), seed=seed, how=how, wall_s=wall_s))
             print(f"[ablate] {row} seed {seed}: {how} ({wall_s} s) -> {out}")
-    table = summarise(runs)
+    table = {row: summarise(row_runs) for row, row_runs in runs.items()}
     command = "python -m tools.ablate " + " ".join(argv if argv is not None else sys.argv[1:])
     wall = f"wall time {time.time() - start:.0f} s (runs reused from an earlier call count 0 s)"
     text = f"{markdown(table, args.seeds)}\n\nCommand: `{command}`; {wall}.\n"

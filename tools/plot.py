@@ -250,8 +250,9 @@ def drift_figure(run_dirs, labels=None):
 
 def ablation_figure(table):
     """Grouped bars per ablate.py row (student 1, student 2, fused): the mean mIoU over seeds with
-    a whisker of one std. table: ablate.summarise's {row: {students, student1: (text, mean, std),
-    student2, fused, ...}}, means in %; a column without a mean (one student) has no bar."""
+    a whisker of one std. table: ablate.py's {row: summarise(its runs)}, each {students, student1:
+    (text, mean, std), student2, fused, ...}, means in %; a column without a mean (one student)
+    has no bar."""
     rows, width = list(table), 0.27
     fig = _new_figure((max(6.0, 2.0 + 1.4 * len(rows)), 4.8))
     ax = fig.add_subplot(label="ablation")
