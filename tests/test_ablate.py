@@ -107,15 +107,16 @@ def test_the_curves_overlay_is_seed_0_of_each_row_labelled_by_row(tmp_path, monk
         row: [dict(run=str(tmp_path / row / f"seed{k}"), seed=k) for k in range(2)]
         for row in ("unimatch", "co2s")
     }
-    seen = []
+    seen, figure = [], object()
     monkeypatch.setattr(
-        ablate, "plot", lambda dirs, path, labels: seen.append((dirs, path, labels))
+        ablate, "drift_figure", lambda dirs, labels: seen.append((dirs, labels)) or figure
     )
+    monkeypatch.setattr(ablate, "save", lambda fig, path: seen.append((fig, path)))
     ablate.overlay(runs, "curves.png")
     assert seen == [
         (
             [str(tmp_path / "unimatch" / "seed0"), str(tmp_path / "co2s" / "seed0")],
-            "curves.png",
             ["unimatch", "co2s"],
-        )
+        ),
+        (figure, "curves.png"),
     ]

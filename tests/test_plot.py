@@ -255,7 +255,7 @@ def test_bad_lines_and_values_are_skipped(tmp_path):
 
 def test_a_run_still_writing_its_log_is_plotted(tmp_path):
     run = write_run(tmp_path, "r", co2s_log(), tail=b'{"type": "train", "step": 210, "a/s')
-    out = plot.plot([run], str(tmp_path / "c.png"))
+    out = plot.save(plot.drift_figure([run]), str(tmp_path / "c.png"))
     assert read_bytes(out)[:8] == b"\x89PNG\r\n\x1a\n"
     assert lines(plot.drift_figure([run]), "sup")["r/a"][0] == STEPS
 
@@ -267,7 +267,7 @@ def test_a_run_still_writing_its_log_is_plotted(tmp_path):
 def test_the_suffix_picks_the_format(tmp_path, suffix, magic):
     run = write_run(tmp_path, "r", co2s_log()[:3])
     out = str(tmp_path / f"curves{suffix}")
-    assert plot.plot([run], out) == out
+    assert plot.save(plot.drift_figure([run]), out) == out
     assert read_bytes(out)[: len(magic)] == magic
     assert sorted(os.listdir(tmp_path)) == sorted(["r", f"curves{suffix}"])  # no temporary
 
@@ -275,14 +275,14 @@ def test_the_suffix_picks_the_format(tmp_path, suffix, magic):
 def test_an_unknown_suffix_is_a_user_error_listing_the_valid_ones(tmp_path):
     run = write_run(tmp_path, "r", co2s_log()[:3])
     with pytest.raises(UserError, match=r"curves\.txt.*\.pdf.*\.png.*\.svg"):
-        plot.plot([run], str(tmp_path / "curves.txt"))
+        plot.save(plot.drift_figure([run]), str(tmp_path / "curves.txt"))
     assert sorted(os.listdir(tmp_path)) == ["r"]
 
 
 def test_a_missing_log_is_a_user_error_naming_the_path(tmp_path, capsys):
     missing = str(tmp_path / "not-a-run")
     with pytest.raises(UserError, match="not-a-run"):
-        plot.plot([missing], str(tmp_path / "c.png"))
+        plot.save(plot.drift_figure([missing]), str(tmp_path / "c.png"))
     with pytest.raises(SystemExit) as e:
         errors.cli(lambda: plot.main([missing]))
     assert e.value.code == 2 and os.path.join(missing, "log.jsonl") in capsys.readouterr().err
@@ -293,13 +293,13 @@ def test_an_unwritable_output_is_a_user_error_naming_it(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     out = str(tmp_path / "file" / "c.png")
     with pytest.raises(UserError, match=r"file/c\.png: cannot write it"):
-        plot.plot([run], out)
+        plot.save(plot.drift_figure([run]), out)
 
 
 def test_writing_is_atomic(tmp_path, monkeypatch):
     run = write_run(tmp_path, "r", co2s_log()[:3])
     out = tmp_path / "pics" / "c.png"
-    assert plot.plot([run], str(out)) == str(out)
+    assert plot.save(plot.drift_figure([run]), str(out)) == str(out)
     before = out.read_bytes()
 
     def broken_savefig(fig, path, format=None):
@@ -309,7 +309,7 @@ def test_writing_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Figure, "savefig", broken_savefig)
     with pytest.raises(UserError, match="No space left"):
-        plot.plot([run], str(out))
+        plot.save(plot.drift_figure([run]), str(out))
     assert out.read_bytes() == before and os.listdir(out.parent) == ["c.png"]  # old file, no tmp
 
 
@@ -413,7 +413,7 @@ def test_the_ablation_bars_are_the_tables_means_with_a_std_whisker(tmp_path):
     assert ticks == ["supervised\nclip, dinov3", "co2s\nclip, dinov3", "one-student\nclip"]
     centres = [p.get_x() + p.get_width() / 2 for c in bar_groups(ax) for p in c.patches]
     assert len({round(x, 6) for x in centres}) == len(centres)  # no two bars on each other
-    out = plot.ablation_chart(TABLE, str(tmp_path / "chart.svg"))
+    out = plot.save(plot.ablation_figure(TABLE), str(tmp_path / "chart.svg"))
     assert read_bytes(out)[:5] == b"<?xml"
 
 

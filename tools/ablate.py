@@ -27,7 +27,7 @@ from pathlib import Path
 
 import train
 from plumbing.errors import cli
-from tools.plot import ablation_chart, plot, read_log
+from tools.plot import ablation_figure, drift_figure, read_log, save
 
 # row name -> the train.py flags that make it (the paper's default for everything else)
 ROWS = {
@@ -60,15 +60,13 @@ def get_args(argv=None):
     p.add_argument("--dataset", default="demo")
     p.add_argument("--ratio", default="1/16")
     p.add_argument("--iters", type=int, help="optimizer steps per run (default: train.py's epochs)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per row")
+    p.add_argument("--seeds", type=train.number(int, 1), default=3, help="seeds 0 .. N-1 per row")
     p.add_argument("--rows", default=",".join(ROWS), help="comma list of: " + ", ".join(ROWS))
     p.add_argument("--out", help="table folder (default: runs/ablate-<dataset>-<ratio>)")
     args, train_flags = p.parse_known_args(argv)
     args.rows = args.rows.split(",")
     if bad := [r for r in args.rows if r not in ROWS]:
         p.error(f"--rows: unknown {', '.join(bad)}; valid: {', '.join(ROWS)}")
-    if args.seeds < 1:
-        p.error("--seeds must be >= 1")
     args.out = args.out or f"runs/ablate-{args.dataset}-{args.ratio.replace('/', '_')}"
     return args, train_flags
 
@@ -110,13 +108,9 @@ def mean_std(values):
     return f"{m:.2f} ± {s:.2f}", m, s
 
 
-def summarise(rows):
-    """Per row: the students' names and, for each column, (text, mean, std)."""
-    return {row: row_summary(runs) for row, runs in rows.items()}
-
-
-def row_summary(runs):
-    """One row of summarise from its runs (one per seed)."""
+def summarise(runs):
+    """One row of the table from its runs (one per seed): the students' names and, for each
+    column, (text, mean, std)."""
     names = [n for n in runs[0]["miou"] if n != "fused"]
     # the prediction of each mIoU figure; one student: no student-2 figure
     preds = dict(zip(FIGURES, [names[0], names[1] if len(names) > 1 else None, "fused"]))
@@ -133,7 +127,7 @@ def markdown(table, seeds):
 
 def overlay(runs, path):
     """curves.png: seed 0 of every row (its first run), one colour per row, labelled by the row."""
-    return plot([r[0]["run"] for r in runs.values()], path, list(runs))
+    return save(drift_figure([r[0]["run"] for r in runs.values()], list(runs)), path)
 
 
 def main(argv=None):
@@ -146,7 +140,7 @@ def main(argv=None):
             wall_s = round(time.time() - t, 1)
             runs.setdefault(row, []).append(dict(read_run(out), seed=seed, how=how, wall_s=wall_s))
             print(f"[ablate] {row} seed {seed}: {how} ({wall_s} s) -> {out}")
-    table = summarise(runs)
+    table = {row: summarise(row_runs) for row, row_runs in runs.items()}
     command = "python -m tools.ablate " + " ".join(argv if argv is not None else sys.argv[1:])
     wall = f"wall time {time.time() - start:.0f} s (runs reused from an earlier call count 0 s)"
     text = f"{markdown(table, args.seeds)}\n\nCommand: `{command}`; {wall}.\n"
@@ -154,7 +148,7 @@ def main(argv=None):
     rows = {r: ROWS[r] for r in args.rows}
     results = dict(command=command, train_flags=train_flags, rows=rows, runs=runs, table=table)
     Path(args.out, "results.json").write_text(json.dumps(results, indent=2))
-    ablation_chart(table, os.path.join(args.out, "chart.png"))
+    save(ablation_figure(table), os.path.join(args.out, "chart.png"))
     overlay(runs, os.path.join(args.out, "curves.png"))
     print(text)
     return table

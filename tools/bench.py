@@ -112,9 +112,9 @@ def once(fn):
     return time.perf_counter() - t
 
 
-def timed(fn, n):
-    """The median seconds of n calls of fn (n = 0: a warm-up of none)."""
-    return statistics.median(once(fn) for _ in range(n)) if n else 0.0
+def timed(fn, n, warmup=0):
+    """The median seconds of n calls of fn, after `warmup` calls that are not counted."""
+    return statistics.median([once(fn) for _ in range(warmup + n)][warmup:])
 
 
 def step():
@@ -145,10 +145,8 @@ def floor():
 if cuda:
     torch.cuda.reset_peak_memory_stats()
 first_s = timed(step, 1)  # with --compile: the compilation of the step's shapes
-timed(step, args.warmup)
-step_s = timed(step, args.steps)
-timed(floor, 1)
-floor_s = timed(floor, args.steps)
+step_s = timed(step, args.steps, args.warmup)
+floor_s = timed(floor, args.steps, 1)
 with FlopCounterMode(display=False) as counter:
     step()
 tflop = counter.get_total_flops() / 1e12

@@ -86,18 +86,18 @@ def measure():
     files = sorted(f for d in dirs for f in glob.glob(os.path.join(d, "*.py"), root_dir=ROOT))
     texts = {f: open(os.path.join(ROOT, f)).read() for f in files}
     project = [f for f in files if not f.startswith("tests")]
-    modules = {module_name(f) for f in project}
-    found, fns = {}, []  # module -> what it imports; (where, name, lines, parameters) per function
+    # module -> what it imports; (where, name, lines, parameters) per function
+    modules, fns = {}, []
     for f in project:
         tree = ast.parse(texts[f])
-        found[module_name(f)] = imports(tree)
+        modules[module_name(f)] = imports(tree)
         for q, fn in functions(tree):
             fns.append((f"{f}:{q}", fn.name, fn.end_lineno - fn.lineno + 1, n_params(fn)))
-    graph = {n: {m for m in imp if m in modules} - {n} for n, imp in found.items()}
+    graph = {n: {m for m in imp if m in modules} - {n} for n, imp in modules.items()}
     lines = [line for f in project for line in texts[f].splitlines()]
     m = dict(files={f: len(t.splitlines()) for f, t in texts.items()}, cycles=cycles(graph))
     m["top"] = sorted(f[:-3] for f in files if os.sep not in f)
-    m["foreign"] = {n: foreign_imports(n, imp, modules) for n, imp in found.items() if n in SIX}
+    m["foreign"] = {n: foreign_imports(n, imp, modules) for n, imp in modules.items() if n in SIX}
     m["long_functions"] = [(w, k) for w, n, k, _ in fns if k > MAX_LINES and n not in EXEMPT_LENGTH]
     m["many_params"] = [(w, k) for w, n, _, k in fns if k > MAX_PARAMS and n not in EXEMPT_PARAMS]
     m["long_line_share"] = sum(len(line) > WIDTH for line in lines) / max(len(lines), 1)

@@ -69,7 +69,7 @@ LINE = dict(linewidth=1.6, markersize=5, markeredgecolor="black", markeredgewidt
 NOTE = dict(ha="center", va="center", color="0.4")
 LEGEND = dict(loc="outside lower center", frameon=False)  # below the panels, up to 8 a row
 BAR = dict(capsize=3, error_kw={"ecolor": "black", "elinewidth": 1})  # a bar and its whisker
-# ablate.summarise's columns, in ablate.chart's colours and order
+# ablate.summarise's columns, in the ablation chart's colours and order
 COLUMNS = [("student1", "student 1"), ("student2", "student 2"), ("fused", "fused")]
 
 
@@ -244,20 +244,15 @@ def drift_figure(run_dirs, labels=None):
     return fig
 
 
-def plot(run_dirs, out_path, labels=None):
-    """Draw the runs' curves (one run: its drift plot; several: their overlay) to out_path, in the
-    format its suffix names (PNG without one); returns out_path."""
-    return save(drift_figure(run_dirs, labels), out_path)
-
-
 # ----------------------------------------------------------------------------------------------
 # the ablation chart
 
 
 def ablation_figure(table):
     """Grouped bars per ablate.py row (student 1, student 2, fused): the mean mIoU over seeds with
-    a whisker of one std. table: ablate.summarise's {row: {students, student1: (text, mean, std),
-    student2, fused, ...}}, means in %; a column without a mean (one student) has no bar."""
+    a whisker of one std. table: ablate.py's {row: summarise(its runs)}, each {students, student1:
+    (text, mean, std), student2, fused, ...}, means in %; a column without a mean (one student)
+    has no bar."""
     rows, width = list(table), 0.27
     fig = _new_figure((max(6.0, 2.0 + 1.4 * len(rows)), 4.8))
     ax = fig.add_subplot(label="ablation")
@@ -278,11 +273,6 @@ def ablation_figure(table):
     else:
         ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", color="0.4")
     return fig
-
-
-def ablation_chart(table, path):
-    """ablation_figure(table) saved to path (format from its suffix); returns path."""
-    return save(ablation_figure(table), path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,8 +307,8 @@ def main(argv=None):
     labels = args.labels.split(",") if args.labels else None
     if labels and len(labels) != len(args.runs):
         p.error(f"--labels: {len(labels)} names for {len(args.runs)} runs")
-    one = os.path.join(args.runs[0], "curves.png")
-    print(plot(args.runs, args.out or (one if len(args.runs) == 1 else "curves.png"), labels))
+    default = os.path.join(args.runs[0], "curves.png") if len(args.runs) == 1 else "curves.png"
+    print(save(drift_figure(args.runs, labels), args.out or default))
 
 
 if __name__ == "__main__":

@@ -97,9 +97,8 @@ def read(path):
         raise UserError(f"cannot read the released checkpoint {path!r} ({runs.reason(e)})") from e
     sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
-        raise UserError(
-            f"{path!r} holds no state dict (expected {{'model': ..., 'optimizer': ..., 'epoch': ...}} as the authors' Co2S.py saves, or a plain state dict)"
-        )
+        layout = "{'model': ..., 'optimizer': ..., 'epoch': ...} as the authors' Co2S.py saves"
+        raise UserError(f"{path!r} holds no state dict (expected {layout}, or a plain state dict)")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     # the authors' own eval.py deletes these before loading: the CLIP text tower's weights
     if drop := [k for k in sd if k.startswith("clip_encoder.")]:
@@ -115,10 +114,9 @@ def kind_and_sizes(path, sd):
     fc1 = layers + ("0.ffn.layers.0.0.weight" if clip else "0.mlp.fc1.weight")
     own = ["backbone.proj.weight", "backbone.pos_embed"] if clip else ["backbone.storage_tokens"]
     if missing := [k for k in ["backbone.cls_token", fc1, *own] if k not in sd]:
-        raise UserError(
-            f"{path!r} is not a released Co2S student (neither backbone.ln0 of the CLIP student nor "
-            f"backbone.storage_tokens of the DINOv3 one, or missing {missing}); its first keys: {list(sd)[:4]}"
-        )
+        keys = "backbone.ln0 of the CLIP student nor backbone.storage_tokens of the DINOv3 one"
+        msg = f"{path!r} is not a released Co2S student (neither {keys}, or missing {missing})"
+        raise UserError(f"{msg}; its first keys: {list(sd)[:4]}")
     width = sd["backbone.cls_token"].shape[-1]
     depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith(layers))
     sizes = dict(width=width, depth=depth, heads=width // 64, mlp=sd[fc1].shape[0])
@@ -147,10 +145,9 @@ def convert(path, sd, kind, ours, blocks_prefix):
     out = {k: t for k, t in out.items() if k in ours or t.any() or not k.endswith("k_proj.bias")}
     missing, extra = sorted(set(ours) - set(out)), sorted(set(out) - set(ours))
     if unused or missing or extra:
-        raise UserError(
-            f"{path!r} does not match the released format: release keys not understood {unused[:6]}, "
-            f"our tensors not filled {missing[:6]}, renamed keys we do not have {extra[:6]}"
-        )
+        why = f"release keys not understood {unused[:6]}, our tensors not filled {missing[:6]}"
+        why += f", renamed keys we do not have {extra[:6]}"
+        raise UserError(f"{path!r} does not match the released format: {why}")
     if bad := next((k for k, t in out.items() if t.numel() != ours[k].numel()), None):
         theirs, shape = tuple(out[bad].shape), tuple(ours[bad].shape)
         raise UserError(f"{path!r}: a tensor of shape {theirs} for our {bad} of shape {shape}")
@@ -193,9 +190,8 @@ def load_release(folder, dataset, data_root=None, text_embeddings=None):
     # from_release gives the class embeddings to a CLIP student only
     students = [from_release(f, text) for f in files]
     if bad := next((s for s in students if len(s.class_embeddings()) != len(info.classes)), None):
-        raise UserError(
-            f"the released {bad.kind} student predicts {len(bad.class_embeddings())} classes, {dataset} has {len(info.classes)}: check --dataset"
-        )
+        got = f"the released {bad.kind} student predicts {len(bad.class_embeddings())} classes"
+        raise UserError(f"{got}, {dataset} has {len(info.classes)}: check --dataset")
     m = re.search(r"(\d+_\d+)-(\d+(?:\.\d+)?)$", os.path.basename(os.path.abspath(folder)))
     ratio = m.group(1) if m else info.ratios[0].replace("/", "_")
     # a release stores its crop's position grid; students[0] is the CLIP student where there is one
