@@ -193,11 +193,10 @@ def _stretch(src, bands, scale):
 def describe(src, path, bands, scale=None):
     """The Scene of an open dataset: bands checked, scaling decided, the CRS found."""
     n, bands = src.count, list(bands)
-    for b in bands:
-        if not 1 <= b <= n:
-            hint = " (--bands 1,1,1 for a grey image)" if n == 1 else ""
-            has = f"the file has {n} band{'s' * (n != 1)} (bands are numbered from 1, as in GDAL)"
-            raise UserError(f"{path}: band {b} does not exist; {has}{hint}")
+    if bad := [b for b in bands if not 1 <= b <= n]:
+        hint = " (--bands 1,1,1 for a grey image)" if n == 1 else ""
+        has = f"the file has {n} band{'s' * (n != 1)} (bands are numbered from 1, as in GDAL)"
+        raise UserError(f"{path}: band {bad[0]} does not exist; {has}{hint}")
     stretch = scale is not None or any(src.dtypes[b - 1] != "uint8" for b in bands)
     scaling = _stretch(src, bands, scale) if stretch else {"rule": "none: 8-bit samples as stored"}
     return Scene(src, bands, scaling, src.crs or _prj_crs(path), _unit(src))
@@ -311,6 +310,7 @@ class OpenRows:
         self.top = 0  # the buffer's first row, the first not yet finished
         self.lo, self.hi = W, 0  # the columns windows wrote to since the buffer was last clear
         self.held = {}  # window row -> (pixels, valid) of rows with windows to run
+        self.blank = np.zeros((h, W, 3), np.uint8), np.zeros((h, W), bool)  # rows of no run window
 
     def add(self, y, x, outs):
         """Add one window's logits {student: (N, h, w)} at (y, x); yields the Strips it finishes."""
@@ -329,9 +329,7 @@ class OpenRows:
         base = self.top
         while self.top < y:
             top, self.top = self.top, self.next[self.top]
-            n, (pixels, valid) = self.top - top, self.held.pop(top, (None, None))  # n: its rows
-            if valid is None:  # no window run: no valid pixel
-                pixels, valid = np.zeros((n, self.W, 3), np.uint8), np.zeros((n, self.W), bool)
+            n, (pixels, valid) = self.top - top, self.held.pop(top, self.blank)  # n: its rows
             yield Strip(top, valid[:n], pixels[:n], self.h, self.fusion, self.sums, self.count)
         if base < y and self.lo < self.hi:
             s, cols = y - base, slice(self.lo, self.hi)  # only the columns written to
@@ -436,10 +434,9 @@ def write_masks(stem, scene, strips, info, opts):
         for top, labels, pixels in _tile_rows(strips, opts.name, mask.height, opts.overlay, counts):
             window = Window(0, top, mask.width, len(labels))
             mask.write(labels, 1, window=window)
-            if overlay:  # the pixels blended 50 % with their class colours; no-data as they are
-                mixed = ((pixels + colours[labels] + 1) // 2).astype(np.uint8)
-                tinted = np.where((labels == IGNORE)[..., None], pixels, mixed)
-                overlay.write(tinted.transpose(2, 0, 1), window=window)
+            if overlay:  # the pixels blended 50 % with their class colours; no-data stays black
+                mixed = ((pixels + colours[labels] + 1) // 2).astype(np.uint8)  # colours[IGNORE]: 0
+                overlay.write(mixed.transpose(2, 0, 1), window=window)
         # overviews 2, 4, 8, ... until one fits in a tile (gdaladdo's levels): mode for classes
         levels = ((max(mask.shape) - 1) // BLOCK).bit_length()
         for dst, how in ((mask, Resampling.mode), (overlay, Resampling.average)):
