@@ -71,7 +71,7 @@ import rasterio.features
 import torch
 from rasterio.enums import Resampling
 from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioIOError
-from rasterio.windows import Window
+from rasterio.windows import Window, subdivide
 from tqdm import tqdm
 
 import data
@@ -259,23 +259,20 @@ class Strip:
     top: int  # first scene row of the strip
     valid: np.ndarray  # (rows, W) bool
     pixels: np.ndarray  # (rows, W, 3) uint8 as the students read them (black where no-data)
-    held: int  # rows the open-row buffer held: one window height, whatever the scene
-    fusion: str  # the model's E10 rule
-    sums: dict  # student -> (N, held, W) fp32 logit sums (None before the first window)
-    count: torch.Tensor  # (held, W) windows per pixel
+    buffer: "OpenRows"  # its logit sums and window counts: one window height, whatever the scene
 
     def logits(self, student, cols=slice(None)):
         """(N, rows, cols) fp32 window-averaged logits of `student`, as eval.sliding_window's."""
-        rows = len(self.valid)
+        rows, b = len(self.valid), self.buffer
         # count >= 1 at every valid pixel: the clamp changes no quotient there
-        return self.sums[student][:, :rows, cols] / self.count[:rows, cols].clamp(min=1)
+        return b.sums[student][:, :rows, cols] / b.count[:rows, cols].clamp(min=1)
 
     def probs(self, name, cols=slice(None)):
         """(N, rows, cols) probabilities of `name`: softmax per student (eval's (1, N, H, W)
         layout), E10 over the students for 'fused'."""
-        students = list(self.sums) if name == "fused" else [name]
+        students = list(self.buffer.sums) if name == "fused" else [name]
         probs = [self.logits(s, cols)[None].softmax(1) for s in students]
-        return (fuse(probs, self.fusion) if name == "fused" else probs[0])[0]
+        return (fuse(probs, self.buffer.fusion) if name == "fused" else probs[0])[0]
 
     def labels(self, name):
         """(rows, W) uint8 class indices of `name`, IGNORE where no-data; computed over the columns
@@ -306,7 +303,7 @@ class OpenRows:
     def __init__(self, ys, h, W, fusion, device):
         self.next = dict(zip(ys, ys[1:] + [ys[-1] + h]))  # window row -> where the next starts
         self.end, self.h, self.W, self.fusion, self.device = ys[-1] + h, h, W, fusion, device
-        self.sums, self.count = None, _zeros((h, W), device)
+        self.sums, self.count = None, _zeros((h, W), device)  # {student: (N, h, W)}, windows
         self.top = 0  # the buffer's first row, the first not yet finished
         self.lo, self.hi = W, 0  # the columns windows wrote to since the buffer was last clear
         self.held = {}  # window row -> (pixels, valid) of rows with windows to run
@@ -330,7 +327,7 @@ class OpenRows:
         while self.top < y:
             top, self.top = self.top, self.next[self.top]
             n, (pixels, valid) = self.top - top, self.held.pop(top, self.blank)  # n: its rows
-            yield Strip(top, valid[:n], pixels[:n], self.h, self.fusion, self.sums, self.count)
+            yield Strip(top, valid[:n], pixels[:n], self)
         if base < y and self.lo < self.hi:
             s, cols = y - base, slice(self.lo, self.hi)  # only the columns written to
             for t in [*self.sums.values(), self.count]:  # drop s finished rows, s zero rows below
@@ -466,10 +463,8 @@ def write_polygons(stem, classes):
         # GeoJSON 2008's "crs" member, which GDAL and QGIS honour
         head = f'"crs": {json.dumps(crs)},\n' if epsg else ""
         f.write(f'{{"type": "FeatureCollection",\n{head}"features": [\n')
-        whole = Window(0, 0, src.width, src.height)
-        ys, xs = range(0, src.height, VECTOR_BLOCK), range(0, src.width, VECTOR_BLOCK)
-        for y, x in itertools.product(ys, xs):
-            window = Window(x, y, VECTOR_BLOCK, VECTOR_BLOCK).intersection(whole)
+        whole = Window(0, 0, src.width, src.height)  # row-major; smaller at the edges
+        for window in subdivide(whole, VECTOR_BLOCK, VECTOR_BLOCK):
             block, t = src.read(1, window=window), src.window_transform(window)
             for geometry, k in rasterio.features.shapes(block, block != IGNORE, transform=t):
                 properties = {"class": classes[int(k)], "index": int(k)}
