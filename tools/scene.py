@@ -220,12 +220,9 @@ def read_unit(scene, top):
     """[(x, pixels, valid)] of the read units from row `top` (one unit row) that hold a valid
     pixel: the file's own blocks, READ pixels a side at least (a striped file: whole rows)."""
     src, (uh, uw) = scene.src, scene.unit
-    h, found = min(uh, src.height - top), []
-    for x in range(0, src.width, uw):
-        raw, valid = _read(src, scene.bands, window=Window(x, top, min(uw, src.width - x), h))
-        if valid.any():
-            found.append((x, _pixels(scene, raw, valid), valid))
-    return found
+    row = subdivide(Window(0, top, src.width, min(uh, src.height - top)), uh, uw)  # left to right
+    units = ((w.col_off, *_read(src, scene.bands, window=w)) for w in row)  # read one at a time
+    return [(x, _pixels(scene, raw, valid), valid) for x, raw, valid in units if valid.any()]
 
 
 def read_rows(scene, ys, h):
@@ -463,8 +460,8 @@ def write_polygons(stem, classes):
         # GeoJSON 2008's "crs" member, which GDAL and QGIS honour
         head = f'"crs": {json.dumps(crs)},\n' if epsg else ""
         f.write(f'{{"type": "FeatureCollection",\n{head}"features": [\n')
-        whole = Window(0, 0, src.width, src.height)  # row-major; smaller at the edges
-        for window in subdivide(whole, VECTOR_BLOCK, VECTOR_BLOCK):
+        # the blocks row-major, smaller at the right and bottom edges
+        for window in subdivide(Window(0, 0, src.width, src.height), VECTOR_BLOCK, VECTOR_BLOCK):
             block, t = src.read(1, window=window), src.window_transform(window)
             for geometry, k in rasterio.features.shapes(block, block != IGNORE, transform=t):
                 properties = {"class": classes[int(k)], "index": int(k)}
@@ -505,9 +502,8 @@ def check_outputs(paths, out_dir, opts):
         raise UserError(f"--out {out_dir!r} is a file; give a folder")
     for p in paths:
         if os.path.realpath(os.path.dirname(os.path.abspath(p))) == os.path.realpath(out_dir):
-            raise UserError(
-                f"--out {out_dir!r} holds the input {p!r}: give the outputs a folder of their own"
-            )
+            msg = f"--out {out_dir!r} holds the input {p!r}: give the outputs a folder of their own"
+            raise UserError(msg)
         stem, ours = _stem(p), _ours(out_dir, _stem(p))
         for where in (os.path.join(out_dir, n) for n in targets(stem, opts) if n not in ours):
             if os.path.lexists(where):
@@ -559,8 +555,8 @@ def predict_scene(model, info, path, out_dir, opts):
         if name in ours and os.path.isfile(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
     model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a plain PNG: pixel coordinates
+    # a plain PNG: pixel coordinates, no warning
+    with warnings.catch_warnings(action="ignore", category=NotGeoreferencedWarning):
         try:
             src = rasterio.open(path)
         except RasterioIOError as e:  # a missing file too
