@@ -404,9 +404,9 @@ def _tile_rows(strips, name, H, overlay, counts):
         labels = s.labels(name)
         counts += np.bincount(labels.ravel(), minlength=256)
         parts.append((labels, s.pixels if overlay else s.pixels[:, :0].copy()))
+        # n: the rows of the whole tile rows gathered so far (done, where they start, is a tile's top)
         end = s.top + len(s.valid)
-        if end // BLOCK > done // BLOCK or end == H:
-            n = (end if end == H else end // BLOCK * BLOCK) - done
+        if (n := (end if end == H else end // BLOCK * BLOCK) - done) > 0:
             labels, pixels = (np.concatenate(p) for p in zip(*parts))
             yield done, labels[:n], pixels[:n]
             parts, done = [(labels[n:], pixels[n:])], done + n
