@@ -124,12 +124,11 @@ class SceneOptions:
             raise UserError(f"--bands {text!r}: three band numbers from 1 (GDAL's), e.g. 1,2,3")
         if self.scale is not None and not (math.isfinite(self.scale) and self.scale > 0):
             raise UserError(f"--scale {self.scale}: must be > 0 (the pixel value that maps to 255)")
-        try:
-            cuda = torch.device(self.device).type == "cuda"
+        try:  # torch raises a RuntimeError for an unknown device (a UserError is none: it passes)
+            if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+                raise UserError("--device cuda: no CUDA GPU is visible here (--device cpu)")
         except RuntimeError as e:
             raise UserError(f"--device {self.device!r}: {e}") from None
-        if cuda and not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA GPU is visible here (--device cpu)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,7 +403,7 @@ def _tile_rows(strips, name, H, overlay, counts):
         labels = s.labels(name)
         counts += np.bincount(labels.ravel(), minlength=256)
         parts.append((labels, s.pixels if overlay else s.pixels[:, :0].copy()))
-        # n: the rows of the whole tile rows gathered so far (done, where they start, is a tile's top)
+        # n: the rows of the whole tile rows gathered (from done, a tile row's top)
         end = s.top + len(s.valid)
         if (n := (end if end == H else end // BLOCK * BLOCK) - done) > 0:
             labels, pixels = (np.concatenate(p) for p in zip(*parts))
