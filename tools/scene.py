@@ -403,7 +403,7 @@ def _tile_rows(strips, name, H, overlay, counts):
         labels = s.labels(name)
         counts += np.bincount(labels.ravel(), minlength=256)
         parts.append((labels, s.pixels if overlay else s.pixels[:, :0].copy()))
-        # n: the rows of the whole tile rows gathered (from done, a tile row's top)
+        # n: the rows from `done` (a tile row's top) to the last whole tile row gathered, or to H
         end = s.top + len(s.valid)
         if (n := (end if end == H else end // BLOCK * BLOCK) - done) > 0:
             labels, pixels = (np.concatenate(p) for p in zip(*parts))
