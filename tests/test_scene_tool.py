@@ -213,7 +213,7 @@ def test_open_row_buffer_holds_one_window_height_and_strips_tile_the_image(model
     opts = options(batch=3)
     strips = list(tool.stream_strips(model, array_rows(pixels, None, opts), (H, W), opts))
     assert len(strips) == len(ev.window_starts(H, CROP, opts.stride))
-    assert max(s.held for s in strips) == CROP <= CROP + opts.stride
+    assert max(len(s.buffer.count) for s in strips) == CROP <= CROP + opts.stride
     rows = [s.valid.shape[0] for s in strips]
     assert [s.top for s in strips] == np.cumsum([0] + rows[:-1]).tolist() and sum(rows) == H
 

@@ -71,7 +71,7 @@ import rasterio.features
 import torch
 from rasterio.enums import Resampling
 from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioIOError
-from rasterio.windows import Window
+from rasterio.windows import Window, subdivide
 from tqdm import tqdm
 
 import data
@@ -124,12 +124,11 @@ class SceneOptions:
             raise UserError(f"--bands {text!r}: three band numbers from 1 (GDAL's), e.g. 1,2,3")
         if self.scale is not None and not (math.isfinite(self.scale) and self.scale > 0):
             raise UserError(f"--scale {self.scale}: must be > 0 (the pixel value that maps to 255)")
-        try:
-            cuda = torch.device(self.device).type == "cuda"
+        try:  # torch raises a RuntimeError for an unknown device (a UserError is none: it passes)
+            if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+                raise UserError("--device cuda: no CUDA GPU is visible here (--device cpu)")
         except RuntimeError as e:
             raise UserError(f"--device {self.device!r}: {e}") from None
-        if cuda and not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA GPU is visible here (--device cpu)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,11 +192,10 @@ def _stretch(src, bands, scale):
 def describe(src, path, bands, scale=None):
     """The Scene of an open dataset: bands checked, scaling decided, the CRS found."""
     n, bands = src.count, list(bands)
-    for b in bands:
-        if not 1 <= b <= n:
-            hint = " (--bands 1,1,1 for a grey image)" if n == 1 else ""
-            has = f"the file has {n} band{'s' * (n != 1)} (bands are numbered from 1, as in GDAL)"
-            raise UserError(f"{path}: band {b} does not exist; {has}{hint}")
+    if bad := [b for b in bands if not 1 <= b <= n]:
+        hint = " (--bands 1,1,1 for a grey image)" if n == 1 else ""
+        has = f"the file has {n} band{'s' * (n != 1)} (bands are numbered from 1, as in GDAL)"
+        raise UserError(f"{path}: band {bad[0]} does not exist; {has}{hint}")
     stretch = scale is not None or any(src.dtypes[b - 1] != "uint8" for b in bands)
     scaling = _stretch(src, bands, scale) if stretch else {"rule": "none: 8-bit samples as stored"}
     return Scene(src, bands, scaling, src.crs or _prj_crs(path), _unit(src))
@@ -221,12 +219,9 @@ def read_unit(scene, top):
     """[(x, pixels, valid)] of the read units from row `top` (one unit row) that hold a valid
     pixel: the file's own blocks, READ pixels a side at least (a striped file: whole rows)."""
     src, (uh, uw) = scene.src, scene.unit
-    h, found = min(uh, src.height - top), []
-    for x in range(0, src.width, uw):
-        raw, valid = _read(src, scene.bands, window=Window(x, top, min(uw, src.width - x), h))
-        if valid.any():
-            found.append((x, _pixels(scene, raw, valid), valid))
-    return found
+    row = subdivide(Window(0, top, src.width, min(uh, src.height - top)), uh, uw)  # left to right
+    units = ((w.col_off, *_read(src, scene.bands, window=w)) for w in row)  # read one at a time
+    return [(x, _pixels(scene, raw, valid), valid) for x, raw, valid in units if valid.any()]
 
 
 def read_rows(scene, ys, h):
@@ -260,23 +255,20 @@ class Strip:
     top: int  # first scene row of the strip
     valid: np.ndarray  # (rows, W) bool
     pixels: np.ndarray  # (rows, W, 3) uint8 as the students read them (black where no-data)
-    held: int  # rows the open-row buffer held: one window height, whatever the scene
-    fusion: str  # the model's E10 rule
-    sums: dict  # student -> (N, held, W) fp32 logit sums (None before the first window)
-    count: torch.Tensor  # (held, W) windows per pixel
+    buffer: "OpenRows"  # its logit sums and window counts: one window height, whatever the scene
 
     def logits(self, student, cols=slice(None)):
         """(N, rows, cols) fp32 window-averaged logits of `student`, as eval.sliding_window's."""
-        rows = len(self.valid)
+        rows, b = len(self.valid), self.buffer
         # count >= 1 at every valid pixel: the clamp changes no quotient there
-        return self.sums[student][:, :rows, cols] / self.count[:rows, cols].clamp(min=1)
+        return b.sums[student][:, :rows, cols] / b.count[:rows, cols].clamp(min=1)
 
     def probs(self, name, cols=slice(None)):
         """(N, rows, cols) probabilities of `name`: softmax per student (eval's (1, N, H, W)
         layout), E10 over the students for 'fused'."""
-        students = list(self.sums) if name == "fused" else [name]
+        students = list(self.buffer.sums) if name == "fused" else [name]
         probs = [self.logits(s, cols)[None].softmax(1) for s in students]
-        return (fuse(probs, self.fusion) if name == "fused" else probs[0])[0]
+        return (fuse(probs, self.buffer.fusion) if name == "fused" else probs[0])[0]
 
     def labels(self, name):
         """(rows, W) uint8 class indices of `name`, IGNORE where no-data; computed over the columns
@@ -307,10 +299,11 @@ class OpenRows:
     def __init__(self, ys, h, W, fusion, device):
         self.next = dict(zip(ys, ys[1:] + [ys[-1] + h]))  # window row -> where the next starts
         self.end, self.h, self.W, self.fusion, self.device = ys[-1] + h, h, W, fusion, device
-        self.sums, self.count = None, _zeros((h, W), device)
+        self.sums, self.count = None, _zeros((h, W), device)  # {student: (N, h, W)}, windows
         self.top = 0  # the buffer's first row, the first not yet finished
         self.lo, self.hi = W, 0  # the columns windows wrote to since the buffer was last clear
         self.held = {}  # window row -> (pixels, valid) of rows with windows to run
+        self.blank = np.zeros((h, W, 3), np.uint8), np.zeros((h, W), bool)  # rows of no run window
 
     def add(self, y, x, outs):
         """Add one window's logits {student: (N, h, w)} at (y, x); yields the Strips it finishes."""
@@ -329,10 +322,8 @@ class OpenRows:
         base = self.top
         while self.top < y:
             top, self.top = self.top, self.next[self.top]
-            n, (pixels, valid) = self.top - top, self.held.pop(top, (None, None))  # n: its rows
-            if valid is None:  # no window run: no valid pixel
-                pixels, valid = np.zeros((n, self.W, 3), np.uint8), np.zeros((n, self.W), bool)
-            yield Strip(top, valid[:n], pixels[:n], self.h, self.fusion, self.sums, self.count)
+            n, (pixels, valid) = self.top - top, self.held.pop(top, self.blank)  # n: its rows
+            yield Strip(top, valid[:n], pixels[:n], self)
         if base < y and self.lo < self.hi:
             s, cols = y - base, slice(self.lo, self.hi)  # only the columns written to
             for t in [*self.sums.values(), self.count]:  # drop s finished rows, s zero rows below
@@ -412,9 +403,9 @@ def _tile_rows(strips, name, H, overlay, counts):
         labels = s.labels(name)
         counts += np.bincount(labels.ravel(), minlength=256)
         parts.append((labels, s.pixels if overlay else s.pixels[:, :0].copy()))
+        # n: the rows from `done` (a tile row's top) to the last whole tile row gathered, or to H
         end = s.top + len(s.valid)
-        if end // BLOCK > done // BLOCK or end == H:
-            n = (end if end == H else end // BLOCK * BLOCK) - done
+        if (n := (end if end == H else end // BLOCK * BLOCK) - done) > 0:
             labels, pixels = (np.concatenate(p) for p in zip(*parts))
             yield done, labels[:n], pixels[:n]
             parts, done = [(labels[n:], pixels[n:])], done + n
@@ -436,10 +427,9 @@ def write_masks(stem, scene, strips, info, opts):
         for top, labels, pixels in _tile_rows(strips, opts.name, mask.height, opts.overlay, counts):
             window = Window(0, top, mask.width, len(labels))
             mask.write(labels, 1, window=window)
-            if overlay:  # the pixels blended 50 % with their class colours; no-data as they are
-                mixed = ((pixels + colours[labels] + 1) // 2).astype(np.uint8)
-                tinted = np.where((labels == IGNORE)[..., None], pixels, mixed)
-                overlay.write(tinted.transpose(2, 0, 1), window=window)
+            if overlay:  # the pixels blended 50 % with their class colours; no-data stays black
+                mixed = ((pixels + colours[labels] + 1) // 2).astype(np.uint8)  # colours[IGNORE]: 0
+                overlay.write(mixed.transpose(2, 0, 1), window=window)
         # overviews 2, 4, 8, ... until one fits in a tile (gdaladdo's levels): mode for classes
         levels = ((max(mask.shape) - 1) // BLOCK).bit_length()
         for dst, how in ((mask, Resampling.mode), (overlay, Resampling.average)):
@@ -469,10 +459,8 @@ def write_polygons(stem, classes):
         # GeoJSON 2008's "crs" member, which GDAL and QGIS honour
         head = f'"crs": {json.dumps(crs)},\n' if epsg else ""
         f.write(f'{{"type": "FeatureCollection",\n{head}"features": [\n')
-        whole = Window(0, 0, src.width, src.height)
-        ys, xs = range(0, src.height, VECTOR_BLOCK), range(0, src.width, VECTOR_BLOCK)
-        for y, x in itertools.product(ys, xs):
-            window = Window(x, y, VECTOR_BLOCK, VECTOR_BLOCK).intersection(whole)
+        # the blocks row-major, smaller at the right and bottom edges
+        for window in subdivide(Window(0, 0, src.width, src.height), VECTOR_BLOCK, VECTOR_BLOCK):
             block, t = src.read(1, window=window), src.window_transform(window)
             for geometry, k in rasterio.features.shapes(block, block != IGNORE, transform=t):
                 properties = {"class": classes[int(k)], "index": int(k)}
@@ -513,9 +501,8 @@ def check_outputs(paths, out_dir, opts):
         raise UserError(f"--out {out_dir!r} is a file; give a folder")
     for p in paths:
         if os.path.realpath(os.path.dirname(os.path.abspath(p))) == os.path.realpath(out_dir):
-            raise UserError(
-                f"--out {out_dir!r} holds the input {p!r}: give the outputs a folder of their own"
-            )
+            msg = f"--out {out_dir!r} holds the input {p!r}: give the outputs a folder of their own"
+            raise UserError(msg)
         stem, ours = _stem(p), _ours(out_dir, _stem(p))
         for where in (os.path.join(out_dir, n) for n in targets(stem, opts) if n not in ours):
             if os.path.lexists(where):
@@ -567,8 +554,8 @@ def predict_scene(model, info, path, out_dir, opts):
         if name in ours and os.path.isfile(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
     model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a plain PNG: pixel coordinates
+    # a plain PNG: pixel coordinates, no warning
+    with warnings.catch_warnings(action="ignore", category=NotGeoreferencedWarning):
         try:
             src = rasterio.open(path)
         except RasterioIOError as e:  # a missing file too
