@@ -576,27 +576,9 @@ def predict_scene(model, info, path, out_dir, opts):
     return summary
 
 
-def list_scenes(path):
-    """[path] for a file; the rasters of a folder (extensions SCENE_EXTS), sorted."""
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        raise UserError(f"{path!r} does not exist (expected an image file or a folder of images)")
-    names = sorted(f for f in os.listdir(path) if f.lower().endswith(SCENE_EXTS))
-    if not names:
-        raise UserError(f"no images in {path!r}; accepted extensions: {' '.join(SCENE_EXTS)}")
-    stems = [_stem(f) for f in names]
-    if twins := sorted({s for s in stems if stems.count(s) > 1}):
-        raise UserError(
-            f"{path!r}: images {twins} share a name in several formats; their outputs would "
-            "overwrite each other"
-        )
-    return [os.path.join(path, f) for f in names]
-
-
 def predict_path(model, info, path, out_dir, opts):
     """predict_scene for a raster file or every raster of a folder; returns the summaries."""
-    paths = list_scenes(path)
+    paths = data.list_images(path, SCENE_EXTS)  # a file, or a folder's rasters
     valid = model.names  # the students' and 'fused'
     if opts.name not in valid:  # a bad name fails before any file is read
         raise UserError(f"--student {opts.name!r} is not in this model; valid: {', '.join(valid)}")
@@ -640,7 +622,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     model_path, path, out_dir, opts = get_args(argv)
-    check_outputs(list_scenes(path), out_dir, opts)  # before the (slow) model load
+    check_outputs(data.list_images(path, SCENE_EXTS), out_dir, opts)  # before the (slow) load
     model, info, cfg = runs.load_run(model_path, torch.device(opts.device))
     opts = replace(opts, crop=opts.crop or cfg["crop"])
     done = predict_path(model, info, path, out_dir, opts)
