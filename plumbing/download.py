@@ -23,7 +23,7 @@ from tqdm import tqdm
 from data import load_image, load_label
 from plumbing.catalog import HUB_DATASETS, PAPER_SPLITS
 from plumbing.demo import prepare_demo
-from plumbing.errors import UserError
+from plumbing.errors import UserError, reason
 
 
 def ensure(info, root, *, download=False):
@@ -56,9 +56,8 @@ def snapshot(folder, dest):
     try:
         download(HUB_DATASETS, repo_type="dataset", allow_patterns=[f"{folder}/*"], local_dir=dest)
     except Exception as e:  # offline, no such repository, interrupted: all the user can act on
-        reason = (str(e).strip().splitlines() or [""])[0]
         raise UserError(
-            f"could not download {folder}/ of {HUB_DATASETS} ({type(e).__name__}: {reason}). Without network access, "
+            f"could not download {folder}/ of {HUB_DATASETS} ({reason(e)}). Without network access, "
             f"fetch it on another machine (`hf download {HUB_DATASETS} --repo-type dataset --include '{folder}/*' "
             f"--local-dir DIR`) and copy DIR/{folder}/images and DIR/{folder}/labels to the data root; run again to "
             f"resume an interrupted download"

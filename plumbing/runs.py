@@ -27,7 +27,7 @@ import torch
 from model import Co2S, ModelSpec, build_model
 from plumbing.atomic import read_json, save_atomic
 from plumbing.catalog import DatasetInfo, dataset_info
-from plumbing.errors import UserError
+from plumbing.errors import UserError, reason
 from plumbing.runtime import is_master, rng_state, set_rng_state
 
 # what the numpy RNG state of checkpoints written before the weights_only format pickled
@@ -246,11 +246,6 @@ def save_checkpoint(run, path, keep_previous=False):
     return True
 
 
-def reason(e):
-    """An exception as one line: its type and the first line of its message."""
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
-
-
 def read_checkpoint(path, mmap=False):
     """torch.load of one of our checkpoints, upgraded to the current format, or an exported folder;
     a clear error otherwise. mmap: the tensors stay in the file until read (a model loaded for
@@ -378,11 +373,10 @@ def run_folder(checkpoint):
 def load_run(path, device="cpu", data_root=None, numerics=None):
     """(model in eval mode, dataset info, cfg) of anything resolve_checkpoint takes."""
     state = read_checkpoint(resolve_checkpoint(path), mmap=True)
-    cfg = state["cfg"]
-    if "dataset_info" in state:  # a checkpoint (or an export) carries its classes and palette
-        info = DatasetInfo(**state["dataset_info"])
-    else:  # (an export's cfg holds no data_root: read only here)
-        info = dataset_info(cfg["dataset"], data_root or cfg["data_root"])
+    cfg, info = state["cfg"], state.get("dataset_info")
+    root = data_root or cfg.get("data_root")  # (an export's cfg holds none)
+    # a checkpoint (or an export) carries its classes and palette; an older one: the catalog's
+    info = DatasetInfo(**info) if info else dataset_info(cfg["dataset"], root)
     return model_from_checkpoint(state, numerics).to(device).eval(), info, cfg
 
 

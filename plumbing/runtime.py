@@ -57,8 +57,7 @@ def from_slurm():
     the world size and its local rank from SLURM's variables, and the rendezvous from the job's
     first node (MASTER_PORT: the user's, else one derived from the job id), so the N tasks are
     one N-process run, never N runs on one folder."""
-    env = os.environ
-    tasks = int(env.get("SLURM_NTASKS", "1"))
+    env, tasks = os.environ, int(os.environ.get("SLURM_NTASKS", "1"))
     if "RANK" in env or tasks <= 1 or "SLURM_PROCID" not in env:
         return
     nodes = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", ""))
