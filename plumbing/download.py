@@ -91,8 +91,7 @@ def verify(info, root):
     count and the first names."""
     lists = Path(PAPER_SPLITS, info.name).rglob("*.txt")  # every ratio's lists and val.txt
     listed = {p for txt in lists for p in txt.read_text().split()}
-    missing = sorted(p for p in listed if not os.path.isfile(os.path.join(root, p)))
-    if missing:
+    if missing := sorted(p for p in listed if not os.path.isfile(os.path.join(root, p))):
         raise UserError(
             f"{len(missing)} of the {len(listed)} files named by splits/{info.name}/ are missing under "
             f"{root}, e.g. {missing[:5]}; download again (it resumes) or copy them in"
@@ -122,7 +121,6 @@ def scan_files(splits, info, threads=8, progress=True):
     bar = dict(desc="scan files", disable=not progress, leave=False, dynamic_ncols=True)
     with ThreadPoolExecutor(threads) as pool:
         checks = tqdm(pool.map(lambda it: _check_pair(info, *it), items), total=len(items), **bar)
-        problems = [p for p in checks if p]
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UserError(f"{problems[0]}{more}; fix or remove the file(s) from the split lists")
+        if problems := [p for p in checks if p]:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise UserError(f"{problems[0]}{more}; fix or remove the file(s) from the split lists")

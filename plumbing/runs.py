@@ -134,8 +134,7 @@ def check_resume_flags(args, defaults):
     """--resume continues a run with its own config: a flag given otherwise than its `defaults`
     value (FREE ones and --iters aside) would change it, and is an error."""
     changed = [k for k, v in vars(args).items() if k not in (*FREE, "iters") and v != defaults[k]]
-    if changed:
-        flags = ", ".join(f"--{k.replace('_', '-')}" for k in changed)
+    if flags := ", ".join(f"--{k.replace('_', '-')}" for k in changed):
         raise UserError(
             f"--resume {args.resume}: {flags} cannot change a run in progress (it continues with "
             f"its own config.json); start a new run with another --out"

@@ -62,8 +62,7 @@ def from_slurm():
         return
     nodes = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", ""))
     # its first host: 'gpu[03-05,09],cpu1' -> 'gpu03'
-    m = re.match(r"([^,\[]+)(?:\[([0-9]+)[^\]]*\])?", nodes.strip())
-    if m is None:
+    if not (m := re.match(r"([^,\[]+)(?:\[([0-9]+)[^\]]*\])?", nodes.strip())):
         raise UserError(
             "srun with several tasks, but SLURM_JOB_NODELIST names no host: run one task per node "
             "with `srun --ntasks-per-node 1 torchrun --nproc_per_node N train.py ...` instead"
