@@ -23,7 +23,7 @@ from tqdm import tqdm
 from data import load_image, load_label
 from plumbing.catalog import HUB_DATASETS, PAPER_SPLITS
 from plumbing.demo import prepare_demo
-from plumbing.errors import UserError
+from plumbing.errors import UserError, reason
 
 
 def ensure(info, root, *, download=False):
@@ -56,9 +56,8 @@ def snapshot(folder, dest):
     try:
         download(HUB_DATASETS, repo_type="dataset", allow_patterns=[f"{folder}/*"], local_dir=dest)
     except Exception as e:  # offline, no such repository, interrupted: all the user can act on
-        reason = (str(e).strip().splitlines() or [""])[0]
         raise UserError(
-            f"could not download {folder}/ of {HUB_DATASETS} ({type(e).__name__}: {reason}). Without network access, "
+            f"could not download {folder}/ of {HUB_DATASETS} ({reason(e)}). Without network access, "
             f"fetch it on another machine (`hf download {HUB_DATASETS} --repo-type dataset --include '{folder}/*' "
             f"--local-dir DIR`) and copy DIR/{folder}/images and DIR/{folder}/labels to the data root; run again to "
             f"resume an interrupted download"
@@ -92,8 +91,7 @@ def verify(info, root):
     count and the first names."""
     lists = Path(PAPER_SPLITS, info.name).rglob("*.txt")  # every ratio's lists and val.txt
     listed = {p for txt in lists for p in txt.read_text().split()}
-    missing = sorted(p for p in listed if not os.path.isfile(os.path.join(root, p)))
-    if missing:
+    if missing := sorted(p for p in listed if not os.path.isfile(os.path.join(root, p))):
         raise UserError(
             f"{len(missing)} of the {len(listed)} files named by splits/{info.name}/ are missing under "
             f"{root}, e.g. {missing[:5]}; download again (it resumes) or copy them in"
@@ -123,7 +121,6 @@ def scan_files(splits, info, threads=8, progress=True):
     bar = dict(desc="scan files", disable=not progress, leave=False, dynamic_ncols=True)
     with ThreadPoolExecutor(threads) as pool:
         checks = tqdm(pool.map(lambda it: _check_pair(info, *it), items), total=len(items), **bar)
-        problems = [p for p in checks if p]
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UserError(f"{problems[0]}{more}; fix or remove the file(s) from the split lists")
+        if problems := [p for p in checks if p]:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise UserError(f"{problems[0]}{more}; fix or remove the file(s) from the split lists")

@@ -13,6 +13,12 @@ class UserError(ValueError):
     """Bad input (a file, a folder, a flag value): the message says which and how to fix it."""
 
 
+def reason(e):
+    """An exception as one line, to quote in a UserError: its type and the first line of its
+    message."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
 def cli(main):
     """Run main(); a UserError becomes `error: <message>` on stderr and exit status 2."""
     try:

@@ -27,7 +27,7 @@ import torch
 from model import Co2S, ModelSpec, build_model
 from plumbing.atomic import read_json, save_atomic
 from plumbing.catalog import DatasetInfo, dataset_info
-from plumbing.errors import UserError
+from plumbing.errors import UserError, reason
 from plumbing.runtime import is_master, rng_state, set_rng_state
 
 # what the numpy RNG state of checkpoints written before the weights_only format pickled
@@ -134,8 +134,7 @@ def check_resume_flags(args, defaults):
     """--resume continues a run with its own config: a flag given otherwise than its `defaults`
     value (FREE ones and --iters aside) would change it, and is an error."""
     changed = [k for k, v in vars(args).items() if k not in (*FREE, "iters") and v != defaults[k]]
-    if changed:
-        flags = ", ".join(f"--{k.replace('_', '-')}" for k in changed)
+    if flags := ", ".join(f"--{k.replace('_', '-')}" for k in changed):
         raise UserError(
             f"--resume {args.resume}: {flags} cannot change a run in progress (it continues with "
             f"its own config.json); start a new run with another --out"
@@ -244,11 +243,6 @@ def save_checkpoint(run, path, keep_previous=False):
         state["dataset_info"] = dataclasses.asdict(run.info)
     save_atomic(state, path, keep_previous)
     return True
-
-
-def reason(e):
-    """An exception as one line: its type and the first line of its message."""
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
 
 
 def read_checkpoint(path, mmap=False):
@@ -378,11 +372,10 @@ def run_folder(checkpoint):
 def load_run(path, device="cpu", data_root=None, numerics=None):
     """(model in eval mode, dataset info, cfg) of anything resolve_checkpoint takes."""
     state = read_checkpoint(resolve_checkpoint(path), mmap=True)
-    cfg = state["cfg"]
-    if "dataset_info" in state:  # a checkpoint (or an export) carries its classes and palette
-        info = DatasetInfo(**state["dataset_info"])
-    else:  # (an export's cfg holds no data_root: read only here)
-        info = dataset_info(cfg["dataset"], data_root or cfg["data_root"])
+    cfg, info = state["cfg"], state.get("dataset_info")
+    root = data_root or cfg.get("data_root")  # (an export's cfg holds none)
+    # a checkpoint (or an export) carries its classes and palette; an older one: the catalog's
+    info = DatasetInfo(**info) if info else dataset_info(cfg["dataset"], root)
     return model_from_checkpoint(state, numerics).to(device).eval(), info, cfg
 
 

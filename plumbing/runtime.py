@@ -57,14 +57,12 @@ def from_slurm():
     the world size and its local rank from SLURM's variables, and the rendezvous from the job's
     first node (MASTER_PORT: the user's, else one derived from the job id), so the N tasks are
     one N-process run, never N runs on one folder."""
-    env = os.environ
-    tasks = int(env.get("SLURM_NTASKS", "1"))
+    env, tasks = os.environ, int(os.environ.get("SLURM_NTASKS", "1"))
     if "RANK" in env or tasks <= 1 or "SLURM_PROCID" not in env:
         return
     nodes = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", ""))
     # its first host: 'gpu[03-05,09],cpu1' -> 'gpu03'
-    m = re.match(r"([^,\[]+)(?:\[([0-9]+)[^\]]*\])?", nodes.strip())
-    if m is None:
+    if not (m := re.match(r"([^,\[]+)(?:\[([0-9]+)[^\]]*\])?", nodes.strip())):
         raise UserError(
             "srun with several tasks, but SLURM_JOB_NODELIST names no host: run one task per node "
             "with `srun --ntasks-per-node 1 torchrun --nproc_per_node N train.py ...` instead"

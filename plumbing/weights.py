@@ -24,14 +24,13 @@ import numpy as np
 import torch
 
 from plumbing.atomic import read_json, save_atomic
-from plumbing.errors import UserError
+from plumbing.errors import UserError, reason
 
 NUMERICS = ("hf", "release")
 # --dinov3-weights release-init: the DINOv3 student as the release trains it (release_init)
 RELEASE_INIT = "release-init"
-DEFAULT_WEIGHTS = dict(
-    clip="openai/clip-vit-base-patch16", dinov3="facebook/dinov3-vitb16-pretrain-lvd1689m"
-)
+DEFAULT_WEIGHTS = dict(clip="openai/clip-vit-base-patch16")  # the paper's students (hub ids)
+DEFAULT_WEIGHTS["dinov3"] = "facebook/dinov3-vitb16-pretrain-lvd1689m"
 # added to a failed download's message when the hub refused access
 GATED = " This repository is gated: accept Meta's DINOv3 licence on its hub page, run `hf auth login`, or download it elsewhere and pass the folder."
 
@@ -52,10 +51,9 @@ class ViTSize:
 SIZES = {"base": ViTSize(), "tiny": ViTSize(width=192, depth=4, heads=3, mlp=768, proj=128)}
 # the ViTSize fields each backbone has, and their names in its transformers config
 _SHARED = dict(width="hidden_size", depth="num_hidden_layers", heads="num_attention_heads")
-FIELDS = {
-    "clip": dict(_SHARED, mlp="intermediate_size", proj="projection_dim", image_size="image_size"),
-    "dinov3": dict(_SHARED, mlp="intermediate_size", registers="num_register_tokens"),
-}
+_SHARED["mlp"] = "intermediate_size"
+FIELDS = dict(clip=dict(_SHARED, proj="projection_dim", image_size="image_size"))
+FIELDS["dinov3"] = dict(_SHARED, registers="num_register_tokens")
 
 
 def vit_preset(size):
@@ -96,11 +94,10 @@ def load_pretrained(cls, kind, weights, what="backbone", **overrides):
     try:
         model, info = cls.from_pretrained(weights, output_loading_info=True, **overrides)
     except (OSError, ValueError, RuntimeError) as e:
-        # its type and the first line of its message
-        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        why = reason(e)  # its type and the first line of its message
         gated = any(w in str(e).lower() for w in ("gated", "401", "403", "access to model"))
         raise UserError(
-            f"could not load the {kind} {what} from {weights!r} ({reason}).{GATED if gated else ''}"
+            f"could not load the {kind} {what} from {weights!r} ({why}).{GATED if gated else ''}"
             f" Without network access, download it once (`hf download {DEFAULT_WEIGHTS[kind]} "
             f"--local-dir DIR`) and pass {flag} DIR, or HF_HUB_OFFLINE=1 with a filled hub cache."
         ) from e
