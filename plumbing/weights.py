@@ -29,8 +29,9 @@ from plumbing.errors import UserError, reason
 NUMERICS = ("hf", "release")
 # --dinov3-weights release-init: the DINOv3 student as the release trains it (release_init)
 RELEASE_INIT = "release-init"
-DEFAULT_WEIGHTS = dict(clip="openai/clip-vit-base-patch16")  # the paper's students (hub ids)
-DEFAULT_WEIGHTS["dinov3"] = "facebook/dinov3-vitb16-pretrain-lvd1689m"
+DEFAULT_WEIGHTS = dict(
+    clip="openai/clip-vit-base-patch16", dinov3="facebook/dinov3-vitb16-pretrain-lvd1689m"
+)
 # added to a failed download's message when the hub refused access
 GATED = " This repository is gated: accept Meta's DINOv3 licence on its hub page, run `hf auth login`, or download it elsewhere and pass the folder."
 
@@ -51,9 +52,10 @@ class ViTSize:
 SIZES = {"base": ViTSize(), "tiny": ViTSize(width=192, depth=4, heads=3, mlp=768, proj=128)}
 # the ViTSize fields each backbone has, and their names in its transformers config
 _SHARED = dict(width="hidden_size", depth="num_hidden_layers", heads="num_attention_heads")
-_SHARED["mlp"] = "intermediate_size"
-FIELDS = dict(clip=dict(_SHARED, proj="projection_dim", image_size="image_size"))
-FIELDS["dinov3"] = dict(_SHARED, registers="num_register_tokens")
+FIELDS = {
+    "clip": dict(_SHARED, mlp="intermediate_size", proj="projection_dim", image_size="image_size"),
+    "dinov3": dict(_SHARED, mlp="intermediate_size", registers="num_register_tokens"),
+}
 
 
 def vit_preset(size):
