@@ -27,7 +27,7 @@ import eval as evaluation
 from model import KINDS, Co2S, ModelSpec, build_student
 from plumbing import atomic, runs
 from plumbing.catalog import CHOICES, dataset_info
-from plumbing.errors import UserError, cli
+from plumbing.errors import UserError, cli, reason
 from plumbing.runtime import AMP, autocast
 from plumbing.weights import blocks, load_text_embeddings, vit_size
 
@@ -94,7 +94,7 @@ def read(path):
         # GPU tensors load on a CPU machine too
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read the released checkpoint {path!r} ({runs.reason(e)})") from e
+        raise UserError(f"cannot read the released checkpoint {path!r} ({reason(e)})") from e
     sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
         layout = "{'model': ..., 'optimizer': ..., 'epoch': ...} as the authors' Co2S.py saves"
